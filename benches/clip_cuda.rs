@@ -1,0 +1,2 @@
+//! GPU benchmarks (feature `cuda`). Filled in by the CUDA path.
+fn main() {}

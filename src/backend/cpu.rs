@@ -1,0 +1,535 @@
+//! The CPU back end: the reduction and the in-place element-wise passes over `CpuStorage`.
+//!
+//! Every gradient view is cut into work items of at most [`CHUNK`] elements (a strided view is one
+//! item). Each item is reduced to one `f64` partial in a fixed order, and the partials are added
+//! into an [`ExactSum`], so the norm is bitwise the same whatever the order of the vars and
+//! whatever the number of threads. Writes go through candle's `inplace_op1`, one call per storage,
+//! so that every element is written exactly once even when gradients alias.
+
+use candle_core::{
+    bail, CpuStorage, DType, InplaceOp1, Layout, Result, Storage, StorageRef, Tensor,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::backend::ElementwiseOp;
+use crate::exact_sum::ExactSum;
+use crate::gradients::GradientSet;
+use crate::layout_runs::for_each_run;
+use crate::NormType;
+
+/// Elements per work item: large enough that per-item overhead vanishes, small enough to spread
+/// a few big tensors over all threads. It also fixes the summation order, so it must not depend
+/// on the thread count.
+const CHUNK: usize = 1 << 15;
+
+/// Below this many elements a call runs on the calling thread: waking the pool costs more than
+/// it saves.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 20;
+
+/// The gradient element types, converted through `f64` (exact for all four).
+pub(crate) trait Element: Copy + Send + Sync + 'static {
+    fn to_f64(self) -> f64;
+    /// Rounds to the nearest value of `Self`.
+    fn from_f64(x: f64) -> Self;
+    /// The next value towards zero, for a positive non-zero value (one step down in its bits).
+    fn next_toward_zero(self) -> Self;
+}
+
+impl Element for f32 {
+    fn next_toward_zero(self) -> Self {
+        f32::from_bits(self.to_bits() - 1)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Element for f64 {
+    fn next_toward_zero(self) -> Self {
+        f64::from_bits(self.to_bits() - 1)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
+impl Element for bf16 {
+    fn next_toward_zero(self) -> Self {
+        bf16::from_bits(self.to_bits() - 1)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        // bf16 is the top half of an f32: a shift, which vectorises (half's own conversion
+        // checks CPU features per call).
+        f32::from_bits((self.to_bits() as u32) << 16) as f64
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+}
+
+impl Element for f16 {
+    fn next_toward_zero(self) -> Self {
+        f16::from_bits(self.to_bits() - 1)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+}
+
+/// A read-only view of one storage's data, by dtype.
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl<'a> Data<'a> {
+    fn of(storage: &'a Storage) -> Result<Self> {
+        Ok(match storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Data::F32(v),
+            Storage::Cpu(CpuStorage::F64(v)) => Data::F64(v),
+            Storage::Cpu(CpuStorage::F16(v)) => Data::F16(v),
+            Storage::Cpu(CpuStorage::BF16(v)) => Data::BF16(v),
+            other => bail!(
+                "gradient clipping on the CPU needs F32, F64, F16 or BF16 CPU storage, got {:?} on {:?}",
+                other.dtype(),
+                other.device().location()
+            ),
+        })
+    }
+
+    fn range(self, start: usize, end: usize) -> Self {
+        match self {
+            Data::F32(v) => Data::F32(&v[start..end]),
+            Data::F64(v) => Data::F64(&v[start..end]),
+            Data::F16(v) => Data::F16(&v[start..end]),
+            Data::BF16(v) => Data::BF16(&v[start..end]),
+        }
+    }
+}
+
+/// Runs `$body` with `$xs` bound to the typed slice of a [`Data`].
+macro_rules! dispatch {
+    ($data:expr, $xs:ident => $body:expr) => {
+        match $data {
+            Data::F32($xs) => $body,
+            Data::F64($xs) => $body,
+            Data::F16($xs) => $body,
+            Data::BF16($xs) => $body,
+        }
+    };
+}
+
+/// One unit of reduction work: a contiguous run of at most [`CHUNK`] elements, or a whole strided
+/// view walked run by run.
+enum WorkItem<'a> {
+    Contiguous(Data<'a>),
+    Strided(Data<'a>, &'a Layout),
+}
+
+/// How each element enters the norm.
+#[derive(Clone, Copy)]
+enum Power {
+    Abs,
+    Square,
+    /// `(|x| * scale)^p`: `scale` is a power of two that keeps the powers inside the `f64` range.
+    Pow {
+        p: f64,
+        scale: f64,
+    },
+}
+
+impl Power {
+    #[inline(always)]
+    fn apply(self, x: f64) -> f64 {
+        match self {
+            Power::Abs => x.abs(),
+            Power::Square => x * x,
+            Power::Pow { p, scale } => (x.abs() * scale).powf(p),
+        }
+    }
+}
+
+/// Sum of `power(x)` over a slice, in eight independent lanes (which the compiler turns into
+/// SIMD) combined in a fixed order.
+#[inline(always)]
+fn sum_powers<T: Element>(xs: &[T], power: Power) -> f64 {
+    // Monomorphise the hot cases so that the match is hoisted out of the loop.
+    #[inline(always)]
+    fn lanes<T: Element>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let mut chunks = xs.chunks_exact(8);
+        for c in &mut chunks {
+            for lane in 0..8 {
+                acc[lane] += f(c[lane].to_f64());
+            }
+        }
+        let mut tail = 0.0;
+        for &x in chunks.remainder() {
+            tail += f(x.to_f64());
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    }
+    match power {
+        Power::Abs => lanes(xs, |x| x.abs()),
+        Power::Square => lanes(xs, |x| x * x),
+        p @ Power::Pow { .. } => lanes(xs, |x| p.apply(x)),
+    }
+}
+
+/// Largest `|x|`, or NaN if any element is NaN.
+#[inline(always)]
+fn max_abs<T: Element>(xs: &[T]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut nan = false;
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for lane in 0..8 {
+            let a = c[lane].to_f64().abs();
+            nan |= a.is_nan();
+            acc[lane] = acc[lane].max(a);
+        }
+    }
+    let mut m = acc.iter().fold(0.0f64, |m, &a| m.max(a));
+    for &x in chunks.remainder() {
+        let a = x.to_f64().abs();
+        nan |= a.is_nan();
+        m = m.max(a);
+    }
+    if nan {
+        f64::NAN
+    } else {
+        m
+    }
+}
+
+/// NaN-propagating maximum of two non-negative values.
+fn max_nan(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+impl WorkItem<'_> {
+    fn sum_powers(&self, power: Power) -> f64 {
+        match *self {
+            WorkItem::Contiguous(data) => dispatch!(data, xs => sum_powers(xs, power)),
+            WorkItem::Strided(data, layout) => {
+                let mut total = 0.0;
+                for_each_run(layout, |start, len| {
+                    total += dispatch!(data.range(start, start + len), xs => sum_powers(xs, power));
+                });
+                total
+            }
+        }
+    }
+
+    fn max_abs(&self) -> f64 {
+        match *self {
+            WorkItem::Contiguous(data) => dispatch!(data, xs => max_abs(xs)),
+            WorkItem::Strided(data, layout) => {
+                let mut m = 0.0;
+                for_each_run(layout, |start, len| {
+                    m = max_nan(
+                        m,
+                        dispatch!(data.range(start, start + len), xs => max_abs(xs)),
+                    );
+                });
+                m
+            }
+        }
+    }
+}
+
+/// Read guards on every gradient's storage, held while the reduction runs.
+struct LockedGradients<'a> {
+    guards: Vec<(StorageRef<'a>, &'a Layout)>,
+    elements: usize,
+}
+
+impl<'a> LockedGradients<'a> {
+    fn lock(grads: &'a [Tensor]) -> Self {
+        let guards: Vec<_> = grads.iter().map(|g| g.storage_and_layout()).collect();
+        let elements = grads.iter().map(|g| g.elem_count()).sum();
+        Self { guards, elements }
+    }
+
+    fn work_items(&self) -> Result<Vec<WorkItem<'_>>> {
+        let mut items = Vec::with_capacity(self.guards.len());
+        for (storage, layout) in &self.guards {
+            let data = Data::of(storage)?;
+            match layout.contiguous_offsets() {
+                Some((start, end)) => {
+                    let mut s = start;
+                    while s < end {
+                        let e = (s + CHUNK).min(end);
+                        items.push(WorkItem::Contiguous(data.range(s, e)));
+                        s = e;
+                    }
+                }
+                None if layout.shape().elem_count() == 0 => {}
+                None => items.push(WorkItem::Strided(data, layout)),
+            }
+        }
+        Ok(items)
+    }
+
+    fn parallel(&self) -> bool {
+        self.elements >= PARALLEL_MIN_ELEMENTS && rayon::current_num_threads() > 1
+    }
+
+    fn exact_sum(&self, items: &[WorkItem<'_>], power: Power) -> ExactSum {
+        let add = |mut acc: ExactSum, item: &WorkItem<'_>| {
+            acc.add(item.sum_powers(power));
+            acc
+        };
+        if self.parallel() {
+            items
+                .par_iter()
+                .fold(ExactSum::new, add)
+                .reduce(ExactSum::new, |mut a, b| {
+                    a.merge(&b);
+                    a
+                })
+        } else {
+            items.iter().fold(ExactSum::new(), add)
+        }
+    }
+
+    fn max_abs(&self, items: &[WorkItem<'_>]) -> f64 {
+        if self.parallel() {
+            items
+                .par_iter()
+                .map(|i| i.max_abs())
+                .reduce(|| 0.0, max_nan)
+        } else {
+            items.iter().map(|i| i.max_abs()).fold(0.0, max_nan)
+        }
+    }
+}
+
+/// The norm of all gradients in the set, computed in `f64`.
+///
+/// Sums of powers are exact sums of per-item partials. Where powers may leave the `f64` range
+/// (F64 gradients, or `p > 6`) and the sum overflowed or nearly underflowed, the norm is computed
+/// again with every element scaled by a power of two near `1 / max|g|`, so that a finite norm is
+/// never reported as `inf` or `0`.
+pub(crate) fn norm(set: &GradientSet, norm_type: NormType) -> Result<f64> {
+    let locked = LockedGradients::lock(set.grads());
+    let items = locked.work_items()?;
+    let p = match norm_type.canonical() {
+        NormType::Inf => return Ok(locked.max_abs(&items)),
+        NormType::L1 => 1.0,
+        NormType::L2 => 2.0,
+        NormType::P(p) => p,
+    };
+    let power = |scale: f64| match p {
+        1.0 if scale == 1.0 => Power::Abs,
+        2.0 if scale == 1.0 => Power::Square,
+        _ => Power::Pow { p, scale },
+    };
+    let sum = locked.exact_sum(&items, power(1.0)).value();
+    let may_leave_f64_range = set.has_f64() || p > 6.0;
+    let suspicious = sum.is_infinite() || sum < TINY_SUM;
+    if sum.is_nan() || !(may_leave_f64_range && suspicious) {
+        return Ok(root(sum, p));
+    }
+    let max = locked.max_abs(&items);
+    if max == 0.0 || !max.is_finite() {
+        return Ok(max);
+    }
+    let scale = pow2_near_inverse(max);
+    let scaled = locked.exact_sum(&items, Power::Pow { p, scale }).value();
+    Ok(root(scaled, p) / scale)
+}
+
+/// Below this, powers of F64 gradients may have lost bits to underflow.
+const TINY_SUM: f64 = 1e-270;
+
+fn root(sum: f64, p: f64) -> f64 {
+    match p {
+        1.0 => sum,
+        2.0 => sum.sqrt(),
+        _ => sum.powf(1.0 / p),
+    }
+}
+
+/// A power of two `s` with `1 <= max * s < 2`: scaling by it is exact.
+fn pow2_near_inverse(max: f64) -> f64 {
+    let exponent = max.log2().floor() as i32;
+    2f64.powi(-exponent.clamp(-1020, 1020))
+}
+
+/// Applies `op` in place to every element of every gradient, each element exactly once.
+pub(crate) fn apply_in_place(set: &GradientSet, op: ElementwiseOp) -> Result<()> {
+    let groups = set.storage_groups()?;
+    let grads = set.grads();
+    let elements: usize = grads.iter().map(|g| g.elem_count()).sum();
+    let run_group = |group: &Vec<usize>| -> Result<()> {
+        // `storage_groups` guarantees a member that candle accepts as an in-place destination.
+        let Some(&dst) = group
+            .iter()
+            .find(|&&i| !grads[i].layout().has_internal_overlap())
+        else {
+            return Ok(());
+        };
+        let views: Vec<Layout> = group.iter().map(|&i| grads[i].layout().clone()).collect();
+        grads[dst].inplace_op1(&InPlace {
+            op,
+            views,
+            parallel: elements >= PARALLEL_MIN_ELEMENTS,
+        })
+    };
+    if elements >= PARALLEL_MIN_ELEMENTS && groups.len() > 1 {
+        groups.par_iter().try_for_each(run_group)
+    } else {
+        groups.iter().try_for_each(run_group)
+    }
+}
+
+/// The `InplaceOp1` that writes one storage: `op` on the union of the elements of `views`.
+struct InPlace {
+    op: ElementwiseOp,
+    views: Vec<Layout>,
+    parallel: bool,
+}
+
+impl InplaceOp1 for InPlace {
+    fn name(&self) -> &'static str {
+        "candle-grad-clip-elementwise"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
+        match storage {
+            CpuStorage::F32(v) => self.apply(v),
+            CpuStorage::F64(v) => self.apply(v),
+            CpuStorage::F16(v) => self.apply(v),
+            CpuStorage::BF16(v) => self.apply(v),
+            _ => bail!("gradient clipping can only write F32, F64, F16 and BF16 storage"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &mut candle_core::CudaStorage, _: &Layout) -> Result<()> {
+        bail!("internal error: the CPU in-place pass was called on CUDA storage")
+    }
+}
+
+impl InPlace {
+    fn apply<T: Element>(&self, data: &mut [T]) {
+        let kernel = ElementKernel::<T>::new(self.op);
+        if let [view] = self.views.as_slice() {
+            if let Some((start, end)) = view.contiguous_offsets() {
+                let xs = &mut data[start..end];
+                if self.parallel && xs.len() > CHUNK {
+                    xs.par_chunks_mut(CHUNK).for_each(|c| kernel.run(c));
+                } else {
+                    kernel.run(xs);
+                }
+                return;
+            }
+            if !view.has_internal_overlap() {
+                for_each_run(view, |start, len| kernel.run(&mut data[start..start + len]));
+                return;
+            }
+        }
+        // Aliasing views, or a view that repeats elements: write the union of their runs once.
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for view in &self.views {
+            for_each_run(view, |start, len| runs.push((start, start + len)));
+        }
+        runs.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
+        for (s, e) in runs {
+            match merged.last_mut() {
+                Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        for (s, e) in merged {
+            kernel.run(&mut data[s..e]);
+        }
+    }
+}
+
+/// [`ElementwiseOp`] with its constants converted once for element type `T`.
+#[derive(Clone, Copy)]
+enum ElementKernel<T> {
+    Scale(f64),
+    Clamp { bound: f64, lo: T, hi: T },
+}
+
+impl<T: Element> ElementKernel<T> {
+    fn new(op: ElementwiseOp) -> Self {
+        match op {
+            ElementwiseOp::Scale(c) => ElementKernel::Scale(c),
+            ElementwiseOp::Clamp(v) => {
+                let hi = round_toward_zero::<T>(v);
+                ElementKernel::Clamp {
+                    bound: hi.to_f64(),
+                    lo: T::from_f64(-hi.to_f64()),
+                    hi,
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn run(&self, xs: &mut [T]) {
+        match *self {
+            // One rounding: the product is formed exactly in f64 (for F32, F16, BF16) and rounded
+            // once to the gradient's dtype.
+            ElementKernel::Scale(c) => xs.iter_mut().for_each(|x| *x = T::from_f64(x.to_f64() * c)),
+            // Comparisons with NaN are false, so NaN stays NaN.
+            ElementKernel::Clamp { bound, lo, hi } => xs.iter_mut().for_each(|x| {
+                let v = x.to_f64();
+                if v > bound {
+                    *x = hi
+                } else if v < -bound {
+                    *x = lo
+                }
+            }),
+        }
+    }
+}
+
+/// The largest value of `T` not above `v` (for `v >= 0`), so clamped values never exceed `v`.
+fn round_toward_zero<T: Element>(v: f64) -> T {
+    let nearest = T::from_f64(v);
+    if nearest.to_f64() <= v {
+        nearest
+    } else {
+        nearest.next_toward_zero()
+    }
+}
+
+/// The 0-d norm tensor on the CPU in the dtype the API promises.
+pub(crate) fn norm_tensor(norm: f64, dtype: DType) -> Result<Tensor> {
+    match dtype {
+        DType::F64 => Tensor::new(norm, &candle_core::Device::Cpu),
+        _ => Tensor::new(norm as f32, &candle_core::Device::Cpu),
+    }
+}

@@ -1,0 +1,127 @@
+//! Device dispatch. Every public operation is "collect and validate the gradients"
+//! ([`GradientSet`]), then one of the operations here, which each back end implements:
+//!
+//! - [`total_norm`]: reduce all gradients to one norm;
+//! - [`clip_norm`]: reduce, compute the coefficient, and scale in place only when it is below 1;
+//! - [`scale_with_norm`]: scale in place by the coefficient of a norm computed earlier;
+//! - [`clamp`]: clamp every element in place.
+//!
+//! The CPU back end ([`cpu`]) computes on the host; the CUDA back end (`cuda`, feature `cuda`)
+//! keeps the norm and the coefficient on the device and never waits for it.
+
+pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use crate::gradients::GradientSet;
+use crate::NormType;
+
+/// An in-place element-wise update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum ElementwiseOp {
+    /// `g *= coefficient` (the product rounded once to the gradient's dtype).
+    Scale(f64),
+    /// Clamp into `[-v, v]`, `v >= 0`, the bound rounded towards zero in the gradient's dtype;
+    /// NaN stays NaN.
+    Clamp(f64),
+}
+
+/// The clipping coefficient `min(1, max_norm / (norm + eps))`, as in PyTorch, with the `0 / 0`
+/// of `max_norm = 0`, `norm + eps = 0` defined as 0 (clip to zero). A NaN norm gives NaN; an
+/// infinite norm gives 0. Mirrored by `clip_coefficient` in `kernels/grad_clip.cu`.
+pub(crate) fn clip_coefficient(norm: f64, max_norm: f64, eps: f64) -> f64 {
+    if norm.is_nan() {
+        return f64::NAN;
+    }
+    let c = max_norm / (norm + eps);
+    if c.is_nan() {
+        0.0
+    } else {
+        c.min(1.0)
+    }
+}
+
+/// Settings of one norm-clipping call, validated by the caller.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClipSettings {
+    pub norm_type: NormType,
+    pub max_norm: f64,
+    pub eps: f64,
+    pub error_if_nonfinite: bool,
+}
+
+/// The error for a non-finite norm under `error_if_nonfinite`, raised before any write.
+pub(crate) fn nonfinite_error(norm: f64, norm_type: NormType) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "the total {norm_type} norm of the gradients is {norm}, so they cannot be clipped (error_if_nonfinite is set); no gradient was modified"
+    ))
+    .bt()
+}
+
+pub(crate) fn total_norm(set: &GradientSet, norm_type: NormType) -> Result<Tensor> {
+    match set.device() {
+        Device::Cpu => cpu::norm_tensor(cpu::norm(set, norm_type)?, set.norm_dtype()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => cuda::total_norm(dev, set, norm_type),
+        other => unsupported(other),
+    }
+}
+
+pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Tensor> {
+    match set.device() {
+        Device::Cpu => {
+            let norm = cpu::norm(set, settings.norm_type)?;
+            if settings.error_if_nonfinite && !norm.is_finite() {
+                return Err(nonfinite_error(norm, settings.norm_type));
+            }
+            let coefficient = clip_coefficient(norm, settings.max_norm, settings.eps);
+            // `!(c >= 1)` also catches NaN: a NaN norm poisons the gradients, as in PyTorch.
+            if !(coefficient >= 1.0) {
+                cpu::apply_in_place(set, ElementwiseOp::Scale(coefficient))?;
+            }
+            cpu::norm_tensor(norm, set.norm_dtype())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => cuda::clip_norm(dev, set, settings),
+        other => unsupported(other),
+    }
+}
+
+pub(crate) fn scale_with_norm(
+    set: &GradientSet,
+    max_norm: f64,
+    eps: f64,
+    total_norm: &Tensor,
+) -> Result<()> {
+    match set.device() {
+        Device::Cpu => {
+            let norm = total_norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let coefficient = clip_coefficient(norm, max_norm, eps);
+            if !(coefficient >= 1.0) {
+                cpu::apply_in_place(set, ElementwiseOp::Scale(coefficient))?;
+            }
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => cuda::scale_with_norm(dev, set, max_norm, eps, total_norm),
+        other => unsupported(other),
+    }
+}
+
+pub(crate) fn clamp(set: &GradientSet, clip_value: f64) -> Result<()> {
+    match set.device() {
+        Device::Cpu => cpu::apply_in_place(set, ElementwiseOp::Clamp(clip_value)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => cuda::clamp(dev, set, clip_value),
+        other => unsupported(other),
+    }
+}
+
+fn unsupported<T>(device: &Device) -> Result<T> {
+    bail!(
+        "gradient clipping supports CPU and CUDA gradients (CUDA with the `cuda` feature); got gradients on {:?}",
+        device.location()
+    )
+}

@@ -1,0 +1,210 @@
+//! Exact, order-independent summation of non-negative `f64` values.
+//!
+//! The global norm is a sum of many per-chunk partial sums. Adding floating-point numbers in a
+//! different order gives a different rounding, so a naive reduction depends on the order of the
+//! `vars` (hash-map order for `VarMap::all_vars()`) and on the thread count. [`ExactSum`] instead
+//! adds every partial into a wide fixed-point integer that covers the whole `f64` range (a
+//! "superaccumulator"): integer addition is exact, so the result is the correctly rounded sum of
+//! the partials whatever the order, and merging two accumulators is exact too. The CUDA kernel
+//! (`kernels/grad_clip.cu`) uses the same digit layout.
+
+/// Bits of payload per digit; each digit lives in a `u64`, so 2^32 additions fit before a carry
+/// has to be propagated.
+const DIGIT_BITS: u32 = 32;
+/// Bit position of the least significant bit of an `f64` subnormal (2^-1074) is position 0; the
+/// largest finite value ends below position 2098. Two spare digits absorb carries.
+pub(crate) const DIGITS: usize = 68;
+
+/// A superaccumulator for non-negative `f64` values; `inf` and `NaN` are tracked as flags.
+#[derive(Clone, Debug)]
+pub(crate) struct ExactSum {
+    digits: [u64; DIGITS],
+    /// Additions since the last carry propagation.
+    pending: u32,
+    saw_inf: bool,
+    saw_nan: bool,
+}
+
+impl Default for ExactSum {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ExactSum {
+    pub(crate) fn new() -> Self {
+        Self {
+            digits: [0; DIGITS],
+            pending: 0,
+            saw_inf: false,
+            saw_nan: false,
+        }
+    }
+
+    /// Adds `x`, which must be `>= 0`, `+inf` or `NaN` (the sums of `|g|^p` are never negative).
+    pub(crate) fn add(&mut self, x: f64) {
+        debug_assert!(
+            x.is_nan() || x >= 0.0,
+            "ExactSum takes non-negative values, got {x}"
+        );
+        if x.is_nan() {
+            self.saw_nan = true;
+            return;
+        }
+        if x.is_infinite() {
+            self.saw_inf = true;
+            return;
+        }
+        let bits = x.to_bits();
+        let exponent = ((bits >> 52) & 0x7ff) as u32;
+        let fraction = bits & ((1u64 << 52) - 1);
+        let (mantissa, position) = if exponent == 0 {
+            (fraction, 0)
+        } else {
+            (fraction | (1u64 << 52), exponent - 1)
+        };
+        if mantissa == 0 {
+            return;
+        }
+        let digit = (position / DIGIT_BITS) as usize;
+        let shifted = (mantissa as u128) << (position % DIGIT_BITS);
+        self.digits[digit] += (shifted as u64) & 0xffff_ffff;
+        self.digits[digit + 1] += ((shifted >> 32) as u64) & 0xffff_ffff;
+        self.digits[digit + 2] += (shifted >> 64) as u64;
+        self.pending += 1;
+        if self.pending == u32::MAX {
+            self.propagate_carries();
+        }
+    }
+
+    /// Adds everything `other` holds. Exact and commutative.
+    pub(crate) fn merge(&mut self, other: &ExactSum) {
+        let mut other = other.clone();
+        other.propagate_carries();
+        self.propagate_carries();
+        for (a, b) in self.digits.iter_mut().zip(other.digits.iter()) {
+            *a += *b;
+        }
+        self.pending = 1;
+        self.saw_inf |= other.saw_inf;
+        self.saw_nan |= other.saw_nan;
+    }
+
+    fn propagate_carries(&mut self) {
+        let mut carry = 0u64;
+        for d in self.digits.iter_mut() {
+            let v = *d + carry;
+            *d = v & 0xffff_ffff;
+            carry = v >> DIGIT_BITS;
+        }
+        debug_assert_eq!(carry, 0, "ExactSum overflowed its top digit");
+        self.pending = 0;
+    }
+
+    /// The exact sum, rounded once to the nearest `f64` (ties to even). `NaN` if a `NaN` was
+    /// added, `+inf` if an infinity was added or the sum exceeds `f64::MAX`.
+    pub(crate) fn value(&self) -> f64 {
+        if self.saw_nan {
+            return f64::NAN;
+        }
+        if self.saw_inf {
+            return f64::INFINITY;
+        }
+        let mut acc = self.clone();
+        acc.propagate_carries();
+        let Some(top) = acc.digits.iter().rposition(|&d| d != 0) else {
+            return 0.0;
+        };
+        // A 96-bit window of the three top digits, plus a sticky bit for anything below it, rounds
+        // to 53 bits exactly as the infinitely precise value would.
+        let low = top.saturating_sub(2);
+        let mut window: u128 = 0;
+        for i in (low..=top).rev() {
+            window = (window << DIGIT_BITS) | acc.digits[i] as u128;
+        }
+        if acc.digits[..low].iter().any(|&d| d != 0) {
+            window |= 1;
+        }
+        // `u128 as f64` rounds to nearest even. The scale is an exact power of two, and the
+        // product is exact: either the window is below 2^53 (low == 0, exact conversion) or the
+        // result is a normal number.
+        (window as f64) * pow2(low as i32 * DIGIT_BITS as i32 - 1074)
+    }
+}
+
+/// `2^k` for `-1074 <= k <= 1023`, built from its bits.
+fn pow2(k: i32) -> f64 {
+    debug_assert!((-1074..=1023).contains(&k));
+    if k >= -1022 {
+        f64::from_bits(((k + 1023) as u64) << 52)
+    } else {
+        f64::from_bits(1u64 << (k + 1074))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum_of(xs: &[f64]) -> f64 {
+        let mut s = ExactSum::new();
+        xs.iter().for_each(|&x| s.add(x));
+        s.value()
+    }
+
+    #[test]
+    fn small_integers_are_exact() {
+        assert_eq!(sum_of(&[1.0, 2.0, 3.0]), 6.0);
+        assert_eq!(sum_of(&[]), 0.0);
+        assert_eq!(sum_of(&[0.0, 0.0]), 0.0);
+    }
+
+    #[test]
+    fn catastrophic_order_is_exact() {
+        // 1e16 + 1 + 1 - ... naive left-to-right gives 1e16; exact gives 1e16 + 2.
+        assert_eq!(sum_of(&[1e16, 1.0, 1.0]), 1e16 + 2.0);
+        assert_eq!(sum_of(&[1.0, 1.0, 1e16]), 1e16 + 2.0);
+        // Values far apart in magnitude.
+        assert_eq!(sum_of(&[1e300, 1e-300]), 1e300);
+        assert_eq!(
+            sum_of(&[f64::MIN_POSITIVE / 4.0, f64::MIN_POSITIVE / 4.0]),
+            f64::MIN_POSITIVE / 2.0
+        );
+        assert_eq!(sum_of(&[5e-324; 3]), 1.5e-323);
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_with_sticky_bits() {
+        // 1 + 2^-53 + 2^-110: exactly above the halfway point, so it rounds up.
+        let x = sum_of(&[1.0, 2f64.powi(-53), 2f64.powi(-110)]);
+        assert_eq!(x, 1.0 + f64::EPSILON);
+        // 1 + 2^-53 alone is a tie and rounds to even (1.0).
+        assert_eq!(sum_of(&[1.0, 2f64.powi(-53)]), 1.0);
+    }
+
+    #[test]
+    fn overflow_and_specials() {
+        assert_eq!(sum_of(&[f64::MAX, f64::MAX]), f64::INFINITY);
+        assert_eq!(sum_of(&[f64::MAX, 1.0]), f64::MAX);
+        assert_eq!(sum_of(&[1.0, f64::INFINITY]), f64::INFINITY);
+        assert!(sum_of(&[f64::INFINITY, f64::NAN]).is_nan());
+    }
+
+    #[test]
+    fn merge_matches_single_accumulator() {
+        let xs: Vec<f64> = (0..1000)
+            .map(|i| (i as f64 * 0.37).sin().abs() * 10f64.powi(i % 40 - 20))
+            .collect();
+        let whole = sum_of(&xs);
+        let (a, b) = xs.split_at(333);
+        let mut sa = ExactSum::new();
+        a.iter().for_each(|&x| sa.add(x));
+        let mut sb = ExactSum::new();
+        b.iter().for_each(|&x| sb.add(x));
+        sb.merge(&sa);
+        assert_eq!(sb.value().to_bits(), whole.to_bits());
+        let mut reversed: Vec<f64> = xs.clone();
+        reversed.reverse();
+        assert_eq!(sum_of(&reversed).to_bits(), whole.to_bits());
+    }
+}

@@ -1,0 +1,107 @@
+//! Step one of every operation: collect the gradients of `vars` from a `GradStore` and validate
+//! them, before anything is read or written.
+
+use std::collections::HashMap;
+
+use candle_core::{backprop::GradStore, bail, DType, Device, Result, Storage, Tensor, Var};
+
+/// The gradients that one call works on, validated: all on one device, all of a supported float
+/// dtype. Vars without a gradient are left out; a var listed twice contributes twice.
+pub(crate) struct GradientSet {
+    grads: Vec<Tensor>,
+    device: Device,
+}
+
+impl GradientSet {
+    /// Looks up the gradient of every var and checks dtypes and devices. Reads no data.
+    pub(crate) fn collect(vars: &[Var], store: &GradStore) -> Result<Self> {
+        let mut grads: Vec<Tensor> = Vec::with_capacity(vars.len());
+        for (i, var) in vars.iter().enumerate() {
+            let Some(grad) = store.get(var.as_tensor()) else {
+                continue;
+            };
+            match grad.dtype() {
+                DType::F32 | DType::F64 | DType::F16 | DType::BF16 => {}
+                other => bail!(
+                    "gradient of var #{i} (shape {:?}) has dtype {other:?}; gradient clipping supports F32, F64, F16 and BF16",
+                    grad.dims()
+                ),
+            }
+            if let Some(first) = grads.first() {
+                if !first.device().same_device(grad.device()) {
+                    bail!(
+                        "gradients are on different devices: {:?} and {:?} (var #{i}); clip each device's gradients separately",
+                        first.device().location(),
+                        grad.device().location()
+                    )
+                }
+            }
+            grads.push(grad.clone());
+        }
+        let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
+        Ok(Self { grads, device })
+    }
+
+    pub(crate) fn grads(&self) -> &[Tensor] {
+        &self.grads
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the returned norm: `F64` when every gradient is `F64`, else `F32`.
+    pub(crate) fn norm_dtype(&self) -> DType {
+        if !self.grads.is_empty() && self.grads.iter().all(|g| g.dtype() == DType::F64) {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Whether any gradient is `F64` (whose powers can overflow or underflow `f64`).
+    pub(crate) fn has_f64(&self) -> bool {
+        self.grads.iter().any(|g| g.dtype() == DType::F64)
+    }
+
+    /// Groups the gradients by the storage they live in, so that a write touches every element
+    /// exactly once even when two gradients are views of one buffer. Each group lists indices into
+    /// [`grads`](Self::grads); groups and their members are in first-seen order.
+    ///
+    /// Fails, before anything is written, when a group can only be reached through views that
+    /// repeat elements (a broadcast gradient with a zero stride): candle cannot write those in place.
+    pub(crate) fn storage_groups(&self) -> Result<Vec<Vec<usize>>> {
+        let mut group_of_key: HashMap<usize, usize> = HashMap::with_capacity(self.grads.len());
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (i, grad) in self.grads.iter().enumerate() {
+            let next = groups.len();
+            let g = *group_of_key.entry(storage_key(grad)).or_insert(next);
+            if g == next {
+                groups.push(Vec::with_capacity(1));
+            }
+            groups[g].push(i);
+        }
+        for group in &groups {
+            let writable = group
+                .iter()
+                .any(|&i| !self.grads[i].layout().has_internal_overlap());
+            let has_elements = group.iter().any(|&i| self.grads[i].elem_count() > 0);
+            if has_elements && !writable {
+                bail!(
+                    "a gradient of shape {:?} is a broadcast view (stride {:?}) that repeats elements; it cannot be modified in place, store a contiguous gradient instead",
+                    self.grads[group[0]].dims(),
+                    self.grads[group[0]].stride()
+                )
+            }
+        }
+        Ok(groups)
+    }
+}
+
+/// Identity of the buffer a tensor's data lives in: two tensors with the same key share storage.
+/// (candle's own `Tensor::storage_key` is crate-private; the address of the locked `Storage` is
+/// the same thing.) The read guard is released at once.
+fn storage_key(tensor: &Tensor) -> usize {
+    let (storage, _) = tensor.storage_and_layout();
+    std::ptr::from_ref::<Storage>(&storage) as usize
+}
