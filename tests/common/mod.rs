@@ -1,0 +1,286 @@
+//! Helpers shared by the integration tests: exact reads of tensors, an independent f64 reference
+//! for the norms (double-double accumulation, power-of-two scaling), per-dtype ulp tolerances.
+//!
+//! Nothing here calls the crate under test: the expectations are computed from the values that
+//! candle itself reads back from the gradient tensors.
+#![allow(dead_code)]
+
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use half::{bf16, f16};
+
+/// Every element of `t` (any float dtype, any layout, any rank) as exact f64, in logical
+/// row-major order.
+pub fn vals(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+}
+
+/// The raw bit patterns of every element of `t`, in logical order: "bitwise unchanged" checks.
+pub fn bits(t: &Tensor) -> Result<Vec<u64>> {
+    let f = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => f
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::F64 => f.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect(),
+        DType::F16 => f
+            .to_vec1::<f16>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::BF16 => f
+            .to_vec1::<bf16>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::U8 => f.to_vec1::<u8>()?.iter().map(|&x| x as u64).collect(),
+        DType::U32 => f.to_vec1::<u32>()?.iter().map(|&x| x as u64).collect(),
+        DType::I64 => f.to_vec1::<i64>()?.iter().map(|&x| x as u64).collect(),
+        d => panic!("bits: unsupported dtype {d:?}"),
+    })
+}
+
+/// A tensor of `dtype` holding `values` (row-major) in `shape`. Values that are not
+/// representable are rounded by candle; read them back with [`vals`] for exact expectations.
+pub fn tensor(values: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
+    Tensor::from_vec(values.to_vec(), shape.to_vec(), &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// A var of the given shape (its value is irrelevant to clipping).
+pub fn var(shape: &[usize]) -> Result<Var> {
+    Var::zeros(shape.to_vec(), DType::F32, &Device::Cpu)
+}
+
+/// Bits of the gradient of each var (None where there is none).
+pub fn store_bits(vars: &[Var], grads: &GradStore) -> Result<Vec<Option<Vec<u64>>>> {
+    vars.iter()
+        .map(|v| grads.get(v).map(bits).transpose())
+        .collect()
+}
+
+/// The scalar held by a 0-d float tensor, as f64.
+pub fn scalar(t: &Tensor) -> Result<f64> {
+    assert_eq!(
+        t.rank(),
+        0,
+        "expected a 0-d tensor, got shape {:?}",
+        t.dims()
+    );
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reference norm.
+
+fn two_sum(a: f64, b: f64) -> (f64, f64) {
+    let s = a + b;
+    let bb = s - a;
+    let e = (a - (s - bb)) + (b - bb);
+    (s, e)
+}
+
+/// Double-double accumulator: about 106 bits, plenty for a reference on a few million terms.
+#[derive(Default, Clone, Copy)]
+struct Dd {
+    hi: f64,
+    lo: f64,
+}
+
+impl Dd {
+    fn add2(&mut self, xh: f64, xl: f64) {
+        let (s, e) = two_sum(self.hi, xh);
+        let e = e + self.lo + xl;
+        let (h, l) = two_sum(s, e);
+        self.hi = h;
+        self.lo = l;
+    }
+    fn value(self) -> f64 {
+        self.hi + self.lo
+    }
+}
+
+/// exponent k with 2^k <= m < 2^(k+1) for a finite m > 0 (subnormals: -1022).
+fn exponent(m: f64) -> i32 {
+    let e = ((m.to_bits() >> 52) & 0x7ff) as i32;
+    if e == 0 {
+        -1022
+    } else {
+        e - 1023
+    }
+}
+
+fn pow2(k: i32) -> f64 {
+    // exact for -1074 <= k <= 1023
+    if k < -1022 {
+        f64::from_bits(1u64 << (k + 1074))
+    } else {
+        f64::from_bits(((k + 1023) as u64) << 52)
+    }
+}
+
+/// The p-norm (`p = f64::INFINITY` for the max norm) of the concatenation of `values`,
+/// computed independently in extended precision. NaN if any value is NaN, infinite if any
+/// value is infinite (and p > 0).
+pub fn ref_norm(values: &[f64], p: f64) -> f64 {
+    if values.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    let m = values.iter().fold(0f64, |a, &x| a.max(x.abs()));
+    if p == f64::INFINITY || m == 0.0 || m.is_infinite() {
+        return m;
+    }
+    // Scale by a power of two so that nothing overflows; exact (bar deep underflow).
+    let k = exponent(m);
+    let down = pow2(-k);
+    let up = pow2(k);
+    let mut acc = Dd::default();
+    if p == 1.0 {
+        for &x in values {
+            acc.add2(x.abs() * down, 0.0);
+        }
+        acc.value() * up
+    } else if p == 2.0 {
+        for &x in values {
+            let y = x.abs() * down;
+            let sq = y * y;
+            acc.add2(sq, y.mul_add(y, -sq));
+        }
+        // sqrt(hi + lo) ~= sqrt(hi) * (1 + lo / (2 hi))
+        let r = acc.hi.sqrt();
+        (r + acc.lo / (2.0 * r)) * up
+    } else {
+        for &x in values {
+            let y = (x.abs() * down).powf(p);
+            acc.add2(y, 0.0);
+        }
+        acc.value().powf(1.0 / p) * up
+    }
+}
+
+/// Concatenated values of the gradients of `vars` (vars without gradient skipped).
+pub fn grad_values(vars: &[Var], grads: &GradStore) -> Result<Vec<f64>> {
+    let mut out = vec![];
+    for v in vars {
+        if let Some(g) = grads.get(v) {
+            out.extend(vals(g)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The coefficient of the specification: `min(1, max_norm / (norm + eps))`; 0 for max_norm = 0.
+pub fn ref_coef(max_norm: f64, norm: f64, eps: f64) -> f64 {
+    if max_norm == 0.0 && !norm.is_nan() {
+        return 0.0;
+    }
+    (max_norm / (norm + eps)).min(1.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tolerances.
+
+/// The spacing of `dtype` around |x| (subnormal spacing for tiny values).
+pub fn ulp(dtype: DType, x: f64) -> f64 {
+    let (mant, min_exp) = match dtype {
+        DType::F16 => (10, -14),
+        DType::BF16 => (7, -126),
+        DType::F32 => (23, -126),
+        DType::F64 => (52, -1022),
+        d => panic!("ulp: {d:?}"),
+    };
+    let a = x.abs();
+    let e = if a == 0.0 || !a.is_finite() {
+        min_exp
+    } else {
+        exponent(a).max(min_exp)
+    };
+    pow2(e - mant)
+}
+
+/// Asserts that a returned norm matches the f64 reference: F32 within `ref * 2^-23` (about one
+/// ulp: the correctly rounded f32 of the reference is always accepted), F64 within `rel64`.
+pub fn assert_norm(got: &Tensor, reference: f64, rel64: f64, what: &str) -> Result<()> {
+    assert_eq!(
+        got.rank(),
+        0,
+        "{what}: norm must be 0-d, got {:?}",
+        got.dims()
+    );
+    assert!(got.device().is_cpu(), "{what}: norm must be on the CPU");
+    let g = scalar(got)?;
+    if reference.is_nan() {
+        assert!(g.is_nan(), "{what}: expected a NaN norm, got {g}");
+        return Ok(());
+    }
+    match got.dtype() {
+        DType::F32 => {
+            let tol = (reference * f64::powi(2.0, -23)).max(f64::powi(2.0, -149));
+            assert!(
+                (g - reference).abs() <= tol || (reference.is_infinite() && g == reference),
+                "{what}: F32 norm {g:e} vs reference {reference:e} (diff {:e}, tol {tol:e})",
+                (g - reference).abs()
+            );
+        }
+        DType::F64 => {
+            let tol = reference * rel64;
+            assert!(
+                (g - reference).abs() <= tol || g == reference,
+                "{what}: F64 norm {g:e} vs reference {reference:e} (diff {:e}, tol {tol:e})",
+                (g - reference).abs()
+            );
+        }
+        d => panic!("{what}: the norm must be F32 or F64, got {d:?}"),
+    }
+    Ok(())
+}
+
+/// Relative tolerance of F64 results (norms and, through the coefficient, scaled F64
+/// elements) for a norm of order `p`: the general powers lose a few ulps, amplified by 1/p.
+pub fn rel64(p: f64) -> f64 {
+    if p == 1.0 || p == 2.0 || p == f64::INFINITY {
+        1e-13
+    } else {
+        1e-12
+    }
+}
+
+/// Relative tolerance for scaled F64 elements when the norm may be F32 (mixed dtypes: the
+/// coefficient may come from the F32-rounded norm).
+pub const REL_MIXED: f64 = 2.4e-7;
+
+/// Tolerance for one scaled element of `dtype` whose exact value is `expected`: one ulp for
+/// F16/BF16, 4 ulps (< 5e-7 relative) for F32, `rel_f64` relative (at least 16 ulps) for F64.
+pub fn elem_tol(dtype: DType, expected: f64, rel_f64: f64) -> f64 {
+    match dtype {
+        DType::F16 | DType::BF16 => ulp(dtype, expected),
+        DType::F32 => 4.0 * ulp(dtype, expected),
+        DType::F64 => (expected.abs() * rel_f64).max(16.0 * ulp(dtype, expected)),
+        d => panic!("elem_tol: {d:?}"),
+    }
+}
+
+/// Asserts that `new[i] ~= old[i] * coef` element-wise for a gradient of `dtype`.
+pub fn assert_scaled(dtype: DType, old: &[f64], new: &[f64], coef: f64, rel_f64: f64, what: &str) {
+    assert_eq!(old.len(), new.len(), "{what}: element count changed");
+    for (i, (&o, &n)) in old.iter().zip(new).enumerate() {
+        let expected = o * coef;
+        if expected.is_nan() {
+            assert!(n.is_nan(), "{what}[{i}]: expected NaN, got {n}");
+            continue;
+        }
+        let tol = elem_tol(dtype, expected, rel_f64);
+        assert!(
+            (n - expected).abs() <= tol,
+            "{what}[{i}] ({dtype:?}): {o:e} * {coef:e} = {expected:e}, got {n:e} (tol {tol:e})"
+        );
+    }
+}
+
+/// Message of an error, lower-cased.
+pub fn err_msg<T: std::fmt::Debug>(r: Result<T>, what: &str) -> String {
+    match r {
+        Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
+        Err(e) => e.to_string().to_lowercase(),
+    }
+}
