@@ -11,7 +11,7 @@ use candle_core::Layout;
 pub(crate) fn for_each_run(layout: &Layout, mut f: impl FnMut(usize, usize)) {
     let dims = layout.dims();
     let strides = layout.stride();
-    if dims.iter().any(|&d| d == 0) {
+    if dims.contains(&0) {
         return;
     }
     // Fold the innermost dimensions into one run while they are contiguous.

@@ -47,8 +47,8 @@ impl NormType {
     /// fast path per norm and the general power only where it is really needed.
     pub(crate) fn canonical(self) -> NormType {
         match self {
-            NormType::P(p) if p == 1.0 => NormType::L1,
-            NormType::P(p) if p == 2.0 => NormType::L2,
+            NormType::P(1.0) => NormType::L1,
+            NormType::P(2.0) => NormType::L2,
             other => other,
         }
     }

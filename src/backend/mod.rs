@@ -43,6 +43,12 @@ pub(crate) fn clip_coefficient(norm: f64, max_norm: f64, eps: f64) -> f64 {
     }
 }
 
+/// Whether a coefficient calls for a write pass: below 1, or NaN (a NaN norm poisons the
+/// gradients, as in PyTorch). At 1 or above nothing is written.
+pub(crate) fn needs_scaling(coefficient: f64) -> bool {
+    coefficient < 1.0 || coefficient.is_nan()
+}
+
 /// Settings of one norm-clipping call, validated by the caller.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClipSettings {
@@ -77,8 +83,7 @@ pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Ten
                 return Err(nonfinite_error(norm, settings.norm_type));
             }
             let coefficient = clip_coefficient(norm, settings.max_norm, settings.eps);
-            // `!(c >= 1)` also catches NaN: a NaN norm poisons the gradients, as in PyTorch.
-            if !(coefficient >= 1.0) {
+            if needs_scaling(coefficient) {
                 cpu::apply_in_place(set, ElementwiseOp::Scale(coefficient))?;
             }
             cpu::norm_tensor(norm, set.norm_dtype())
@@ -99,7 +104,7 @@ pub(crate) fn scale_with_norm(
         Device::Cpu => {
             let norm = total_norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let coefficient = clip_coefficient(norm, max_norm, eps);
-            if !(coefficient >= 1.0) {
+            if needs_scaling(coefficient) {
                 cpu::apply_in_place(set, ElementwiseOp::Scale(coefficient))?;
             }
             Ok(())
