@@ -86,8 +86,32 @@ impl Element for bf16 {
     }
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
-        bf16::from_f64(x)
+        // Round to odd in f32, then to nearest even in bf16: one correct rounding (f32 keeps 16
+        // more bits than bf16). Branch-free, so the scale loop vectorises; half's own `from_f64`
+        // drops the low 32 bits before rounding and so misrounds some near-ties.
+        let odd = round_to_odd_f32(x).to_bits();
+        if x.is_nan() {
+            return bf16::NAN;
+        }
+        bf16::from_bits(((odd + 0x7fff + ((odd >> 16) & 1)) >> 16) as u16)
     }
+}
+
+/// `x` rounded to `f32` towards zero, with the lowest bit set when that was inexact ("round to
+/// odd"). Rounding this once more to a format at least two bits narrower gives the correctly
+/// rounded result of `x` itself, with no double-rounding error.
+#[inline(always)]
+fn round_to_odd_f32(x: f64) -> f32 {
+    let nearest = x as f32;
+    let mut bits = nearest.to_bits();
+    // Rounded away from zero (also to infinity): step back towards zero.
+    if (nearest as f64).abs() > x.abs() {
+        bits -= 1;
+    }
+    if nearest as f64 != x {
+        bits |= 1;
+    }
+    f32::from_bits(bits)
 }
 
 impl Element for f16 {
@@ -100,7 +124,11 @@ impl Element for f16 {
     }
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
-        f16::from_f64(x)
+        // One correct rounding, as for bf16 (half's `from_f64` also drops low bits first).
+        if x.is_nan() {
+            return f16::NAN;
+        }
+        f16::from_f32(round_to_odd_f32(x))
     }
 }
 
@@ -653,5 +681,88 @@ pub(crate) fn norm_tensor(norm: f64, dtype: DType) -> Result<Tensor> {
     match dtype {
         DType::F64 => Tensor::new(norm, &candle_core::Device::Cpu),
         _ => Tensor::new(norm as f32, &candle_core::Device::Cpu),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The nearest value of `T` to `x` (ties to the even bit pattern), by brute force over the
+    /// neighbours of a first guess: an independent check of `Element::from_f64`.
+    fn nearest_by_search<T: Element>(
+        x: f64,
+        first_guess: fn(f64) -> T,
+        bits_of: fn(T) -> u16,
+        from_bits: fn(u16) -> T,
+    ) -> T {
+        let guess = bits_of(first_guess(x)) as i32;
+        let mut best: Option<(f64, u16)> = None;
+        for b in (guess - 2)..=(guess + 2) {
+            let Ok(b) = u16::try_from(b) else { continue };
+            let v = from_bits(b).to_f64();
+            if v.is_nan() || (v == 0.0 && v.is_sign_negative() != x.is_sign_negative()) {
+                continue;
+            }
+            let d = (v - x).abs();
+            best = match best {
+                Some((bd, bb)) if bd < d || (bd == d && bb % 2 == 0) => Some((bd, bb)),
+                _ => Some((d, b)),
+            };
+        }
+        from_bits(best.expect("a neighbour").1)
+    }
+
+    #[test]
+    fn half_precision_rounding_is_correct() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for i in 0..200_000 {
+            // Values near representable points and midpoints, with noise in the low f64 bits.
+            let base: f64 = rng.gen_range(-4.0..4.0) * 2f64.powi(rng.gen_range(-20..20));
+            let x = if i % 2 == 0 {
+                base
+            } else {
+                f64::from_bits(base.to_bits() ^ rng.gen_range(0..1u64 << 30))
+            };
+            let got = <bf16 as Element>::from_f64(x);
+            let want = nearest_by_search(x, bf16::from_f64, bf16::to_bits, bf16::from_bits);
+            assert_eq!(got.to_bits(), want.to_bits(), "bf16 from {x:e}");
+            if x.abs() < 60000.0 {
+                let got = <f16 as Element>::from_f64(x);
+                let want = nearest_by_search(x, f16::from_f64, f16::to_bits, f16::from_bits);
+                assert_eq!(got.to_bits(), want.to_bits(), "f16 from {x:e}");
+            }
+        }
+        // Exact midpoints round to the even neighbour; a hair above or below decides, even when
+        // the hair lies in the low 32 bits of the f64 (which half's own conversion ignores).
+        fn check_ties<T: Element>(lo_bits: u16, from_bits: fn(u16) -> T, bits_of: fn(T) -> u16) {
+            let (lo, hi) = (from_bits(lo_bits).to_f64(), from_bits(lo_bits + 1).to_f64());
+            let mid = (lo + hi) / 2.0;
+            let even = if lo_bits % 2 == 0 { lo } else { hi };
+            let above = f64::from_bits(mid.to_bits() + 1);
+            let below = f64::from_bits(mid.to_bits() - 1);
+            for (x, want) in [(mid, even), (above, hi), (below, lo)] {
+                let got = T::from_f64(x);
+                assert_eq!(
+                    got.to_f64(),
+                    want,
+                    "{x:e} rounded to bits {:#x}",
+                    bits_of(got)
+                );
+            }
+        }
+        for _ in 0..20_000 {
+            check_ties(
+                rng.gen_range(0x0001..0x7f7f),
+                bf16::from_bits,
+                bf16::to_bits,
+            );
+            check_ties(rng.gen_range(0x0001..0x7bff), f16::from_bits, f16::to_bits);
+        }
+        assert!(<bf16 as Element>::from_f64(f64::NAN).is_nan());
+        assert_eq!(<bf16 as Element>::from_f64(1e300), bf16::INFINITY);
+        assert_eq!(<f16 as Element>::from_f64(-1e10), f16::NEG_INFINITY);
+        assert_eq!(<bf16 as Element>::from_f64(-0.0).to_bits(), 0x8000);
     }
 }
