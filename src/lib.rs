@@ -45,3 +45,6 @@ pub use clip::{
 };
 pub use norm_type::NormType;
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
+pub use autoclip::AutoClip;
+pub use optim::{ClipSetting, Clipped, ClippedConfig};
+pub use stats::{grad_norms, GradNormStats};
