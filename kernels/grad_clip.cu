@@ -1,0 +1,607 @@
+// Fused multi-tensor kernels for candle-grad-clip (feature `cuda`).
+//
+// Three kernels, each one launch for any number of gradients:
+//   grad_clip_reduce          global norm of every gradient (all dtypes in one launch), finalised
+//                             on the device: writes the 0-d norm and the clipping coefficient.
+//   grad_clip_apply           in-place scale by the coefficient (skipped when it is >= 1), or clamp.
+//   grad_clip_apply_strided   the same for one non-contiguous view (slow path, one launch per view).
+//
+// Work is described by a table of segments (pointer, length, dtype, first chunk). Each segment is
+// cut into chunks of CHUNK_ELEMS elements counted from the segment's first element, and one warp
+// reduces one chunk in a fixed order into one f64 partial. The partials are added into a
+// superaccumulator (the digit layout of src/exact_sum.rs) with integer atomics, which are exact
+// and commutative, so the norm is bitwise independent of the segment order, the grid size and the
+// scheduling. The last block to finish rounds the sum once to f64 exactly like ExactSum::value.
+//
+// Must stay in sync with src/backend/cuda.rs (CHUNK_ELEMS, dtype codes, Segment, Scratch, modes)
+// and with src/backend/mod.rs (clip_coefficient) and src/backend/cpu.rs (norm, rescue, kernels).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+
+// Gradient dtype codes (cuda.rs `dtype_code`).
+#define DT_F32 0
+#define DT_F64 1
+#define DT_F16 2
+#define DT_BF16 3
+
+// Reduction modes (cuda.rs `Mode`).
+#define MODE_INF 0 // max |x|
+#define MODE_ABS 1 // sum |x|
+#define MODE_SQ 2  // sum x*x
+#define MODE_POW 3 // sum (|x| * scale)^p
+
+#define CHUNK_ELEMS 4096
+#define WARP 32
+#define DIGITS 68
+
+// Below this, sums of powers of F64 gradients may have lost bits to underflow (cpu.rs TINY_SUM).
+#define TINY_SUM 1e-270
+
+struct Segment {
+    u64 ptr;         // device address of element 0
+    u64 len;         // elements, > 0
+    u64 chunk_start; // global index of the segment's first chunk (strictly increasing)
+    u64 dtype;       // DT_*
+};
+
+// Per-thread, per-device scratch (cuda.rs `STATE_WORDS`); all zero between calls: the finalising
+// block resets what it consumed.
+struct Scratch {
+    u64 digits[DIGITS]; // superaccumulator digits, 32 payload bits in each u64
+    u64 flags;          // bit 0: +inf partial seen, bit 1: NaN partial seen
+    u64 max_bits;       // max |x| as f64 bits (non-negative doubles order as integers; NaN wins)
+    u64 counter;        // blocks of the current launch that are done
+    u64 pending;        // 1 between a reduction that asked for the rescue pass and that pass
+    double scale;       // power of two for the rescue pass
+    double coefficient; // min(1, max_norm / (norm + eps)), read by grad_clip_apply
+};
+
+struct Bounds {
+    double b[4]; // clamp bound per dtype code, already rounded towards zero in that dtype
+};
+
+#define MAX_RANK 8
+struct StridedView {
+    u64 dims[MAX_RANK];
+    u64 strides[MAX_RANK];
+};
+
+// ---------------------------------------------------------------------------------------------
+// Element access by dtype: raw bits in, f64 out (exact for all four), f64 in, raw bits out (one
+// rounding to nearest even, as half's from_f64 and `as f32` on the host).
+
+template <int DT> struct Tr;
+
+template <> struct Tr<DT_F32> {
+    typedef u32 raw;
+    static const int V = 4;
+    static __device__ __forceinline__ double to_f64(raw u) { return (double)__uint_as_float(u); }
+    static __device__ __forceinline__ raw from_f64(double d) {
+        return __float_as_uint(__double2float_rn(d));
+    }
+};
+
+template <> struct Tr<DT_F64> {
+    typedef u64 raw;
+    static const int V = 2;
+    static __device__ __forceinline__ double to_f64(raw u) { return __longlong_as_double((long long)u); }
+    static __device__ __forceinline__ raw from_f64(double d) { return (raw)__double_as_longlong(d); }
+};
+
+template <> struct Tr<DT_F16> {
+    typedef unsigned short raw;
+    static const int V = 8;
+    static __device__ __forceinline__ double to_f64(raw u) {
+        return (double)__half2float(__ushort_as_half(u));
+    }
+    static __device__ __forceinline__ raw from_f64(double d) { return __half_as_ushort(__double2half(d)); }
+};
+
+template <> struct Tr<DT_BF16> {
+    typedef unsigned short raw;
+    static const int V = 8;
+    static __device__ __forceinline__ double to_f64(raw u) {
+        return (double)__uint_as_float(((u32)u) << 16);
+    }
+    static __device__ __forceinline__ raw from_f64(double d) {
+        return __bfloat16_as_ushort(__double2bfloat16(d));
+    }
+};
+
+// 16 bytes of elements.
+template <int DT> union Vec16 {
+    uint4 v;
+    typename Tr<DT>::raw r[Tr<DT>::V];
+};
+
+// The general power is rare and large: one out-of-line copy keeps the PTX (JIT-compiled by the
+// driver on first use) small.
+__device__ __noinline__ double pow_outlined(double a, double p) { return pow(a, p); }
+
+// ---------------------------------------------------------------------------------------------
+// Per-lane accumulation. Element j of a 16-byte vector goes to slot j % 4; the slots are combined
+// in a fixed order. Max is kept as f64 bits so that NaN (bits above +inf) propagates.
+
+template <int MODE, bool WANT_MAX> struct Acc {
+    double s[4];
+    u64 m;
+    double p, scale;
+    __device__ __forceinline__ Acc(double p_, double scale_) : m(0), p(p_), scale(scale_) {
+        s[0] = s[1] = s[2] = s[3] = 0.0;
+    }
+    __device__ __forceinline__ void add(int j, double x) {
+        double a = fabs(x);
+        if (MODE == MODE_INF || WANT_MAX) {
+            u64 b = (u64)__double_as_longlong(a);
+            m = b > m ? b : m;
+        }
+        if (MODE == MODE_ABS) {
+            s[j & 3] += a;
+        } else if (MODE == MODE_SQ) {
+            s[j & 3] += x * x;
+        } else if (MODE == MODE_POW) {
+            s[j & 3] += pow_outlined(a * scale, p);
+        }
+    }
+    __device__ __forceinline__ double sum() const { return (s[0] + s[1]) + (s[2] + s[3]); }
+};
+
+// Reduces `n` (<= CHUNK_ELEMS) elements at `base` with one warp. Lane `lane` takes the 16-byte
+// vectors lane, lane + 32, lane + 64, ... (vector index vi covers elements vi*V .. vi*V+V-1), in
+// that order. Misaligned data and the partial last vector are read element by element with the
+// same mapping, so the result only depends on the values, never on the address.
+template <int DT, int MODE, bool WANT_MAX>
+__device__ __forceinline__ void warp_reduce_chunk(const void* base, u64 n, int lane, double p,
+                                                  double scale, double* out_sum, u64* out_max) {
+    typedef typename Tr<DT>::raw raw;
+    const int V = Tr<DT>::V;
+    const raw* xs = (const raw*)base;
+    Acc<MODE, WANT_MAX> acc(p, scale);
+    const bool aligned = (((u64)base) & 15) == 0;
+    const u64 per_round = (u64)WARP * V;
+    const u64 rounds = aligned ? n / per_round : 0;
+    const uint4* vs = (const uint4*)base;
+    u64 k = 0;
+    const int UNROLL = 4;
+    for (; k + UNROLL <= rounds; k += UNROLL) {
+        Vec16<DT> r[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) r[u].v = __ldg(vs + (k + u) * WARP + lane);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) acc.add(j, Tr<DT>::to_f64(r[u].r[j]));
+        }
+    }
+    for (; k < rounds; ++k) {
+        Vec16<DT> r;
+        r.v = __ldg(vs + k * WARP + lane);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc.add(j, Tr<DT>::to_f64(r.r[j]));
+    }
+    for (u64 vi = k * WARP + lane; vi * V < n; vi += WARP) {
+        const u64 e = vi * V;
+        if (aligned && e + V <= n) {
+            Vec16<DT> r;
+            r.v = __ldg(vs + vi);
+#pragma unroll
+            for (int j = 0; j < V; ++j) acc.add(j, Tr<DT>::to_f64(r.r[j]));
+        } else {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                if (e + j < n) acc.add(j, Tr<DT>::to_f64(xs[e + j]));
+            }
+        }
+    }
+    // Fixed-shape tree over the lanes.
+    double s = acc.sum();
+    u64 m = acc.m;
+#pragma unroll
+    for (int off = WARP / 2; off > 0; off /= 2) {
+        s += __shfl_down_sync(0xffffffffu, s, off);
+        u64 o = __shfl_down_sync(0xffffffffu, m, off);
+        m = o > m ? o : m;
+    }
+    *out_sum = s;
+    *out_max = m;
+}
+
+template <int MODE, bool WANT_MAX>
+__device__ __forceinline__ void reduce_chunk_dt(u64 dtype, const void* base, u64 n, int lane, double p,
+                                                double scale, double* s, u64* m) {
+    switch (dtype) {
+    case DT_F32: warp_reduce_chunk<DT_F32, MODE, WANT_MAX>(base, n, lane, p, scale, s, m); break;
+    case DT_F64: warp_reduce_chunk<DT_F64, MODE, WANT_MAX>(base, n, lane, p, scale, s, m); break;
+    case DT_F16: warp_reduce_chunk<DT_F16, MODE, WANT_MAX>(base, n, lane, p, scale, s, m); break;
+    default: warp_reduce_chunk<DT_BF16, MODE, WANT_MAX>(base, n, lane, p, scale, s, m); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Superaccumulator (src/exact_sum.rs).
+
+// Adds a non-negative f64, +inf or NaN. `digits` may be shared or global memory.
+__device__ __forceinline__ void exact_add(u64* digits, u32* flags, double x) {
+    if (isnan(x)) {
+        atomicOr(flags, 2u);
+        return;
+    }
+    if (isinf(x)) {
+        atomicOr(flags, 1u);
+        return;
+    }
+    u64 bits = (u64)__double_as_longlong(x);
+    u32 exponent = (u32)((bits >> 52) & 0x7ff);
+    u64 fraction = bits & ((1ull << 52) - 1);
+    u64 mantissa;
+    u32 position;
+    if (exponent == 0) {
+        mantissa = fraction;
+        position = 0;
+    } else {
+        mantissa = fraction | (1ull << 52);
+        position = exponent - 1;
+    }
+    if (mantissa == 0) return;
+    u32 digit = position / 32;
+    u32 shift = position % 32;
+    // mantissa < 2^53, shift < 32: the shifted value has < 85 bits.
+    u64 lo = mantissa << shift;                        // bits 0..63
+    u64 hi = shift == 0 ? 0 : (mantissa >> (64 - shift)); // bits 64..84
+    atomicAdd(&digits[digit], lo & 0xffffffffull);
+    atomicAdd(&digits[digit + 1], lo >> 32);
+    if (hi != 0) atomicAdd(&digits[digit + 2], hi);
+}
+
+// 2^k for -1074 <= k <= 1023.
+__device__ __forceinline__ double pow2(int k) {
+    if (k >= -1022) return __longlong_as_double((long long)((u64)(k + 1023) << 52));
+    return __longlong_as_double((long long)(1ull << (k + 1074)));
+}
+
+// The exact sum rounded once to the nearest f64 (ties to even), as ExactSum::value. `d` holds
+// the digits and is modified (carries propagated).
+__device__ double exact_value(u64* d, u32 flags) {
+    if (flags & 2u) return __longlong_as_double(0x7ff8000000000000ll);
+    if (flags & 1u) return __longlong_as_double(0x7ff0000000000000ll);
+    u64 carry = 0;
+    for (int i = 0; i < DIGITS; ++i) {
+        u64 v = d[i] + carry;
+        d[i] = v & 0xffffffffull;
+        carry = v >> 32;
+    }
+    int top = -1;
+    for (int i = DIGITS - 1; i >= 0; --i) {
+        if (d[i] != 0) {
+            top = i;
+            break;
+        }
+    }
+    if (top < 0) return 0.0;
+    int low = top >= 2 ? top - 2 : 0;
+    // 96-bit window of the three top digits: whi holds bits 64..95, wlo bits 0..63.
+    u64 whi = 0, wlo = 0;
+    for (int i = top; i >= low; --i) {
+        whi = (whi << 32) | (wlo >> 32);
+        wlo = (wlo << 32) | d[i];
+    }
+    bool sticky = false;
+    for (int i = 0; i < low; ++i) sticky |= d[i] != 0;
+    if (sticky) wlo |= 1;
+    // Round the window to 53 bits, to nearest even (what `u128 as f64` does on the host).
+    int nb = whi != 0 ? 128 - __clzll((long long)whi) : 64 - __clzll((long long)wlo);
+    double w;
+    if (nb <= 53) {
+        w = __ull2double_rn(wlo); // exact
+    } else {
+        int sh = nb - 53; // 1 ..= 43
+        u64 mant, rem, half;
+        if (sh < 64) {
+            mant = (wlo >> sh) | (sh == 0 ? 0 : (whi << (64 - sh)));
+            rem = wlo & ((1ull << sh) - 1);
+            half = 1ull << (sh - 1);
+        } else { // unreachable: nb <= 96
+            mant = whi >> (sh - 64);
+            rem = 0;
+            half = 1;
+        }
+        if (rem > half || (rem == half && (mant & 1))) mant += 1; // may reach 2^53: still exact
+        w = __ull2double_rn(mant) * pow2(sh);
+    }
+    // Exact scaling by a power of two (overflow gives +inf, as on the host).
+    return w * pow2(low * 32 - 1074);
+}
+
+__device__ __forceinline__ double root(double sum, double p) {
+    if (p == 1.0) return sum;
+    if (p == 2.0) return sqrt(sum);
+    return pow_outlined(sum, 1.0 / p);
+}
+
+// clip_coefficient in src/backend/mod.rs: NaN norm -> NaN; 0/0 -> 0; min(1, ...).
+__device__ __forceinline__ double clip_coefficient(double norm, double max_norm, double eps) {
+    if (isnan(norm)) return norm;
+    double c = max_norm / (norm + eps);
+    if (isnan(c)) return 0.0;
+    return c < 1.0 ? c : 1.0;
+}
+
+// A power of two s with 1 <= max * s < 2 (cpu.rs pow2_near_inverse; exact floor(log2)).
+__device__ __forceinline__ double pow2_near_inverse(double mx) {
+    int e = ilogb(mx);
+    e = e < -1020 ? -1020 : (e > 1020 ? 1020 : e);
+    return pow2(-e);
+}
+
+__device__ __forceinline__ int find_segment(const Segment* segs, u32 n_segs, u64 chunk) {
+    u32 lo = 0, hi = n_segs - 1; // largest s with chunk_start <= chunk
+    while (lo < hi) {
+        u32 mid = (lo + hi + 1) / 2;
+        if (segs[mid].chunk_start <= chunk) lo = mid;
+        else hi = mid - 1;
+    }
+    return (int)lo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reduction, one entry point per MODE_*. Pass 0 is the normal reduction; pass 1 is the overflow
+// rescue, launched as grad_clip_reduce_pow right after pass 0 and returning at once unless pass 0
+// left `pending` set (it then computes sum (|x| * scale)^p). `rescue` != 0 lets
+// pass 0 ask for the rescue (F64 gradients or p > 6, as on the host): it then also tracks max |x|.
+// The last block writes the norm to `out` (f32 when out_f64 == 0, else f64) and the coefficient
+// to scratch, unless it asked for the rescue pass, which then does it.
+template <int MODE>
+__device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u32 n_segs, u64 n_chunks,
+                                            Scratch* scratch, void* out, u32 out_f64, double p, u32 pass,
+                                            u32 rescue, double max_norm, double eps) {
+    __shared__ u64 s_digits[DIGITS];
+    __shared__ u64 s_max;
+    __shared__ u32 s_flags;
+    __shared__ int s_last;
+
+    if (pass == 1) {
+        // Written by the previous launch on this stream: visible at kernel start.
+        if (scratch->pending == 0) return; // uniform over the grid: no block counts, none finalises
+        rescue = 0;
+    }
+    const double scale = pass == 1 ? scratch->scale : 1.0;
+    const int tid = threadIdx.x;
+    for (int i = tid; i < DIGITS; i += blockDim.x) s_digits[i] = 0;
+    if (tid == 0) {
+        s_max = 0;
+        s_flags = 0;
+    }
+    __syncthreads();
+
+    const int lane = tid % WARP;
+    const u64 warps_per_block = blockDim.x / WARP;
+    const u64 total_warps = (u64)gridDim.x * warps_per_block;
+    const bool want_max = rescue != 0;
+    for (u64 c = (u64)blockIdx.x * warps_per_block + tid / WARP; c < n_chunks; c += total_warps) {
+        const Segment seg = segs[find_segment(segs, n_segs, c)];
+        const u64 start = (c - seg.chunk_start) * CHUNK_ELEMS;
+        const u64 left = seg.len - start;
+        const u64 n = left < CHUNK_ELEMS ? left : CHUNK_ELEMS;
+        const int es = seg.dtype == DT_F64 ? 8 : (seg.dtype == DT_F32 ? 4 : 2);
+        const void* base = (const void*)(seg.ptr + start * es);
+        double s = 0.0;
+        u64 m = 0;
+        if (MODE == MODE_INF || want_max) {
+            reduce_chunk_dt<MODE, true>(seg.dtype, base, n, lane, p, scale, &s, &m);
+        } else {
+            reduce_chunk_dt<MODE, false>(seg.dtype, base, n, lane, p, scale, &s, &m);
+        }
+        if (lane == 0) {
+            if (MODE != MODE_INF) exact_add(s_digits, &s_flags, s);
+            if (MODE == MODE_INF || want_max) atomicMax(&s_max, m);
+        }
+    }
+    __syncthreads();
+
+    // Flush the block's accumulator into the global one (exact, order-independent).
+    for (int i = tid; i < DIGITS; i += blockDim.x) {
+        if (s_digits[i] != 0) atomicAdd(&scratch->digits[i], s_digits[i]);
+    }
+    if (tid == 0) {
+        if (s_flags != 0) atomicOr(&scratch->flags, (u64)s_flags);
+        if (s_max != 0) atomicMax(&scratch->max_bits, s_max);
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        u64 done = atomicAdd(&scratch->counter, 1ull);
+        s_last = done == (u64)gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!s_last) return;
+
+    // Last block: every other block's atomics are done (they fenced before counting). Read and
+    // reset the accumulator for the next call.
+    __threadfence();
+    for (int i = tid; i < DIGITS; i += blockDim.x) s_digits[i] = atomicExch(&scratch->digits[i], 0ull);
+    if (tid == 0) {
+        s_flags = (u32)atomicExch(&scratch->flags, 0ull);
+        s_max = atomicExch(&scratch->max_bits, 0ull);
+        atomicExch(&scratch->counter, 0ull);
+    }
+    __syncthreads();
+    if (tid != 0) return;
+
+    double norm;
+    if (MODE == MODE_INF) {
+        norm = __longlong_as_double((long long)s_max);
+    } else {
+        const double sum = exact_value(s_digits, s_flags);
+        if (pass == 0 && rescue && !isnan(sum) && (isinf(sum) || sum < TINY_SUM)) {
+            const double mx = __longlong_as_double((long long)s_max);
+            if (mx == 0.0 || isinf(mx) || isnan(mx)) {
+                norm = mx;
+            } else {
+                scratch->scale = pow2_near_inverse(mx);
+                scratch->pending = 1;
+                return;
+            }
+        } else if (pass == 1) {
+            norm = root(sum, p) / scale;
+            scratch->pending = 0;
+        } else {
+            norm = root(sum, p);
+        }
+    }
+    // Pass 0 always leaves `pending` clear when it finalises (even if an earlier call's rescue
+    // launch never ran), so that a later rescue pass cannot act on a stale request.
+    if (pass == 0) scratch->pending = 0;
+    if (out_f64) *(double*)out = norm;
+    else *(float*)out = __double2float_rn(norm);
+    scratch->coefficient = clip_coefficient(norm, max_norm, eps);
+}
+
+// One entry point per mode, so that the common L2 path gets the registers it needs and no more.
+#define REDUCE_ENTRY(NAME, MODE)                                                                            \
+    extern "C" __global__ void NAME(const Segment* __restrict__ segs, u32 n_segs,      \
+                                                           u64 n_chunks, Scratch* scratch, void* out,        \
+                                                           u32 out_f64, double p, u32 pass, u32 rescue,      \
+                                                           double max_norm, double eps) {                   \
+        reduce_body<MODE>(segs, n_segs, n_chunks, scratch, out, out_f64, p, pass, rescue, max_norm, eps);   \
+    }
+REDUCE_ENTRY(grad_clip_reduce_inf, MODE_INF)
+REDUCE_ENTRY(grad_clip_reduce_abs, MODE_ABS)
+REDUCE_ENTRY(grad_clip_reduce_sq, MODE_SQ)
+REDUCE_ENTRY(grad_clip_reduce_pow, MODE_POW)
+
+// ---------------------------------------------------------------------------------------------
+// In-place element-wise passes.
+
+#define OP_SCALE 0
+#define OP_CLAMP 1
+
+// Where the scale coefficient comes from: COEF_SCRATCH reads Scratch::coefficient; COEF_NORM_* read
+// a 0-d norm of that dtype and compute clip_coefficient(norm, max_norm, eps) (clip_grads_with_norm_).
+#define COEF_SCRATCH 0
+#define COEF_NORM_F32 1
+#define COEF_NORM_F64 2
+#define COEF_NORM_F16 3
+#define COEF_NORM_BF16 4
+
+__device__ __forceinline__ double load_coefficient(const void* src, u32 kind, double max_norm, double eps) {
+    switch (kind) {
+    case COEF_SCRATCH: return ((const Scratch*)src)->coefficient;
+    case COEF_NORM_F32: return clip_coefficient((double)*(const float*)src, max_norm, eps);
+    case COEF_NORM_F64: return clip_coefficient(*(const double*)src, max_norm, eps);
+    case COEF_NORM_F16:
+        return clip_coefficient(Tr<DT_F16>::to_f64(*(const unsigned short*)src), max_norm, eps);
+    default: return clip_coefficient(Tr<DT_BF16>::to_f64(*(const unsigned short*)src), max_norm, eps);
+    }
+}
+
+template <int DT> struct ElemOp {
+    typedef typename Tr<DT>::raw raw;
+    u32 op;
+    double c;     // OP_SCALE: the coefficient
+    double bound; // OP_CLAMP: the bound, representable in DT
+    raw hi, lo;
+    __device__ __forceinline__ ElemOp(u32 op_, double c_, double bound_) : op(op_), c(c_), bound(bound_) {
+        hi = Tr<DT>::from_f64(bound_);
+        lo = Tr<DT>::from_f64(-bound_);
+    }
+    __device__ __forceinline__ raw operator()(raw u) const {
+        const double v = Tr<DT>::to_f64(u);
+        if (op == OP_SCALE) return Tr<DT>::from_f64(__dmul_rn(v, c)); // one rounding to DT
+        // Comparisons with NaN are false: NaN stays NaN.
+        if (v > bound) return hi;
+        if (v < -bound) return lo;
+        return u;
+    }
+};
+
+template <int DT>
+__device__ __forceinline__ void warp_apply_chunk(void* base, u64 n, int lane, u32 op, double c, double bound) {
+    typedef typename Tr<DT>::raw raw;
+    const int V = Tr<DT>::V;
+    const ElemOp<DT> f(op, c, bound);
+    raw* xs = (raw*)base;
+    uint4* vs = (uint4*)base;
+    const bool aligned = (((u64)base) & 15) == 0;
+    for (u64 vi = lane; vi * V < n; vi += WARP) {
+        const u64 e = vi * V;
+        if (aligned && e + V <= n) {
+            Vec16<DT> r;
+            r.v = vs[vi];
+#pragma unroll
+            for (int j = 0; j < V; ++j) r.r[j] = f(r.r[j]);
+            vs[vi] = r.v;
+        } else {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                if (e + j < n) xs[e + j] = f(xs[e + j]);
+            }
+        }
+    }
+}
+
+// Applies OP_SCALE (with the coefficient from `coef_src`; nothing at all when it is >= 1, so a NaN
+// coefficient does scale) or OP_CLAMP to every element of every segment. The segments are disjoint
+// (merged per storage on the host), so each element is written once.
+extern "C" __global__ void grad_clip_apply(const Segment* __restrict__ segs, u32 n_segs, u64 n_chunks, u32 op,
+                                           const void* coef_src, u32 coef_kind, double max_norm, double eps,
+                                           Bounds bounds) {
+    double c = 1.0;
+    if (op == OP_SCALE) {
+        c = load_coefficient(coef_src, coef_kind, max_norm, eps);
+        if (c >= 1.0) return;
+    }
+    const int lane = threadIdx.x % WARP;
+    const u64 warps_per_block = blockDim.x / WARP;
+    const u64 total_warps = (u64)gridDim.x * warps_per_block;
+    for (u64 ch = (u64)blockIdx.x * warps_per_block + threadIdx.x / WARP; ch < n_chunks; ch += total_warps) {
+        const Segment seg = segs[find_segment(segs, n_segs, ch)];
+        const u64 start = (ch - seg.chunk_start) * CHUNK_ELEMS;
+        const u64 left = seg.len - start;
+        const u64 n = left < CHUNK_ELEMS ? left : CHUNK_ELEMS;
+        switch (seg.dtype) {
+        case DT_F32: warp_apply_chunk<DT_F32>((void*)(seg.ptr + start * 4), n, lane, op, c, bounds.b[DT_F32]); break;
+        case DT_F64: warp_apply_chunk<DT_F64>((void*)(seg.ptr + start * 8), n, lane, op, c, bounds.b[DT_F64]); break;
+        case DT_F16: warp_apply_chunk<DT_F16>((void*)(seg.ptr + start * 2), n, lane, op, c, bounds.b[DT_F16]); break;
+        default: warp_apply_chunk<DT_BF16>((void*)(seg.ptr + start * 2), n, lane, op, c, bounds.b[DT_BF16]); break;
+        }
+    }
+}
+
+template <int DT>
+__device__ __forceinline__ void strided_apply(void* base, u64 n, u32 rank, const StridedView& view, u32 op,
+                                              double c, double bound) {
+    typedef typename Tr<DT>::raw raw;
+    const ElemOp<DT> f(op, c, bound);
+    raw* xs = (raw*)base;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 rem = i, off = 0;
+        for (int d = (int)rank - 1; d >= 0; --d) {
+            const u64 dim = view.dims[d];
+            off += (rem % dim) * view.strides[d];
+            rem /= dim;
+        }
+        xs[off] = f(xs[off]);
+    }
+}
+
+// The same for one strided view without repeated elements (`base` points at its start offset).
+extern "C" __global__ void grad_clip_apply_strided(u64 base, u32 dtype, u64 n, u32 rank, StridedView view,
+                                                   u32 op, const void* coef_src, u32 coef_kind, double max_norm,
+                                                   double eps, Bounds bounds) {
+    double c = 1.0;
+    if (op == OP_SCALE) {
+        c = load_coefficient(coef_src, coef_kind, max_norm, eps);
+        if (c >= 1.0) return;
+    }
+    switch (dtype) {
+    case DT_F32: strided_apply<DT_F32>((void*)base, n, rank, view, op, c, bounds.b[DT_F32]); break;
+    case DT_F64: strided_apply<DT_F64>((void*)base, n, rank, view, op, c, bounds.b[DT_F64]); break;
+    case DT_F16: strided_apply<DT_F16>((void*)base, n, rank, view, op, c, bounds.b[DT_F16]); break;
+    default: strided_apply<DT_BF16>((void*)base, n, rank, view, op, c, bounds.b[DT_BF16]); break;
+    }
+}
