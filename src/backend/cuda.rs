@@ -28,8 +28,11 @@
 //! the norm that `error_if_nonfinite(true)` needs. The table goes to the device with
 //! `cuMemcpyHtoDAsync` from page-locked memory (a ring of pinned staging buffers, each reused only
 //! once the event recorded after its copy has completed), which does not wait for the device.
-//! Allocations that can synchronise happen only when a thread first uses a device or a table
-//! outgrows the buffers (pinned allocation and free).
+//! Pinned allocations (and frees) may wait for the device; they happen only when a thread first
+//! uses a device, when a table outgrows the staging buffers, or when more than 4 calls of one
+//! thread have copies still queued on the device (the ring grows to 16 buffers; beyond that a call
+//! waits for the oldest copy). CUDA graph capture of these calls is not supported (the table
+//! copy reads host memory that later calls reuse).
 //!
 //! # Scratch and streams
 //! candle's `Device::new_cuda` uses the per-thread default stream: work from one host thread is
@@ -75,6 +78,8 @@ const SEGMENT_WORDS: usize = 4;
 const MAX_RANK: usize = 8;
 /// Pinned staging buffers per thread and device before a call waits for the oldest copy.
 const MAX_STAGING: usize = 16;
+/// Staging buffers allocated with the scratch.
+const INITIAL_STAGING: usize = 4;
 
 // Gradient dtype codes.
 const DT_F32: u64 = 0;
@@ -479,6 +484,18 @@ impl Table {
             }
         }
         self.write = part;
+        // The common case (every gradient contiguous, none aliasing): the write segments are the
+        // norm segments. Send them once.
+        let norm_words = self.norm.first_segment * SEGMENT_WORDS
+            ..(self.norm.first_segment + self.norm.segments as usize) * SEGMENT_WORDS;
+        let write_start = self.write.first_segment * SEGMENT_WORDS;
+        if self.norm.segments > 0
+            && self.norm.segments == self.write.segments
+            && self.words[norm_words.clone()] == self.words[write_start..]
+        {
+            self.words.truncate(write_start);
+            self.write = self.norm;
+        }
         strided
     }
 }
@@ -709,10 +726,14 @@ impl Scratch {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .w()?
             .max(1) as u32;
+        // A few staging buffers up front: allocating pinned memory later may wait for the device.
+        let staging = (0..INITIAL_STAGING)
+            .map(|_| Staging::new(stream.context(), 0))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             state: dev.alloc_zeros::<u64>(STATE_WORDS)?,
             table: None,
-            staging: Vec::new(),
+            staging,
             next_staging: 0,
             sm_count,
             occupancy: HashMap::new(),
