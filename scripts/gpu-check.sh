@@ -59,7 +59,7 @@ build() {
 }
 
 run() {
-  OUT=${OUT:-$ROOT/gpu-out}
+  OUT=${OUT:-/tmp/candle-grad-clip-gpu-out}
   mkdir -p "$OUT"
   local bin=/tmp/candle-grad-clip-gpu
   rm -rf "$bin"
