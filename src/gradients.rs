@@ -1,8 +1,6 @@
 //! Step one of every operation: collect the gradients of `vars` from a `GradStore` and validate
 //! them, before anything is read or written.
 
-use std::collections::HashMap;
-
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Storage, Tensor, Var};
 
 /// The gradients that one call works on, validated: all on one device, all of a supported float
@@ -65,26 +63,19 @@ impl GradientSet {
     }
 
     /// Groups the gradients by the storage they live in, so that a write touches every element
-    /// exactly once even when two gradients are views of one buffer. Each group lists indices into
-    /// [`grads`](Self::grads); groups and their members are in first-seen order.
+    /// exactly once even when two gradients are views of one buffer.
     ///
     /// Fails, before anything is written, when a group can only be reached through views that
     /// repeat elements (a broadcast gradient with a zero stride): candle cannot write those in place.
-    pub(crate) fn storage_groups(&self) -> Result<Vec<Vec<usize>>> {
-        let mut group_of_key: HashMap<usize, usize> = HashMap::with_capacity(self.grads.len());
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for (i, grad) in self.grads.iter().enumerate() {
-            let next = groups.len();
-            let g = *group_of_key.entry(storage_key(grad)).or_insert(next);
-            if g == next {
-                groups.push(Vec::with_capacity(1));
-            }
-            groups[g].push(i);
-        }
-        for group in &groups {
+    pub(crate) fn storage_groups(&self) -> Result<StorageGroups> {
+        let keys: Vec<usize> = self.grads.iter().map(storage_key).collect();
+        let mut order: Vec<usize> = (0..self.grads.len()).collect();
+        order.sort_unstable_by_key(|&i| (keys[i], i));
+        let groups = StorageGroups { order, keys };
+        for group in groups.iter() {
             let writable = group
                 .iter()
-                .any(|&i| !self.grads[i].layout().has_internal_overlap());
+                .any(|&i| self.grads[i].elem_count() > 0 && !repeats_elements(&self.grads[i]));
             let has_elements = group.iter().any(|&i| self.grads[i].elem_count() > 0);
             if has_elements && !writable {
                 bail!(
@@ -95,6 +86,29 @@ impl GradientSet {
             }
         }
         Ok(groups)
+    }
+}
+
+/// Whether a view visits some storage element more than once (a zero or overlapping stride).
+/// Non-empty contiguous views never do; candle's own check allocates, so it is only asked for the
+/// others. (An empty view can be "contiguous" with a zero stride: never write through one.)
+pub(crate) fn repeats_elements(tensor: &Tensor) -> bool {
+    let layout = tensor.layout();
+    !layout.is_contiguous() && layout.has_internal_overlap()
+}
+
+/// The gradients grouped by storage: each group lists indices into [`GradientSet::grads`] of
+/// views that share one buffer, in increasing order.
+pub(crate) struct StorageGroups {
+    /// Gradient indices sorted by storage, then by index.
+    order: Vec<usize>,
+    /// Storage key of each gradient.
+    keys: Vec<usize>,
+}
+
+impl StorageGroups {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &[usize]> + '_ {
+        self.order.chunk_by(|&a, &b| self.keys[a] == self.keys[b])
     }
 }
 

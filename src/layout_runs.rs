@@ -43,6 +43,27 @@ pub(crate) fn for_each_run(layout: &Layout, mut f: impl FnMut(usize, usize)) {
     }
 }
 
+/// The storage ranges `[start, end)` that a set of views visit, merged into sorted, disjoint
+/// ranges: writing each once writes every element of every view exactly once, however the views
+/// overlap (aliasing gradients, broadcast views).
+pub(crate) fn union_of_runs<'a>(
+    layouts: impl IntoIterator<Item = &'a Layout>,
+) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for layout in layouts {
+        for_each_run(layout, |start, len| runs.push((start, start + len)));
+    }
+    runs.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
+    for (s, e) in runs {
+        match merged.last_mut() {
+            Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +93,20 @@ mod tests {
         );
         let n = Layout::contiguous((3, 4)).narrow(1, 1, 2).unwrap();
         assert_eq!(runs(&n), vec![(1, 2), (5, 2), (9, 2)]);
+    }
+
+    #[test]
+    fn union_merges_overlaps_once() {
+        let whole = Layout::contiguous((4, 4));
+        let row = Layout::contiguous((4, 4)).narrow(0, 1, 1).unwrap();
+        let col = Layout::contiguous((4, 4)).narrow(1, 3, 1).unwrap();
+        assert_eq!(
+            union_of_runs([&row, &col]),
+            vec![(3, 8), (11, 12), (15, 16)]
+        );
+        assert_eq!(union_of_runs([&whole, &row, &col]), vec![(0, 16)]);
+        let b = Layout::contiguous((1, 3)).broadcast_as((2, 3)).unwrap();
+        assert_eq!(union_of_runs([&b]), vec![(0, 3)]);
     }
 
     #[test]

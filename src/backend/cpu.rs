@@ -14,8 +14,8 @@ use rayon::prelude::*;
 
 use crate::backend::ElementwiseOp;
 use crate::exact_sum::ExactSum;
-use crate::gradients::GradientSet;
-use crate::layout_runs::for_each_run;
+use crate::gradients::{repeats_elements, GradientSet};
+use crate::layout_runs::{for_each_run, union_of_runs};
 use crate::NormType;
 
 /// Elements per work item: large enough that per-item overhead vanishes, small enough to spread
@@ -543,36 +543,39 @@ pub(crate) fn apply_in_place(set: &GradientSet, op: ElementwiseOp) -> Result<()>
     let groups = set.storage_groups()?;
     let grads = set.grads();
     let elements: usize = grads.iter().map(|g| g.elem_count()).sum();
-    let run_group = |group: &Vec<usize>| -> Result<()> {
-        // `storage_groups` guarantees a member that candle accepts as an in-place destination.
-        let Some(&dst) = group
-            .iter()
-            .find(|&&i| !grads[i].layout().has_internal_overlap())
-        else {
+    let parallel = elements >= PARALLEL_MIN_ELEMENTS && rayon::current_num_threads() > 1;
+    let run_group = |group: &[usize]| -> Result<()> {
+        // `storage_groups` guarantees a member that candle accepts as an in-place destination
+        // when the group has elements at all.
+        let writable = |i: usize| grads[i].elem_count() > 0 && !repeats_elements(&grads[i]);
+        let Some(&dst) = group.iter().find(|&&i| writable(i)) else {
             return Ok(());
         };
-        let views: Vec<Layout> = group.iter().map(|&i| grads[i].layout().clone()).collect();
         grads[dst].inplace_op1(&InPlace {
             op,
-            views,
-            parallel: elements >= PARALLEL_MIN_ELEMENTS,
+            grads,
+            group,
+            parallel,
         })
     };
-    if elements >= PARALLEL_MIN_ELEMENTS && groups.len() > 1 {
-        groups.par_iter().try_for_each(run_group)
+    if parallel {
+        let groups: Vec<&[usize]> = groups.iter().collect();
+        groups.into_par_iter().try_for_each(run_group)
     } else {
         groups.iter().try_for_each(run_group)
     }
 }
 
-/// The `InplaceOp1` that writes one storage: `op` on the union of the elements of `views`.
-struct InPlace {
+/// The `InplaceOp1` that writes one storage: `op` on the union of the elements of the views
+/// `grads[i]` for `i` in `group`, which all live in that storage.
+struct InPlace<'a> {
     op: ElementwiseOp,
-    views: Vec<Layout>,
+    grads: &'a [Tensor],
+    group: &'a [usize],
     parallel: bool,
 }
 
-impl InplaceOp1 for InPlace {
+impl InplaceOp1 for InPlace<'_> {
     fn name(&self) -> &'static str {
         "candle-grad-clip-elementwise"
     }
@@ -594,10 +597,11 @@ impl InplaceOp1 for InPlace {
     }
 }
 
-impl InPlace {
+impl InPlace<'_> {
     fn apply<T: Element>(&self, data: &mut [T]) {
         let kernel = ElementKernel::<T>::new(self.op);
-        if let [view] = self.views.as_slice() {
+        if let [i] = self.group {
+            let view = self.grads[*i].layout();
             if let Some((start, end)) = view.contiguous_offsets() {
                 let xs = &mut data[start..end];
                 if self.parallel && xs.len() > CHUNK {
@@ -613,19 +617,8 @@ impl InPlace {
             }
         }
         // Aliasing views, or a view that repeats elements: write the union of their runs once.
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for view in &self.views {
-            for_each_run(view, |start, len| runs.push((start, start + len)));
-        }
-        runs.sort_unstable();
-        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
-        for (s, e) in runs {
-            match merged.last_mut() {
-                Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        for (s, e) in merged {
+        let views = self.group.iter().map(|&i| self.grads[i].layout());
+        for (s, e) in union_of_runs(views) {
             kernel.run(&mut data[s..e]);
         }
     }

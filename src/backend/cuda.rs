@@ -56,8 +56,8 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, StorageRef,
 use half::{bf16, f16};
 
 use crate::backend::{nonfinite_error, ClipSettings};
-use crate::gradients::GradientSet;
-use crate::layout_runs::for_each_run;
+use crate::gradients::{GradientSet, StorageGroups};
+use crate::layout_runs::union_of_runs;
 use crate::NormType;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/grad_clip.ptx"));
@@ -441,7 +441,7 @@ impl Table {
     fn push_write_targets(
         &mut self,
         grads: &[Tensor],
-        groups: &[Vec<usize>],
+        groups: &StorageGroups,
         locked: &Locked<'_>,
         bases: &[(u64, u64, SyncOnDrop<'_>)],
     ) -> Vec<StridedTarget> {
@@ -450,10 +450,10 @@ impl Table {
             ..Part::default()
         };
         let mut strided = Vec::new();
-        for group in groups {
+        for group in groups.iter() {
             let (base, dtype) = locked.base_of(bases, group[0]);
             let size = elem_size(dtype);
-            if let [i] = group.as_slice() {
+            if let [i] = group {
                 let layout = grads[*i].layout();
                 if layout.shape().elem_count() == 0 {
                     continue;
@@ -473,13 +473,7 @@ impl Table {
                     continue;
                 }
             }
-            let mut runs: Vec<(usize, usize)> = Vec::new();
-            for &i in group {
-                for_each_run(grads[i].layout(), |start, len| {
-                    runs.push((start, start + len))
-                });
-            }
-            for (s, e) in merge_ranges(runs) {
+            for (s, e) in union_of_runs(group.iter().map(|&i| grads[i].layout())) {
                 part = self.push(part, base + s as u64 * size, (e - s) as u64, dtype);
             }
         }
@@ -498,19 +492,6 @@ impl Table {
         }
         strided
     }
-}
-
-/// Sorts `[start, end)` ranges and merges the overlapping or touching ones.
-fn merge_ranges(mut runs: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
-    runs.sort_unstable();
-    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
-    for (s, e) in runs {
-        match merged.last_mut() {
-            Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    merged
 }
 
 /// One non-contiguous view without repeated elements, for `grad_clip_apply_strided`.
