@@ -7,10 +7,15 @@
 //! cargo bench --bench clip_cpu -- 'set_C'      # one set
 //! ```
 //!
+//! The floors are plain loops over one `Vec<f32>` of the same length, on one thread and on all of
+//! rayon's threads (`RAYON_NUM_THREADS` sets the count for the crate and the parallel floors).
+//!
 //! Parameter sets shaped like real models, f32 gradients ~ N(0, 0.01):
 //! - A: 4×(4096×4096) + 8×(4096×1024) + 188×4096 ≈ 101M parameters in 200 tensors;
 //! - B: 100×(1000×100) = 10M parameters in 100 tensors;
 //! - C: 1000 tensors of 1000.
+
+mod common;
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -20,6 +25,7 @@ use candle_grad_clip::{clip_grad_norm_, total_norm, NormType};
 use criterion::{criterion_group, criterion_main, Criterion};
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
 struct ParamSet {
     name: &'static str,
@@ -27,9 +33,7 @@ struct ParamSet {
 }
 
 fn param_sets() -> Vec<ParamSet> {
-    let mut a: Vec<Vec<usize>> = vec![vec![4096, 4096]; 4];
-    a.extend(vec![vec![4096, 1024]; 8]);
-    a.extend(vec![vec![4096]; 188]);
+    let a = common::set_a_shapes();
     vec![
         ParamSet {
             name: "set_A_101M_200",
@@ -108,6 +112,17 @@ fn read_write_pass(xs: &mut [f32], c: f32) {
     xs.iter_mut().for_each(|x| *x *= c);
 }
 
+/// The same passes split over rayon's threads, in blocks of 32K floats: the floor for code that
+/// uses every core.
+fn read_pass_parallel(xs: &[f32]) -> f32 {
+    xs.par_chunks(1 << 15).map(read_pass).sum()
+}
+
+fn read_write_pass_parallel(xs: &mut [f32], c: f32) {
+    xs.par_chunks_mut(1 << 15)
+        .for_each(|b| read_write_pass(b, c));
+}
+
 fn bench(c: &mut Criterion) {
     for set in param_sets() {
         let (vars, mut grads, n) = make_grads(&set.shapes).expect("gradients");
@@ -144,6 +159,12 @@ fn bench(c: &mut Criterion) {
         group.bench_function("floor/read", |b| b.iter(|| read_pass(black_box(&buffer))));
         group.bench_function("floor/read_write", |b| {
             b.iter(|| read_write_pass(black_box(&mut buffer), black_box(0.999_999)))
+        });
+        group.bench_function("floor/read_parallel", |b| {
+            b.iter(|| read_pass_parallel(black_box(&buffer)))
+        });
+        group.bench_function("floor/read_write_parallel", |b| {
+            b.iter(|| read_write_pass_parallel(black_box(&mut buffer), black_box(0.999_999)))
         });
         group.finish();
         drop(buffer);

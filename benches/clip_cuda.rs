@@ -18,6 +18,8 @@
 //! of the gradients' byte count: reads and writes it once). PyTorch's
 //! `clip_grad_norm_(foreach=True)` on the same shapes is timed by `scripts/torch_clip_bench.py`.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -32,9 +34,7 @@ struct ParamSet {
 }
 
 fn param_sets() -> Vec<ParamSet> {
-    let mut a: Vec<Vec<usize>> = vec![vec![4096, 4096]; 4];
-    a.extend(vec![vec![4096, 1024]; 8]);
-    a.extend(vec![vec![4096]; 188]);
+    let a = common::set_a_shapes();
     vec![
         ParamSet {
             name: "set_A_101M_200",
