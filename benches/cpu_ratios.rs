@@ -7,73 +7,19 @@
 //! ```
 
 mod common;
+mod cpu_common;
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_core::Result;
 use candle_grad_clip::{clip_grad_norm_, total_norm, NormType};
-use rand::{rngs::StdRng, SeedableRng};
-use rand_distr::{Distribution, Normal};
-use rayon::prelude::*;
+use cpu_common::{
+    make_grads, naive_clip, read_pass, read_pass_parallel, read_write_pass,
+    read_write_pass_parallel,
+};
 
 const ROUNDS: usize = 15;
-
-fn make_grads(shapes: &[Vec<usize>]) -> Result<(Vec<Var>, GradStore, usize)> {
-    let mut rng = StdRng::seed_from_u64(0x5eed);
-    let normal = Normal::new(0f32, 0.01).expect("valid normal");
-    let (mut vars, mut grads, mut total) = (Vec::new(), GradStore::default(), 0);
-    for shape in shapes {
-        let n: usize = shape.iter().product();
-        total += n;
-        let var = Var::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?;
-        let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
-        grads.insert(
-            &var,
-            Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?,
-        );
-        vars.push(var);
-    }
-    Ok((vars, grads, total))
-}
-
-/// The composition a candle user writes today (as in `clip_cpu`).
-fn naive_clip(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Result<f32> {
-    let mut squares = Vec::with_capacity(vars.len());
-    for var in vars {
-        if let Some(g) = grads.get(var) {
-            squares.push(g.sqr()?.sum_all()?);
-        }
-    }
-    let norm = Tensor::stack(&squares, 0)?
-        .sum_all()?
-        .sqrt()?
-        .to_scalar::<f32>()?;
-    let coefficient = max_norm / (norm as f64 + 1e-6);
-    if coefficient < 1.0 {
-        for var in vars {
-            if let Some(g) = grads.get(var) {
-                let scaled = (g * coefficient)?;
-                grads.insert(var, scaled);
-            }
-        }
-    }
-    Ok(norm)
-}
-
-fn read_pass(xs: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    for c in xs.chunks_exact(16) {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x * x;
-        }
-    }
-    acc.iter().sum()
-}
-
-fn read_write_pass(xs: &mut [f32], c: f32) {
-    xs.iter_mut().for_each(|x| *x *= c);
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -125,13 +71,11 @@ fn main() -> Result<()> {
                 Ok(())
             })?;
             time(6, &mut || {
-                black_box(buffer.par_chunks(1 << 15).map(read_pass).sum::<f32>());
+                black_box(read_pass_parallel(&buffer));
                 Ok(())
             })?;
             time(7, &mut || {
-                buffer
-                    .par_chunks_mut(1 << 15)
-                    .for_each(|b| read_write_pass(b, 0.999_999));
+                read_write_pass_parallel(black_box(&mut buffer), 0.999_999);
                 Ok(())
             })?;
         }
