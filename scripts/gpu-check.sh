@@ -7,6 +7,10 @@
 #                                # tests, the benchmarks and scripts/torch_clip_bench.py, logs
 #                                # under $OUT, and print a summary table
 #
+# The run stops each part at a cap (tests 180 s, benches 180 s, torch 120 s: 8 minutes at most),
+# so that one device call (10 minutes at most, 15 minutes of device time a session) leaves room
+# for a second try: run(command="bash scripts/gpu-check.sh run", carry=[".gpu"], timeout_s=540).
+#
 # Stripped, each binary is ~40 MB: together they exceed the 64 MiB that can be carried to a GPU
 # machine, so they travel gzipped (~12 MB each) and are unpacked there.
 set -uo pipefail
@@ -105,16 +109,16 @@ EOF
   fi
 
   echo "== tests"
-  timeout 360 "$bin/cuda_tests" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log"
+  timeout 180 "$bin/cuda_tests" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log"
   local tests_rc=${PIPESTATUS[0]}
   echo "tests exit status: $tests_rc"
 
   echo "== benchmarks"
-  CRITERION_HOME=/tmp/criterion timeout 300 "$bin/clip_cuda_bench" --bench 2>&1 | tee "$OUT/bench.log"
+  CRITERION_HOME=/tmp/criterion timeout 180 "$bin/clip_cuda_bench" --bench 2>&1 | tee "$OUT/bench.log"
   local bench_rc=${PIPESTATUS[0]}
 
   echo "== torch"
-  timeout 200 python3 "$ROOT/scripts/torch_clip_bench.py" --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.log"
+  timeout 120 python3 "$ROOT/scripts/torch_clip_bench.py" --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.log"
   local torch_rc=${PIPESTATUS[0]}
 
   echo "== summary"
