@@ -7,6 +7,10 @@ use crate::gradients::GradientSet;
 use crate::NormType;
 
 /// Default `eps` added to the norm before dividing, as in PyTorch.
+///
+/// ```
+/// assert_eq!(candle_grad_clip::DEFAULT_EPS, 1e-6);
+/// ```
 pub const DEFAULT_EPS: f64 = 1e-6;
 
 /// The norm of all gradients of `vars` viewed as one vector, without modifying them.
@@ -171,6 +175,11 @@ pub struct ClipGradNorm {
 
 impl ClipGradNorm {
     /// Clipping to a global norm of at most `max_norm` (checked when clipping: it must be `>= 0`).
+    ///
+    /// ```
+    /// let clip = candle_grad_clip::ClipGradNorm::new(1.0);
+    /// assert_eq!(clip.max_norm(), 1.0);
+    /// ```
     pub fn new(max_norm: f64) -> Self {
         Self {
             max_norm,
@@ -181,6 +190,11 @@ impl ClipGradNorm {
     }
 
     /// The norm to measure and bound (default `L2`).
+    ///
+    /// ```
+    /// use candle_grad_clip::{ClipGradNorm, NormType};
+    /// assert!(ClipGradNorm::new(1.0).norm_type(NormType::P(0.0)).validate().is_err());
+    /// ```
     pub fn norm_type(mut self, norm_type: NormType) -> Self {
         self.norm_type = norm_type;
         self
@@ -188,23 +202,51 @@ impl ClipGradNorm {
 
     /// When set, a NaN or infinite total norm is an error and no gradient is modified. On CUDA
     /// this costs one host synchronisation to read the norm.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
+    /// use candle_grad_clip::ClipGradNorm;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let w = Var::new(&[0f32], &Device::Cpu)?;
+    /// let mut grads = GradStore::default();
+    /// grads.insert(&w, Tensor::new(&[f32::NAN], &Device::Cpu)?);
+    /// let err = ClipGradNorm::new(1.0).error_if_nonfinite(true).clip_(&[w], &mut grads);
+    /// assert!(err.is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn error_if_nonfinite(mut self, error_if_nonfinite: bool) -> Self {
         self.error_if_nonfinite = error_if_nonfinite;
         self
     }
 
     /// Added to the norm before dividing (default `1e-6`); must be finite and `>= 0`.
+    ///
+    /// ```
+    /// use candle_grad_clip::ClipGradNorm;
+    /// assert!(ClipGradNorm::new(1.0).eps(0.0).validate().is_ok());
+    /// assert!(ClipGradNorm::new(1.0).eps(-1.0).validate().is_err());
+    /// ```
     pub fn eps(mut self, eps: f64) -> Self {
         self.eps = eps;
         self
     }
 
     /// The maximum norm.
+    ///
+    /// ```
+    /// assert_eq!(candle_grad_clip::ClipGradNorm::new(0.5).max_norm(), 0.5);
+    /// ```
     pub fn max_norm(&self) -> f64 {
         self.max_norm
     }
 
     /// Checks every setting; `clip_` calls this before touching anything.
+    ///
+    /// ```
+    /// use candle_grad_clip::ClipGradNorm;
+    /// assert!(ClipGradNorm::new(f64::NAN).validate().is_err());
+    /// assert!(ClipGradNorm::new(-1.0).validate().is_err());
+    /// ```
     pub fn validate(&self) -> Result<()> {
         validate_max_norm(self.max_norm)?;
         validate_eps(self.eps)?;
@@ -212,6 +254,20 @@ impl ClipGradNorm {
     }
 
     /// Clips the gradients of `vars` in place and returns their norm before clipping.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
+    /// use candle_grad_clip::{ClipGradNorm, NormType};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
+    /// let mut grads = GradStore::default();
+    /// grads.insert(&w, Tensor::new(&[3f32, -4.], &Device::Cpu)?);
+    /// let norm = ClipGradNorm::new(3.5).norm_type(NormType::L1).clip_(&[w.clone()], &mut grads)?;
+    /// assert_eq!(norm.to_scalar::<f32>()?, 7.0);
+    /// let g = grads.get(&w).unwrap().to_vec1::<f32>()?;
+    /// assert!((g[0] - 1.5).abs() < 1e-5 && (g[1] + 2.0).abs() < 1e-5);
+    /// # Ok(()) }
+    /// ```
     pub fn clip_(&self, vars: &[Var], grads: &mut GradStore) -> Result<Tensor> {
         self.validate()?;
         let set = GradientSet::collect(vars, grads)?;

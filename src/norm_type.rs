@@ -54,6 +54,12 @@ impl NormType {
     }
 
     /// The exponent `p` of the norm (`f64::INFINITY` for `Inf`).
+    ///
+    /// ```
+    /// use candle_grad_clip::NormType;
+    /// assert_eq!(NormType::L2.order(), 2.0);
+    /// assert_eq!(NormType::Inf.order(), f64::INFINITY);
+    /// ```
     pub fn order(self) -> f64 {
         match self {
             NormType::L1 => 1.0,
