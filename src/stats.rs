@@ -46,15 +46,34 @@ pub fn grad_norms(
             .collect()
     };
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut norms = Vec::with_capacity(named.len());
-    for (name, var) in named {
-        if grads.get(var.as_tensor()).is_none() {
-            continue;
-        }
-        let norm = total_norm(std::slice::from_ref(&var), grads, norm_type)?;
-        norms.push((name, norm.to_dtype(DType::F32)?.to_scalar::<f32>()?));
+    named.retain(|(_, var)| grads.get(var.as_tensor()).is_some());
+    if named.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(norms)
+    // Every norm stays on the gradients' device until one read at the end: one host
+    // synchronisation on CUDA, not one per var.
+    let norms = named
+        .iter()
+        .map(|(_, var)| {
+            total_norm(std::slice::from_ref(var), grads, norm_type)?.to_dtype(DType::F32)
+        })
+        .collect::<Result<Vec<Tensor>>>()?;
+    let one_device = norms
+        .iter()
+        .all(|n| n.device().same_device(norms[0].device()));
+    let values = if one_device {
+        Tensor::stack(&norms, 0)?.to_vec1::<f32>()?
+    } else {
+        norms
+            .iter()
+            .map(|n| n.to_scalar::<f32>())
+            .collect::<Result<_>>()?
+    };
+    Ok(named
+        .into_iter()
+        .map(|(name, _)| name)
+        .zip(values)
+        .collect())
 }
 
 /// Total gradient norms recorded step by step, with their count, mean, standard deviation,
