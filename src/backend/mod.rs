@@ -21,7 +21,8 @@ use crate::NormType;
 /// An in-place element-wise update.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum ElementwiseOp {
-    /// `g *= coefficient` (the product rounded once to the gradient's dtype).
+    /// `g *= coefficient`: the product taken in `f64` with the unrounded coefficient, then
+    /// rounded to the gradient's dtype.
     Scale(f64),
     /// Clamp into `[-v, v]`, `v >= 0`, the bound rounded towards zero in the gradient's dtype;
     /// NaN stays NaN.
