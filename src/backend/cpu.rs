@@ -532,9 +532,19 @@ fn root(sum: f64, p: f64) -> f64 {
     }
 }
 
-/// A power of two `s` with `1 <= max * s < 2`: scaling by it is exact.
+/// A power of two `s` with `1 <= max * s < 2` (clamped to the normal range): scaling by it is
+/// exact. The exponent is read from the bits (C's `ilogb`, as the CUDA kernel uses), not from
+/// `log2`, which rounds up just below a power of two.
 fn pow2_near_inverse(max: f64) -> f64 {
-    let exponent = max.log2().floor() as i32;
+    let bits = max.to_bits();
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    let exponent = if biased == 0 {
+        // Subnormal: the value is m * 2^-1074.
+        let mantissa = bits & ((1u64 << 52) - 1);
+        63 - mantissa.leading_zeros() as i32 - 1074
+    } else {
+        biased - 1023
+    };
     2f64.powi(-exponent.clamp(-1020, 1020))
 }
 
@@ -716,6 +726,32 @@ mod tests {
             };
         }
         from_bits(best.expect("a neighbour").1)
+    }
+
+    #[test]
+    fn rescue_scale_is_the_exact_inverse_power_of_two() {
+        for (max, want) in [
+            (1.0, 1.0),
+            (1.999, 1.0),
+            (2.0, 0.5),
+            (f64::from_bits(2f64.to_bits() - 1), 1.0), // just below 2: log2 rounds up to 1
+            (3e300, 2f64.powi(-998)),                  // 3e300 = 1.117 * 2^998
+            (1e-310, 2f64.powi(1020)),                 // subnormal, clamped
+            (f64::MIN_POSITIVE, 2f64.powi(1020)),
+        ] {
+            assert_eq!(pow2_near_inverse(max), want, "max {max:e}");
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..10_000 {
+            let max = f64::from_bits(rng.gen_range(1u64 << 52..0x7fe0_0000_0000_0000));
+            let scaled = max * pow2_near_inverse(max);
+            if max.abs() > 2f64.powi(-1020) && max < 2f64.powi(1020) {
+                assert!(
+                    (1.0..2.0).contains(&scaled),
+                    "max {max:e} scaled to {scaled}"
+                );
+            }
+        }
     }
 
     #[test]

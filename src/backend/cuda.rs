@@ -41,6 +41,14 @@
 //! is ordered on the calling thread's stream, after the previous call of the same thread. With
 //! `Device::new_cuda_with_stream` the stream is shared, which orders even more. The
 //! superaccumulator is reset to zero by the block that consumes it, so no memset is needed.
+//!
+//! Limitation: the kernels write the gradients through pointers taken under candle's read locks,
+//! so when cudarc tracks events across streams (once a context has more than one stream), it
+//! records our writes as reads. Work that reads the gradients on *another* stream (another host
+//! thread's per-thread stream, or a `new_cuda_with_stream` device) is then not ordered after the
+//! clip by cudarc: order it yourself (`device.synchronize()`, or use one stream). The usual
+//! set-up, one device used from one thread, is unaffected. Calls under CUDA graph capture are
+//! refused with an error (see `refuse_graph_capture`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -664,6 +672,7 @@ thread_local! {
 }
 
 fn with_scratch<R>(dev: &CudaDevice, f: impl FnOnce(&mut Scratch) -> Result<R>) -> Result<R> {
+    refuse_graph_capture(dev)?;
     SCRATCH.with(|cell| {
         let mut map = cell.borrow_mut();
         let scratch = match map.entry(dev.id()) {
@@ -672,6 +681,19 @@ fn with_scratch<R>(dev: &CudaDevice, f: impl FnOnce(&mut Scratch) -> Result<R>) 
         };
         f(scratch)
     })
+}
+
+/// Under CUDA graph capture the table copy would become a graph node reading a staging buffer
+/// that later calls overwrite, so every replay would clip with whatever table came last: refuse,
+/// before anything is enqueued. (`cuStreamIsCapturing` does not wait for the device.)
+fn refuse_graph_capture(dev: &CudaDevice) -> Result<()> {
+    let status = dev.cuda_stream().capture_status().w()?;
+    if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        bail!(
+            "gradient clipping cannot be captured in a CUDA graph (stream capture status {status:?}); call it outside the capture"
+        )
+    }
+    Ok(())
 }
 
 struct Scratch {
@@ -934,9 +956,10 @@ impl Enqueued {
         // of a gradient the caller owns; the kernel writes each element once. Writing through a
         // pointer taken under a read guard is sound here: no Rust reference to the device memory
         // exists (the guard protects the host-side `CudaStorage`, which is not modified), and the
-        // device work is ordered on the stream after every earlier candle operation on these
-        // tensors (candle enqueues all of a device's work on its one stream; the read guards keep
-        // candle from swapping the storage meanwhile). The public API takes `&mut GradStore`: the
+        // device work is ordered on this thread's stream after every earlier candle operation of
+        // this thread on these tensors (the read guards keep candle from swapping the storage
+        // meanwhile). Work on other streams is ordered only by the caller: see "Limitation" in
+        // the module documentation. The public API takes `&mut GradStore`: the
         // caller has handed us the right to modify these gradients, as candle's own in-place
         // ops would. The coefficient pointer is the scratch (written by the reduction earlier on
         // this stream) or the caller's 0-d norm, locked likewise.
