@@ -33,7 +33,7 @@ typedef unsigned int u32;
 #define MODE_INF 0 // max |x|
 #define MODE_ABS 1 // sum |x|
 #define MODE_SQ 2  // sum x*x
-#define MODE_POW 3 // sum (|x| * scale)^p
+#define MODE_POW 3 // sum (|x| / divisor)^p
 
 #define CHUNK_ELEMS 4096
 #define WARP 32
@@ -57,7 +57,7 @@ struct Scratch {
     u64 max_bits;       // max |x| as f64 bits (non-negative doubles order as integers; NaN wins)
     u64 counter;        // blocks of the current launch that are done
     u64 pending;        // 1 between a reduction that asked for the rescue pass and that pass
-    double scale;       // power of two for the rescue pass
+    double scale;       // divisor for the rescue pass: the largest |x|
     double coefficient; // min(1, max_norm / (norm + eps)), read by grad_clip_apply
 };
 
@@ -145,7 +145,7 @@ template <int MODE, bool WANT_MAX> struct Acc {
         } else if (MODE == MODE_SQ) {
             s[j & 3] += x * x;
         } else if (MODE == MODE_POW) {
-            s[j & 3] += pow_outlined(a * scale, p);
+            s[j & 3] += pow_outlined(a / scale, p);
         }
     }
     __device__ __forceinline__ double sum() const { return (s[0] + s[1]) + (s[2] + s[3]); }
@@ -323,20 +323,16 @@ __device__ __forceinline__ double root(double sum, double p) {
     return pow_outlined(sum, 1.0 / p);
 }
 
-// clip_coefficient in src/backend/mod.rs: NaN norm -> NaN; 0/0 -> 0; min(1, ...).
+// clip_coefficient in src/backend/mod.rs: NaN norm -> NaN; max_norm = inf -> 1; 0/0 -> 0;
+// min(1, ...).
 __device__ __forceinline__ double clip_coefficient(double norm, double max_norm, double eps) {
     if (isnan(norm)) return norm;
+    if (isinf(max_norm)) return 1.0;
     double c = max_norm / (norm + eps);
     if (isnan(c)) return 0.0;
     return c < 1.0 ? c : 1.0;
 }
 
-// A power of two s with 1 <= max * s < 2 (cpu.rs pow2_near_inverse; exact floor(log2)).
-__device__ __forceinline__ double pow2_near_inverse(double mx) {
-    int e = ilogb(mx);
-    e = e < -1020 ? -1020 : (e > 1020 ? 1020 : e);
-    return pow2(-e);
-}
 
 __device__ __forceinline__ int find_segment(const Segment* segs, u32 n_segs, u64 chunk) {
     u32 lo = 0, hi = n_segs - 1; // largest s with chunk_start <= chunk
@@ -351,7 +347,7 @@ __device__ __forceinline__ int find_segment(const Segment* segs, u32 n_segs, u64
 // ---------------------------------------------------------------------------------------------
 // The reduction, one entry point per MODE_*. Pass 0 is the normal reduction; pass 1 is the overflow
 // rescue, launched as grad_clip_reduce_pow right after pass 0 and returning at once unless pass 0
-// left `pending` set (it then computes sum (|x| * scale)^p). `rescue` != 0 lets
+// left `pending` set (it then computes sum (|x| / max)^p). `rescue` != 0 lets
 // pass 0 ask for the rescue (F64 gradients or p > 6, as on the host): it then also tracks max |x|.
 // The last block writes the norm to `out` (f32 when out_f64 == 0, else f64) and the coefficient
 // to scratch, unless it asked for the rescue pass, which then does it.
@@ -442,12 +438,13 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
             if (mx == 0.0 || isinf(mx) || isnan(mx)) {
                 norm = mx;
             } else {
-                scratch->scale = pow2_near_inverse(mx);
+                scratch->scale = mx;
                 scratch->pending = 1;
                 return;
             }
         } else if (pass == 1) {
-            norm = root(sum, p) / scale;
+            // The largest term is exactly 1, so the sum lies in [1, n] for any p.
+            norm = root(sum, p) * scale;
             scratch->pending = 0;
         } else {
             norm = root(sum, p);

@@ -1031,3 +1031,74 @@ fn clip_grad_value_result_never_exceeds_a_non_representable_bound() -> Result<()
     }
     Ok(())
 }
+
+/// Review findings, kept as regressions: a negative `total_norm` is refused, `max_norm = inf`
+/// never clips (even an infinite norm), and `error_if_nonfinite` refuses a norm that is finite in
+/// f64 but overflows the F32 tensor it is returned in.
+#[test]
+fn negative_total_norm_is_an_error_and_changes_nothing() -> Result<()> {
+    let v = var(&[2])?;
+    let mut store = GradStore::default();
+    store.insert(&v, tensor(&[3.0, 4.0], &[2], DType::F32)?);
+    let before = store_bits(std::slice::from_ref(&v), &store)?;
+    let negative = Tensor::new(-2f32, &Device::Cpu)?;
+    let msg = err_msg(
+        clip_grads_with_norm_(std::slice::from_ref(&v), &mut store, 1.0, &negative),
+        "negative total_norm",
+    );
+    assert!(msg.contains("total_norm"), "{msg}");
+    assert_eq!(store_bits(std::slice::from_ref(&v), &store)?, before);
+    Ok(())
+}
+
+#[test]
+fn infinite_max_norm_never_clips() -> Result<()> {
+    let v = var(&[2])?;
+    let mut store = GradStore::default();
+    store.insert(&v, tensor(&[f64::INFINITY, 3.0], &[2], DType::F32)?);
+    let before = store_bits(std::slice::from_ref(&v), &store)?;
+    let norm = clip_grad_norm_(std::slice::from_ref(&v), &mut store, f64::INFINITY)?;
+    assert!(scalar(&norm)?.is_infinite());
+    assert_eq!(store_bits(std::slice::from_ref(&v), &store)?, before);
+    Ok(())
+}
+
+#[test]
+fn error_if_nonfinite_refuses_a_norm_that_overflows_its_f32_tensor() -> Result<()> {
+    let (a, b) = (var(&[1])?, var(&[1])?);
+    let mut store = GradStore::default();
+    store.insert(&a, tensor(&[1e300], &[1], DType::F64)?);
+    store.insert(&b, tensor(&[1.0], &[1], DType::F32)?);
+    let vars = [a, b];
+    let before = store_bits(&vars, &store)?;
+    let result = ClipGradNorm::new(1.0)
+        .error_if_nonfinite(true)
+        .clip_(&vars, &mut store);
+    assert!(result.is_err(), "an F32 norm of 1e300 is inf: {result:?}");
+    assert_eq!(store_bits(&vars, &store)?, before);
+    // Without the flag the norm is returned (as inf in F32) and the gradients clipped.
+    let norm = ClipGradNorm::new(1.0).clip_(&vars, &mut store)?;
+    assert!(scalar(&norm)?.is_infinite());
+    Ok(())
+}
+
+/// F64 gradients and high orders whose powers leave the f64 range still give the finite norm.
+#[test]
+fn high_order_norms_stay_finite() -> Result<()> {
+    for (values, dtype, p, want) in [
+        (vec![1.5, 1.0], DType::F32, 2000.0, 1.5),
+        (vec![1e308], DType::F64, 400.0, 1e308),
+        (vec![3e200, 4e200], DType::F64, 2.0, 5e200),
+    ] {
+        let v = var(&[values.len()])?;
+        let mut store = GradStore::default();
+        store.insert(&v, tensor(&values, &[values.len()], dtype)?);
+        let got = scalar(&total_norm(
+            std::slice::from_ref(&v),
+            &store,
+            NormType::P(p),
+        )?)?;
+        assert!((got - want).abs() <= want * 1e-6, "p {p}: {got} vs {want}");
+    }
+    Ok(())
+}

@@ -203,10 +203,11 @@ enum WorkItem<'a> {
 enum Power {
     Abs,
     Square,
-    /// `(|x| * scale)^p`: `scale` is a power of two that keeps the powers inside the `f64` range.
+    /// `(|x| / divisor)^p`: the rescue pass divides by the largest `|x|`, which keeps every
+    /// power in `[0, 1]` whatever `p`; the normal pass divides by 1 (exact).
     Pow {
         p: f64,
-        scale: f64,
+        divisor: f64,
     },
 }
 
@@ -216,7 +217,7 @@ impl Power {
         match self {
             Power::Abs => x.abs(),
             Power::Square => x * x,
-            Power::Pow { p, scale } => (x.abs() * scale).powf(p),
+            Power::Pow { p, divisor } => (x.abs() / divisor).powf(p),
         }
     }
 }
@@ -490,8 +491,8 @@ impl<'a> LockedGradients<'a> {
 ///
 /// Sums of powers are exact sums of per-item partials. Where powers may leave the `f64` range
 /// (F64 gradients, or `p > 6`) and the sum overflowed or nearly underflowed, the norm is computed
-/// again with every element scaled by a power of two near `1 / max|g|`, so that a finite norm is
-/// never reported as `inf` or `0`.
+/// again as `max|g| · (Σ (|g| / max|g|)^p)^(1/p)`: the largest term is exactly 1, so the sum lies
+/// in `[1, n]` for any `p`, and a finite norm is never reported as `inf` or `0`.
 pub(crate) fn norm(set: &GradientSet, norm_type: NormType) -> Result<f64> {
     let locked = LockedGradients::lock(set.grads());
     let items = locked.work_items()?;
@@ -501,12 +502,12 @@ pub(crate) fn norm(set: &GradientSet, norm_type: NormType) -> Result<f64> {
         NormType::L2 => 2.0,
         NormType::P(p) => p,
     };
-    let power = |scale: f64| match p {
-        1.0 if scale == 1.0 => Power::Abs,
-        2.0 if scale == 1.0 => Power::Square,
-        _ => Power::Pow { p, scale },
+    let power = match p {
+        1.0 => Power::Abs,
+        2.0 => Power::Square,
+        _ => Power::Pow { p, divisor: 1.0 },
     };
-    let sum = locked.exact_sum(&items, power(1.0)).value();
+    let sum = locked.exact_sum(&items, power).value();
     let may_leave_f64_range = set.has_f64() || p > 6.0;
     let suspicious = sum.is_infinite() || sum < TINY_SUM;
     if sum.is_nan() || !(may_leave_f64_range && suspicious) {
@@ -516,9 +517,10 @@ pub(crate) fn norm(set: &GradientSet, norm_type: NormType) -> Result<f64> {
     if max == 0.0 || !max.is_finite() {
         return Ok(max);
     }
-    let scale = pow2_near_inverse(max);
-    let scaled = locked.exact_sum(&items, Power::Pow { p, scale }).value();
-    Ok(root(scaled, p) / scale)
+    let scaled = locked
+        .exact_sum(&items, Power::Pow { p, divisor: max })
+        .value();
+    Ok(root(scaled, p) * max)
 }
 
 /// Below this, powers of F64 gradients may have lost bits to underflow.
@@ -530,22 +532,6 @@ fn root(sum: f64, p: f64) -> f64 {
         2.0 => sum.sqrt(),
         _ => sum.powf(1.0 / p),
     }
-}
-
-/// A power of two `s` with `1 <= max * s < 2` (clamped to the normal range): scaling by it is
-/// exact. The exponent is read from the bits (C's `ilogb`, as the CUDA kernel uses), not from
-/// `log2`, which rounds up just below a power of two.
-fn pow2_near_inverse(max: f64) -> f64 {
-    let bits = max.to_bits();
-    let biased = ((bits >> 52) & 0x7ff) as i32;
-    let exponent = if biased == 0 {
-        // Subnormal: the value is m * 2^-1074.
-        let mantissa = bits & ((1u64 << 52) - 1);
-        63 - mantissa.leading_zeros() as i32 - 1074
-    } else {
-        biased - 1023
-    };
-    2f64.powi(-exponent.clamp(-1020, 1020))
 }
 
 /// Applies `op` in place to every element of every gradient, each element exactly once.
@@ -728,30 +714,37 @@ mod tests {
         from_bits(best.expect("a neighbour").1)
     }
 
+    /// A power whose every term leaves the f64 range (p >= 1024, or huge / tiny F64 values) is
+    /// still the finite norm: the rescue divides by the largest |g|.
     #[test]
-    fn rescue_scale_is_the_exact_inverse_power_of_two() {
-        for (max, want) in [
-            (1.0, 1.0),
-            (1.999, 1.0),
-            (2.0, 0.5),
-            (f64::from_bits(2f64.to_bits() - 1), 1.0), // just below 2: log2 rounds up to 1
-            (3e300, 2f64.powi(-998)),                  // 3e300 = 1.117 * 2^998
-            (1e-310, 2f64.powi(1020)),                 // subnormal, clamped
-            (f64::MIN_POSITIVE, 2f64.powi(1020)),
-        ] {
-            assert_eq!(pow2_near_inverse(max), want, "max {max:e}");
-        }
-        let mut rng = StdRng::seed_from_u64(11);
-        for _ in 0..10_000 {
-            let max = f64::from_bits(rng.gen_range(1u64 << 52..0x7fe0_0000_0000_0000));
-            let scaled = max * pow2_near_inverse(max);
-            if max.abs() > 2f64.powi(-1020) && max < 2f64.powi(1020) {
-                assert!(
-                    (1.0..2.0).contains(&scaled),
-                    "max {max:e} scaled to {scaled}"
-                );
-            }
-        }
+    fn rescue_gives_finite_norms_for_any_order() {
+        use candle_core::{backprop::GradStore, Device, Tensor, Var};
+        let norm_of = |values: &[f64], f32_grads: bool, p: f64| -> f64 {
+            let var = Var::zeros(values.len(), DType::F64, &Device::Cpu).expect("var");
+            let mut store = GradStore::default();
+            let grad = Tensor::new(values, &Device::Cpu).expect("tensor");
+            let grad = if f32_grads {
+                grad.to_dtype(DType::F32).expect("f32")
+            } else {
+                grad
+            };
+            store.insert(&var, grad);
+            let set = GradientSet::collect(&[var], &store).expect("set");
+            norm(&set, NormType::P(p)).expect("norm")
+        };
+        let close = |got: f64, want: f64| (got - want).abs() <= want * 1e-12;
+        // (1.5^2000 + 1^2000)^(1/2000) = 1.5 * (1 + (2/3)^2000)^(1/2000) = 1.5 to f64 precision.
+        assert!(close(norm_of(&[1.5, 1.0], true, 2000.0), 1.5));
+        assert!(close(norm_of(&[1e308], false, 400.0), 1e308));
+        assert!(close(
+            norm_of(&[1e-310, 1e-310], false, 120.0),
+            1e-310 * 2f64.powf(1.0 / 120.0)
+        ));
+        assert!(close(norm_of(&[3e200, 4e200], false, 2.0), 5e200));
+        assert!(close(norm_of(&[3e-200, 4e-200], false, 2.0), 5e-200));
+        assert_eq!(norm_of(&[0.0, 0.0], false, 2.0), 0.0);
+        assert!(norm_of(&[f64::INFINITY, 1.0], false, 2.0).is_infinite());
+        assert!(norm_of(&[f64::NAN, 1e300], false, 2.0).is_nan());
     }
 
     #[test]

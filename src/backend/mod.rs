@@ -31,10 +31,14 @@ pub(crate) enum ElementwiseOp {
 
 /// The clipping coefficient `min(1, max_norm / (norm + eps))`, as in PyTorch, with the `0 / 0`
 /// of `max_norm = 0`, `norm + eps = 0` defined as 0 (clip to zero). A NaN norm gives NaN; an
-/// infinite norm gives 0. Mirrored by `clip_coefficient` in `kernels/grad_clip.cu`.
+/// infinite norm gives 0, except that `max_norm = inf` never clips (1). Mirrored by
+/// `clip_coefficient` in `kernels/grad_clip.cu`.
 pub(crate) fn clip_coefficient(norm: f64, max_norm: f64, eps: f64) -> f64 {
     if norm.is_nan() {
         return f64::NAN;
+    }
+    if max_norm == f64::INFINITY {
+        return 1.0;
     }
     let c = max_norm / (norm + eps);
     if c.is_nan() {
@@ -80,8 +84,14 @@ pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Ten
     match set.device() {
         Device::Cpu => {
             let norm = cpu::norm(set, settings.norm_type)?;
-            if settings.error_if_nonfinite && !norm.is_finite() {
-                return Err(nonfinite_error(norm, settings.norm_type));
+            // Finite as returned: an F32 norm tensor overflows above f32::MAX.
+            let returned = if set.norm_dtype() == DType::F64 {
+                norm
+            } else {
+                norm as f32 as f64
+            };
+            if settings.error_if_nonfinite && !returned.is_finite() {
+                return Err(nonfinite_error(returned, settings.norm_type));
             }
             let coefficient = clip_coefficient(norm, settings.max_norm, settings.eps);
             if needs_scaling(coefficient) {
@@ -104,6 +114,9 @@ pub(crate) fn scale_with_norm(
     match set.device() {
         Device::Cpu => {
             let norm = total_norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if norm < 0.0 {
+                bail!("clip_grads_with_norm_: total_norm must be >= 0 (a norm), got {norm}; no gradient was modified")
+            }
             let coefficient = clip_coefficient(norm, max_norm, eps);
             if needs_scaling(coefficient) {
                 cpu::apply_in_place(set, ElementwiseOp::Scale(coefficient))?;
