@@ -179,6 +179,8 @@ impl AutoClip {
     /// assert_eq!(autoclip.observe(4.0), 4.0); // history {4}
     /// assert_eq!(autoclip.observe(2.0), 3.0); // history {2, 4}: median 3
     /// assert_eq!(autoclip.observe(9.0), 4.0); // history {2, 4, 9}
+    /// autoclip.observe(-1.0); // not a norm: ignored, like NaN and infinities
+    /// assert_eq!(autoclip.observed(), 3);
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn observe(&mut self, norm: f64) -> f64 {
@@ -228,7 +230,7 @@ impl AutoClip {
     /// `+inf` when there is no finite norm at all.
     fn threshold_with(&self, norm: f64) -> f64 {
         let q = self.percentile / 100.0;
-        if !norm.is_finite() {
+        if !is_usable(norm) {
             return self.threshold().unwrap_or(f64::INFINITY);
         }
         // The sorted history with `norm` inserted at `pos`, read without copying it.
@@ -242,7 +244,7 @@ impl AutoClip {
     }
 
     fn record(&mut self, norm: f64) {
-        if !norm.is_finite() {
+        if !is_usable(norm) {
             return;
         }
         self.seen += 1;
@@ -279,4 +281,10 @@ pub(crate) fn validate_percentile(percentile: f64) -> Result<()> {
         bail!("AutoClip: percentile must be in (0, 100], got {percentile}")
     }
     Ok(())
+}
+
+/// Whether a value can enter the history: a norm is finite and never negative. NaN, infinite and
+/// negative values are ignored (a negative one would make every later threshold invalid).
+fn is_usable(norm: f64) -> bool {
+    norm.is_finite() && norm >= 0.0
 }

@@ -191,11 +191,23 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
         // `GradStore` cannot be cloned or mutated through `&`, but its tensors are shared
         // handles: a new store holding the same tensors, clipped in place, clips the caller's.
         let mut view = GradStore::default();
-        for var in &self.vars {
+        for (i, var) in self.vars.iter().enumerate() {
             if let Some(grad) = grads.get(var.as_tensor()) {
+                // What the inner optimizer would refuse after we clipped: refuse it before.
+                if grad.dtype() != var.dtype() || grad.dims() != var.dims() {
+                    bail!(
+                        "Clipped::step: the gradient of var #{i} is {:?} {:?} but the var is {:?} {:?}; nothing was modified",
+                        grad.dtype(),
+                        grad.dims(),
+                        var.dtype(),
+                        var.dims()
+                    )
+                }
                 view.insert(var.as_tensor(), grad.clone());
             }
         }
+        // AutoClip's history changes with the clip; put it back if the inner step fails.
+        let saved_clip = matches!(self.clip, ClipSetting::AutoClip(_)).then(|| self.clip.clone());
         let (norm, threshold, eps) = match &mut self.clip {
             ClipSetting::Norm {
                 max_norm,
@@ -216,7 +228,12 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 (norm, threshold, DEFAULT_EPS)
             }
         };
-        self.inner.step(grads)?;
+        if let Err(e) = self.inner.step(grads) {
+            if let Some(clip) = saved_clip {
+                self.clip = clip;
+            }
+            return Err(e);
+        }
         self.count(&norm, threshold, eps)?;
         self.steps += 1;
         self.last_norm = Some(norm);

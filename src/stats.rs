@@ -81,7 +81,8 @@ pub fn grad_norms(
 ///
 /// [`record`](Self::record) keeps the 0-d norm tensor as it is (on CUDA: no host synchronisation);
 /// the values are read to the host, all in one transfer, only when a statistic is asked for, which
-/// is why those methods take `&mut self`. Every recorded value is kept (8 bytes a step).
+/// is why those methods take `&mut self`. Every recorded value is kept: 8 bytes a step once read, and until then the 0-d tensor itself (on
+/// CUDA a small device allocation each), so read a statistic now and then in long runs.
 ///
 /// Non-finite norms (NaN, ±inf: a step that blew up) are counted by [`count`](Self::count) and
 /// [`nonfinite`](Self::nonfinite) but left out of every statistic, so one bad step does not turn

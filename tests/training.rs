@@ -575,3 +575,24 @@ fn example_gradient_growth_is_rho_to_the_t() -> Result<()> {
     }
     Ok(())
 }
+
+/// A gradient the inner optimizer would refuse (wrong dtype) is refused before anything changes:
+/// no gradient clipped, no AutoClip history recorded, no step counted.
+#[test]
+fn clipped_step_refuses_bad_gradients_before_changing_anything() -> Result<()> {
+    let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
+    let config = ClippedConfig::new(0.1, ClipSetting::AutoClip(AutoClip::default()));
+    let mut opt = Clipped::<SGD>::new(vec![w.clone()], config)?;
+    let mut grads = GradStore::default();
+    grads.insert(&w, Tensor::new(&[30f64, 40.], &Device::Cpu)?);
+    assert!(opt.step(&grads).is_err());
+    let g = grads.get(&w).expect("gradient").to_vec1::<f64>()?;
+    assert_eq!(g, [30.0, 40.0]);
+    assert_eq!(w.to_vec1::<f32>()?, [0.0, 0.0]);
+    assert_eq!(opt.steps(), 0);
+    match opt.clip_setting() {
+        ClipSetting::AutoClip(autoclip) => assert_eq!(autoclip.observed(), 0),
+        other => panic!("setting changed: {other:?}"),
+    }
+    Ok(())
+}
