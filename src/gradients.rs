@@ -62,16 +62,23 @@ impl GradientSet {
         self.grads.iter().any(|g| g.dtype() == DType::F64)
     }
 
+    /// The gradients grouped by the storage they live in, with no condition on the views (for
+    /// reading). Each storage's read lock is taken and released once per gradient here; nothing
+    /// is held afterwards.
+    pub(crate) fn group_by_storage(&self) -> StorageGroups {
+        let keys: Vec<usize> = self.grads.iter().map(storage_key).collect();
+        let mut order: Vec<usize> = (0..self.grads.len()).collect();
+        order.sort_unstable_by_key(|&i| (keys[i], i));
+        StorageGroups { order, keys }
+    }
+
     /// Groups the gradients by the storage they live in, so that a write touches every element
     /// exactly once even when two gradients are views of one buffer.
     ///
     /// Fails, before anything is written, when a group can only be reached through views that
     /// repeat elements (a broadcast gradient with a zero stride): candle cannot write those in place.
     pub(crate) fn storage_groups(&self) -> Result<StorageGroups> {
-        let keys: Vec<usize> = self.grads.iter().map(storage_key).collect();
-        let mut order: Vec<usize> = (0..self.grads.len()).collect();
-        order.sort_unstable_by_key(|&i| (keys[i], i));
-        let groups = StorageGroups { order, keys };
+        let groups = self.group_by_storage();
         for group in groups.iter() {
             let writable = group
                 .iter()

@@ -416,23 +416,42 @@ impl WorkItem<'_> {
     }
 }
 
-/// Read guards on every gradient's storage, held while the reduction runs.
+/// Read guards on the gradients' storages, held while the reduction runs: one per storage, so
+/// that gradients sharing a buffer never take its (non-reentrant) read lock twice, which would
+/// deadlock behind a writer waiting in between.
 struct LockedGradients<'a> {
-    guards: Vec<(StorageRef<'a>, &'a Layout)>,
+    guards: Vec<StorageRef<'a>>,
+    /// For each gradient: the index of its storage's guard, and its layout.
+    views: Vec<(usize, &'a Layout)>,
     elements: usize,
 }
 
 impl<'a> LockedGradients<'a> {
-    fn lock(grads: &'a [Tensor]) -> Self {
-        let guards: Vec<_> = grads.iter().map(|g| g.storage_and_layout()).collect();
+    fn lock(set: &'a GradientSet) -> Self {
+        let grads = set.grads();
+        let mut guards = Vec::with_capacity(grads.len());
+        let mut views: Vec<Option<(usize, &Layout)>> = vec![None; grads.len()];
+        for group in set.group_by_storage().iter() {
+            let (guard, _) = grads[group[0]].storage_and_layout();
+            for &i in group {
+                views[i] = Some((guards.len(), grads[i].layout()));
+            }
+            guards.push(guard);
+        }
+        // Every gradient is in exactly one group, so every entry is set.
+        let views = views.into_iter().flatten().collect();
         let elements = grads.iter().map(|g| g.elem_count()).sum();
-        Self { guards, elements }
+        Self {
+            guards,
+            views,
+            elements,
+        }
     }
 
     fn work_items(&self) -> Result<Vec<WorkItem<'_>>> {
-        let mut items = Vec::with_capacity(self.guards.len());
-        for (storage, layout) in &self.guards {
-            let data = Data::of(storage)?;
+        let mut items = Vec::with_capacity(self.views.len());
+        for &(guard, layout) in &self.views {
+            let data = Data::of(&self.guards[guard])?;
             match layout.contiguous_offsets() {
                 Some((start, end)) => {
                     let mut s = start;
@@ -494,7 +513,7 @@ impl<'a> LockedGradients<'a> {
 /// again as `max|g| · (Σ (|g| / max|g|)^p)^(1/p)`: the largest term is exactly 1, so the sum lies
 /// in `[1, n]` for any `p`, and a finite norm is never reported as `inf` or `0`.
 pub(crate) fn norm(set: &GradientSet, norm_type: NormType) -> Result<f64> {
-    let locked = LockedGradients::lock(set.grads());
+    let locked = LockedGradients::lock(set);
     let items = locked.work_items()?;
     let p = match norm_type.canonical() {
         NormType::Inf => return Ok(locked.max_abs(&items)),
