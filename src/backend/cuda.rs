@@ -247,7 +247,7 @@ struct NormPlan {
     kernel: &'static str,
     p: f64,
     /// Mirrors `cpu::norm`: sums of powers of F64 gradients, or powers above 6, may overflow or
-    /// underflow `f64`; then a second pass rescales by a power of two near `1 / max|g|`.
+    /// underflow `f64`; then a second pass divides every element by `max|g|`.
     rescue: bool,
 }
 
