@@ -66,7 +66,7 @@ pub(crate) struct ClipSettings {
 /// The error for a non-finite norm under `error_if_nonfinite`, raised before any write.
 pub(crate) fn nonfinite_error(norm: f64, norm_type: NormType) -> candle_core::Error {
     candle_core::Error::Msg(format!(
-        "the total {norm_type} norm of the gradients is {norm}, so they cannot be clipped (error_if_nonfinite is set); no gradient was modified"
+        "the total {norm_type} norm of the gradients is non-finite ({norm}), so it cannot be clipped (error_if_nonfinite is set); no gradient was modified"
     ))
     .bt()
 }
