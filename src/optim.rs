@@ -295,12 +295,16 @@ impl<O> Clipped<O> {
             Some(count) => count.device().clone(),
             None => norm.device().clone(),
         };
-        // Not clipped iff norm + eps - threshold <= 0 (false for NaN, and for inf - inf).
-        let margin = norm
-            .to_device(&device)?
-            .to_dtype(DType::F64)?
-            .affine(1.0, eps - threshold)?;
-        let not_clipped = margin.le(&margin.zeros_like()?)?.to_dtype(DType::U32)?;
+        let norm = norm.to_device(&device)?.to_dtype(DType::F64)?;
+        let not_clipped = if threshold == f64::INFINITY {
+            // An infinite threshold never clips; only a NaN norm (NaN coefficient) writes.
+            norm.eq(&norm)?
+        } else {
+            // Not clipped iff norm + eps - threshold <= 0 (false for NaN, and for inf - inf).
+            let margin = norm.affine(1.0, eps - threshold)?;
+            margin.le(&margin.zeros_like()?)?
+        }
+        .to_dtype(DType::U32)?;
         self.unclipped = Some(match &self.unclipped {
             Some(count) => (count + not_clipped)?,
             None => not_clipped,

@@ -596,3 +596,18 @@ fn clipped_step_refuses_bad_gradients_before_changing_anything() -> Result<()> {
     }
     Ok(())
 }
+
+/// `max_norm = inf` never clips, even an infinite norm: nothing written, nothing counted.
+#[test]
+fn clipped_with_infinite_max_norm_never_clips() -> Result<()> {
+    let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
+    let config = ClippedConfig::new(0.0, ClipSetting::norm(f64::INFINITY));
+    let mut opt = Clipped::<SGD>::new(vec![w.clone()], config)?;
+    let mut grads = GradStore::default();
+    grads.insert(&w, Tensor::new(&[f32::INFINITY, 3.], &Device::Cpu)?);
+    opt.step(&grads)?;
+    let g = grads.get(&w).expect("gradient").to_vec1::<f32>()?;
+    assert_eq!(g, [f32::INFINITY, 3.0]);
+    assert_eq!((opt.steps(), opt.clipped_steps()?), (1, 0));
+    Ok(())
+}
