@@ -84,18 +84,7 @@ pub fn clip_grads_with_norm_(
     max_norm: f64,
     total_norm: &Tensor,
 ) -> Result<()> {
-    clip_grads_with_norm_eps_(vars, grads, max_norm, total_norm, DEFAULT_EPS)
-}
-
-pub(crate) fn clip_grads_with_norm_eps_(
-    vars: &[Var],
-    grads: &mut GradStore,
-    max_norm: f64,
-    total_norm: &Tensor,
-    eps: f64,
-) -> Result<()> {
     validate_max_norm(max_norm)?;
-    validate_eps(eps)?;
     if total_norm.rank() != 0 {
         bail!(
             "clip_grads_with_norm_: total_norm must be a 0-d tensor (as returned by total_norm), got shape {:?}",
@@ -119,7 +108,7 @@ pub(crate) fn clip_grads_with_norm_eps_(
             set.device().location()
         )
     }
-    backend::scale_with_norm(&set, max_norm, eps, total_norm)
+    backend::scale_with_norm(&set, max_norm, DEFAULT_EPS, total_norm)
 }
 
 /// Clamps every gradient element of `vars` into `[-clip_value, clip_value]` in place; NaN stays

@@ -13,7 +13,7 @@
 const DIGIT_BITS: u32 = 32;
 /// Bit position of the least significant bit of an `f64` subnormal (2^-1074) is position 0; the
 /// largest finite value ends below position 2098. Two spare digits absorb carries.
-pub(crate) const DIGITS: usize = 68;
+const DIGITS: usize = 68;
 
 /// A superaccumulator for non-negative `f64` values; `inf` and `NaN` are tracked as flags.
 #[derive(Clone, Debug)]

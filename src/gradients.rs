@@ -57,9 +57,11 @@ impl GradientSet {
         }
     }
 
-    /// Whether any gradient is `F64` (whose powers can overflow or underflow `f64`).
-    pub(crate) fn has_f64(&self) -> bool {
-        self.grads.iter().any(|g| g.dtype() == DType::F64)
+    /// Whether sums of `|g|^p` may overflow or underflow `f64`, so that the norm may need the
+    /// rescue pass: F64 gradients, or `p > 6` (then even F32/F16/BF16 powers can leave the range).
+    /// Both back ends ask this one question.
+    pub(crate) fn powers_may_leave_f64_range(&self, p: f64) -> bool {
+        p > 6.0 || self.grads.iter().any(|g| g.dtype() == DType::F64)
     }
 
     /// The gradients grouped by the storage they live in, with no condition on the views (for

@@ -527,9 +527,8 @@ pub(crate) fn norm(set: &GradientSet, norm_type: NormType) -> Result<f64> {
         _ => Power::Pow { p, divisor: 1.0 },
     };
     let sum = locked.exact_sum(&items, power).value();
-    let may_leave_f64_range = set.has_f64() || p > 6.0;
     let suspicious = sum.is_infinite() || sum < TINY_SUM;
-    if sum.is_nan() || !(may_leave_f64_range && suspicious) {
+    if sum.is_nan() || !(suspicious && set.powers_may_leave_f64_range(p)) {
         return Ok(root(sum, p));
     }
     let max = locked.max_abs(&items);

@@ -268,7 +268,7 @@ impl NormPlan {
         Self {
             kernel,
             p,
-            rescue: set.has_f64() || p > 6.0,
+            rescue: set.powers_may_leave_f64_range(p),
         }
     }
 }
