@@ -1,6 +1,11 @@
-//! Build script: with the `cuda` feature, compiles `kernels/*.cu` to PTX in `OUT_DIR` (embedded by
-//! `src/backend/cuda.rs` with `include_str!`). Without the feature it does nothing and needs no
-//! CUDA toolkit.
+//! Build script:
+//! - with the `cuda` feature, compiles `kernels/*.cu` to PTX in `OUT_DIR` (embedded by
+//!   `src/backend/cuda.rs` with `include_str!`);
+//! - with the `emulation` feature, compiles the same `kernels/*.cu`, unchanged, for the host with
+//!   the system C++ compiler (C++17; `CXX` to choose it), through the shim in `emulation/`
+//!   (`emulation/kernels.cpp` includes them; `src/backend/emulated` drives them).
+//!
+//! Without either it does nothing and needs neither a CUDA toolkit nor a C++ compiler.
 //!
 //! The PTX is built the way candle-kernels builds its own, with the `cudaforge` crate, so the same
 //! environment configures both: `NVCC` (else `nvcc` on `PATH`, else `CUDA_HOME`/`CUDA_PATH`),
@@ -14,6 +19,35 @@ fn main() {
     #[cfg(feature = "cuda")]
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         cuda::build_ptx();
+    }
+    #[cfg(feature = "emulation")]
+    if std::env::var_os("CARGO_FEATURE_EMULATION").is_some() {
+        emulation::build();
+    }
+}
+
+#[cfg(feature = "emulation")]
+mod emulation {
+    pub(super) fn build() {
+        println!("cargo:rerun-if-changed=kernels");
+        println!("cargo:rerun-if-changed=emulation");
+        cc::Build::new()
+            .cpp(true)
+            .std("c++17")
+            .include("emulation/include")
+            .include("kernels")
+            .file("emulation/runtime.cpp")
+            .file("emulation/kernels.cpp")
+            // The kernels must run fast even in debug builds of the crate.
+            .opt_level(2)
+            // The kernels read floats through `uint4`; each float operation is one IEEE
+            // operation, as on the GPU (the kernels spell out their fused multiply-adds).
+            .flag("-fno-strict-aliasing")
+            .flag("-ffp-contract=off")
+            .flag_if_supported("-Wno-unknown-pragmas")
+            .flag("-fno-exceptions")
+            .warnings(true)
+            .compile("candle_grad_clip_emulation");
     }
 }
 

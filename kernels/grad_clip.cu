@@ -1,20 +1,29 @@
 // Fused multi-tensor kernels for candle-grad-clip (feature `cuda`).
 //
-// Three kernels, each one launch for any number of gradients:
-//   grad_clip_reduce          global norm of every gradient (all dtypes in one launch), finalised
-//                             on the device: writes the 0-d norm and the clipping coefficient.
+// Four kernels, each one launch for any number of gradients:
+//   grad_clip_reduce_*        global norm of every gradient (all dtypes in one launch), finalised
+//                             on the device: writes the 0-d norm and the clipping coefficient, and
+//                             optionally every chunk's partial (for per-tensor norms).
+//   grad_clip_segment_norms   per-tensor norms from those chunk partials (grad_norms).
 //   grad_clip_apply           in-place scale by the coefficient (skipped when it is >= 1), or clamp.
 //   grad_clip_apply_strided   the same for one non-contiguous view (slow path, one launch per view).
 //
 // Work is described by a table of segments (pointer, length, dtype, first chunk). Each segment is
 // cut into chunks of CHUNK_ELEMS elements counted from the segment's first element, and one warp
-// reduces one chunk in a fixed order into one f64 partial. The partials are added into a
-// superaccumulator (the digit layout of src/exact_sum.rs) with integer atomics, which are exact
-// and commutative, so the norm is bitwise independent of the segment order, the grid size and the
-// scheduling. The last block to finish rounds the sum once to f64 exactly like ExactSum::value.
+// reduces one chunk in a fixed order into one f64 partial. Each warp takes a contiguous range of
+// chunks and walks the table along it (one binary search per warp, not per chunk). The partials
+// are added into a superaccumulator (the digit layout of src/exact_sum.rs) with integer atomics,
+// which are exact and commutative, so the norm is bitwise independent of the segment order, the
+// grid size and the scheduling. The last block to finish rounds the sum once to f64 exactly like
+// ExactSum::value.
 //
-// Must stay in sync with src/backend/cuda.rs (CHUNK_ELEMS, dtype codes, Segment, Scratch, modes)
-// and with src/backend/mod.rs (clip_coefficient) and src/backend/cpu.rs (norm, rescue, kernels).
+// The arithmetic is written so that no compiler may contract it (the square is an explicit fma),
+// so the host emulation (emulation/, compiled with -ffp-contract=off) computes the same bits as
+// the GPU for L1, L2 and the max; only `pow` (glibc's versus CUDA's) may differ.
+//
+// Must stay in sync with src/backend/kernels/ (CHUNK_ELEMS, dtype codes, Segment, Scratch, modes,
+// the argument lists) and with src/backend/mod.rs (clip_coefficient) and src/backend/cpu.rs (norm,
+// rescue, element kernels).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -123,6 +132,11 @@ template <int DT> union Vec16 {
 // driver on first use) small.
 __device__ __noinline__ double pow_outlined(double a, double p) { return pow(a, p); }
 
+// Loads per lane in flight in the unrolled loops (reduction and apply) of the common modes.
+#ifndef GRAD_CLIP_UNROLL
+#define GRAD_CLIP_UNROLL 4
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Per-lane accumulation. Element j of a 16-byte vector goes to slot j % 4; the slots are combined
 // in a fixed order. Max is kept as f64 bits so that NaN (bits above +inf) propagates.
@@ -143,13 +157,20 @@ template <int MODE, bool WANT_MAX> struct Acc {
         if (MODE == MODE_ABS) {
             s[j & 3] += a;
         } else if (MODE == MODE_SQ) {
-            s[j & 3] += x * x;
+            s[j & 3] = fma(x, x, s[j & 3]); // explicit: the same rounding on every compiler
         } else if (MODE == MODE_POW) {
             s[j & 3] += pow_outlined(a / scale, p);
         }
     }
     __device__ __forceinline__ double sum() const { return (s[0] + s[1]) + (s[2] + s[3]); }
 };
+
+// Adds the V elements of one 16-byte vector.
+template <int DT, int MODE, bool WANT_MAX>
+__device__ __forceinline__ void add_vector(Acc<MODE, WANT_MAX>& acc, const Vec16<DT>& r) {
+#pragma unroll
+    for (int j = 0; j < Tr<DT>::V; ++j) acc.add(j, Tr<DT>::to_f64(r.r[j]));
+}
 
 // Reduces `n` (<= CHUNK_ELEMS) elements at `base` with one warp. Lane `lane` takes the 16-byte
 // vectors lane, lane + 32, lane + 64, ... (vector index vi covers elements vi*V .. vi*V+V-1), in
@@ -164,37 +185,44 @@ __device__ __forceinline__ void warp_reduce_chunk(const void* base, u64 n, int l
     Acc<MODE, WANT_MAX> acc(p, scale);
     const bool aligned = (((u64)base) & 15) == 0;
     const u64 per_round = (u64)WARP * V;
-    const u64 rounds = aligned ? n / per_round : 0;
+    // The general power is rare and each element costs a pow call: the element-by-element loop
+    // below (same mapping, same order), not unrolled, keeps its code small.
+    const u64 rounds = aligned && MODE != MODE_POW ? n / per_round : 0;
     const uint4* vs = (const uint4*)base;
     u64 k = 0;
-    const int UNROLL = 4;
+    const int UNROLL = GRAD_CLIP_UNROLL;
     for (; k + UNROLL <= rounds; k += UNROLL) {
         Vec16<DT> r[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) r[u].v = __ldg(vs + (k + u) * WARP + lane);
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) acc.add(j, Tr<DT>::to_f64(r[u].r[j]));
-        }
+        for (int u = 0; u < UNROLL; ++u) add_vector<DT, MODE, WANT_MAX>(acc, r[u]);
     }
     for (; k < rounds; ++k) {
         Vec16<DT> r;
         r.v = __ldg(vs + k * WARP + lane);
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc.add(j, Tr<DT>::to_f64(r.r[j]));
+        add_vector<DT, MODE, WANT_MAX>(acc, r);
     }
-    for (u64 vi = k * WARP + lane; vi * V < n; vi += WARP) {
-        const u64 e = vi * V;
-        if (aligned && e + V <= n) {
-            Vec16<DT> r;
-            r.v = __ldg(vs + vi);
-#pragma unroll
-            for (int j = 0; j < V; ++j) acc.add(j, Tr<DT>::to_f64(r.r[j]));
-        } else {
-#pragma unroll
+    if (MODE == MODE_POW) {
+        for (u64 vi = lane; vi * V < n; vi += WARP) {
+            const u64 e = vi * V;
+#pragma unroll 1
             for (int j = 0; j < V; ++j) {
                 if (e + j < n) acc.add(j, Tr<DT>::to_f64(xs[e + j]));
+            }
+        }
+    } else {
+        for (u64 vi = k * WARP + lane; vi * V < n; vi += WARP) {
+            const u64 e = vi * V;
+            if (aligned && e + V <= n) {
+                Vec16<DT> r;
+                r.v = __ldg(vs + vi);
+                add_vector<DT, MODE, WANT_MAX>(acc, r);
+            } else {
+#pragma unroll
+                for (int j = 0; j < V; ++j) {
+                    if (e + j < n) acc.add(j, Tr<DT>::to_f64(xs[e + j]));
+                }
             }
         }
     }
@@ -225,14 +253,23 @@ __device__ __forceinline__ void reduce_chunk_dt(u64 dtype, const void* base, u64
 // ---------------------------------------------------------------------------------------------
 // Superaccumulator (src/exact_sum.rs).
 
-// Adds a non-negative f64, +inf or NaN. `digits` may be shared or global memory.
-__device__ __forceinline__ void exact_add(u64* digits, u32* flags, double x) {
+// Adds a non-negative f64, +inf or NaN. With ATOMIC, `digits` and `flags` may be shared or global
+// memory used by several threads; without, they are the calling thread's own (local memory, where
+// atomics are not allowed).
+template <bool ATOMIC> __device__ __forceinline__ void add_digit(u64* d, u64 v) {
+    if (ATOMIC) atomicAdd(d, v);
+    else *d += v;
+}
+
+template <bool ATOMIC> __device__ __forceinline__ void exact_add(u64* digits, u32* flags, double x) {
     if (isnan(x)) {
-        atomicOr(flags, 2u);
+        if (ATOMIC) atomicOr(flags, 2u);
+        else *flags |= 2u;
         return;
     }
     if (isinf(x)) {
-        atomicOr(flags, 1u);
+        if (ATOMIC) atomicOr(flags, 1u);
+        else *flags |= 1u;
         return;
     }
     u64 bits = (u64)__double_as_longlong(x);
@@ -253,9 +290,9 @@ __device__ __forceinline__ void exact_add(u64* digits, u32* flags, double x) {
     // mantissa < 2^53, shift < 32: the shifted value has < 85 bits.
     u64 lo = mantissa << shift;                        // bits 0..63
     u64 hi = shift == 0 ? 0 : (mantissa >> (64 - shift)); // bits 64..84
-    atomicAdd(&digits[digit], lo & 0xffffffffull);
-    atomicAdd(&digits[digit + 1], lo >> 32);
-    if (hi != 0) atomicAdd(&digits[digit + 2], hi);
+    add_digit<ATOMIC>(&digits[digit], lo & 0xffffffffull);
+    add_digit<ATOMIC>(&digits[digit + 1], lo >> 32);
+    if (hi != 0) add_digit<ATOMIC>(&digits[digit + 2], hi);
 }
 
 // 2^k for -1074 <= k <= 1023.
@@ -323,10 +360,11 @@ __device__ __forceinline__ double root(double sum, double p) {
     return pow_outlined(sum, 1.0 / p);
 }
 
-// clip_coefficient in src/backend/mod.rs: NaN norm -> NaN; max_norm = inf -> 1; 0/0 -> 0;
-// min(1, ...).
+// clip_coefficient in src/backend/mod.rs: NaN or negative norm -> NaN (a negative "norm" given to
+// clip_grads_with_norm_ poisons the gradients instead of flipping their signs; it is not read back);
+// max_norm = inf -> 1; 0/0 -> 0; min(1, ...).
 __device__ __forceinline__ double clip_coefficient(double norm, double max_norm, double eps) {
-    if (isnan(norm)) return norm;
+    if (isnan(norm) || norm < 0.0) return __longlong_as_double(0x7ff8000000000000ll);
     if (isinf(max_norm)) return 1.0;
     double c = max_norm / (norm + eps);
     if (isnan(c)) return 0.0;
@@ -334,15 +372,47 @@ __device__ __forceinline__ double clip_coefficient(double norm, double max_norm,
 }
 
 
-__device__ __forceinline__ int find_segment(const Segment* segs, u32 n_segs, u64 chunk) {
+__device__ __forceinline__ u32 find_segment(const Segment* segs, u32 n_segs, u64 chunk) {
     u32 lo = 0, hi = n_segs - 1; // largest s with chunk_start <= chunk
     while (lo < hi) {
         u32 mid = (lo + hi + 1) / 2;
         if (segs[mid].chunk_start <= chunk) lo = mid;
         else hi = mid - 1;
     }
-    return (int)lo;
+    return lo;
 }
+
+// The chunks of the calling warp: a contiguous range [chunk, end) of the n_chunks (the ranges of
+// all warps of the grid differ in length by at most one), walked in order along the table. Only
+// the first chunk's segment is searched for; the next ones are found by stepping forward.
+struct WarpChunks {
+    const Segment* segs;
+    u32 n_segs;
+    u32 s;
+    u64 chunk, end;
+    __device__ __forceinline__ WarpChunks(const Segment* segs_, u32 n_segs_, u64 n_chunks) : segs(segs_), n_segs(n_segs_), s(0) {
+        const u64 warps_per_block = blockDim.x / WARP;
+        const u64 total = (u64)gridDim.x * warps_per_block;
+        const u64 w = (u64)blockIdx.x * warps_per_block + threadIdx.x / WARP;
+        const u64 base = n_chunks / total, extra = n_chunks % total;
+        chunk = w * base + (w < extra ? w : extra);
+        end = chunk + base + (w < extra ? 1 : 0);
+        if (chunk < end) s = find_segment(segs, n_segs, chunk);
+    }
+    __device__ __forceinline__ bool more() const { return chunk < end; }
+    // The segment of the current chunk, and the chunk's first element and length in it.
+    __device__ __forceinline__ Segment current(u64* start, u64* n) {
+        while (s + 1 < n_segs && segs[s + 1].chunk_start <= chunk) ++s;
+        const Segment seg = segs[s];
+        *start = (chunk - seg.chunk_start) * CHUNK_ELEMS;
+        const u64 left = seg.len - *start;
+        *n = left < CHUNK_ELEMS ? left : CHUNK_ELEMS;
+        return seg;
+    }
+    __device__ __forceinline__ void next() { ++chunk; }
+};
+
+__device__ __forceinline__ int elem_bytes(u64 dtype) { return dtype == DT_F64 ? 8 : (dtype == DT_F32 ? 4 : 2); }
 
 // ---------------------------------------------------------------------------------------------
 // The reduction, one entry point per MODE_*. Pass 0 is the normal reduction; pass 1 is the overflow
@@ -350,11 +420,13 @@ __device__ __forceinline__ int find_segment(const Segment* segs, u32 n_segs, u64
 // left `pending` set (it then computes sum (|x| / max)^p). `rescue` != 0 lets
 // pass 0 ask for the rescue (F64 gradients or p > 6, as on the host): it then also tracks max |x|.
 // The last block writes the norm to `out` (f32 when out_f64 == 0, else f64) and the coefficient
-// to scratch, unless it asked for the rescue pass, which then does it.
+// to scratch, unless it asked for the rescue pass, which then does it. When `partials` is not
+// null (pass 0 only), every chunk's partial (its sum, or its max |x| for MODE_INF) is also stored
+// at partials[chunk], for grad_clip_segment_norms.
 template <int MODE>
 __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u32 n_segs, u64 n_chunks,
                                             Scratch* scratch, void* out, u32 out_f64, double p, u32 pass,
-                                            u32 rescue, double max_norm, double eps) {
+                                            u32 rescue, double max_norm, double eps, double* partials) {
     __shared__ u64 s_digits[DIGITS];
     __shared__ u64 s_max;
     __shared__ u32 s_flags;
@@ -375,16 +447,12 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
     __syncthreads();
 
     const int lane = tid % WARP;
-    const u64 warps_per_block = blockDim.x / WARP;
-    const u64 total_warps = (u64)gridDim.x * warps_per_block;
     const bool want_max = rescue != 0;
-    for (u64 c = (u64)blockIdx.x * warps_per_block + tid / WARP; c < n_chunks; c += total_warps) {
-        const Segment seg = segs[find_segment(segs, n_segs, c)];
-        const u64 start = (c - seg.chunk_start) * CHUNK_ELEMS;
-        const u64 left = seg.len - start;
-        const u64 n = left < CHUNK_ELEMS ? left : CHUNK_ELEMS;
-        const int es = seg.dtype == DT_F64 ? 8 : (seg.dtype == DT_F32 ? 4 : 2);
-        const void* base = (const void*)(seg.ptr + start * es);
+    if (pass == 1) partials = nullptr;
+    for (WarpChunks w(segs, n_segs, n_chunks); w.more(); w.next()) {
+        u64 start, n;
+        const Segment seg = w.current(&start, &n);
+        const void* base = (const void*)(seg.ptr + start * elem_bytes(seg.dtype));
         double s = 0.0;
         u64 m = 0;
         if (MODE == MODE_INF || want_max) {
@@ -393,8 +461,9 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
             reduce_chunk_dt<MODE, false>(seg.dtype, base, n, lane, p, scale, &s, &m);
         }
         if (lane == 0) {
-            if (MODE != MODE_INF) exact_add(s_digits, &s_flags, s);
+            if (MODE != MODE_INF) exact_add<true>(s_digits, &s_flags, s);
             if (MODE == MODE_INF || want_max) atomicMax(&s_max, m);
+            if (partials) partials[w.chunk] = MODE == MODE_INF ? __longlong_as_double((long long)m) : s;
         }
     }
     __syncthreads();
@@ -463,8 +532,9 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
     extern "C" __global__ void NAME(const Segment* __restrict__ segs, u32 n_segs,      \
                                                            u64 n_chunks, Scratch* scratch, void* out,        \
                                                            u32 out_f64, double p, u32 pass, u32 rescue,      \
-                                                           double max_norm, double eps) {                   \
-        reduce_body<MODE>(segs, n_segs, n_chunks, scratch, out, out_f64, p, pass, rescue, max_norm, eps);   \
+                                                           double max_norm, double eps, double* partials) { \
+        reduce_body<MODE>(segs, n_segs, n_chunks, scratch, out, out_f64, p, pass, rescue, max_norm, eps,     \
+                          partials);                                                                       \
     }
 REDUCE_ENTRY(grad_clip_reduce_inf, MODE_INF)
 REDUCE_ENTRY(grad_clip_reduce_abs, MODE_ABS)
@@ -516,6 +586,19 @@ template <int DT> struct ElemOp {
     }
 };
 
+// The new value of a 16-byte vector; true when some element changed.
+template <int DT>
+__device__ __forceinline__ bool apply_vector(const ElemOp<DT>& f, Vec16<DT>& r) {
+    Vec16<DT> old = r;
+#pragma unroll
+    for (int j = 0; j < Tr<DT>::V; ++j) r.r[j] = f(r.r[j]);
+    return r.v.x != old.v.x || r.v.y != old.v.y || r.v.z != old.v.z || r.v.w != old.v.w;
+}
+
+// Applies the operation to `n` (<= CHUNK_ELEMS) elements at `base` with one warp, lanes mapped to
+// 16-byte vectors as in warp_reduce_chunk, GRAD_CLIP_UNROLL loads in flight per lane. Scaling
+// rewrites every element; clamping stores only the vectors it changed (most values lie inside the
+// bounds).
 template <int DT>
 __device__ __forceinline__ void warp_apply_chunk(void* base, u64 n, int lane, u32 op, double c, double bound) {
     typedef typename Tr<DT>::raw raw;
@@ -524,18 +607,32 @@ __device__ __forceinline__ void warp_apply_chunk(void* base, u64 n, int lane, u3
     raw* xs = (raw*)base;
     uint4* vs = (uint4*)base;
     const bool aligned = (((u64)base) & 15) == 0;
-    for (u64 vi = lane; vi * V < n; vi += WARP) {
+    const bool store_all = op == OP_SCALE;
+    const u64 rounds = aligned ? n / ((u64)WARP * V) : 0;
+    u64 k = 0;
+    for (; k + GRAD_CLIP_UNROLL <= rounds; k += GRAD_CLIP_UNROLL) {
+        Vec16<DT> r[GRAD_CLIP_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GRAD_CLIP_UNROLL; ++u) r[u].v = vs[(k + u) * WARP + lane];
+#pragma unroll
+        for (int u = 0; u < GRAD_CLIP_UNROLL; ++u) {
+            if (apply_vector<DT>(f, r[u]) || store_all) vs[(k + u) * WARP + lane] = r[u].v;
+        }
+    }
+    for (u64 vi = k * WARP + lane; vi * V < n; vi += WARP) {
         const u64 e = vi * V;
         if (aligned && e + V <= n) {
             Vec16<DT> r;
             r.v = vs[vi];
-#pragma unroll
-            for (int j = 0; j < V; ++j) r.r[j] = f(r.r[j]);
-            vs[vi] = r.v;
+            if (apply_vector<DT>(f, r) || store_all) vs[vi] = r.v;
         } else {
-#pragma unroll
+#pragma unroll 1
             for (int j = 0; j < V; ++j) {
-                if (e + j < n) xs[e + j] = f(xs[e + j]);
+                if (e + j < n) {
+                    const raw old = xs[e + j];
+                    const raw nu = f(old);
+                    if (nu != old || store_all) xs[e + j] = nu;
+                }
             }
         }
     }
@@ -553,18 +650,15 @@ extern "C" __global__ void grad_clip_apply(const Segment* __restrict__ segs, u32
         if (c >= 1.0) return;
     }
     const int lane = threadIdx.x % WARP;
-    const u64 warps_per_block = blockDim.x / WARP;
-    const u64 total_warps = (u64)gridDim.x * warps_per_block;
-    for (u64 ch = (u64)blockIdx.x * warps_per_block + threadIdx.x / WARP; ch < n_chunks; ch += total_warps) {
-        const Segment seg = segs[find_segment(segs, n_segs, ch)];
-        const u64 start = (ch - seg.chunk_start) * CHUNK_ELEMS;
-        const u64 left = seg.len - start;
-        const u64 n = left < CHUNK_ELEMS ? left : CHUNK_ELEMS;
+    for (WarpChunks w(segs, n_segs, n_chunks); w.more(); w.next()) {
+        u64 start, n;
+        const Segment seg = w.current(&start, &n);
+        void* base = (void*)(seg.ptr + start * elem_bytes(seg.dtype));
         switch (seg.dtype) {
-        case DT_F32: warp_apply_chunk<DT_F32>((void*)(seg.ptr + start * 4), n, lane, op, c, bounds.b[DT_F32]); break;
-        case DT_F64: warp_apply_chunk<DT_F64>((void*)(seg.ptr + start * 8), n, lane, op, c, bounds.b[DT_F64]); break;
-        case DT_F16: warp_apply_chunk<DT_F16>((void*)(seg.ptr + start * 2), n, lane, op, c, bounds.b[DT_F16]); break;
-        default: warp_apply_chunk<DT_BF16>((void*)(seg.ptr + start * 2), n, lane, op, c, bounds.b[DT_BF16]); break;
+        case DT_F32: warp_apply_chunk<DT_F32>(base, n, lane, op, c, bounds.b[DT_F32]); break;
+        case DT_F64: warp_apply_chunk<DT_F64>(base, n, lane, op, c, bounds.b[DT_F64]); break;
+        case DT_F16: warp_apply_chunk<DT_F16>(base, n, lane, op, c, bounds.b[DT_F16]); break;
+        default: warp_apply_chunk<DT_BF16>(base, n, lane, op, c, bounds.b[DT_BF16]); break;
         }
     }
 }
@@ -582,7 +676,9 @@ __device__ __forceinline__ void strided_apply(void* base, u64 n, u32 rank, const
             off += (rem % dim) * view.strides[d];
             rem /= dim;
         }
-        xs[off] = f(xs[off]);
+        const raw old = xs[off];
+        const raw nu = f(old);
+        if (nu != old || op == OP_SCALE) xs[off] = nu;
     }
 }
 
@@ -600,5 +696,35 @@ extern "C" __global__ void grad_clip_apply_strided(u64 base, u32 dtype, u64 n, u
     case DT_F64: strided_apply<DT_F64>((void*)base, n, rank, view, op, c, bounds.b[DT_F64]); break;
     case DT_F16: strided_apply<DT_F16>((void*)base, n, rank, view, op, c, bounds.b[DT_F16]); break;
     default: strided_apply<DT_BF16>((void*)base, n, rank, view, op, c, bounds.b[DT_BF16]); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-tensor norms (grad_norms): one thread per segment combines the chunk partials that the
+// reduction stored (`partials`, indexed by chunk) into that segment's norm, exactly as the total is
+// combined (a superaccumulator in the thread's local memory; the max for MODE_INF), and writes it
+// as f32 to out[segment]. Only for plans without the rescue pass (the host checks).
+extern "C" __global__ void grad_clip_segment_norms(const Segment* __restrict__ segs, u32 n_segs, u64 n_chunks,
+                                                   const double* __restrict__ partials, float* out, u32 mode,
+                                                   double p) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n_segs; i += (u64)gridDim.x * blockDim.x) {
+        const u64 first = segs[i].chunk_start;
+        const u64 last = i + 1 < n_segs ? segs[i + 1].chunk_start : n_chunks;
+        double norm;
+        if (mode == MODE_INF) {
+            u64 m = 0;
+            for (u64 c = first; c < last; ++c) {
+                const u64 b = (u64)__double_as_longlong(partials[c]);
+                m = b > m ? b : m;
+            }
+            norm = __longlong_as_double((long long)m);
+        } else {
+            u64 digits[DIGITS];
+            for (int d = 0; d < DIGITS; ++d) digits[d] = 0;
+            u32 flags = 0;
+            for (u64 c = first; c < last; ++c) exact_add<false>(digits, &flags, partials[c]);
+            norm = root(exact_value(digits, flags), p);
+        }
+        out[i] = __double2float_rn(norm);
     }
 }

@@ -44,6 +44,14 @@ impl GradientSet {
         &self.grads
     }
 
+    /// Each gradient as a set of its own, in order.
+    pub(crate) fn singles(&self) -> impl Iterator<Item = GradientSet> + '_ {
+        self.grads.iter().map(|g| GradientSet {
+            grads: vec![g.clone()],
+            device: self.device.clone(),
+        })
+    }
+
     pub(crate) fn device(&self) -> &Device {
         &self.device
     }
@@ -124,7 +132,7 @@ impl StorageGroups {
 /// Identity of the buffer a tensor's data lives in: two tensors with the same key share storage.
 /// (candle's own `Tensor::storage_key` is crate-private; the address of the locked `Storage` is
 /// the same thing.) The read guard is released at once.
-fn storage_key(tensor: &Tensor) -> usize {
+pub(crate) fn storage_key(tensor: &Tensor) -> usize {
     let (storage, _) = tensor.storage_and_layout();
     std::ptr::from_ref::<Storage>(&storage) as usize
 }

@@ -48,3 +48,6 @@ pub use norm_type::NormType;
 pub use autoclip::AutoClip;
 pub use optim::{ClipSetting, Clipped, ClippedConfig};
 pub use stats::{grad_norms, GradNormStats};
+// The CUDA kernels run on the CPU, for tests (feature `emulation`).
+#[cfg(feature = "emulation")]
+pub use backend::emulated::{BlockOrder, EmulatedLaunch, EmulationLog, KernelEmulation};

@@ -4,14 +4,18 @@
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 
-use crate::{total_norm, NormType};
+use crate::backend;
+use crate::gradients::GradientSet;
+use crate::NormType;
 
 /// The norm of the gradient of every named var of `varmap`, sorted by name, so that you can see
 /// which layer's gradient explodes. Vars without a gradient in `grads` are left out.
 ///
-/// Each norm is taken over that var's gradient alone (as [`total_norm`] of one var) and read back
-/// to the host as `f32`: on CUDA this synchronises once per var, so call it for monitoring, not
-/// on every step of a fast loop.
+/// Each norm is taken over that var's gradient alone (as [`total_norm`](crate::total_norm) of one var) and read back
+/// to the host as `f32`. On CUDA all of them come from one reduction over every gradient and one
+/// more small launch, read in one transfer (one synchronisation), so call it for monitoring, not
+/// on every step of a fast loop; gradients whose norm may need the overflow rescue (F64 gradients
+/// or `p > 6`) are taken one at a time.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -47,33 +51,10 @@ pub fn grad_norms(
     };
     named.sort_by(|a, b| a.0.cmp(&b.0));
     named.retain(|(_, var)| grads.get(var.as_tensor()).is_some());
-    if named.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Every norm stays on the gradients' device until one read at the end: one host
-    // synchronisation on CUDA, not one per var.
-    let norms = named
-        .iter()
-        .map(|(_, var)| {
-            total_norm(std::slice::from_ref(var), grads, norm_type)?.to_dtype(DType::F32)
-        })
-        .collect::<Result<Vec<Tensor>>>()?;
-    let one_device = norms
-        .iter()
-        .all(|n| n.device().same_device(norms[0].device()));
-    let values = if one_device {
-        Tensor::stack(&norms, 0)?.to_vec1::<f32>()?
-    } else {
-        norms
-            .iter()
-            .map(|n| n.to_scalar::<f32>())
-            .collect::<Result<_>>()?
-    };
-    Ok(named
-        .into_iter()
-        .map(|(name, _)| name)
-        .zip(values)
-        .collect())
+    let vars: Vec<Var> = named.iter().map(|(_, var)| var.clone()).collect();
+    let set = GradientSet::collect(&vars, grads)?;
+    let norms = backend::tensor_norms(&set, norm_type)?;
+    Ok(named.into_iter().map(|(name, _)| name).zip(norms).collect())
 }
 
 /// Total gradient norms recorded step by step, with their count, mean, standard deviation,

@@ -6,12 +6,19 @@
 //! - [`scale_with_norm`]: scale in place by the coefficient of a norm computed earlier;
 //! - [`clamp`]: clamp every element in place.
 //!
-//! The CPU back end ([`cpu`]) computes on the host; the CUDA back end (`cuda`, feature `cuda`)
-//! keeps the norm and the coefficient on the device and never waits for it.
+//! The CPU back end ([`cpu`]) computes on the host. The CUDA back end keeps the norm and the
+//! coefficient on the device and never waits for it: [`kernels`] decides what the kernels of
+//! `kernels/grad_clip.cu` are asked to do, and a device runs them: a GPU (`cuda`, feature `cuda`),
+//! or the host emulation of the kernels (`emulated`, feature `emulation`), which takes CPU tensors
+//! while a [`KernelEmulation`](crate::KernelEmulation) is active on the calling thread.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "emulation")]
+pub(crate) mod emulated;
+#[cfg(any(feature = "cuda", feature = "emulation"))]
+pub(crate) mod kernels;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
@@ -30,11 +37,13 @@ pub(crate) enum ElementwiseOp {
 }
 
 /// The clipping coefficient `min(1, max_norm / (norm + eps))`, as in PyTorch, with the `0 / 0`
-/// of `max_norm = 0`, `norm + eps = 0` defined as 0 (clip to zero). A NaN norm gives NaN; an
-/// infinite norm gives 0, except that `max_norm = inf` never clips (1). Mirrored by
-/// `clip_coefficient` in `kernels/grad_clip.cu`.
+/// of `max_norm = 0`, `norm + eps = 0` defined as 0 (clip to zero). A NaN norm gives NaN, and so
+/// does a negative one (not a norm: the kernels, which never read the norm back, poison the
+/// gradients rather than flip their signs; the CPU refuses it before); an infinite norm gives 0,
+/// except that `max_norm = inf` never clips (1). Mirrored by `clip_coefficient` in
+/// `kernels/grad_clip.cu`.
 pub(crate) fn clip_coefficient(norm: f64, max_norm: f64, eps: f64) -> f64 {
-    if norm.is_nan() {
+    if norm.is_nan() || norm < 0.0 {
         return f64::NAN;
     }
     if max_norm == f64::INFINITY {
@@ -71,16 +80,63 @@ pub(crate) fn nonfinite_error(norm: f64, norm_type: NormType) -> candle_core::Er
     .bt()
 }
 
+/// The device that runs the multi-tensor kernels for these gradients, if any: their CUDA device,
+/// or, for CPU gradients, the host emulation when it is active on this thread.
+macro_rules! with_kernel_device {
+    ($set:expr, |$dev:ident| $body:expr) => {
+        match $set.device() {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                let $dev = cuda::Cuda(cuda);
+                Some($body)
+            }
+            #[cfg(feature = "emulation")]
+            Device::Cpu if emulated::active() => {
+                let $dev = emulated::Emulated;
+                Some($body)
+            }
+            _ => None,
+        }
+    };
+}
+
 pub(crate) fn total_norm(set: &GradientSet, norm_type: NormType) -> Result<Tensor> {
+    let r: Option<Result<Tensor>> =
+        with_kernel_device!(set, |dev| kernels::total_norm(&dev, set, norm_type));
+    if let Some(r) = r {
+        return r;
+    }
     match set.device() {
         Device::Cpu => cpu::norm_tensor(cpu::norm(set, norm_type)?, set.norm_dtype()),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => cuda::total_norm(dev, set, norm_type),
         other => unsupported(other),
     }
 }
 
+/// The norm of each gradient of the set on its own, as `f32`, in the set's order.
+pub(crate) fn tensor_norms(set: &GradientSet, norm_type: NormType) -> Result<Vec<f32>> {
+    let r: Option<Result<Option<Vec<f32>>>> =
+        with_kernel_device!(set, |dev| kernels::tensor_norms(&dev, set, norm_type));
+    if let Some(r) = r {
+        if let Some(norms) = r? {
+            return Ok(norms);
+        }
+    }
+    // One gradient at a time (the CPU; or kernels whose norm may need the rescue pass).
+    set.singles()
+        .map(|one| {
+            total_norm(&one, norm_type)?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()
+        })
+        .collect()
+}
+
 pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Tensor> {
+    let r: Option<Result<Tensor>> =
+        with_kernel_device!(set, |dev| kernels::clip_norm(&dev, set, settings));
+    if let Some(r) = r {
+        return r;
+    }
     match set.device() {
         Device::Cpu => {
             let norm = cpu::norm(set, settings.norm_type)?;
@@ -99,8 +155,6 @@ pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Ten
             }
             cpu::norm_tensor(norm, set.norm_dtype())
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => cuda::clip_norm(dev, set, settings),
         other => unsupported(other),
     }
 }
@@ -111,6 +165,12 @@ pub(crate) fn scale_with_norm(
     eps: f64,
     total_norm: &Tensor,
 ) -> Result<()> {
+    let r: Option<Result<()>> = with_kernel_device!(set, |dev| kernels::scale_with_norm(
+        &dev, set, max_norm, eps, total_norm
+    ));
+    if let Some(r) = r {
+        return r;
+    }
     match set.device() {
         Device::Cpu => {
             let norm = total_norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -123,17 +183,18 @@ pub(crate) fn scale_with_norm(
             }
             Ok(())
         }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => cuda::scale_with_norm(dev, set, max_norm, eps, total_norm),
         other => unsupported(other),
     }
 }
 
 pub(crate) fn clamp(set: &GradientSet, clip_value: f64) -> Result<()> {
+    let r: Option<Result<()>> =
+        with_kernel_device!(set, |dev| kernels::clamp(&dev, set, clip_value));
+    if let Some(r) = r {
+        return r;
+    }
     match set.device() {
         Device::Cpu => cpu::apply_in_place(set, ElementwiseOp::Clamp(clip_value)),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => cuda::clamp(dev, set, clip_value),
         other => unsupported(other),
     }
 }

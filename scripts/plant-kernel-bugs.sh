@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Proves that the emulated kernel tests can fail: plants one bug at a time in a copy of
+# kernels/grad_clip.cu (the clone of this checkout in a temporary folder, never the checkout itself),
+# runs the emulation tests (`cargo test --release --test emulation`) there, and requires each run
+# to FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
+#
+#   scripts/plant-kernel-bugs.sh            # every bug below (about a minute each on 2 cores)
+#   scripts/plant-kernel-bugs.sh carry      # only the bugs whose name contains "carry"
+#
+# The copies build into this checkout's target directory, so only the crate itself rebuilds; each
+# copy renames its package (candle-grad-clip-planted-<bug>) so that its artifacts sit beside this
+# checkout's instead of replacing them (cargo does not tell two copies of one package apart).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+FILTER=${1:-}
+
+# name | what the bug is | python expression of (source -> mutated source); must change the text.
+BUGS=(
+  "carry|the superaccumulator drops the add into its second digit|s.replace('add_digit<ATOMIC>(&digits[digit + 1], lo >> 32);', '', 1)"
+  "last-block|the first block to finish (not the last) finalises the norm|s.replace('s_last = done == (u64)gridDim.x - 1;', 's_last = done == 0;', 1)"
+  "early-exit|the scale kernel skips coefficients above 0.5 (not only >= 1)|s.replace('if (c >= 1.0) return;', 'if (c > 0.5) return;', 1)"
+  "segment-walk|a chunk at a segment boundary stays in the previous segment|s.replace('segs[s + 1].chunk_start <= chunk', 'segs[s + 1].chunk_start < chunk', 1)"
+  "barrier|no barrier between the chunk loop and the flush of the block's sums|s.replace('''        }\n    }\n    __syncthreads();\n\n    // Flush''', '''        }\n    }\n\n    // Flush''', 1)"
+  "clamp-store|value clipping stores a vector only when its first element changed|s.replace('return r.v.x != old.v.x || r.v.y != old.v.y || r.v.z != old.v.z || r.v.w != old.v.w;', 'return r.v.x != old.v.x;', 1)"
+)
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+survivors=0
+printf '%-14s %-10s %s\n' "bug" "result" "what"
+for entry in "${BUGS[@]}"; do
+  IFS='|' read -r name what expr <<<"$entry"
+  if [ -n "$FILTER" ] && [[ "$name" != *"$FILTER"* ]]; then
+    continue
+  fi
+  copy=$work/$name
+  mkdir -p "$copy"
+  (cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 tar -c) | tar -x -C "$copy"
+  sed -i -e "s/^name = \"candle-grad-clip\"/name = \"candle-grad-clip-planted-$name\"/" \
+    -e "s/^candle-grad-clip = { path = \".\"/candle-grad-clip = { package = \"candle-grad-clip-planted-$name\", path = \".\"/" \
+    "$copy/Cargo.toml"
+  grep -q "package = \"candle-grad-clip-planted-$name\"" "$copy/Cargo.toml" || {
+    echo "error: could not rename the package of the copy (Cargo.toml changed?)" >&2
+    exit 2
+  }
+  python3 - "$copy/kernels/grad_clip.cu" "$expr" <<'EOF'
+import sys
+path, expr = sys.argv[1], sys.argv[2]
+s = open(path).read()
+m = eval(expr, {"s": s})
+if m == s:
+    sys.exit("the bug could not be planted: the kernel source no longer has the text it replaces")
+open(path, "w").write(m)
+EOF
+  if (cd "$copy" && cargo test --release --test emulation >"$copy.log" 2>&1); then
+    printf '%-14s %-10s %s\n' "$name" "SURVIVED" "$what"
+    survivors=$((survivors + 1))
+  elif grep -q "test result: FAILED" "$copy.log"; then
+    printf '%-14s %-10s %s (first failing test: %s)\n' "$name" "caught" "$what" \
+      "$(grep -m1 -oE '^test [a-z0-9_]+ \.\.\. FAILED' "$copy.log" | sed 's/^test //; s/ \.\.\. FAILED//')"
+  elif grep -qE "signal: [0-9]+" "$copy.log"; then
+    # The kernel corrupted memory badly enough to kill the test process: caught, loudly.
+    printf '%-14s %-10s %s (%s)\n' "$name" "crashed" "$what" "$(grep -m1 -oE 'signal: [0-9]+, [A-Z]+' "$copy.log")"
+  else
+    echo "error: the copy with bug '$name' did not build or run its tests:" >&2
+    tail -20 "$copy.log" >&2
+    exit 2
+  fi
+done
+if [ "$survivors" -ne 0 ]; then
+  echo "$survivors planted bug(s) survived the emulation tests" >&2
+  exit 1
+fi

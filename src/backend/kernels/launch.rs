@@ -1,0 +1,390 @@
+//! The kernels of `kernels/grad_clip.cu` as the host sees them: their names, their argument lists
+//! (built here, once, for every device that runs them), the grid each wants, and the constants
+//! shared with the kernel source.
+
+use half::{bf16, f16};
+
+use crate::gradients::GradientSet;
+use crate::NormType;
+
+use super::table::{Part, StridedTarget};
+
+/// Elements per chunk (`CHUNK_ELEMS` in the kernel). Fixes the summation order: never make it
+/// depend on the launch.
+pub(crate) const CHUNK: u64 = 4096;
+/// Threads per block of every launch.
+pub(crate) const BLOCK: u32 = 256;
+/// Warps per block: each warp takes a range of chunks.
+pub(crate) const WARPS_PER_BLOCK: u64 = (BLOCK / 32) as u64;
+/// Words of the kernel's `Scratch` struct: 68 digits, flags, max, counter, pending, scale,
+/// coefficient.
+pub(crate) const STATE_WORDS: usize = 74;
+/// The words of `Scratch` that must be zero between calls (digits, flags, max, counter, pending);
+/// `scale` and `coefficient` may keep their last values.
+#[cfg_attr(not(feature = "emulation"), allow(dead_code))]
+pub(crate) const STATE_ZERO_WORDS: usize = 72;
+/// Words per table entry (the kernel's `Segment`: pointer, length, first chunk, dtype).
+pub(crate) const SEGMENT_WORDS: usize = 4;
+/// The strided kernel takes at most this many (coalesced) dimensions (`MAX_RANK`).
+pub(crate) const MAX_RANK: usize = 8;
+
+// Gradient dtype codes (`DT_*`).
+pub(crate) const DT_F32: u64 = 0;
+pub(crate) const DT_F64: u64 = 1;
+pub(crate) const DT_F16: u64 = 2;
+pub(crate) const DT_BF16: u64 = 3;
+
+/// Bytes per element of a dtype code.
+pub(crate) fn elem_size(dtype: u64) -> u64 {
+    match dtype {
+        DT_F64 => 8,
+        DT_F32 => 4,
+        _ => 2,
+    }
+}
+
+/// The entry points of `kernels/grad_clip.cu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    ReduceInf,
+    ReduceAbs,
+    ReduceSq,
+    ReducePow,
+    Apply,
+    ApplyStrided,
+    SegmentNorms,
+}
+
+impl Kernel {
+    /// Every kernel the host launches (the emulation checks that each is compiled in).
+    #[cfg(test)]
+    pub(crate) const ALL: [Kernel; 7] = [
+        Kernel::ReduceInf,
+        Kernel::ReduceAbs,
+        Kernel::ReduceSq,
+        Kernel::ReducePow,
+        Kernel::Apply,
+        Kernel::ApplyStrided,
+        Kernel::SegmentNorms,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kernel::ReduceInf => "grad_clip_reduce_inf",
+            Kernel::ReduceAbs => "grad_clip_reduce_abs",
+            Kernel::ReduceSq => "grad_clip_reduce_sq",
+            Kernel::ReducePow => "grad_clip_reduce_pow",
+            Kernel::Apply => "grad_clip_apply",
+            Kernel::ApplyStrided => "grad_clip_apply_strided",
+            Kernel::SegmentNorms => "grad_clip_segment_norms",
+        }
+    }
+}
+
+/// One kernel argument, by value, in the kernel's own type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Arg {
+    /// A device address (a pointer parameter).
+    Ptr(u64),
+    U32(u32),
+    U64(u64),
+    F64(f64),
+    /// A struct of four doubles (`Bounds`).
+    F64x4([f64; 4]),
+    /// A struct of sixteen 64-bit words (`StridedView`).
+    U64x16([u64; 16]),
+}
+
+impl Arg {
+    /// The emulation's token for this argument's type (`ArgToken` in `emulation/include/cuda_emu.h`).
+    #[cfg_attr(not(feature = "emulation"), allow(dead_code))]
+    pub(crate) fn token(&self) -> &'static str {
+        match self {
+            Arg::Ptr(_) => "p",
+            Arg::U32(_) => "u",
+            Arg::U64(_) => "U",
+            Arg::F64(_) => "d",
+            Arg::F64x4(_) => "s32",
+            Arg::U64x16(_) => "s128",
+        }
+    }
+}
+
+/// How many blocks a launch wants. The device caps the multi-tensor kernels at what can be
+/// resident at once (they loop over their work); the result never depends on the grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grid {
+    /// One warp per chunk of the multi-tensor kernels.
+    Chunks(u64),
+    /// One thread per item of a grid-stride loop (strided views, segment norms).
+    Items(u64),
+}
+
+impl Grid {
+    /// Blocks for all the work at once, before any cap.
+    pub(crate) fn wanted(self) -> u32 {
+        let blocks = match self {
+            Grid::Chunks(chunks) => chunks.div_ceil(WARPS_PER_BLOCK),
+            Grid::Items(items) => items.div_ceil(BLOCK as u64),
+        };
+        blocks.clamp(1, 65_535) as u32
+    }
+}
+
+/// A kernel launch, ready for any device.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Launch {
+    pub(crate) kernel: Kernel,
+    pub(crate) grid: Grid,
+    pub(crate) args: Vec<Arg>,
+}
+
+impl Launch {
+    /// The argument types, as the emulation spells a kernel's parameter list.
+    #[cfg_attr(not(feature = "emulation"), allow(dead_code))]
+    pub(crate) fn signature(&self) -> String {
+        self.args
+            .iter()
+            .map(Arg::token)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The norm.
+
+/// Which reduction kernel, which power, whether the overflow rescue may be needed.
+pub(crate) struct NormPlan {
+    kernel: Kernel,
+    p: f64,
+    /// Mirrors `cpu::norm`: sums of powers of F64 gradients, or powers above 6, may overflow or
+    /// underflow `f64`; then a second pass divides every element by `max|g|`.
+    pub(crate) rescue: bool,
+}
+
+/// Reduction modes (`MODE_*`), as `grad_clip_segment_norms` takes them.
+const MODE_INF: u32 = 0;
+const MODE_ABS: u32 = 1;
+const MODE_SQ: u32 = 2;
+const MODE_POW: u32 = 3;
+
+impl NormPlan {
+    pub(crate) fn new(norm_type: NormType, set: &GradientSet) -> Self {
+        let (kernel, p) = match norm_type.canonical() {
+            NormType::Inf => {
+                return Self {
+                    kernel: Kernel::ReduceInf,
+                    p: f64::INFINITY,
+                    rescue: false,
+                }
+            }
+            NormType::L1 => (Kernel::ReduceAbs, 1.0),
+            NormType::L2 => (Kernel::ReduceSq, 2.0),
+            NormType::P(p) => (Kernel::ReducePow, p),
+        };
+        Self {
+            kernel,
+            p,
+            rescue: set.powers_may_leave_f64_range(p),
+        }
+    }
+
+    /// The reduction over the `part` of the table at `table`: one launch, and the rescue launch
+    /// (`grad_clip_reduce_pow`, pass 1, a no-op unless pass 0 asks for it) when the plan may need
+    /// it. Writes the norm to `out` (f64 when `out_f64`, else f32) and the coefficient
+    /// `min(1, max_norm / (norm + eps))` to the scratch; with `partials`, also every chunk's
+    /// partial (for [`segment_norms`](Self::segment_norms)).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn reduce(
+        &self,
+        table: u64,
+        part: Part,
+        scratch: u64,
+        out: u64,
+        out_f64: bool,
+        max_norm: f64,
+        eps: f64,
+        partials: Option<u64>,
+    ) -> Vec<Launch> {
+        let args = |pass: u32| {
+            vec![
+                Arg::Ptr(part.segments_ptr(table)),
+                Arg::U32(part.segments),
+                Arg::U64(part.chunks),
+                Arg::Ptr(scratch),
+                Arg::Ptr(out),
+                Arg::U32(out_f64 as u32),
+                Arg::F64(self.p),
+                Arg::U32(pass),
+                Arg::U32(self.rescue as u32),
+                Arg::F64(max_norm),
+                Arg::F64(eps),
+                Arg::Ptr(partials.unwrap_or(0)),
+            ]
+        };
+        let mut launches = vec![Launch {
+            kernel: self.kernel,
+            grid: Grid::Chunks(part.chunks),
+            args: args(0),
+        }];
+        if self.rescue {
+            launches.push(Launch {
+                kernel: Kernel::ReducePow,
+                grid: Grid::Chunks(part.chunks),
+                args: args(1),
+            });
+        }
+        launches
+    }
+
+    /// Per-segment norms (as `f32`, to `out[segment]`) from the chunk partials that
+    /// [`reduce`](Self::reduce) stored. Only for plans without the rescue pass.
+    pub(crate) fn segment_norms(&self, table: u64, part: Part, partials: u64, out: u64) -> Launch {
+        debug_assert!(!self.rescue, "segment norms are not rescued");
+        let mode = match self.kernel {
+            Kernel::ReduceInf => MODE_INF,
+            Kernel::ReduceAbs => MODE_ABS,
+            Kernel::ReduceSq => MODE_SQ,
+            _ => MODE_POW,
+        };
+        Launch {
+            kernel: Kernel::SegmentNorms,
+            grid: Grid::Items(part.segments as u64),
+            args: vec![
+                Arg::Ptr(part.segments_ptr(table)),
+                Arg::U32(part.segments),
+                Arg::U64(part.chunks),
+                Arg::Ptr(partials),
+                Arg::Ptr(out),
+                Arg::U32(mode),
+                Arg::F64(self.p),
+            ],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The element-wise passes.
+
+/// What `grad_clip_apply` does to each element (`OP_*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum ElementOp {
+    /// Multiply by the coefficient (in `f64`, rounded once), unless it is `>= 1`.
+    Scale(Coefficient),
+    /// Clamp into `[-v, v]`, with the bound rounded towards zero in each dtype.
+    Clamp(f64),
+}
+
+/// Where the scale kernel takes its coefficient from (`COEF_*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Coefficient {
+    /// `Scratch::coefficient`, written by the reduction earlier on the stream (the scratch's
+    /// address).
+    Scratch(u64),
+    /// `min(1, max_norm / (norm + eps))` of a 0-d norm of dtype code `dtype` at `ptr`
+    /// (`clip_grads_with_norm_`; a negative or NaN norm gives NaN).
+    Norm {
+        ptr: u64,
+        dtype: u64,
+        max_norm: f64,
+        eps: f64,
+    },
+}
+
+impl ElementOp {
+    /// The kernel arguments after the table: `op, coef_src, coef_kind, max_norm, eps, bounds`.
+    fn args(self) -> [Arg; 6] {
+        const OP_SCALE: u32 = 0;
+        const OP_CLAMP: u32 = 1;
+        const COEF_SCRATCH: u32 = 0;
+        let (op, ptr, kind, max_norm, eps, bounds) = match self {
+            ElementOp::Scale(Coefficient::Scratch(ptr)) => {
+                (OP_SCALE, ptr, COEF_SCRATCH, 0.0, 0.0, [0.0; 4])
+            }
+            ElementOp::Scale(Coefficient::Norm {
+                ptr,
+                dtype,
+                max_norm,
+                eps,
+            }) => {
+                // COEF_NORM_F32 = 1, F64 = 2, F16 = 3, BF16 = 4: one more than the dtype code.
+                (OP_SCALE, ptr, 1 + dtype as u32, max_norm, eps, [0.0; 4])
+            }
+            ElementOp::Clamp(v) => (OP_CLAMP, 0, COEF_SCRATCH, 0.0, 0.0, clamp_bounds(v)),
+        };
+        [
+            Arg::U32(op),
+            Arg::Ptr(ptr),
+            Arg::U32(kind),
+            Arg::F64(max_norm),
+            Arg::F64(eps),
+            Arg::F64x4(bounds),
+        ]
+    }
+
+    /// `grad_clip_apply` over the `part` of the table at `table`; nothing when it is empty.
+    pub(crate) fn apply(self, table: u64, part: Part) -> Option<Launch> {
+        if part.segments == 0 {
+            return None;
+        }
+        let mut args = vec![
+            Arg::Ptr(part.segments_ptr(table)),
+            Arg::U32(part.segments),
+            Arg::U64(part.chunks),
+        ];
+        args.extend(self.args());
+        Some(Launch {
+            kernel: Kernel::Apply,
+            grid: Grid::Chunks(part.chunks),
+            args,
+        })
+    }
+
+    /// `grad_clip_apply_strided` over one non-contiguous view.
+    pub(crate) fn apply_strided(self, target: &StridedTarget) -> Launch {
+        let mut args = vec![
+            Arg::U64(target.ptr),
+            Arg::U32(target.dtype as u32),
+            Arg::U64(target.elements),
+            Arg::U32(target.rank),
+            Arg::U64x16(target.view),
+        ];
+        args.extend(self.args());
+        Launch {
+            kernel: Kernel::ApplyStrided,
+            grid: Grid::Items(target.elements),
+            args,
+        }
+    }
+}
+
+/// The clamp bound for each dtype code, rounded towards zero in that dtype (as
+/// `cpu::round_toward_zero`), as exact `f64` values.
+fn clamp_bounds(v: f64) -> [f64; 4] {
+    let f32_bound = {
+        let n = v as f32;
+        if n as f64 <= v {
+            n
+        } else {
+            f32::from_bits(n.to_bits() - 1)
+        }
+    };
+    let f16_bound = {
+        let n = f16::from_f64(v);
+        if n.to_f64() <= v {
+            n
+        } else {
+            f16::from_bits(n.to_bits() - 1)
+        }
+    };
+    let bf16_bound = {
+        let n = bf16::from_f64(v);
+        if n.to_f64() <= v {
+            n
+        } else {
+            bf16::from_bits(n.to_bits() - 1)
+        }
+    };
+    [f32_bound as f64, v, f16_bound.to_f64(), bf16_bound.to_f64()]
+}

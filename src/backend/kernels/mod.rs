@@ -1,0 +1,350 @@
+//! The host side of the multi-tensor kernels in `kernels/grad_clip.cu`, for any device that runs
+//! them: the real GPU through cudarc ([`cuda`](super::cuda), feature `cuda`) or the kernels compiled
+//! for the CPU ([`emulated`](super::emulated), feature `emulation`).
+//!
+//! Everything that decides *what* the GPU does lives here and is plain Rust: the segment table
+//! ([`table`]), the launches and their argument lists ([`launch`]), and the sequence of each
+//! operation (the functions below). A [`KernelDevice`] only supplies memory and runs launches, so
+//! the emulation exercises the very tables and launch sequences a GPU receives.
+//!
+//! # Launches
+//! Every operation describes all gradients in one table of segments and covers them with one
+//! launch, whatever their number and dtypes:
+//! - norm: `grad_clip_reduce_*` (one launch; a second, `grad_clip_reduce_pow` in rescue mode, only
+//!   when a sum of powers may leave the `f64` range: F64 gradients or `p > 6`, as on the CPU);
+//! - scale: `grad_clip_apply`, which reads the coefficient from device memory and returns at once
+//!   when it is `>= 1`;
+//! - clamp: `grad_clip_apply` too;
+//! - per-tensor norms (`grad_norms`): the reduction also stores each chunk's partial, and
+//!   `grad_clip_segment_norms` combines them per tensor.
+//!
+//! So `clip_grad_norm_` is 2 launches (3 for F64 gradients or `p > 6`) and one copy of the table,
+//! for 1 or 10,000 gradients. Slow paths, each an extra launch per tensor: a non-contiguous
+//! gradient is read through a `.contiguous()` copy (made by candle) for the norm and written by
+//! `grad_clip_apply_strided`.
+//!
+//! # Determinism
+//! Each segment is cut into chunks of [`CHUNK`](launch::CHUNK) elements counted from its first
+//! element, and one warp reduces one chunk into an `f64` partial in an order fixed by the element
+//! indices only. The partials are added on the device into the superaccumulator of `exact_sum.rs`
+//! with integer atomics (exact, so order-independent), and the last block rounds the sum once like
+//! `ExactSum::value`. The norm is therefore bitwise the same for any grid size, block order, order
+//! of `vars` and address alignment (the emulation's tests check each). It is not bitwise the CPU's
+//! norm (the CPU's partials cover other element sets).
+
+pub(crate) mod launch;
+pub(crate) mod table;
+
+use candle_core::{bail, DType, Result, Tensor};
+
+use crate::backend::{nonfinite_error, ClipSettings};
+use crate::gradients::GradientSet;
+use crate::NormType;
+
+use launch::{Coefficient, ElementOp, Launch, NormPlan};
+use table::{contiguous_copies, Operands, Table};
+
+/// Where a tensor's storage starts on the device, and its dtype code (`launch::DT_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Base {
+    pub(crate) ptr: u64,
+    pub(crate) dtype: u64,
+}
+
+/// A device buffer allocated through a [`Session`]: its address, and a handle for reading it back
+/// or turning it into a tensor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Buffer {
+    pub(crate) ptr: u64,
+    pub(crate) id: usize,
+}
+
+/// A device that runs the kernels.
+pub(crate) trait KernelDevice {
+    /// Refuses a call that the device cannot take now (CUDA: under graph capture). Called first,
+    /// before any work for the call is enqueued.
+    fn check_ready(&self) -> Result<()>;
+
+    /// Locks the storages of `tensors` (each storage once) so that they can be neither freed nor
+    /// replaced, and runs `f` with the base of each tensor's storage (in the order of `tensors`)
+    /// and a session for the table, buffers and launches. The launches may write the storages of
+    /// the first `writable` tensors (the gradients), no other (the emulation copies those back,
+    /// and checks that nothing else was written). When `f` fails, nothing it launched may have
+    /// written a gradient.
+    fn with_session<R>(
+        &self,
+        tensors: &[&Tensor],
+        writable: usize,
+        f: impl FnOnce(&mut dyn Session, &[Base]) -> Result<R>,
+    ) -> Result<R>;
+}
+
+/// What the operations need from a device while its storages are locked.
+pub(crate) trait Session {
+    /// Copies the table to the device (without waiting for it); its device address.
+    fn upload(&mut self, words: &[u64]) -> Result<u64>;
+    /// Device address of the kernels' `Scratch` for this thread: zero (but for the last scale and
+    /// coefficient) between calls.
+    fn scratch(&self) -> u64;
+    /// A new, uninitialised device buffer of `len` elements of `dtype` (F32 or F64).
+    fn alloc(&mut self, dtype: DType, len: usize) -> Result<Buffer>;
+    fn launch(&mut self, launch: &Launch) -> Result<()>;
+    /// The buffer's values, read back to the host (waits for the device).
+    fn read(&mut self, buffer: Buffer) -> Result<Vec<f64>>;
+    /// The buffer as a tensor of `shape` on the gradients' device; the buffer is consumed.
+    fn take_tensor(&mut self, buffer: Buffer, shape: &[usize]) -> Result<Tensor>;
+}
+
+fn launch_all(s: &mut dyn Session, launches: impl IntoIterator<Item = Launch>) -> Result<()> {
+    launches.into_iter().try_for_each(|l| s.launch(&l))
+}
+
+/// The global norm as a 0-d tensor on the device; nothing is read back.
+pub(crate) fn total_norm(
+    dev: &impl KernelDevice,
+    set: &GradientSet,
+    norm_type: NormType,
+) -> Result<Tensor> {
+    dev.check_ready()?;
+    let plan = NormPlan::new(norm_type, set);
+    let copies = contiguous_copies(set)?;
+    let operands = Operands::new(set.grads(), &copies, None);
+    dev.with_session(operands.tensors(), 0, |s, bases| {
+        let mut table = Table::default();
+        let (norm, _) = table.push_norm_inputs(set, &operands, bases);
+        let out_f64 = set.norm_dtype() == DType::F64;
+        let out = s.alloc(set.norm_dtype(), 1)?;
+        let t = s.upload(&table.words)?;
+        let scratch = s.scratch();
+        launch_all(
+            s,
+            plan.reduce(t, norm, scratch, out.ptr, out_f64, f64::INFINITY, 0.0, None),
+        )?;
+        s.take_tensor(out, &[])
+    })
+}
+
+/// Reduce, then scale in place by the coefficient the reduction left on the device.
+pub(crate) fn clip_norm(
+    dev: &impl KernelDevice,
+    set: &GradientSet,
+    settings: ClipSettings,
+) -> Result<Tensor> {
+    dev.check_ready()?;
+    let plan = NormPlan::new(settings.norm_type, set);
+    // Validation first (it fails on gradients that cannot be written), before anything is enqueued.
+    let groups = set.storage_groups()?;
+    let copies = contiguous_copies(set)?;
+    let operands = Operands::new(set.grads(), &copies, None);
+    dev.with_session(operands.tensors(), operands.gradient_count(), |s, bases| {
+        let mut table = Table::default();
+        let (norm, _) = table.push_norm_inputs(set, &operands, bases);
+        let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, Some(norm));
+        let out_f64 = set.norm_dtype() == DType::F64;
+        let out = s.alloc(set.norm_dtype(), 1)?;
+        let t = s.upload(&table.words)?;
+        let scratch = s.scratch();
+        launch_all(
+            s,
+            plan.reduce(
+                t,
+                norm,
+                scratch,
+                out.ptr,
+                out_f64,
+                settings.max_norm,
+                settings.eps,
+                None,
+            ),
+        )?;
+        if settings.error_if_nonfinite {
+            // The one documented host synchronisation: the norm must be known before any write.
+            let norm = s.read(out)?[0];
+            if !norm.is_finite() {
+                return Err(nonfinite_error(norm, settings.norm_type));
+            }
+        }
+        let op = ElementOp::Scale(Coefficient::Scratch(scratch));
+        launch_all(s, op.apply(t, write))?;
+        launch_all(s, strided.iter().map(|target| op.apply_strided(target)))?;
+        s.take_tensor(out, &[])
+    })
+}
+
+/// Scale in place by `min(1, max_norm / (total_norm + eps))`, computed by the scale kernel from the
+/// 0-d `total_norm` on the device (a negative or NaN `total_norm` makes the gradients NaN: it is
+/// never read back).
+pub(crate) fn scale_with_norm(
+    dev: &impl KernelDevice,
+    set: &GradientSet,
+    max_norm: f64,
+    eps: f64,
+    total_norm: &Tensor,
+) -> Result<()> {
+    dev.check_ready()?;
+    let groups = set.storage_groups()?;
+    let norm = match total_norm.dtype() {
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => total_norm.clone(),
+        // Other float dtypes (F8…): converted on the device by candle.
+        _ => total_norm.to_dtype(DType::F32)?,
+    };
+    if !norm.device().same_device(set.device()) {
+        bail!("clip_grads_with_norm_: total_norm must be on the gradients' device")
+    }
+    let operands = Operands::new(set.grads(), &[], Some(&norm));
+    dev.with_session(operands.tensors(), operands.gradient_count(), |s, bases| {
+        let mut table = Table::default();
+        let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, None);
+        let base = bases[operands.extra().expect("the norm was passed")];
+        let op = ElementOp::Scale(Coefficient::Norm {
+            ptr: base.ptr + norm.layout().start_offset() as u64 * launch::elem_size(base.dtype),
+            dtype: base.dtype,
+            max_norm,
+            eps,
+        });
+        let t = s.upload(&table.words)?;
+        launch_all(s, op.apply(t, write))?;
+        launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
+    })
+}
+
+/// Clamp every element into `[-clip_value, clip_value]` in place (bound rounded towards zero in
+/// each gradient's dtype; NaN stays NaN), one launch.
+pub(crate) fn clamp(dev: &impl KernelDevice, set: &GradientSet, clip_value: f64) -> Result<()> {
+    dev.check_ready()?;
+    let groups = set.storage_groups()?;
+    let operands = Operands::new(set.grads(), &[], None);
+    dev.with_session(operands.tensors(), operands.gradient_count(), |s, bases| {
+        let mut table = Table::default();
+        let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, None);
+        let op = ElementOp::Clamp(clip_value);
+        let t = s.upload(&table.words)?;
+        launch_all(s, op.apply(t, write))?;
+        launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
+    })
+}
+
+/// The norm of each gradient of the set on its own, read back in one transfer: the reduction of
+/// the total also stores every chunk's partial, and one more launch combines them per gradient.
+/// `None` when the norm may need the rescue pass (F64 gradients or `p > 6`): the caller then takes
+/// the gradients one at a time.
+pub(crate) fn tensor_norms(
+    dev: &impl KernelDevice,
+    set: &GradientSet,
+    norm_type: NormType,
+) -> Result<Option<Vec<f32>>> {
+    let plan = NormPlan::new(norm_type, set);
+    if plan.rescue {
+        return Ok(None);
+    }
+    dev.check_ready()?;
+    let copies = contiguous_copies(set)?;
+    let operands = Operands::new(set.grads(), &copies, None);
+    dev.with_session(operands.tensors(), 0, |s, bases| {
+        let mut table = Table::default();
+        let (norm, segment_of) = table.push_norm_inputs(set, &operands, bases);
+        let out_f64 = set.norm_dtype() == DType::F64;
+        let out = s.alloc(set.norm_dtype(), 1)?;
+        let partials = s.alloc(DType::F64, norm.chunks.max(1) as usize)?;
+        let per_segment = s.alloc(DType::F32, (norm.segments as usize).max(1))?;
+        let t = s.upload(&table.words)?;
+        let scratch = s.scratch();
+        launch_all(
+            s,
+            plan.reduce(
+                t,
+                norm,
+                scratch,
+                out.ptr,
+                out_f64,
+                f64::INFINITY,
+                0.0,
+                Some(partials.ptr),
+            ),
+        )?;
+        if norm.segments == 0 {
+            return Ok(Some(vec![0.0; segment_of.len()]));
+        }
+        s.launch(&plan.segment_norms(t, norm, partials.ptr, per_segment.ptr))?;
+        let values = s.read(per_segment)?;
+        // An empty gradient has no segment: its norm is 0.
+        Ok(Some(
+            segment_of
+                .iter()
+                .map(|seg| seg.map_or(0.0, |k| values[k as usize] as f32))
+                .collect(),
+        ))
+    })
+}
+
+/// A small map that keeps only the `capacity` most recently used entries: per-thread device state
+/// (CUDA scratch, pinned staging) for the devices a thread used last, so that a program creating
+/// devices in a loop does not keep every old device's buffers alive.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct RecentlyUsed<K, V> {
+    /// Most recently used last.
+    entries: Vec<(K, V)>,
+    capacity: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl<K: PartialEq, V> RecentlyUsed<K, V> {
+    pub(crate) const fn new(capacity: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            capacity,
+        }
+    }
+
+    /// The entry for `key`, made with `make` when absent (evicting the least recently used one
+    /// beyond the capacity); it becomes the most recently used.
+    pub(crate) fn get_or_try_insert(
+        &mut self,
+        key: K,
+        make: impl FnOnce() -> Result<V>,
+    ) -> Result<&mut V> {
+        match self.entries.iter().position(|(k, _)| *k == key) {
+            Some(i) => {
+                let entry = self.entries.remove(i);
+                self.entries.push(entry);
+            }
+            None => {
+                let value = make()?;
+                if self.entries.len() >= self.capacity.max(1) {
+                    self.entries.remove(0);
+                }
+                self.entries.push((key, value));
+            }
+        }
+        Ok(&mut self.entries.last_mut().expect("just pushed").1)
+    }
+
+    #[cfg(test)]
+    fn keys(&self) -> Vec<&K> {
+        self.entries.iter().map(|(k, _)| k).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recently_used_keeps_the_last_entries() {
+        let mut cache = RecentlyUsed::new(2);
+        *cache.get_or_try_insert(1, || Ok(10)).unwrap() += 1;
+        cache.get_or_try_insert(2, || Ok(20)).unwrap();
+        // 1 is used again: 2 becomes the oldest and is evicted by 3.
+        assert_eq!(*cache.get_or_try_insert(1, || Ok(0)).unwrap(), 11);
+        cache.get_or_try_insert(3, || Ok(30)).unwrap();
+        assert_eq!(cache.keys(), vec![&1, &3]);
+        // A failing constructor inserts nothing.
+        assert!(cache
+            .get_or_try_insert(4, || Err(candle_core::Error::Msg("no".into())))
+            .is_err());
+        assert_eq!(cache.keys(), vec![&1, &3]);
+        // Re-created after eviction.
+        assert_eq!(*cache.get_or_try_insert(2, || Ok(21)).unwrap(), 21);
+        assert_eq!(cache.keys(), vec![&3, &2]);
+    }
+}

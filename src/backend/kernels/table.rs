@@ -1,0 +1,258 @@
+//! The segment table: every gradient (or the part of a storage that must be written) as one entry
+//! `(device address, length, first chunk, dtype)` of the kernels' `Segment` array.
+
+use candle_core::{Layout, Result, Tensor};
+
+use crate::gradients::{GradientSet, StorageGroups};
+use crate::layout_runs::union_of_runs;
+
+use super::launch::{elem_size, CHUNK, MAX_RANK, SEGMENT_WORDS};
+use super::Base;
+
+/// The tensors a call hands to the device, in one list: the gradients, then the contiguous
+/// copies made for the norm (one per non-contiguous gradient), then an extra tensor (the norm
+/// given to `clip_grads_with_norm_`). Bases are resolved in this order.
+pub(crate) struct Operands<'t> {
+    grads: &'t [Tensor],
+    /// Index into `all` of each gradient's contiguous copy.
+    copy_of: Vec<Option<usize>>,
+    all: Vec<&'t Tensor>,
+    extra: Option<usize>,
+}
+
+impl<'t> Operands<'t> {
+    pub(crate) fn new(
+        grads: &'t [Tensor],
+        copies: &'t [Option<Tensor>],
+        extra: Option<&'t Tensor>,
+    ) -> Self {
+        let mut all: Vec<&Tensor> = grads.iter().collect();
+        let copy_of = copies
+            .iter()
+            .map(|c| {
+                c.as_ref().map(|c| {
+                    all.push(c);
+                    all.len() - 1
+                })
+            })
+            .collect();
+        let extra = extra.map(|t| {
+            all.push(t);
+            all.len() - 1
+        });
+        Self {
+            grads,
+            copy_of,
+            all,
+            extra,
+        }
+    }
+
+    pub(crate) fn tensors(&self) -> &[&'t Tensor] {
+        &self.all
+    }
+
+    /// Index of the extra tensor in [`tensors`](Self::tensors).
+    pub(crate) fn extra(&self) -> Option<usize> {
+        self.extra
+    }
+
+    /// How many of the tensors are gradients (they come first).
+    pub(crate) fn gradient_count(&self) -> usize {
+        self.grads.len()
+    }
+}
+
+/// A contiguous copy of every non-contiguous, non-empty gradient (the slow path of the norm), made
+/// by candle on the gradients' device before anything is locked.
+pub(crate) fn contiguous_copies(set: &GradientSet) -> Result<Vec<Option<Tensor>>> {
+    set.grads()
+        .iter()
+        .map(|g| {
+            if g.layout().contiguous_offsets().is_some() || g.elem_count() == 0 {
+                Ok(None)
+            } else {
+                g.contiguous().map(Some)
+            }
+        })
+        .collect()
+}
+
+/// The table: a flat array of `Segment`s in two parts (sent once when they are equal).
+#[derive(Default)]
+pub(crate) struct Table {
+    pub(crate) words: Vec<u64>,
+}
+
+/// One part of the table: a run of segments whose chunk indices start at 0.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Part {
+    pub(crate) first_segment: usize,
+    pub(crate) segments: u32,
+    pub(crate) chunks: u64,
+}
+
+impl Part {
+    /// Device address of the part's first segment, in a table copied to `table`.
+    pub(crate) fn segments_ptr(self, table: u64) -> u64 {
+        table + (self.first_segment * SEGMENT_WORDS * 8) as u64
+    }
+}
+
+impl Table {
+    fn start_part(&self) -> Part {
+        Part {
+            first_segment: self.words.len() / SEGMENT_WORDS,
+            ..Part::default()
+        }
+    }
+
+    fn push(&mut self, part: Part, ptr: u64, len: u64, dtype: u64) -> Part {
+        if len == 0 {
+            return part;
+        }
+        self.words
+            .extend_from_slice(&[ptr, len, part.chunks, dtype]);
+        Part {
+            first_segment: part.first_segment,
+            segments: part.segments + 1,
+            chunks: part.chunks + len.div_ceil(CHUNK),
+        }
+    }
+
+    /// The norm's inputs: every gradient view (aliases count as often as they are listed),
+    /// through its contiguous copy when it is not contiguous. Gradients are taken in storage
+    /// order, the order [`push_write_targets`](Self::push_write_targets) uses, so that the two
+    /// parts coincide (one table) in the common case; the norm does not depend on the order.
+    ///
+    /// Returns the part and, for each gradient, its segment in the part (`None` for an empty one).
+    pub(crate) fn push_norm_inputs(
+        &mut self,
+        set: &GradientSet,
+        operands: &Operands<'_>,
+        bases: &[Base],
+    ) -> (Part, Vec<Option<u32>>) {
+        let mut part = self.start_part();
+        let mut segment_of = vec![None; operands.gradient_count()];
+        for group in set.group_by_storage().iter() {
+            for &i in group {
+                let index = operands.copy_of[i].unwrap_or(i);
+                let tensor = operands.all[index];
+                if let Some((start, end)) = tensor.layout().contiguous_offsets() {
+                    let base = bases[index];
+                    let ptr = base.ptr + start as u64 * elem_size(base.dtype);
+                    let before = part.segments;
+                    part = self.push(part, ptr, (end - start) as u64, base.dtype);
+                    if part.segments > before {
+                        segment_of[i] = Some(before);
+                    }
+                }
+            }
+        }
+        (part, segment_of)
+    }
+
+    /// The elements every gradient's storage group must have written, exactly once each:
+    /// a single contiguous view becomes one segment; a single strided view is returned for the
+    /// strided kernel (or, above [`MAX_RANK`] dimensions, becomes its runs); views that share a
+    /// storage become the union of their runs, merged into disjoint segments.
+    ///
+    /// When the write part equals the norm part `norm` (every gradient contiguous, none aliasing),
+    /// it is not added again: the returned part is `norm`.
+    pub(crate) fn push_write_targets(
+        &mut self,
+        grads: &[Tensor],
+        groups: &StorageGroups,
+        bases: &[Base],
+        norm: Option<Part>,
+    ) -> (Part, Vec<StridedTarget>) {
+        let mut part = self.start_part();
+        let mut strided = Vec::new();
+        for group in groups.iter() {
+            let base = bases[group[0]];
+            let size = elem_size(base.dtype);
+            if let [i] = group {
+                let layout = grads[*i].layout();
+                if layout.shape().elem_count() == 0 {
+                    continue;
+                }
+                if let Some((start, end)) = layout.contiguous_offsets() {
+                    part = self.push(
+                        part,
+                        base.ptr + start as u64 * size,
+                        (end - start) as u64,
+                        base.dtype,
+                    );
+                    continue;
+                }
+                // `storage_groups` guarantees a lone view does not repeat elements.
+                if let Some(target) = StridedTarget::new(layout, base) {
+                    strided.push(target);
+                    continue;
+                }
+            }
+            for (s, e) in union_of_runs(group.iter().map(|&i| grads[i].layout())) {
+                part = self.push(part, base.ptr + s as u64 * size, (e - s) as u64, base.dtype);
+            }
+        }
+        if let Some(norm) = norm {
+            let words = |p: Part| {
+                p.first_segment * SEGMENT_WORDS
+                    ..(p.first_segment + p.segments as usize) * SEGMENT_WORDS
+            };
+            if norm.segments > 0 && self.words[words(norm)] == self.words[words(part)] {
+                self.words.truncate(part.first_segment * SEGMENT_WORDS);
+                return (norm, strided);
+            }
+        }
+        (part, strided)
+    }
+}
+
+/// One non-contiguous view without repeated elements, for `grad_clip_apply_strided`.
+#[derive(Debug, Clone)]
+pub(crate) struct StridedTarget {
+    pub(crate) ptr: u64,
+    pub(crate) dtype: u64,
+    pub(crate) elements: u64,
+    pub(crate) rank: u32,
+    /// Dims then strides (the kernel's `StridedView`), coalesced, size-1 dims dropped.
+    pub(crate) view: [u64; 2 * MAX_RANK],
+}
+
+impl StridedTarget {
+    fn new(layout: &Layout, base: Base) -> Option<Self> {
+        let mut dims: Vec<u64> = Vec::new();
+        let mut strides: Vec<u64> = Vec::new();
+        for (&d, &s) in layout.dims().iter().zip(layout.stride()) {
+            if d == 1 {
+                continue;
+            }
+            let (d, s) = (d as u64, s as u64);
+            match (dims.last_mut(), strides.last_mut()) {
+                // The outer dim steps over exactly the inner one: one dim.
+                (Some(ld), Some(ls)) if *ls == s * d => {
+                    *ld *= d;
+                    *ls = s;
+                }
+                _ => {
+                    dims.push(d);
+                    strides.push(s);
+                }
+            }
+        }
+        if dims.len() > MAX_RANK {
+            return None;
+        }
+        let mut view = [0u64; 2 * MAX_RANK];
+        view[..dims.len()].copy_from_slice(&dims);
+        view[MAX_RANK..MAX_RANK + strides.len()].copy_from_slice(&strides);
+        Some(Self {
+            ptr: base.ptr + layout.start_offset() as u64 * elem_size(base.dtype),
+            dtype: base.dtype,
+            elements: layout.shape().elem_count() as u64,
+            rank: dims.len() as u32,
+            view,
+        })
+    }
+}
