@@ -103,14 +103,20 @@ pub struct RunLog {
     pub losses: Vec<f32>,
     /// Global L2 gradient norm of each step, before clipping.
     pub norms: Vec<f32>,
-    /// Global L2 gradient norm of each step after clipping (what the optimizer used).
-    pub norms_after: Vec<f32>,
+    /// Global L2 gradient norm of each step before clipping, computed with candle's own ops in
+    /// `f64` ([`l2_norm_with_candle_ops`]): an independent check of `norms`.
+    pub norms_check: Vec<f64>,
+    /// Global L2 gradient norm of each step after clipping (what the optimizer used), computed
+    /// with candle's own ops in `f64`, not with this crate.
+    pub norms_after: Vec<f64>,
     /// Steps where clipping changed the gradients (from `Clipped::clipped_steps`).
     pub clipped_steps: usize,
     /// The first step whose loss or gradient was NaN or infinite; training stops there.
     pub diverged_at: Option<usize>,
     /// Per-layer gradient norms (`grad_norms`) at the step with the largest gradient norm.
     pub layers_at_max: Vec<(String, f32)>,
+    /// Per-layer gradient norms (`grad_norms`) at the first step.
+    pub layers_first: Vec<(String, f32)>,
 }
 
 impl RunLog {
@@ -296,6 +302,25 @@ impl Rnn {
     }
 }
 
+/// The global L2 norm of the gradients of `vars` with candle's own ops, accumulated in `f64`:
+/// `sqrt(Σ g²)` over every element. Independent of this crate, for checking it.
+pub fn l2_norm_with_candle_ops(
+    vars: &[Var],
+    grads: &candle_core::backprop::GradStore,
+) -> Result<f64> {
+    let mut sum = 0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var) {
+            sum += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(sum.sqrt())
+}
+
 /// Part 2: trains the RNN on the adding problem with SGD, clipping the global L2 gradient norm to
 /// `max_norm` (`None`: no clipping). Same `cfg` → same initial weights and same batches.
 pub fn train(
@@ -320,18 +345,21 @@ pub fn train(
         let loss = loss.to_scalar::<f32>()?;
         // Per-layer norms, before `step` clips the gradients in place.
         let layers = grad_norms(&varmap, &grads, NormType::L2)?;
+        let check = l2_norm_with_candle_ops(&vars, &grads)?;
         opt.step(&grads)?;
         let norm = opt
             .last_norm()
             .map_or(Ok(0.0), |n| n.to_dtype(DType::F32)?.to_scalar::<f32>())?;
-        let after = total_norm(&vars, &grads, NormType::L2)?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
+        let after = l2_norm_with_candle_ops(&vars, &grads)?;
+        if log.norms.is_empty() {
+            log.layers_first = layers.clone();
+        }
         if log.norms.is_empty() || norm.is_nan() || norm > log.max_norm() {
             log.layers_at_max = layers;
         }
         log.losses.push(loss);
         log.norms.push(norm);
+        log.norms_check.push(check);
         log.norms_after.push(after);
         progress.inc(1);
         if !loss.is_finite() || !norm.is_finite() {
