@@ -726,6 +726,41 @@ fn infinite_norm_zeroes_finite_elements_by_default() -> Result<()> {
     Ok(())
 }
 
+/// The helper behind the norm checks of every test: an infinite reference admits only that
+/// infinity. (A relative tolerance is infinite too there, and once admitted any finite norm.)
+#[test]
+fn assert_norm_admits_only_the_infinity_for_an_infinite_reference() -> Result<()> {
+    let inf = f64::INFINITY;
+    assert_norm(&Tensor::new(f32::INFINITY, &Device::Cpu)?, inf, 0.0, "F32")?;
+    assert_norm(
+        &Tensor::new(f64::INFINITY, &Device::Cpu)?,
+        inf,
+        1e-12,
+        "F64",
+    )?;
+    for (finite, rel64) in [
+        (Tensor::new(f32::MAX, &Device::Cpu)?, 0.0),
+        (Tensor::new(1f32, &Device::Cpu)?, 1e-12),
+        (Tensor::new(f64::MAX, &Device::Cpu)?, 1e-12),
+        (Tensor::new(f64::MAX, &Device::Cpu)?, 0.0),
+    ] {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            assert_norm(
+                &finite,
+                inf,
+                rel64,
+                "a finite norm against an infinite reference",
+            )
+        }));
+        assert!(
+            outcome.is_err(),
+            "assert_norm accepted {finite} ({:?}) for an infinite reference",
+            finite.dtype()
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn error_if_nonfinite_errors_and_changes_nothing() -> Result<()> {
     for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
