@@ -1,7 +1,7 @@
 //! Exploding gradients in a recurrent network, and how gradient-norm clipping tames them.
 //!
 //! ```text
-//! cargo run --release --example exploding_rnn            # about a minute on 2 CPU cores
+//! cargo run --release --example exploding_rnn            # about 20 s on 2 CPU cores
 //! cargo run --release --example exploding_rnn -- --help  # flags
 //! cargo run --release --features cuda --example exploding_rnn -- --device cuda
 //! ```
@@ -103,14 +103,20 @@ pub struct RunLog {
     pub losses: Vec<f32>,
     /// Global L2 gradient norm of each step, before clipping.
     pub norms: Vec<f32>,
-    /// Global L2 gradient norm of each step after clipping (what the optimizer used).
-    pub norms_after: Vec<f32>,
+    /// Global L2 gradient norm of each step before clipping, computed with candle's own ops in
+    /// `f64` ([`l2_norm_with_candle_ops`]): an independent check of `norms`.
+    pub norms_check: Vec<f64>,
+    /// Global L2 gradient norm of each step after clipping (what the optimizer used), computed
+    /// with candle's own ops in `f64`, not with this crate.
+    pub norms_after: Vec<f64>,
     /// Steps where clipping changed the gradients (from `Clipped::clipped_steps`).
     pub clipped_steps: usize,
     /// The first step whose loss or gradient was NaN or infinite; training stops there.
     pub diverged_at: Option<usize>,
     /// Per-layer gradient norms (`grad_norms`) at the step with the largest gradient norm.
     pub layers_at_max: Vec<(String, f32)>,
+    /// Per-layer gradient norms (`grad_norms`) at the first step.
+    pub layers_first: Vec<(String, f32)>,
 }
 
 impl RunLog {
@@ -296,6 +302,25 @@ impl Rnn {
     }
 }
 
+/// The global L2 norm of the gradients of `vars` with candle's own ops, accumulated in `f64`:
+/// `sqrt(Σ g²)` over every element. Independent of this crate, for checking it.
+pub fn l2_norm_with_candle_ops(
+    vars: &[Var],
+    grads: &candle_core::backprop::GradStore,
+) -> Result<f64> {
+    let mut sum = 0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var) {
+            sum += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(sum.sqrt())
+}
+
 /// Part 2: trains the RNN on the adding problem with SGD, clipping the global L2 gradient norm to
 /// `max_norm` (`None`: no clipping). Same `cfg` → same initial weights and same batches.
 pub fn train(
@@ -320,18 +345,21 @@ pub fn train(
         let loss = loss.to_scalar::<f32>()?;
         // Per-layer norms, before `step` clips the gradients in place.
         let layers = grad_norms(&varmap, &grads, NormType::L2)?;
+        let check = l2_norm_with_candle_ops(&vars, &grads)?;
         opt.step(&grads)?;
         let norm = opt
             .last_norm()
             .map_or(Ok(0.0), |n| n.to_dtype(DType::F32)?.to_scalar::<f32>())?;
-        let after = total_norm(&vars, &grads, NormType::L2)?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
+        let after = l2_norm_with_candle_ops(&vars, &grads)?;
+        if log.norms.is_empty() {
+            log.layers_first = layers.clone();
+        }
         if log.norms.is_empty() || norm.is_nan() || norm > log.max_norm() {
             log.layers_at_max = layers;
         }
         log.losses.push(loss);
         log.norms.push(norm);
+        log.norms_check.push(check);
         log.norms_after.push(after);
         progress.inc(1);
         if !loss.is_finite() || !norm.is_finite() {
@@ -475,6 +503,101 @@ fn bar(steps: usize, label: &str) -> ProgressBar {
     progress
 }
 
+/// Median of `values[start..end]` (`end` clamped to the run's length), `None` for no values.
+fn median(values: &[f32], start: usize, end: usize) -> Result<Option<f64>> {
+    let end = end.min(values.len());
+    if start >= end {
+        return Ok(None);
+    }
+    let mut stats = GradNormStats::new();
+    for v in &values[start..end] {
+        stats.record(&Tensor::new(*v, &Device::Cpu)?)?;
+    }
+    stats.quantile(0.5).map(Some)
+}
+
+/// Prints every number that the README's account of the two runs quotes, so that a reader can
+/// check it.
+fn narrative(cfg: &TrainConfig, max_norm: f64, unclipped: &RunLog, clipped: &RunLog) -> Result<()> {
+    let per_layer = |layers: &[(String, f32)]| -> String {
+        let parts: Vec<String> = layers
+            .iter()
+            .map(|(name, norm)| format!("{name} {norm:.3e}"))
+            .collect();
+        parts.join(", ")
+    };
+    println!("What the runs did, step by step (steps count from 0):");
+    if let (Some(loss), Some(norm)) = (unclipped.losses.first(), unclipped.norms.first()) {
+        println!(
+            "- Step 0, both runs: loss {loss:.4}, gradient norm {norm:.3e} (grad_norms: {}).",
+            per_layer(&unclipped.layers_first)
+        );
+        println!(
+            "- Without clipping, the first SGD step has length lr * norm = {:.3} in weight space.",
+            cfg.lr * *norm as f64
+        );
+    }
+    let first_losses: Vec<String> = unclipped
+        .losses
+        .iter()
+        .take(6)
+        .enumerate()
+        .map(|(i, l)| format!("{i}: {l:.3e}"))
+        .collect();
+    println!("  Its loss at steps {}.", first_losses.join(", "));
+    // A spike: a gradient norm at least 100 times that of the step before.
+    let spikes: Vec<String> = unclipped
+        .norms
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] >= 100.0 * w[0])
+        .map(|(i, w)| format!("step {} {:.2e}", i + 1, w[1]))
+        .collect();
+    println!(
+        "  Gradient-norm spikes (at least 100x the step before): {}.",
+        spikes.join(", ")
+    );
+    if let Some(step) = unclipped.diverged_at {
+        println!(
+            "  Step {step}: loss {:.3e}, gradient norm {:.3e}; training stops there.",
+            unclipped.losses[step], unclipped.norms[step]
+        );
+    }
+    let largest = unclipped.max_norm();
+    if let Some((name, norm)) = unclipped
+        .layers_at_max
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    {
+        let share = (*norm as f64 / largest as f64).powi(2);
+        println!(
+            "  The largest gradient norm, {largest:.3e}, is {:.1} % in {name} (its share of the squared norm).",
+            100.0 * share
+        );
+    }
+    if let Some(norm) = clipped.norms.first() {
+        let coefficient = max_norm / (*norm as f64 + 1e-6);
+        println!(
+            "- With clipping, the first gradient is scaled by max_norm / (norm + 1e-6) = {coefficient:.4e} \
+             (1/{:.1}); every step has length at most lr * max_norm = {:.3}.",
+            1.0 / coefficient,
+            cfg.lr * max_norm
+        );
+    }
+    let mut medians = Vec::new();
+    for (start, end) in [(0, 100), (100, 300), (300, 1000), (1000, cfg.steps)] {
+        if let Some(m) = median(&clipped.norms, start, end)? {
+            let last = end.min(clipped.norms.len()) - 1;
+            medians.push(format!("steps {start}-{last}: {m:.3}"));
+        }
+    }
+    println!(
+        "  Median gradient norm before clipping, {}.",
+        medians.join("; ")
+    );
+    Ok(())
+}
+
 fn yes_no(log: &RunLog) -> String {
     match log.diverged_at {
         Some(step) => format!("yes, NaN/inf at step {step}"),
@@ -568,6 +691,8 @@ pub fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         "Per-layer gradient norms at the largest step without clipping (grad_norms): {}",
         layers.join(", ")
     );
+    println!();
+    narrative(&cfg, args.max_norm, &unclipped, &clipped)?;
 
     let title = format!(
         "tanh RNN on the adding problem, T = {}, SGD lr = {}, initial spectral radius {}",

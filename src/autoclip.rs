@@ -204,8 +204,12 @@ impl AutoClip {
     /// // 1 - 2e-7 (the `eps` of `clip_grad_norm_`; a norm equal to its threshold is "clipped").
     /// let norm = autoclip.clip_(&[w.clone()], &mut grads)?;
     /// assert_eq!(norm.to_scalar::<f32>()?, 5.0);
+    /// // Each element is its product with that coefficient, rounded to f32: one or two ulps below
+    /// // 3 and 4, so the clip is visible (a tolerance of 1e-5 could not tell).
+    /// let c = 5.0 / (5.0 + 1e-6);
     /// let g = grads.get(&w).unwrap().to_vec1::<f32>()?;
-    /// assert!((g[0] - 3.0).abs() < 1e-5 && (g[1] - 4.0).abs() < 1e-5);
+    /// assert_eq!(g, [(3.0 * c) as f32, (4.0 * c) as f32]);
+    /// assert!(g[0] < 3.0 && g[1] < 4.0);
     /// # Ok(()) }
     /// ```
     pub fn clip_(&mut self, vars: &[Var], grads: &mut GradStore) -> Result<Tensor> {

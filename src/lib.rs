@@ -13,11 +13,25 @@
 //! let mut opt = SGD::new(varmap.all_vars(), 0.1)?;
 //!
 //! let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
-//! let loss = model.forward(&x)?.sqr()?.mean_all()?;
+//! let loss = (model.forward(&x)? - 10.0)?.sqr()?.mean_all()?;
 //! let mut grads = loss.backward()?;
+//! # let vars = varmap.all_vars();
+//! # // The global L2 norm with candle's own ops: sqrt of the sum of every squared element.
+//! # let l2 = |grads: &candle_core::backprop::GradStore| -> candle_core::Result<f64> {
+//! #     let mut sum = 0.0;
+//! #     for v in &vars {
+//! #         sum += grads.get(v).unwrap().to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+//! #     }
+//! #     Ok(sum.sqrt())
+//! # };
+//! # let before = l2(&grads)?;
 //! let norm = candle_grad_clip::clip_grad_norm_(&varmap.all_vars(), &mut grads, 1.0)?;
 //! opt.step(&grads)?;
-//! # let _ = norm;
+//! // The norm before clipping, far above 1 here: SGD stepped on gradients scaled to norm 1.
+//! let norm = norm.to_scalar::<f32>()? as f64;
+//! assert!(norm > 10.0);
+//! # assert!((norm - before).abs() <= 1e-6 * before);
+//! # assert!((l2(&grads)? - 1.0 / (1.0 + 1e-6 / before)).abs() < 1e-6);
 //! # Ok(()) }
 //! ```
 //!

@@ -5,8 +5,10 @@ mod common;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
-    clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm, ClipGradNorm, NormType,
+    clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm, ClipGradNorm,
+    ClipSetting, Clipped, ClippedConfig, NormType,
 };
+use candle_nn::{Optimizer, SGD};
 use common::*;
 
 const ALL_NORMS: [NormType; 6] = [
@@ -724,6 +726,41 @@ fn infinite_norm_zeroes_finite_elements_by_default() -> Result<()> {
     Ok(())
 }
 
+/// The helper behind the norm checks of every test: an infinite reference admits only that
+/// infinity. (A relative tolerance is infinite too there, and once admitted any finite norm.)
+#[test]
+fn assert_norm_admits_only_the_infinity_for_an_infinite_reference() -> Result<()> {
+    let inf = f64::INFINITY;
+    assert_norm(&Tensor::new(f32::INFINITY, &Device::Cpu)?, inf, 0.0, "F32")?;
+    assert_norm(
+        &Tensor::new(f64::INFINITY, &Device::Cpu)?,
+        inf,
+        1e-12,
+        "F64",
+    )?;
+    for (finite, rel64) in [
+        (Tensor::new(f32::MAX, &Device::Cpu)?, 0.0),
+        (Tensor::new(1f32, &Device::Cpu)?, 1e-12),
+        (Tensor::new(f64::MAX, &Device::Cpu)?, 1e-12),
+        (Tensor::new(f64::MAX, &Device::Cpu)?, 0.0),
+    ] {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            assert_norm(
+                &finite,
+                inf,
+                rel64,
+                "a finite norm against an infinite reference",
+            )
+        }));
+        assert!(
+            outcome.is_err(),
+            "assert_norm accepted {finite} ({:?}) for an infinite reference",
+            finite.dtype()
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn error_if_nonfinite_errors_and_changes_nothing() -> Result<()> {
     for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
@@ -883,6 +920,164 @@ fn total_norm_argument_must_be_0d() -> Result<()> {
             "unclear message: {msg}"
         );
         assert_eq!(store_bits(&vars, &store)?, before);
+    }
+    Ok(())
+}
+
+/// A setup whose norm (about 1000) is far above the `max_norm` of 1 used with it: any call that
+/// got past validation would visibly rescale (or zero) the gradients.
+fn clean_setup() -> Result<(Vec<Var>, GradStore, Snapshot)> {
+    let (vars, store) = setup(&[
+        f32s(&[30.0, -40.0])?,
+        tensor(&[7.0, 0.5], &[2], DType::F16)?,
+        tensor(&[1e3], &[], DType::F64)?,
+        tensor(&[-2.0, 9.0], &[2], DType::BF16)?,
+    ])?;
+    let before = store_bits(&vars, &store)?;
+    Ok((vars, store, before))
+}
+
+/// README: "`eps` negative or not finite" is refused before anything is written. An infinite or
+/// NaN `eps` that got through would zero the gradients (coefficient `1 / inf`, or NaN taken as 0).
+#[test]
+fn bad_eps_is_an_error_and_changes_nothing() -> Result<()> {
+    for eps in [f64::INFINITY, f64::NAN, f64::NEG_INFINITY, -1.0, -1e-300] {
+        for nt in ALL_NORMS {
+            for error_if_nonfinite in [false, true] {
+                let (vars, mut store, before) = clean_setup()?;
+                let clip = ClipGradNorm::new(1.0)
+                    .norm_type(nt)
+                    .eps(eps)
+                    .error_if_nonfinite(error_if_nonfinite);
+                assert!(clip.validate().is_err(), "eps {eps} validated");
+                let msg = err_msg(clip.clip_(&vars, &mut store), &format!("eps {eps}, {nt}"));
+                assert!(msg.contains("eps"), "unclear message: {msg}");
+                assert_eq!(store_bits(&vars, &store)?, before, "eps {eps}, {nt}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// README: "a `total_norm` that is not a 0-d float tensor" is refused before anything is
+/// written. An integer norm of 5 that got through would scale the gradients by 1 / 5.
+#[test]
+fn non_float_total_norm_is_an_error_and_changes_nothing() -> Result<()> {
+    let int_norms = [
+        Tensor::new(5u8, &Device::Cpu)?,
+        Tensor::new(5u32, &Device::Cpu)?,
+        Tensor::new(5i64, &Device::Cpu)?,
+    ];
+    for n in int_norms {
+        let (vars, mut store, before) = clean_setup()?;
+        let msg = err_msg(
+            clip_grads_with_norm_(&vars, &mut store, 1.0, &n),
+            &format!("{:?} total_norm", n.dtype()),
+        );
+        assert!(msg.contains("float"), "unclear message: {msg}");
+        assert_eq!(store_bits(&vars, &store)?, before, "{:?}", n.dtype());
+    }
+    Ok(())
+}
+
+/// README: "broadcast gradients that repeat elements (candle cannot write them in place)" are
+/// refused before anything is written, by every function that writes and by `Clipped::step`;
+/// the other gradients of the call are not written either. Reading them is fine: the norm counts
+/// every logical element.
+#[test]
+fn broadcast_gradients_are_refused_before_anything_is_written() -> Result<()> {
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        for broadcast_first in [false, true] {
+            let what = format!("{dtype:?}, broadcast first {broadcast_first}");
+            let base = tensor(&[3.0, -4.0], &[1, 2], dtype)?;
+            let broadcast = base.broadcast_as((3, 2))?;
+            assert_eq!(broadcast.stride()[0], 0, "{what}: not a broadcast view");
+            let plain = tensor(&[30.0, 40.0], &[2], dtype)?;
+            let grads = if broadcast_first {
+                [broadcast.clone(), plain.clone()]
+            } else {
+                [plain.clone(), broadcast.clone()]
+            };
+            let (vars, mut store) = setup(&grads)?;
+            let before = store_bits(&vars, &store)?;
+            let base_bits = bits(&base)?;
+            let unchanged = |store: &GradStore, call: &str| -> Result<()> {
+                assert_eq!(store_bits(&vars, store)?, before, "{what}: {call} wrote");
+                assert_eq!(
+                    bits(&base)?,
+                    base_bits,
+                    "{what}: {call} wrote the broadcast source"
+                );
+                Ok(())
+            };
+
+            // Reading: 30² + 40² + 3 · (3² + 4²) = 2575.
+            let values = grad_values(&vars, &store)?;
+            assert_eq!(values.len(), 8);
+            for nt in ALL_NORMS {
+                let n = total_norm(&vars, &store, nt)?;
+                assert_norm(&n, ref_norm(&values, nt.order()), 1e-13, &what)?;
+            }
+
+            let refused = |msg: String, call: &str| {
+                assert!(
+                    msg.contains("broadcast"),
+                    "{what}: {call}: unclear message: {msg}"
+                )
+            };
+            refused(
+                err_msg(clip_grad_norm_(&vars, &mut store, 1.0), &what),
+                "clip_grad_norm_",
+            );
+            unchanged(&store, "clip_grad_norm_")?;
+            for nt in ALL_NORMS {
+                let r = ClipGradNorm::new(1.0)
+                    .norm_type(nt)
+                    .clip_(&vars, &mut store);
+                refused(err_msg(r, &what), "ClipGradNorm::clip_");
+                unchanged(&store, "ClipGradNorm::clip_")?;
+            }
+            let norm = Tensor::new(100f64, &Device::Cpu)?;
+            refused(
+                err_msg(clip_grads_with_norm_(&vars, &mut store, 1.0, &norm), &what),
+                "clip_grads_with_norm_",
+            );
+            unchanged(&store, "clip_grads_with_norm_")?;
+            refused(
+                err_msg(clip_grad_value_(&vars, &mut store, 1.0), &what),
+                "clip_grad_value_",
+            );
+            unchanged(&store, "clip_grad_value_")?;
+
+            // Clipped::step: no gradient clipped, no parameter moved, no step counted.
+            let params: Vec<Var> = grads
+                .iter()
+                .map(|g| Var::ones(g.dims(), dtype, &Device::Cpu))
+                .collect::<Result<_>>()?;
+            let mut store = GradStore::default();
+            for (p, g) in params.iter().zip(&grads) {
+                store.insert(p, g.clone());
+            }
+            let param_bits: Vec<Vec<u64>> = params
+                .iter()
+                .map(|p| bits(p.as_tensor()))
+                .collect::<Result<_>>()?;
+            for setting in [ClipSetting::norm(1.0), ClipSetting::value(1.0)] {
+                let config = ClippedConfig::new(0.1, setting);
+                let mut opt = Clipped::<SGD>::new(params.clone(), config)?;
+                refused(err_msg(opt.step(&store), &what), "Clipped::step");
+                assert_eq!(bits(&base)?, base_bits, "{what}: Clipped::step");
+                assert_eq!(
+                    bits(&plain)?,
+                    before[usize::from(broadcast_first)].clone().unwrap()
+                );
+                for (p, b) in params.iter().zip(&param_bits) {
+                    assert_eq!(&bits(p.as_tensor())?, b, "{what}: a parameter moved");
+                }
+                assert_eq!(opt.steps(), 0);
+                assert!(opt.last_norm().is_none());
+            }
+        }
     }
     Ok(())
 }

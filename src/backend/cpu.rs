@@ -780,7 +780,12 @@ mod tests {
                 let vectorised = unsafe { avx2::sum_squares_f32(&xs) };
                 assert_eq!(generic.to_bits(), vectorised.to_bits(), "len {len}");
             }
+            return;
         }
+        eprintln!(
+            "hand_vectorised_squares_match_the_generic_loop_bitwise: SKIPPED, this CPU lacks \
+             AVX2+FMA (or is not x86_64): the hand-vectorised loop was not compared"
+        );
     }
 
     #[test]
