@@ -1037,12 +1037,24 @@ fn broadcast_gradients_are_refused_before_anything_is_written() -> Result<()> {
                 refused(err_msg(r, &what), "ClipGradNorm::clip_");
                 unchanged(&store, "ClipGradNorm::clip_")?;
             }
+            // Refused even when nothing would be written (the norm, 50.7, is below max_norm), so
+            // that whether a call fails does not depend on the gradients' values.
+            refused(
+                err_msg(clip_grad_norm_(&vars, &mut store, 1e6), &what),
+                "clip_grad_norm_ without clipping",
+            );
+            unchanged(&store, "clip_grad_norm_ without clipping")?;
             let norm = Tensor::new(100f64, &Device::Cpu)?;
             refused(
                 err_msg(clip_grads_with_norm_(&vars, &mut store, 1.0, &norm), &what),
                 "clip_grads_with_norm_",
             );
             unchanged(&store, "clip_grads_with_norm_")?;
+            refused(
+                err_msg(clip_grads_with_norm_(&vars, &mut store, 1e6, &norm), &what),
+                "clip_grads_with_norm_ without clipping",
+            );
+            unchanged(&store, "clip_grads_with_norm_ without clipping")?;
             refused(
                 err_msg(clip_grad_value_(&vars, &mut store, 1.0), &what),
                 "clip_grad_value_",

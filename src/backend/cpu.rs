@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::backend::ElementwiseOp;
 use crate::exact_sum::ExactSum;
-use crate::gradients::{repeats_elements, GradientSet};
+use crate::gradients::{repeats_elements, GradientSet, StorageGroups};
 use crate::layout_runs::{for_each_run, union_of_runs};
 use crate::NormType;
 
@@ -552,9 +552,13 @@ fn root(sum: f64, p: f64) -> f64 {
     }
 }
 
-/// Applies `op` in place to every element of every gradient, each element exactly once.
-pub(crate) fn apply_in_place(set: &GradientSet, op: ElementwiseOp) -> Result<()> {
-    let groups = set.storage_groups()?;
+/// Applies `op` in place to every element of every gradient, each element exactly once; `groups`
+/// are the set's [`storage_groups`](GradientSet::storage_groups).
+pub(crate) fn apply_in_place(
+    set: &GradientSet,
+    groups: &StorageGroups,
+    op: ElementwiseOp,
+) -> Result<()> {
     let grads = set.grads();
     let elements: usize = grads.iter().map(|g| g.elem_count()).sum();
     let parallel = elements >= PARALLEL_MIN_ELEMENTS && rayon::current_num_threads() > 1;

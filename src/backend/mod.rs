@@ -139,6 +139,9 @@ pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Ten
     }
     match set.device() {
         Device::Cpu => {
+            // Gradients that cannot be written are refused whether or not this call clips, as on
+            // CUDA.
+            let groups = set.storage_groups()?;
             let norm = cpu::norm(set, settings.norm_type)?;
             // Finite as returned: an F32 norm tensor overflows above f32::MAX.
             let returned = if set.norm_dtype() == DType::F64 {
@@ -151,7 +154,7 @@ pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Ten
             }
             let coefficient = clip_coefficient(norm, settings.max_norm, settings.eps);
             if needs_scaling(coefficient) {
-                cpu::apply_in_place(set, ElementwiseOp::Scale(coefficient))?;
+                cpu::apply_in_place(set, &groups, ElementwiseOp::Scale(coefficient))?;
             }
             cpu::norm_tensor(norm, set.norm_dtype())
         }
@@ -173,13 +176,14 @@ pub(crate) fn scale_with_norm(
     }
     match set.device() {
         Device::Cpu => {
+            let groups = set.storage_groups()?;
             let norm = total_norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if norm < 0.0 {
                 bail!("clip_grads_with_norm_: total_norm must be >= 0 (a norm), got {norm}; no gradient was modified")
             }
             let coefficient = clip_coefficient(norm, max_norm, eps);
             if needs_scaling(coefficient) {
-                cpu::apply_in_place(set, ElementwiseOp::Scale(coefficient))?;
+                cpu::apply_in_place(set, &groups, ElementwiseOp::Scale(coefficient))?;
             }
             Ok(())
         }
@@ -194,7 +198,11 @@ pub(crate) fn clamp(set: &GradientSet, clip_value: f64) -> Result<()> {
         return r;
     }
     match set.device() {
-        Device::Cpu => cpu::apply_in_place(set, ElementwiseOp::Clamp(clip_value)),
+        Device::Cpu => cpu::apply_in_place(
+            set,
+            &set.storage_groups()?,
+            ElementwiseOp::Clamp(clip_value),
+        ),
         other => unsupported(other),
     }
 }

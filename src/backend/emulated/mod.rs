@@ -665,7 +665,11 @@ mod tests {
                     for part in source.split(marker).skip(1) {
                         let name: String = part.chars().take_while(|&c| c != end).collect();
                         let name = name.trim().to_string();
-                        if name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                        // Upper case: a macro parameter (the body of `REDUCE_ENTRY` itself).
+                        let is_macro_parameter = name.chars().all(|c| !c.is_lowercase());
+                        if !is_macro_parameter
+                            && name.chars().all(|c| c.is_alphanumeric() || c == '_')
+                        {
                             defined.push(name);
                         }
                     }
