@@ -6,6 +6,9 @@
 
 #include "grad_clip.cu"
 
+// Tests of the emulation itself (emu_selftest_*), not product kernels.
+#include "selftest.cu"
+
 extern "C" const cge::KernelEntry* cge_kernel_table(size_t* count) {
     static const cge::KernelEntry table[] = {
         CGE_KERNEL(grad_clip_reduce_inf),
@@ -15,6 +18,12 @@ extern "C" const cge::KernelEntry* cge_kernel_table(size_t* count) {
         CGE_KERNEL(grad_clip_apply),
         CGE_KERNEL(grad_clip_apply_strided),
         CGE_KERNEL(grad_clip_segment_norms),
+        CGE_KERNEL(emu_selftest_convert),
+        CGE_KERNEL(emu_selftest_warp),
+        CGE_KERNEL(emu_selftest_atomics),
+        CGE_KERNEL(emu_selftest_divergent_barrier),
+        CGE_KERNEL(emu_selftest_partial_warp_call),
+        CGE_KERNEL(emu_selftest_deadlock),
     };
     *count = sizeof(table) / sizeof(table[0]);
     return table;

@@ -4,12 +4,22 @@
 #   scripts/gpu-check.sh build   # here (Rust toolchain, no GPU): build the cuda test and bench
 #                                # binaries, strip them, gzip them into .gpu/ (ignored by git)
 #   scripts/gpu-check.sh run     # on the GPU machine (no Rust toolchain), carrying .gpu/: run the
-#                                # tests, the benchmarks and scripts/torch_clip_bench.py, logs
-#                                # under $OUT, and print a summary table
+#                                # tests, the tests again under compute-sanitizer (memcheck,
+#                                # racecheck, synccheck), the benchmarks and
+#                                # scripts/torch_clip_bench.py; logs under $OUT; one summary table
 #
-# The run stops each part at a cap (tests 180 s, benches 180 s, torch 120 s: 8 minutes at most),
-# so that one device call (10 minutes at most, 15 minutes of device time a session) leaves room
-# for a second try: run(command="bash scripts/gpu-check.sh run", carry=[".gpu"], timeout_s=540).
+# The run is sized for one device call with room for a second (device time is 15 minutes a
+# session, the machine's start included): every part stops at a cap (tests 120 s, each sanitizer
+# tool 60 s, benches 120 s, torch 60 s: at most about 7 minutes, usually under 5):
+#   run(command="bash scripts/gpu-check.sh run", carry=[".gpu"], timeout_s=540)
+#
+# `run` fails (and its summary says why) when no GPU is found, when any CUDA test failed or
+# SKIPPED part of itself, or when a sanitizer reported an error. A sanitizer that cannot run on the
+# machine (compute-sanitizer refuses the device under gVisor) is reported as unavailable.
+#
+# Optional, after the summary when GPU_CHECK_VARIANTS=1 (about 2 more minutes): the set A
+# benchmarks again with the kernels rebuilt there by nvcc with other GRAD_CLIP_UNROLL values,
+# loaded through CANDLE_GRAD_CLIP_PTX, to decide the load depth.
 #
 # Stripped, each binary is ~40 MB: together they exceed the 64 MiB that can be carried to a GPU
 # machine, so they travel gzipped (~12 MB each) and are unpacked there.
@@ -62,6 +72,18 @@ build() {
   fi
 }
 
+# Tests small enough to run under a sanitizer within its cap (each tool slows kernels 10-100x).
+SANITIZED_TESTS=(
+  mixed_dtypes_in_one_call
+  huge_tiny_and_nonfinite_values
+  offsets_transposes_and_aliases
+  clip_grads_with_norm_reads_the_norm_on_the_device
+  clip_grad_value_matches_cpu_bitwise
+  empty_tensors
+  grad_norms_match_the_cpu
+  a_negative_given_norm_poisons_the_gradients
+)
+
 run() {
   OUT=${OUT:-/tmp/candle-grad-clip-gpu-out}
   mkdir -p "$OUT"
@@ -99,59 +121,63 @@ EOF
 )
   export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/env.txt"
-  nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" | head -15
+  { date -u; uname -a; nvidia-smi; } 2>&1 | tee "$OUT/nvidia-smi.txt" | head -20
   for f in cuda_tests clip_cuda_bench; do
     echo "== ldd $f"
     ldd "$bin/$f"
-  done 2>&1 | tee "$OUT/ldd.txt"
+  done 2>&1 | tee "$OUT/ldd.txt" | grep -E "not found|==" || true
   if grep -q "not found" "$OUT/ldd.txt"; then
-    echo "WARNING: unresolved libraries (see above)" >&2
+    echo "WARNING: unresolved libraries (see ldd.txt)" >&2
   fi
 
   echo "== tests"
-  timeout 180 "$bin/cuda_tests" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log"
+  # No CANDLE_GRAD_CLIP_ALLOW_NO_GPU here: without a GPU every test fails.
+  timeout 120 "$bin/cuda_tests" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log"
   local tests_rc=${PIPESTATUS[0]}
   echo "tests exit status: $tests_rc"
 
+  echo "== compute-sanitizer"
+  local tool
+  for tool in memcheck racecheck synccheck; do
+    echo "-- $tool"
+    timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 86 \
+      "$bin/cuda_tests" --test-threads=1 "${SANITIZED_TESTS[@]}" >"$OUT/sanitizer-$tool.log" 2>&1
+    echo "exit status $?" >>"$OUT/sanitizer-$tool.log"
+    tail -3 "$OUT/sanitizer-$tool.log"
+  done
+
   echo "== benchmarks"
-  CRITERION_HOME=/tmp/criterion timeout 180 "$bin/clip_cuda_bench" --bench 2>&1 | tee "$OUT/bench.log"
+  CRITERION_HOME=/tmp/criterion timeout 120 "$bin/clip_cuda_bench" --bench 2>&1 | tee "$OUT/bench.log"
   local bench_rc=${PIPESTATUS[0]}
 
   echo "== torch"
-  timeout 120 python3 "$ROOT/scripts/torch_clip_bench.py" --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.log"
+  PYTHONUNBUFFERED=1 timeout 60 python3 "$ROOT/scripts/torch_clip_bench.py" --min-time 0.5 --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.log"
   local torch_rc=${PIPESTATUS[0]}
 
   echo "== summary"
-  python3 - "$OUT/bench.log" "$OUT/torch.json" "$OUT/tests.log" <<'EOF' | tee "$OUT/summary.txt"
-import json, re, sys
+  python3 "$ROOT/scripts/gpu_check_summary.py" "$OUT" "$tests_rc" "$bench_rc" "$torch_rc" | tee "$OUT/summary.txt"
+  local summary_rc=${PIPESTATUS[0]}
 
-bench_log, torch_json, tests_log = sys.argv[1:4]
-unit = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-ours, name = {}, None
-for line in open(bench_log, errors="replace"):
-    m = re.match(r"^gpu/(\S+)", line.strip())
-    if m:
-        name = m.group(1)
-    m = re.search(r"time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
-    if m and name:
-        ours[name] = float(m.group(1)) * unit[m.group(2)]
-        name = None
-try:
-    torch = json.load(open(torch_json))
-except (OSError, ValueError):
-    torch = {}
-tests = [l for l in open(tests_log, errors="replace") if l.startswith("test result:")]
-print("tests:", tests[-1].strip() if tests else "no result line (see tests.log)")
-print(f"{'set/dtype/case':40s} {'ours us':>10s} {'torch us':>10s} {'torch/ours':>10s}")
-for key in sorted(set(ours) | set(torch)):
-    a, b = ours.get(key), torch.get(key)
-    fa = f"{a * 1e6:10.1f}" if a else f"{'-':>10s}"
-    fb = f"{b * 1e6:10.1f}" if b else f"{'-':>10s}"
-    ratio = f"{b / a:10.2f}" if a and b else f"{'-':>10s}"
-    print(f"{key:40s} {fa} {fb} {ratio}")
-EOF
-  echo "exit status: tests $tests_rc, bench $bench_rc, torch $torch_rc"
-  [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+  if [ "${GPU_CHECK_VARIANTS:-0}" = 1 ]; then
+    variants "$bin"
+  fi
+  return "$summary_rc"
+}
+
+# The set A benchmarks with the kernels rebuilt by the machine's nvcc for other load depths.
+variants() {
+  local bin=$1 unroll
+  for unroll in 2 4 8; do
+    echo "== variant GRAD_CLIP_UNROLL=$unroll"
+    if ! nvcc --ptx -arch=sm_90a --expt-relaxed-constexpr -std=c++17 -O3 -DGRAD_CLIP_UNROLL=$unroll \
+      "$ROOT/kernels/grad_clip.cu" -o "/tmp/grad_clip_u$unroll.ptx"; then
+      echo "nvcc failed for GRAD_CLIP_UNROLL=$unroll"
+      continue
+    fi
+    CANDLE_GRAD_CLIP_PTX=/tmp/grad_clip_u$unroll.ptx CRITERION_HOME=/tmp/criterion-u$unroll \
+      timeout 60 "$bin/clip_cuda_bench" --bench 'set_A' 2>&1 | tee "$OUT/variant-u$unroll.log" |
+      grep -E "^gpu/|time:"
+  done
 }
 
 case "${1:-}" in

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Proves that the emulated kernel tests can fail: plants one bug at a time in a copy of
-# kernels/grad_clip.cu (the clone of this checkout in a temporary folder, never the checkout itself),
-# runs the emulation tests (`cargo test --release --test emulation`) there, and requires each run
-# to FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
+# Proves that the emulated kernel tests can fail: plants one bug at a time in a copy of this
+# checkout (in a temporary folder, never the checkout itself): in a kernel (kernels/grad_clip.cu),
+# caught by the emulation tests (`cargo test --release --test emulation`), or in the emulation's
+# own shim (emulation/), caught by its self-tests (`cargo test --release --lib emulated`). Each run
+# must FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
 #
 #   scripts/plant-kernel-bugs.sh            # every bug below (about a minute each on 2 cores)
 #   scripts/plant-kernel-bugs.sh carry      # only the bugs whose name contains "carry"
@@ -15,14 +16,19 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 FILTER=${1:-}
 
-# name | what the bug is | python expression of (source -> mutated source); must change the text.
+# name | file | what the bug is | python expression of (source -> mutated source); must change the
+# text. Bugs in emulation/ are caught by the library's unit tests, the others by tests/emulation.rs.
 BUGS=(
-  "carry|the superaccumulator drops the add into its second digit|s.replace('add_digit<ATOMIC>(&digits[digit + 1], lo >> 32);', '', 1)"
-  "last-block|the first block to finish (not the last) finalises the norm|s.replace('s_last = done == (u64)gridDim.x - 1;', 's_last = done == 0;', 1)"
-  "early-exit|the scale kernel skips coefficients above 0.5 (not only >= 1)|s.replace('if (c >= 1.0) return;', 'if (c > 0.5) return;', 1)"
-  "segment-walk|a chunk at a segment boundary stays in the previous segment|s.replace('segs[s + 1].chunk_start <= chunk', 'segs[s + 1].chunk_start < chunk', 1)"
-  "barrier|no barrier between the chunk loop and the flush of the block's sums|s.replace('''        }\n    }\n    __syncthreads();\n\n    // Flush''', '''        }\n    }\n\n    // Flush''', 1)"
-  "clamp-store|value clipping stores a vector only when its first element changed|s.replace('return r.v.x != old.v.x || r.v.y != old.v.y || r.v.z != old.v.z || r.v.w != old.v.w;', 'return r.v.x != old.v.x;', 1)"
+  "carry|kernels/grad_clip.cu|the superaccumulator drops the add into its second digit|s.replace('add_digit<ATOMIC>(&digits[digit + 1], lo >> 32);', '', 1)"
+  "last-block|kernels/grad_clip.cu|the first block to finish (not the last) finalises the norm|s.replace('s_last = done == (u64)gridDim.x - 1;', 's_last = done == 0;', 1)"
+  "early-exit|kernels/grad_clip.cu|the scale kernel skips coefficients above 0.5 (not only >= 1)|s.replace('if (c >= 1.0) return;', 'if (c > 0.5) return;', 1)"
+  "segment-walk|kernels/grad_clip.cu|a chunk at a segment boundary stays in the previous segment|s.replace('segs[s + 1].chunk_start <= chunk', 'segs[s + 1].chunk_start < chunk', 1)"
+  "barrier|kernels/grad_clip.cu|no barrier between the chunk loop and the flush of the block's sums|s.replace('''        }\n    }\n    __syncthreads();\n\n    // Flush''', '''        }\n    }\n\n    // Flush''', 1)"
+  "clamp-store|kernels/grad_clip.cu|value clipping stores a vector only when its first element changed|s.replace('return r.v.x != old.v.x || r.v.y != old.v.y || r.v.z != old.v.z || r.v.w != old.v.w;', 'return r.v.x != old.v.x;', 1)"
+  "shfl-own|emulation/include/cuda_emu.h|a shuffle returns the lane's own value|s.replace('    if (use_own) return var;', '    return var;', 1)"
+  "one-slot|emulation/runtime.cpp|warp exchanges use one buffer (a fast lane overwrites values not yet read)|s.replace('(unsigned)(f->warp_calls++ & 1)', '(unsigned)(f->warp_calls++ & 0)', 1)"
+  "no-barrier|emulation/runtime.cpp|__syncthreads does not wait|s.replace('    maybe_release_barrier(b);\\n    yield_blocked();', '    --b->at_barrier;\\n    f->state = FiberState::Ready;\\n    b->push(f->index);\\n    yield_blocked();', 1)"
+  "bf16-truncate|emulation/include/cuda_emu.h|f64 to f16/bf16 truncates instead of rounding|s.replace('    if (rem > half || (rem == half && (q & 1))) q += 1;', '', 1)"
 )
 
 work=$(mktemp -d)
@@ -30,7 +36,7 @@ trap 'rm -rf "$work"' EXIT
 survivors=0
 printf '%-14s %-10s %s\n' "bug" "result" "what"
 for entry in "${BUGS[@]}"; do
-  IFS='|' read -r name what expr <<<"$entry"
+  IFS='|' read -r name file what expr <<<"$entry"
   if [ -n "$FILTER" ] && [[ "$name" != *"$FILTER"* ]]; then
     continue
   fi
@@ -44,21 +50,25 @@ for entry in "${BUGS[@]}"; do
     echo "error: could not rename the package of the copy (Cargo.toml changed?)" >&2
     exit 2
   }
-  python3 - "$copy/kernels/grad_clip.cu" "$expr" <<'EOF'
+  python3 - "$copy/$file" "$expr" <<'EOF'
 import sys
 path, expr = sys.argv[1], sys.argv[2]
 s = open(path).read()
 m = eval(expr, {"s": s})
 if m == s:
-    sys.exit("the bug could not be planted: the kernel source no longer has the text it replaces")
+    sys.exit("the bug could not be planted: " + path + " no longer has the text it replaces")
 open(path, "w").write(m)
 EOF
-  if (cd "$copy" && cargo test --release --test emulation >"$copy.log" 2>&1); then
+  case "$file" in
+    emulation/*) tests=(--lib emulated) ;;
+    *) tests=(--test emulation) ;;
+  esac
+  if (cd "$copy" && cargo test --release "${tests[@]}" >"$copy.log" 2>&1); then
     printf '%-14s %-10s %s\n' "$name" "SURVIVED" "$what"
     survivors=$((survivors + 1))
   elif grep -q "test result: FAILED" "$copy.log"; then
     printf '%-14s %-10s %s (first failing test: %s)\n' "$name" "caught" "$what" \
-      "$(grep -m1 -oE '^test [a-z0-9_]+ \.\.\. FAILED' "$copy.log" | sed 's/^test //; s/ \.\.\. FAILED//')"
+      "$(grep -m1 -oE '^test [a-z0-9_:]+ \.\.\. FAILED' "$copy.log" | sed 's/^test //; s/ \.\.\. FAILED//')"
   elif grep -qE "signal: [0-9]+" "$copy.log"; then
     # The kernel corrupted memory badly enough to kill the test process: caught, loudly.
     printf '%-14s %-10s %s (%s)\n' "$name" "crashed" "$what" "$(grep -m1 -oE 'signal: [0-9]+, [A-Z]+' "$copy.log")"

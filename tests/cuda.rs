@@ -1,13 +1,22 @@
-//! CUDA back end tests (feature `cuda`): the fused kernels against the CPU back end and an `f64`
-//! reference. Every test skips, with a printed reason, when `Device::new_cuda(0)` fails. (Built with
-//! the feature on a machine without a driver, the binary cannot even start: it links libcuda.)
+//! CUDA back end tests (feature `cuda`): the fused kernels against the CPU back end, an `f64`
+//! reference and the host emulation of the same kernels.
+//!
+//! No usable GPU is a **failure**, not a pass: every test calls [`cuda`], which panics when
+//! `Device::new_cuda(0)` fails, unless `CANDLE_GRAD_CLIP_ALLOW_NO_GPU=1` is set (then each test
+//! prints `SKIPPED (no GPU): …` to stderr and returns). A test that cannot run one of its parts on
+//! this GPU (too little memory, …) prints `SKIPPED: <test>: <reason>` to stderr; `scripts/gpu-check.sh
+//! run` counts those lines and fails if there is any. All tests share one device (one PTX load and
+//! JIT per process). Built with the feature on a machine without a driver, the binary cannot even
+//! start: it links libcuda.
 #![cfg(feature = "cuda")]
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
-    clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm, ClipGradNorm, NormType,
+    clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, grad_norms, total_norm, ClipGradNorm,
+    KernelEmulation, NormType,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -23,23 +32,44 @@ const NORMS: [NormType; 7] = [
     NormType::P(2.0),
 ];
 
-fn cuda() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
+/// Set to 1 to let the CUDA tests pass without a GPU (each prints why it skipped).
+const ALLOW_NO_GPU: &str = "CANDLE_GRAD_CLIP_ALLOW_NO_GPU";
+
+/// The GPU shared by every test, or `None` (after saying so on stderr) when there is none and
+/// [`ALLOW_NO_GPU`] allows that. Panics when there is none and skipping is not allowed.
+fn cuda(test: &str) -> Option<Device> {
+    static DEVICE: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
+    match DEVICE.get_or_init(|| Device::new_cuda(0).map_err(|e| e.to_string())) {
+        Ok(d) => Some(d.clone()),
+        Err(e) if std::env::var(ALLOW_NO_GPU).is_ok_and(|v| v == "1") => {
+            loud(&format!("SKIPPED (no GPU): {test}: {e}"));
             None
         }
+        Err(e) => panic!(
+            "no usable CUDA device ({e}); the CUDA tests need a GPU (set {ALLOW_NO_GPU}=1 to skip them)"
+        ),
     }
 }
 
 macro_rules! cuda_or_skip {
-    () => {
-        match cuda() {
+    ($test:expr) => {
+        match cuda($test) {
             Some(d) => d,
             None => return Ok(()),
         }
     };
+}
+
+/// Reports a part of a test that could not run here, loudly (scripts/gpu-check.sh counts these).
+fn skipped(test: &str, reason: &str) {
+    loud(&format!("SKIPPED: {test}: {reason}"));
+}
+
+/// A line on the process's stderr that the test harness does not capture (it captures only the
+/// print macros), so a skip shows even when the test passes.
+fn loud(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Random values, seeded, of magnitudes spread over a few decades.
@@ -82,30 +112,41 @@ fn scalar(t: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()
 }
 
-/// Relative and absolute tolerance of one rounding in `dtype`: a coefficient that differs in its
-/// last bits may move a scaled element by one unit in the last place (absolute for subnormals).
-/// Also covers the CPU's F16/BF16 conversions, which are not always correctly rounded (`half`'s
-/// `from_f64` drops the low 32 bits for BF16, and rounds through `f32` for F16 on x86), while the
-/// kernels round once.
-fn tol(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-13, 0.0),
-        DType::F32 => (3e-7, 1.5e-45),
-        DType::F16 => (1e-3, 6e-8),
-        _ => (8e-3, 1e-40),
-    }
+/// The spacing of `dtype` at |x| (subnormal spacing for tiny values).
+fn ulp(dtype: DType, x: f64) -> f64 {
+    let (mant, min_exp) = match dtype {
+        DType::F16 => (10, -14),
+        DType::BF16 => (7, -126),
+        DType::F32 => (23, -126),
+        _ => (52, -1022),
+    };
+    let a = x.abs();
+    let e = if a == 0.0 || !a.is_finite() {
+        min_exp
+    } else {
+        a.log2().floor() as i32
+    };
+    2f64.powi(e.max(min_exp) - mant)
 }
 
 fn close(a: f64, b: f64, rel: f64) -> bool {
     (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= rel * a.abs().max(b.abs())
 }
 
-fn assert_all_close(got: &[f64], want: &[f64], (rel, abs): (f64, f64), what: &str) {
+/// Elements scaled on two back ends whose norms (and so coefficients) may differ in their last
+/// bits: both products are rounded once from f64 (the CPU's conversions round correctly too), so
+/// they differ by at most one unit in the last place of `dtype` (F64: the norms' own 1e-12).
+fn assert_within_one_ulp(got: &[f64], want: &[f64], dtype: DType, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = if dtype == DType::F64 {
+            w.abs() * 1e-12
+        } else {
+            ulp(dtype, *w)
+        };
         assert!(
-            close(*g, *w, rel) || (g - w).abs() <= abs,
-            "{what}: element {i}: got {g}, want {w}"
+            (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= tol,
+            "{what}: element {i}: got {g:e}, want {w:e} ({dtype:?}, tol {tol:e})"
         );
     }
 }
@@ -142,7 +183,7 @@ const SIZES: [usize; 9] = [1, 3, 7, 31, 4095, 4096, 4097, 70_001, 0];
 
 #[test]
 fn norms_match_cpu_and_f64_reference() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("norms_match_cpu_and_f64_reference");
     let mut rng = StdRng::seed_from_u64(1);
     for dtype in DTYPES {
         let vals: Vec<Vec<f64>> = SIZES
@@ -200,19 +241,14 @@ fn check_clip(grads: &[Tensor], clip: ClipGradNorm, what: &str) -> Result<()> {
     for (i, (v, cv)) in vars.iter().zip(&cvars).enumerate() {
         let got = values(gs.get(v.as_tensor()).unwrap())?;
         let want = values(cgs.get(cv.as_tensor()).unwrap())?;
-        assert_all_close(
-            &got,
-            &want,
-            tol(grads[i].dtype()),
-            &format!("{what}: grad {i}"),
-        );
+        assert_within_one_ulp(&got, &want, grads[i].dtype(), &format!("{what}: grad {i}"));
     }
     Ok(())
 }
 
 #[test]
 fn clip_matches_cpu_for_every_dtype_and_norm() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("clip_matches_cpu_for_every_dtype_and_norm");
     let mut rng = StdRng::seed_from_u64(2);
     for dtype in DTYPES {
         for norm in NORMS {
@@ -232,7 +268,7 @@ fn clip_matches_cpu_for_every_dtype_and_norm() -> Result<()> {
 
 #[test]
 fn no_clip_leaves_gradients_bitwise_unchanged() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("no_clip_leaves_gradients_bitwise_unchanged");
     let mut rng = StdRng::seed_from_u64(3);
     for dtype in DTYPES {
         let grads: Vec<Tensor> = SIZES
@@ -254,7 +290,7 @@ fn no_clip_leaves_gradients_bitwise_unchanged() -> Result<()> {
 
 #[test]
 fn mixed_dtypes_in_one_call() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("mixed_dtypes_in_one_call");
     let mut rng = StdRng::seed_from_u64(4);
     let mut grads = Vec::new();
     for (i, &n) in SIZES.iter().enumerate() {
@@ -279,7 +315,7 @@ fn mixed_dtypes_in_one_call() -> Result<()> {
 
 #[test]
 fn huge_tiny_and_nonfinite_values() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("huge_tiny_and_nonfinite_values");
     let cases: Vec<(DType, Vec<f64>)> = vec![
         // Squares overflow f64: the rescue pass must give a finite norm.
         (DType::F64, vec![1e200, -3e200, 4e200]),
@@ -326,7 +362,7 @@ fn huge_tiny_and_nonfinite_values() -> Result<()> {
 
 #[test]
 fn error_if_nonfinite_modifies_nothing() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("error_if_nonfinite_modifies_nothing");
     for bad in [f64::NAN, f64::INFINITY] {
         for dtype in DTYPES {
             let grads = vec![
@@ -351,13 +387,19 @@ fn error_if_nonfinite_modifies_nothing() -> Result<()> {
         .error_if_nonfinite(true)
         .clip_(&vars, &mut gs)?;
     assert_eq!(scalar(&n)?, 50.0);
-    assert_all_close(&values(&grads[0])?, &[3.0, 4.0], (1e-6, 0.0), "clipped");
+    let c = 5.0 / (50.0 + 1e-6);
+    assert_within_one_ulp(
+        &values(&grads[0])?,
+        &[30.0 * c, 40.0 * c],
+        DType::F32,
+        "clipped",
+    );
     Ok(())
 }
 
 #[test]
 fn empty_tensors() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("empty_tensors");
     let made = (|| -> Result<Vec<Tensor>> {
         Ok(vec![
             Tensor::zeros(0, DType::F32, &dev)?,
@@ -367,7 +409,10 @@ fn empty_tensors() -> Result<()> {
     let empty = match made {
         Ok(t) => t,
         Err(e) => {
-            println!("skipping: candle cannot make empty CUDA tensors here ({e})");
+            skipped(
+                "empty_tensors",
+                &format!("candle cannot make empty CUDA tensors here ({e})"),
+            );
             return Ok(());
         }
     };
@@ -390,7 +435,7 @@ fn empty_tensors() -> Result<()> {
 
 #[test]
 fn one_and_5000_tensors() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("one_and_5000_tensors");
     let mut rng = StdRng::seed_from_u64(5);
     let one = vec![tensor(
         &random_values(&mut rng, 1000, 1.0),
@@ -418,7 +463,7 @@ fn one_and_5000_tensors() -> Result<()> {
 /// (non-contiguous), aliasing one another. Each buffer must be scaled exactly once, as on the CPU.
 #[test]
 fn offsets_transposes_and_aliases() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("offsets_transposes_and_aliases");
     let mut rng = StdRng::seed_from_u64(6);
     for dtype in DTYPES {
         let a_vals = random_values(&mut rng, 64 * 48, 1.0);
@@ -450,10 +495,10 @@ fn offsets_transposes_and_aliases() -> Result<()> {
         clip_grad_norm_(&vars, &mut gs, 0.1)?;
         clip_grad_norm_(&cvars, &mut cgs, 0.1)?;
         for (i, (b, cb)) in bufs.iter().zip(&cbufs).enumerate() {
-            assert_all_close(
+            assert_within_one_ulp(
                 &values(b)?,
                 &values(cb)?,
-                tol(dtype),
+                dtype,
                 &format!("{dtype:?} buffer {i}"),
             );
         }
@@ -474,7 +519,7 @@ fn offsets_transposes_and_aliases() -> Result<()> {
 
 #[test]
 fn norms_are_bitwise_reproducible_and_order_independent() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("norms_are_bitwise_reproducible_and_order_independent");
     let mut rng = StdRng::seed_from_u64(7);
     let vals: Vec<Vec<f64>> = (0..300)
         .map(|i| random_values(&mut rng, 1 + (i * 7919) % 20_000, 1.0))
@@ -522,7 +567,7 @@ fn norms_are_bitwise_reproducible_and_order_independent() -> Result<()> {
 
 #[test]
 fn clip_grads_with_norm_reads_the_norm_on_the_device() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("clip_grads_with_norm_reads_the_norm_on_the_device");
     let mut rng = StdRng::seed_from_u64(8);
     for norm_dtype in DTYPES {
         for dtype in DTYPES {
@@ -537,14 +582,10 @@ fn clip_grads_with_norm_reads_the_norm_on_the_device() -> Result<()> {
             clip_grads_with_norm_(&vars, &mut gs, 2.0, &norm)?;
             clip_grads_with_norm_(&cvars, &mut cgs, 2.0, &norm.to_device(&Device::Cpu)?)?;
             for (g, c) in grads.iter().zip(&cpu_grads) {
-                // Same norm value on both sides: the same coefficient, so F32 and F64 results are
-                // bitwise the CPU's; F16/BF16 within the CPU's conversion error (see `tol`).
+                // Same norm value on both sides: the same coefficient and one correct rounding of
+                // the same f64 product, so every dtype is bitwise the CPU's.
                 let (gv, cv) = (values(g)?, values(c)?);
-                if matches!(dtype, DType::F32 | DType::F64) {
-                    assert!(bits_equal(&gv, &cv), "{norm_dtype:?} {dtype:?}");
-                } else {
-                    assert_all_close(&gv, &cv, tol(dtype), &format!("{norm_dtype:?} {dtype:?}"));
-                }
+                assert!(bits_equal(&gv, &cv), "{norm_dtype:?} {dtype:?}");
             }
             // A norm below max_norm: nothing changes.
             let before: Vec<Vec<f64>> = grads.iter().map(values).collect::<Result<_>>()?;
@@ -564,7 +605,7 @@ fn clip_grads_with_norm_reads_the_norm_on_the_device() -> Result<()> {
 
 #[test]
 fn clip_grad_value_matches_cpu_bitwise() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("clip_grad_value_matches_cpu_bitwise");
     let mut rng = StdRng::seed_from_u64(9);
     for dtype in DTYPES {
         for clip in [0.0, 0.1, 1.0 / 3.0, 1.0, 1e10, f64::INFINITY] {
@@ -591,7 +632,7 @@ fn clip_grad_value_matches_cpu_bitwise() -> Result<()> {
 
 #[test]
 fn concurrent_threads_use_separate_scratch() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("concurrent_threads_use_separate_scratch");
     let handles: Vec<_> = (0..4u64)
         .map(|t| {
             let dev = dev.clone();
@@ -628,18 +669,20 @@ fn concurrent_threads_use_separate_scratch() -> Result<()> {
 /// A bf16 tensor of more than 2^31 elements (64-bit indexing), when the GPU has the memory.
 #[test]
 fn more_than_2_pow_31_elements() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("more_than_2_pow_31_elements");
     let n: usize = (1usize << 31) + 4099;
-    let free = dev
+    let (free, _) = dev
         .as_cuda_device()?
         .cuda_stream()
         .context()
         .mem_get_info()
-        .map(|(free, _)| free)
-        .unwrap_or(0);
+        .map_err(|e| candle_core::Error::Msg(format!("cuMemGetInfo failed: {e:?}")))?;
     // The tensor (4 GiB) twice (cat), plus slack.
     if free < 12 << 30 {
-        println!("skipping: {} GiB free on the GPU, need 12", free >> 30);
+        skipped(
+            "more_than_2_pow_31_elements",
+            &format!("{} GiB free on the GPU, need 12", free >> 30),
+        );
         return Ok(());
     }
     let head = Tensor::ones(n - 1, DType::BF16, &dev)?;
@@ -669,7 +712,7 @@ fn more_than_2_pow_31_elements() -> Result<()> {
 /// returns long before the device is done.
 #[test]
 fn no_host_synchronisation() -> Result<()> {
-    let dev = cuda_or_skip!();
+    let dev = cuda_or_skip!("no_host_synchronisation");
     let mut rng = StdRng::seed_from_u64(10);
     let grads: Vec<Tensor> = (0..200)
         .map(|i| {
@@ -734,6 +777,189 @@ fn no_host_synchronisation() -> Result<()> {
             "{name} seems to wait for the device: returned at {:?} of {total:?}",
             queued + call_time
         );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The emulation against the GPU, and what only a GPU can show.
+
+/// The host emulation computes the GPU's bits: the same kernels, the same tables, and arithmetic
+/// that no compiler may contract (L1, L2 and the max; general `p` uses another `pow`). Clipped
+/// elements then follow bit for bit.
+#[test]
+fn emulation_is_bitwise_the_gpu() -> Result<()> {
+    let dev = cuda_or_skip!("emulation_is_bitwise_the_gpu");
+    let mut rng = StdRng::seed_from_u64(11);
+    for case in 0..6 {
+        let grads: Vec<Tensor> = (0..1 + case * 3)
+            .map(|i| {
+                let n = [1, 31, 4095, 4097, 70_001, 300][(i + case) % 6];
+                let dtype = if case < 4 {
+                    DTYPES[case]
+                } else {
+                    DTYPES[i % 4]
+                };
+                tensor(&random_values(&mut rng, n, 1.0), &[n], dtype, &dev)
+            })
+            .collect::<Result<_>>()?;
+        for norm in [NormType::L1, NormType::L2, NormType::Inf, NormType::P(3.0)] {
+            let clip = ClipGradNorm::new(0.5).norm_type(norm);
+            let cpu_grads = to_cpu(&grads)?;
+            let gpu_grads: Vec<Tensor> = grads.iter().map(|g| g.copy()).collect::<Result<_>>()?;
+            let (vars, mut gs) = store(&gpu_grads)?;
+            let (evars, mut egs) = store(&cpu_grads)?;
+            let gpu_norm = scalar(&clip.clip_(&vars, &mut gs)?)?;
+            let (emu_norm, _) = KernelEmulation::new().run(|| clip.clip_(&evars, &mut egs))?;
+            let emu_norm = scalar(&emu_norm)?;
+            let what = format!("case {case} {norm}");
+            if matches!(norm, NormType::P(_)) {
+                assert!(
+                    close(gpu_norm, emu_norm, 1e-12),
+                    "{what}: gpu {gpu_norm:e} emulated {emu_norm:e}"
+                );
+                continue;
+            }
+            assert_eq!(
+                gpu_norm.to_bits(),
+                emu_norm.to_bits(),
+                "{what}: gpu {gpu_norm:e} emulated {emu_norm:e}"
+            );
+            for (i, (g, e)) in gpu_grads.iter().zip(&cpu_grads).enumerate() {
+                assert!(bits_equal(&values(g)?, &values(e)?), "{what}: grad {i}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Under CUDA graph capture every call is refused before it enqueues anything, even the
+/// `.contiguous()` copy of a transposed gradient: the captured graph stays empty.
+#[test]
+fn graph_capture_is_refused_before_any_work() -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    if cuda("graph_capture_is_refused_before_any_work").is_none() {
+        return Ok(());
+    }
+    let dev = Device::new_cuda_with_stream(0)?;
+    let g = tensor(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3], DType::F32, &dev)?.t()?;
+    let before = values(&g)?;
+    let (vars, mut gs) = store(std::slice::from_ref(&g))?;
+    let stream = dev.as_cuda_device()?.cuda_stream();
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+    let results = [
+        clip_grad_norm_(&vars, &mut gs, 0.1).map(|_| ()),
+        total_norm(&vars, &gs, NormType::L2).map(|_| ()),
+        clip_grad_value_(&vars, &mut gs, 0.1),
+    ];
+    let graph = stream
+        .end_capture(sys::CUgraphInstantiate_flags(0))
+        .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+    for r in results {
+        let msg = r.expect_err("refused under capture").to_string();
+        assert!(msg.contains("CUDA graph"), "{msg}");
+    }
+    if let Some(graph) = graph {
+        let mut nodes = 0usize;
+        // SAFETY: `graph` is a live graph; with a null node array cuGraphGetNodes only writes the
+        // node count to `nodes`.
+        let rc =
+            unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut nodes) };
+        assert_eq!(rc, sys::CUresult::CUDA_SUCCESS);
+        assert_eq!(nodes, 0, "work was captured before the refusal");
+    }
+    assert!(bits_equal(&before, &values(&g)?));
+    Ok(())
+}
+
+#[test]
+fn gradients_on_two_devices_are_refused_and_nothing_is_written() -> Result<()> {
+    let dev = cuda_or_skip!("gradients_on_two_devices_are_refused_and_nothing_is_written");
+    let on_gpu = tensor(&[30.0, 40.0], &[2], DType::F32, &dev)?;
+    let on_cpu = Tensor::new(&[300f32, 400.], &Device::Cpu)?;
+    let (vars, mut gs) = store(&[on_gpu.clone(), on_cpu.clone()])?;
+    let before = (values(&on_gpu)?, values(&on_cpu)?);
+    for r in [
+        clip_grad_norm_(&vars, &mut gs, 1.0).map(|_| ()),
+        clip_grad_value_(&vars, &mut gs, 1.0),
+        total_norm(&vars, &gs, NormType::L2).map(|_| ()),
+    ] {
+        let msg = r.expect_err("two devices").to_string();
+        assert!(msg.contains("different devices"), "{msg}");
+    }
+    assert!(bits_equal(&before.0, &values(&on_gpu)?));
+    assert!(bits_equal(&before.1, &values(&on_cpu)?));
+    Ok(())
+}
+
+/// A negative norm handed to `clip_grads_with_norm_` is never read back on CUDA: the kernel makes
+/// the gradients NaN instead of flipping their signs.
+#[test]
+fn a_negative_given_norm_poisons_the_gradients() -> Result<()> {
+    let dev = cuda_or_skip!("a_negative_given_norm_poisons_the_gradients");
+    for dtype in DTYPES {
+        let g = tensor(&[1.0, -2.0, 3.0], &[3], dtype, &dev)?;
+        let (vars, mut gs) = store(std::slice::from_ref(&g))?;
+        let norm = Tensor::new(-4.0f64, &dev)?.to_dtype(dtype)?;
+        clip_grads_with_norm_(&vars, &mut gs, 1.0, &norm)?;
+        assert!(values(&g)?.iter().all(|x| x.is_nan()), "{dtype:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn grad_norms_match_the_cpu() -> Result<()> {
+    let dev = cuda_or_skip!("grad_norms_match_the_cpu");
+    for dtype in DTYPES {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &dev);
+        let mut rng = StdRng::seed_from_u64(12);
+        let mut grads = GradStore::default();
+        let mut cpu_grads = GradStore::default();
+        for (i, n) in [3usize, 5000, 1, 70_001].into_iter().enumerate() {
+            let var = vb.get(n, &format!("v{i}"))?;
+            let g = tensor(&random_values(&mut rng, n, 1.0), &[n], dtype, &dev)?;
+            cpu_grads.insert(&var, g.to_device(&Device::Cpu)?);
+            grads.insert(&var, g);
+        }
+        for norm in [NormType::L2, NormType::L1, NormType::Inf, NormType::P(3.0)] {
+            let gpu = grad_norms(&varmap, &grads, norm)?;
+            let cpu = grad_norms(&varmap, &cpu_grads, norm)?;
+            assert_eq!(gpu.len(), 4);
+            for ((gn, gv), (cn, cv)) in gpu.iter().zip(&cpu) {
+                assert_eq!(gn, cn);
+                let tol = if norm == NormType::Inf {
+                    0.0
+                } else {
+                    ulp(DType::F32, *cv as f64)
+                };
+                assert!(
+                    ((*gv as f64) - (*cv as f64)).abs() <= tol,
+                    "{dtype:?} {norm} {gn}: gpu {gv}, cpu {cv}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A new device per iteration: the per-thread scratch keeps the 4 most recent, and every call is
+/// still right.
+#[test]
+fn a_new_device_per_iteration() -> Result<()> {
+    if cuda("a_new_device_per_iteration").is_none() {
+        return Ok(());
+    }
+    for i in 0..12 {
+        let dev = Device::new_cuda(0)?;
+        let g = tensor(&[3.0, 4.0], &[2], DType::F32, &dev)?;
+        let (vars, mut gs) = store(std::slice::from_ref(&g))?;
+        let n = clip_grad_norm_(&vars, &mut gs, 1.0)?;
+        assert_eq!(scalar(&n)?, 5.0, "device {i}");
+        let c = 1.0 / (5.0 + 1e-6);
+        assert_within_one_ulp(&values(&g)?, &[3.0 * c, 4.0 * c], DType::F32, "clipped");
     }
     Ok(())
 }

@@ -26,19 +26,51 @@ unsafe extern "C" {
 }
 
 /// Runs `launch` on `grid` blocks of `block` threads; blocks in `order` (shuffles from `seed`).
-pub(super) fn launch(
+///
+/// # Safety
+/// Every device address among the arguments must point to emulated device memory that the kernel
+/// may read and write as its parameter's documentation says, and that no Rust reference aliases
+/// for the duration of the call.
+pub(super) unsafe fn launch(
     launch: &Launch,
     grid: u32,
     block: u32,
     order: BlockOrder,
     seed: u64,
 ) -> Result<()> {
-    let name = CString::new(launch.kernel.name()).expect("kernel names have no NUL");
-    let signature = CString::new(launch.signature()).expect("signatures have no NUL");
+    let signature = launch.signature();
+    // SAFETY: passed on from the caller.
+    unsafe {
+        launch_named(
+            launch.kernel.name(),
+            &signature,
+            &launch.args,
+            grid,
+            block,
+            order,
+            seed,
+        )
+    }
+}
+
+/// [`launch`] of a kernel given by name, with `signature` the tokens of `args`.
+///
+/// # Safety
+/// As [`launch`].
+pub(super) unsafe fn launch_named(
+    name: &str,
+    signature: &str,
+    args: &[Arg],
+    grid: u32,
+    block: u32,
+    order: BlockOrder,
+    seed: u64,
+) -> Result<()> {
+    let name = CString::new(name).expect("kernel names have no NUL");
+    let signature = CString::new(signature).expect("signatures have no NUL");
     // One pointer per argument, at the value in the argument's own type (as cuLaunchKernel's
     // kernelParams).
-    let mut params: Vec<*mut c_void> = launch
-        .args
+    let mut params: Vec<*mut c_void> = args
         .iter()
         .map(|arg| match arg {
             Arg::Ptr(v) | Arg::U64(v) => v as *const u64 as *mut c_void,
@@ -59,11 +91,9 @@ pub(super) fn launch(
     // refuses (returns 1) unless `signature` equals the kernel's parameter list, token for token,
     // so each `params[i]` points at a live value of exactly the type the kernel reads from it
     // (u32, u64 or a pointer-sized u64, f64, or a 32/128-byte struct of f64/u64: the layouts of
-    // `Bounds` and `StridedView`); the values are borrowed from `launch` for the whole call and
-    // only read. The device addresses in them point into the emulated device memory of the calling
-    // session (`DeviceAlloc`s, which no Rust reference aliases while the kernels run) and stay in
-    // it: the segment tables are built from candle's layouts of those storages, and the guard
-    // zones around every allocation are checked afterwards. `err` has `err.len()` writable bytes;
+    // `Bounds` and `StridedView`); the values are borrowed from `args` for the whole call and
+    // only read. The device addresses in them are valid for the kernel (this function's contract).
+    // `err` has `err.len()` writable bytes;
     // the launcher writes a NUL-terminated message that fits. The launcher catches kernel errors
     // itself (no unwinding crosses the boundary).
     let rc = unsafe {
