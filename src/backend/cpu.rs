@@ -427,11 +427,11 @@ struct LockedGradients<'a> {
 }
 
 impl<'a> LockedGradients<'a> {
-    fn lock(set: &'a GradientSet) -> Self {
+    fn lock(set: &'a GradientSet, groups: &StorageGroups) -> Self {
         let grads = set.grads();
         let mut guards = Vec::with_capacity(grads.len());
         let mut views: Vec<Option<(usize, &Layout)>> = vec![None; grads.len()];
-        for group in set.group_by_storage().iter() {
+        for group in groups.iter() {
             let (guard, _) = grads[group[0]].storage_and_layout();
             for &i in group {
                 views[i] = Some((guards.len(), grads[i].layout()));
@@ -512,8 +512,10 @@ impl<'a> LockedGradients<'a> {
 /// (F64 gradients, or `p > 6`) and the sum overflowed or nearly underflowed, the norm is computed
 /// again as `max|g| · (Σ (|g| / max|g|)^p)^(1/p)`: the largest term is exactly 1, so the sum lies
 /// in `[1, n]` for any `p`, and a finite norm is never reported as `inf` or `0`.
-pub(crate) fn norm(set: &GradientSet, norm_type: NormType) -> Result<f64> {
-    let locked = LockedGradients::lock(set);
+/// `groups` are the set's storage groups ([`GradientSet::group_by_storage`], or the validated
+/// [`GradientSet::storage_groups`] of a call that goes on to write).
+pub(crate) fn norm(set: &GradientSet, groups: &StorageGroups, norm_type: NormType) -> Result<f64> {
+    let locked = LockedGradients::lock(set, groups);
     let items = locked.work_items()?;
     let p = match norm_type.canonical() {
         NormType::Inf => return Ok(locked.max_abs(&items)),
@@ -752,7 +754,7 @@ mod tests {
             };
             store.insert(&var, grad);
             let set = GradientSet::collect(&[var], &store).expect("set");
-            norm(&set, NormType::P(p)).expect("norm")
+            norm(&set, &set.group_by_storage(), NormType::P(p)).expect("norm")
         };
         let close = |got: f64, want: f64| (got - want).abs() <= want * 1e-12;
         // (1.5^2000 + 1^2000)^(1/2000) = 1.5 * (1 + (2/3)^2000)^(1/2000) = 1.5 to f64 precision.

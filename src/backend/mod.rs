@@ -107,7 +107,10 @@ pub(crate) fn total_norm(set: &GradientSet, norm_type: NormType) -> Result<Tenso
         return r;
     }
     match set.device() {
-        Device::Cpu => cpu::norm_tensor(cpu::norm(set, norm_type)?, set.norm_dtype()),
+        Device::Cpu => cpu::norm_tensor(
+            cpu::norm(set, &set.group_by_storage(), norm_type)?,
+            set.norm_dtype(),
+        ),
         other => unsupported(other),
     }
 }
@@ -142,7 +145,7 @@ pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Ten
             // Gradients that cannot be written are refused whether or not this call clips, as on
             // CUDA.
             let groups = set.storage_groups()?;
-            let norm = cpu::norm(set, settings.norm_type)?;
+            let norm = cpu::norm(set, &groups, settings.norm_type)?;
             // Finite as returned: an F32 norm tensor overflows above f32::MAX.
             let returned = if set.norm_dtype() == DType::F64 {
                 norm

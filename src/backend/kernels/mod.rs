@@ -107,11 +107,12 @@ pub(crate) fn total_norm(
 ) -> Result<Tensor> {
     dev.check_ready()?;
     let plan = NormPlan::new(norm_type, set);
+    let groups = set.group_by_storage();
     let copies = contiguous_copies(set)?;
     let operands = Operands::new(set.grads(), &copies, None);
     dev.with_session(operands.tensors(), 0, |s, bases| {
         let mut table = Table::default();
-        let (norm, _) = table.push_norm_inputs(set, &operands, bases);
+        let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
         let out_f64 = set.norm_dtype() == DType::F64;
         let out = s.alloc(set.norm_dtype(), 1)?;
         let t = s.upload(&table.words)?;
@@ -138,7 +139,7 @@ pub(crate) fn clip_norm(
     let operands = Operands::new(set.grads(), &copies, None);
     dev.with_session(operands.tensors(), operands.gradient_count(), |s, bases| {
         let mut table = Table::default();
-        let (norm, _) = table.push_norm_inputs(set, &operands, bases);
+        let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
         let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, Some(norm));
         let out_f64 = set.norm_dtype() == DType::F64;
         let out = s.alloc(set.norm_dtype(), 1)?;
@@ -238,11 +239,12 @@ pub(crate) fn tensor_norms(
         return Ok(None);
     }
     dev.check_ready()?;
+    let groups = set.group_by_storage();
     let copies = contiguous_copies(set)?;
     let operands = Operands::new(set.grads(), &copies, None);
     dev.with_session(operands.tensors(), 0, |s, bases| {
         let mut table = Table::default();
-        let (norm, segment_of) = table.push_norm_inputs(set, &operands, bases);
+        let (norm, segment_of) = table.push_norm_inputs(&groups, &operands, bases);
         let out_f64 = set.norm_dtype() == DType::F64;
         let out = s.alloc(set.norm_dtype(), 1)?;
         let partials = s.alloc(DType::F64, norm.chunks.max(1) as usize)?;

@@ -126,15 +126,16 @@ impl Table {
     /// parts coincide (one table) in the common case; the norm does not depend on the order.
     ///
     /// Returns the part and, for each gradient, its segment in the part (`None` for an empty one).
+    /// `groups` are the gradients' storage groups.
     pub(crate) fn push_norm_inputs(
         &mut self,
-        set: &GradientSet,
+        groups: &StorageGroups,
         operands: &Operands<'_>,
         bases: &[Base],
     ) -> (Part, Vec<Option<u32>>) {
         let mut part = self.start_part();
         let mut segment_of = vec![None; operands.gradient_count()];
-        for group in set.group_by_storage().iter() {
+        for group in groups.iter() {
             for &i in group {
                 let index = operands.copy_of[i].unwrap_or(i);
                 let tensor = operands.all[index];
