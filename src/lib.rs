@@ -35,32 +35,37 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The crate is laid out as one mechanism with two back ends:
+//! The crate is laid out as one mechanism with back ends, and the features built on it:
 //! - `gradients`: collect the gradients of the vars from the `GradStore` and validate them;
 //! - `backend`: reduce them to one norm and scale them in place, on the CPU (`backend::cpu`,
-//!   rayon) or on CUDA (`backend::cuda`, fused kernels from `kernels/`, feature `cuda`);
-//! - `exact_sum`: the order-independent exact summation that makes the norm deterministic.
+//!   rayon) or through the multi-tensor kernels of `kernels/` (`backend::kernels`: what they are
+//!   asked to do), run on CUDA (`backend::cuda`, feature `cuda`) or emulated on the CPU
+//!   (`backend::emulated`, feature `emulation`);
+//! - `exact_sum`: the order-independent exact summation that makes the norm deterministic;
+//! - `clip`: the public clipping functions and the norm types;
+//! - `optim`: optimizers ([`Clipped`]);
+//! - `policy`: thresholds decided by the run itself ([`AutoClip`]);
+//! - `stats`: per-layer norms and norm statistics.
 //!
 //! Semantics follow PyTorch's `torch.nn.utils.clip_grad_norm_`; see the README for where and why
 //! they differ.
 
-mod autoclip;
 mod backend;
 mod clip;
 mod exact_sum;
 mod gradients;
 mod layout_runs;
-mod norm_type;
 mod optim;
+mod policy;
 mod stats;
 
+pub use clip::NormType;
 pub use clip::{
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm, ClipGradNorm, DEFAULT_EPS,
 };
-pub use norm_type::NormType;
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
-pub use autoclip::AutoClip;
 pub use optim::{ClipSetting, Clipped, ClippedConfig};
+pub use policy::AutoClip;
 pub use stats::{grad_norms, GradNormStats};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]

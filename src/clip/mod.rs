@@ -1,10 +1,13 @@
 //! The public clipping functions and the [`ClipGradNorm`] builder.
 
+mod norm_type;
+
+pub use norm_type::NormType;
+
 use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 
 use crate::backend::{self, ClipSettings};
 use crate::gradients::GradientSet;
-use crate::NormType;
 
 /// Default `eps` added to the norm before dividing, as in PyTorch.
 ///

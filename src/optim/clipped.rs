@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
-use crate::autoclip::AutoClip;
+use crate::policy::autoclip::{self, AutoClip};
 use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, DEFAULT_EPS};
 
 /// How [`Clipped`] clips the gradients before each step.
@@ -87,9 +87,7 @@ impl ClipSetting {
                 }
                 Ok(())
             }
-            ClipSetting::AutoClip(autoclip) => {
-                crate::autoclip::validate_percentile(autoclip.percentile())
-            }
+            ClipSetting::AutoClip(autoclip) => autoclip::validate_percentile(autoclip.percentile()),
         }
     }
 }
