@@ -32,13 +32,13 @@
 typedef unsigned long long u64;
 typedef unsigned int u32;
 
-// Gradient dtype codes (cuda.rs `dtype_code`).
+// Gradient dtype codes (kernels/launch.rs `DT_*`).
 #define DT_F32 0
 #define DT_F64 1
 #define DT_F16 2
 #define DT_BF16 3
 
-// Reduction modes (cuda.rs `Mode`).
+// Reduction modes (kernels/launch.rs `MODE_*`).
 #define MODE_INF 0 // max |x|
 #define MODE_ABS 1 // sum |x|
 #define MODE_SQ 2  // sum x*x
@@ -58,16 +58,19 @@ struct Segment {
     u64 dtype;       // DT_*
 };
 
-// Per-thread, per-device scratch (cuda.rs `STATE_WORDS`); all zero between calls: the finalising
+// Per-thread, per-device scratch (kernels/launch.rs `STATE_WORDS`); all zero between calls: the finalising
 // block resets what it consumed.
 struct Scratch {
     u64 digits[DIGITS]; // superaccumulator digits, 32 payload bits in each u64
     u64 flags;          // bit 0: +inf partial seen, bit 1: NaN partial seen
     u64 max_bits;       // max |x| as f64 bits (non-negative doubles order as integers; NaN wins)
-    u64 counter;        // blocks of the current launch that are done
+    u64 counter;        // blocks of the current reduction that are done
     u64 pending;        // 1 between a reduction that asked for the rescue pass and that pass
+    u64 step_counter;   // blocks of the current grad_clip_fused_step that are done
+    // Not reset between calls:
     double scale;       // divisor for the rescue pass: the largest |x|
-    double coefficient; // min(1, max_norm / (norm + eps)), read by grad_clip_apply
+    double coefficient; // min(1, max_norm / (norm + eps)) of the last norm, read by the passes
+    u64 nonfinite;      // 1 when the last norm (in f64) was NaN or infinite
 };
 
 struct Bounds {
@@ -372,7 +375,8 @@ __device__ __forceinline__ double clip_coefficient(double norm, double max_norm,
 }
 
 
-__device__ __forceinline__ u32 find_segment(const Segment* segs, u32 n_segs, u64 chunk) {
+template <typename Seg>
+__device__ __forceinline__ u32 find_segment(const Seg* segs, u32 n_segs, u64 chunk) {
     u32 lo = 0, hi = n_segs - 1; // largest s with chunk_start <= chunk
     while (lo < hi) {
         u32 mid = (lo + hi + 1) / 2;
@@ -385,12 +389,13 @@ __device__ __forceinline__ u32 find_segment(const Segment* segs, u32 n_segs, u64
 // The chunks of the calling warp: a contiguous range [chunk, end) of the n_chunks (the ranges of
 // all warps of the grid differ in length by at most one), walked in order along the table. Only
 // the first chunk's segment is searched for; the next ones are found by stepping forward.
-struct WarpChunks {
-    const Segment* segs;
+// `Seg` is any table entry with `len` and `chunk_start` (Segment, UpdateSegment).
+template <typename Seg> struct WarpChunks {
+    const Seg* segs;
     u32 n_segs;
     u32 s;
     u64 chunk, end;
-    __device__ __forceinline__ WarpChunks(const Segment* segs_, u32 n_segs_, u64 n_chunks) : segs(segs_), n_segs(n_segs_), s(0) {
+    __device__ __forceinline__ WarpChunks(const Seg* segs_, u32 n_segs_, u64 n_chunks) : segs(segs_), n_segs(n_segs_), s(0) {
         const u64 warps_per_block = blockDim.x / WARP;
         const u64 total = (u64)gridDim.x * warps_per_block;
         const u64 w = (u64)blockIdx.x * warps_per_block + threadIdx.x / WARP;
@@ -401,9 +406,9 @@ struct WarpChunks {
     }
     __device__ __forceinline__ bool more() const { return chunk < end; }
     // The segment of the current chunk, and the chunk's first element and length in it.
-    __device__ __forceinline__ Segment current(u64* start, u64* n) {
+    __device__ __forceinline__ Seg current(u64* start, u64* n) {
         while (s + 1 < n_segs && segs[s + 1].chunk_start <= chunk) ++s;
-        const Segment seg = segs[s];
+        const Seg seg = segs[s];
         *start = (chunk - seg.chunk_start) * CHUNK_ELEMS;
         const u64 left = seg.len - *start;
         *n = left < CHUNK_ELEMS ? left : CHUNK_ELEMS;
@@ -449,7 +454,7 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
     const int lane = tid % WARP;
     const bool want_max = rescue != 0;
     if (pass == 1) partials = nullptr;
-    for (WarpChunks w(segs, n_segs, n_chunks); w.more(); w.next()) {
+    for (WarpChunks<Segment> w(segs, n_segs, n_chunks); w.more(); w.next()) {
         u64 start, n;
         const Segment seg = w.current(&start, &n);
         const void* base = (const void*)(seg.ptr + start * elem_bytes(seg.dtype));
@@ -525,6 +530,7 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
     if (out_f64) *(double*)out = norm;
     else *(float*)out = __double2float_rn(norm);
     scratch->coefficient = clip_coefficient(norm, max_norm, eps);
+    scratch->nonfinite = isfinite(norm) ? 0 : 1;
 }
 
 // One entry point per mode, so that the common L2 path gets the registers it needs and no more.
@@ -555,15 +561,19 @@ REDUCE_ENTRY(grad_clip_reduce_pow, MODE_POW)
 #define COEF_NORM_F16 3
 #define COEF_NORM_BF16 4
 
-__device__ __forceinline__ double load_coefficient(const void* src, u32 kind, double max_norm, double eps) {
+// A 0-d norm of kind COEF_NORM_* at `src`, exactly, as f64.
+__device__ __forceinline__ double load_norm(const void* src, u32 kind) {
     switch (kind) {
-    case COEF_SCRATCH: return ((const Scratch*)src)->coefficient;
-    case COEF_NORM_F32: return clip_coefficient((double)*(const float*)src, max_norm, eps);
-    case COEF_NORM_F64: return clip_coefficient(*(const double*)src, max_norm, eps);
-    case COEF_NORM_F16:
-        return clip_coefficient(Tr<DT_F16>::to_f64(*(const unsigned short*)src), max_norm, eps);
-    default: return clip_coefficient(Tr<DT_BF16>::to_f64(*(const unsigned short*)src), max_norm, eps);
+    case COEF_NORM_F32: return (double)*(const float*)src;
+    case COEF_NORM_F64: return *(const double*)src;
+    case COEF_NORM_F16: return Tr<DT_F16>::to_f64(*(const unsigned short*)src);
+    default: return Tr<DT_BF16>::to_f64(*(const unsigned short*)src);
     }
+}
+
+__device__ __forceinline__ double load_coefficient(const void* src, u32 kind, double max_norm, double eps) {
+    if (kind == COEF_SCRATCH) return ((const Scratch*)src)->coefficient;
+    return clip_coefficient(load_norm(src, kind), max_norm, eps);
 }
 
 template <int DT> struct ElemOp {
@@ -650,7 +660,7 @@ extern "C" __global__ void grad_clip_apply(const Segment* __restrict__ segs, u32
         if (c >= 1.0) return;
     }
     const int lane = threadIdx.x % WARP;
-    for (WarpChunks w(segs, n_segs, n_chunks); w.more(); w.next()) {
+    for (WarpChunks<Segment> w(segs, n_segs, n_chunks); w.more(); w.next()) {
         u64 start, n;
         const Segment seg = w.current(&start, &n);
         void* base = (void*)(seg.ptr + start * elem_bytes(seg.dtype));
@@ -700,31 +710,264 @@ extern "C" __global__ void grad_clip_apply_strided(u64 base, u32 dtype, u64 n, u
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-tensor norms (grad_norms): one thread per segment combines the chunk partials that the
+// Per-tensor norms (grad_norms): one warp per segment combines the chunk partials that the
 // reduction stored (`partials`, indexed by chunk) into that segment's norm, exactly as the total is
-// combined (a superaccumulator in the thread's local memory; the max for MODE_INF), and writes it
-// as f32 to out[segment]. Only for plans without the rescue pass (the host checks).
+// combined (a superaccumulator per warp in shared memory, exact with atomics; the max for
+// MODE_INF), and writes it as f32 to out[segment]. Only for plans without the rescue pass (the
+// host checks).
+#define MAX_WARPS 32
 extern "C" __global__ void grad_clip_segment_norms(const Segment* __restrict__ segs, u32 n_segs, u64 n_chunks,
                                                    const double* __restrict__ partials, float* out, u32 mode,
                                                    double p) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n_segs; i += (u64)gridDim.x * blockDim.x) {
+    __shared__ u64 s_digits[MAX_WARPS][DIGITS];
+    __shared__ u32 s_flags[MAX_WARPS];
+    __shared__ u64 s_max[MAX_WARPS];
+    const u64 warps_per_block = blockDim.x / WARP;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    // The same segments for every lane of a warp: the warp calls below are reached by all lanes.
+    for (u64 i = (u64)blockIdx.x * warps_per_block + warp; i < n_segs; i += (u64)gridDim.x * warps_per_block) {
+        for (int d = lane; d < DIGITS; d += WARP) s_digits[warp][d] = 0;
+        if (lane == 0) {
+            s_flags[warp] = 0;
+            s_max[warp] = 0;
+        }
+        __syncwarp();
         const u64 first = segs[i].chunk_start;
         const u64 last = i + 1 < n_segs ? segs[i + 1].chunk_start : n_chunks;
-        double norm;
-        if (mode == MODE_INF) {
-            u64 m = 0;
-            for (u64 c = first; c < last; ++c) {
-                const u64 b = (u64)__double_as_longlong(partials[c]);
-                m = b > m ? b : m;
-            }
-            norm = __longlong_as_double((long long)m);
-        } else {
-            u64 digits[DIGITS];
-            for (int d = 0; d < DIGITS; ++d) digits[d] = 0;
-            u32 flags = 0;
-            for (u64 c = first; c < last; ++c) exact_add<false>(digits, &flags, partials[c]);
-            norm = root(exact_value(digits, flags), p);
+        for (u64 c = first + lane; c < last; c += WARP) {
+            if (mode == MODE_INF) atomicMax(&s_max[warp], (u64)__double_as_longlong(partials[c]));
+            else exact_add<true>(s_digits[warp], &s_flags[warp], partials[c]);
         }
-        out[i] = __double2float_rn(norm);
+        __syncwarp();
+        if (lane == 0) {
+            const double norm = mode == MODE_INF ? __longlong_as_double((long long)s_max[warp])
+                                                 : root(exact_value(s_digits[warp], s_flags[warp]), p);
+            out[i] = __double2float_rn(norm);
+        }
+        __syncwarp();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused optimizer steps (src/backend/update.rs; the CPU twin is src/backend/cpu/update.rs): one
+// pass over every (parameter, gradient, state) of a table, the clip folded in. The gradient is
+// clipped on the way in exactly as grad_clip_apply would write it, and never written.
+//
+// Arithmetic: F32 and F64 vars compute in their own type with candle's CUDA op sequence, so that
+// a step is bitwise candle_nn::AdamW / SGD on CUDA: candle's `tensor * c` and `tensor + c` are its
+// affine kernel, which nvcc compiles to one fma (x * c + 0, x * 1 + c); sqr, sqrt, add, sub, div
+// are each one IEEE operation. F16 and BF16 vars compute in f32 with f32 state and separate
+// roundings (the CPU twin's sequence, so both back ends agree bitwise), and round the new
+// parameter once. Every operation is spelled as an intrinsic: no compiler may contract them.
+
+#define RULE_ADAMW 0
+#define RULE_SGD 1       // torch.optim.SGD: weight decay, momentum, dampening, Nesterov
+#define RULE_SGD_PLAIN 2 // momentum and weight decay off: p - g * lr, as candle's SGD
+
+#define TRANSFORM_NONE 0
+#define TRANSFORM_SCALE 1 // by the verdict's coefficient when it is below 1 (or NaN)
+#define TRANSFORM_CLAMP 2 // into [-max_norm, max_norm], the bound rounded towards zero per dtype
+
+#define VERDICT_NONE 0    // no reduction ran: nothing clipped, nothing non-finite seen
+#define VERDICT_SCRATCH 1 // the coefficient and non-finite flag the reduction left in the scratch
+#define VERDICT_NORM 2    // a 0-d norm (verdict_src, verdict_kind: COEF_NORM_*)
+
+// The control tensor (I64, src/backend/update.rs): steps, clipped steps, skipped steps, then one
+// flag per var: its state has been updated at least once.
+#define CONTROL_WORDS 3
+
+struct UpdateSegment {
+    u64 param;       // address of the var's first element (dtype `dtype`)
+    u64 grad;        // of its gradient's (same dtype, contiguous)
+    u64 state0;      // of its state tensors (f32, or f64 for F64 vars); 0 without
+    u64 state1;
+    u64 len;         // elements (0 for an empty var: listed for its control flag)
+    u64 chunk_start; // first chunk (of CHUNK_ELEMS elements), as in Segment
+    u64 dtype;       // DT_* of the var and its gradient
+    u64 var;         // the var's index: its flag in the control tensor
+};
+
+struct StepParams {
+    double lr, beta1, beta2, eps, weight_decay, momentum, dampening, nesterov;
+};
+
+template <typename C> struct Arith;
+template <> struct Arith<float> {
+    static __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
+    static __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
+    static __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+    static __device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
+    static __device__ __forceinline__ float sqrt_(float a) { return __fsqrt_rn(a); }
+    static __device__ __forceinline__ float fma_(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+    static __device__ __forceinline__ float from_f64(double d) { return __double2float_rn(d); }
+};
+template <> struct Arith<double> {
+    static __device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
+    static __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
+    static __device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
+    static __device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
+    static __device__ __forceinline__ double sqrt_(double a) { return __dsqrt_rn(a); }
+    static __device__ __forceinline__ double fma_(double a, double b, double c) { return __fma_rn(a, b, c); }
+    static __device__ __forceinline__ double from_f64(double d) { return d; }
+};
+
+// candle's affine `x * mul + add`: one fma for F32/F64 (candle's CUDA kernel), two roundings for
+// the F16/BF16 compute (the CPU twin's).
+template <typename C, bool FUSED> __device__ __forceinline__ C affine(C x, C mul, C add) {
+    typedef Arith<C> A;
+    return FUSED ? A::fma_(x, mul, add) : A::add(A::mul(x, mul), add);
+}
+
+// a^b as Rust's f64::powi computes it on the host (compiler-builtins' __powidf2, the same
+// multiplications in the same order as libgcc's), so that the bias corrections are bitwise
+// candle's.
+__device__ __forceinline__ double powi(double a, int b) {
+    const bool recip = b < 0;
+    unsigned int n = recip ? 0u - (unsigned int)b : (unsigned int)b;
+    double r = 1.0;
+    for (;;) {
+        if (n & 1u) r = __dmul_rn(r, a);
+        n >>= 1;
+        if (n == 0) break;
+        a = __dmul_rn(a, a);
+    }
+    return recip ? __ddiv_rn(1.0, r) : r;
+}
+
+// The rule's constants in the compute type, for step t (as the CPU twin's `Consts::new`).
+template <typename C> struct StepConsts {
+    C b1, omb1, b2, omb2, scale_m, scale_v, eps, decay, lr, mu, omd, wd, zero, one;
+    __device__ __forceinline__ StepConsts(const StepParams& hp, long long t) {
+        typedef Arith<C> A;
+        b1 = A::from_f64(hp.beta1);
+        omb1 = A::from_f64(__dsub_rn(1.0, hp.beta1));
+        b2 = A::from_f64(hp.beta2);
+        omb2 = A::from_f64(__dsub_rn(1.0, hp.beta2));
+        scale_m = A::from_f64(__ddiv_rn(1.0, __dsub_rn(1.0, powi(hp.beta1, (int)t))));
+        scale_v = A::from_f64(__ddiv_rn(1.0, __dsub_rn(1.0, powi(hp.beta2, (int)t))));
+        eps = A::from_f64(hp.eps);
+        decay = A::from_f64(__dsub_rn(1.0, __dmul_rn(hp.lr, hp.weight_decay)));
+        lr = A::from_f64(hp.lr);
+        mu = A::from_f64(hp.momentum);
+        omd = A::from_f64(__dsub_rn(1.0, hp.dampening));
+        wd = A::from_f64(hp.weight_decay);
+        zero = A::from_f64(0.0);
+        one = A::from_f64(1.0);
+    }
+};
+
+// One chunk of one var, element by element (lane, lane + 32, ...).
+template <int DT, typename C, bool FUSED>
+__device__ __forceinline__ void step_chunk(const UpdateSegment& seg, u64 start, u64 n, int lane, u32 rule,
+                                           const StepParams& hp, const StepConsts<C>& k, bool change,
+                                           const ElemOp<DT>& clip, bool has_state) {
+    typedef typename Tr<DT>::raw raw;
+    typedef Arith<C> A;
+    raw* p = (raw*)seg.param + start;
+    const raw* g = (const raw*)seg.grad + start;
+    C* s0 = seg.state0 ? (C*)seg.state0 + start : (C*)0;
+    C* s1 = seg.state1 ? (C*)seg.state1 + start : (C*)0;
+    for (u64 e = lane; e < n; e += WARP) {
+        raw gr = g[e];
+        if (change) gr = clip(gr);
+        const C gc = (C)Tr<DT>::to_f64(gr);
+        const C x = (C)Tr<DT>::to_f64(p[e]);
+        C next;
+        if (rule == RULE_ADAMW) {
+            const C m = A::add(affine<C, FUSED>(s0[e], k.b1, k.zero), affine<C, FUSED>(gc, k.omb1, k.zero));
+            const C v = A::add(affine<C, FUSED>(s1[e], k.b2, k.zero),
+                               affine<C, FUSED>(A::mul(gc, gc), k.omb2, k.zero));
+            const C m_hat = affine<C, FUSED>(m, k.scale_m, k.zero);
+            const C v_hat = affine<C, FUSED>(v, k.scale_v, k.zero);
+            const C adjusted = A::div(m_hat, affine<C, FUSED>(A::sqrt_(v_hat), k.one, k.eps));
+            next = A::sub(affine<C, FUSED>(x, k.decay, k.zero), affine<C, FUSED>(adjusted, k.lr, k.zero));
+            s0[e] = m;
+            s1[e] = v;
+        } else if (rule == RULE_SGD_PLAIN) {
+            next = A::sub(x, affine<C, FUSED>(gc, k.lr, k.zero));
+        } else {
+            C d = gc;
+            if (hp.weight_decay != 0.0) d = A::add(d, A::mul(k.wd, x));
+            if (hp.momentum != 0.0) {
+                const C b = has_state ? A::add(A::mul(s0[e], k.mu), A::mul(k.omd, d)) : d;
+                s0[e] = b;
+                d = hp.nesterov != 0.0 ? A::add(d, A::mul(k.mu, b)) : b;
+            }
+            next = A::sub(x, A::mul(k.lr, d));
+        }
+        p[e] = Tr<DT>::from_f64((double)next);
+    }
+}
+
+template <int DT, typename C, bool FUSED>
+__device__ __forceinline__ void step_chunk_dt(const UpdateSegment& seg, u64 start, u64 n, int lane, u32 rule,
+                                              const StepParams& hp, const StepConsts<C>& k, bool change, u32 op,
+                                              double c, const Bounds& bounds, bool has_state) {
+    const ElemOp<DT> clip(op, c, bounds.b[DT]);
+    step_chunk<DT, C, FUSED>(seg, start, n, lane, rule, hp, k, change, clip, has_state);
+}
+
+// One step over the table: `rule` with `hp`; the gradients clipped by `transform` according to
+// the verdict; nothing changes (but the skipped-step count) when `skip_nonfinite` and the verdict
+// saw a non-finite norm. The step count t (bias corrections) and SGD's "state exists" flags come
+// from the control tensor; the last block to finish updates it, after every block has read it.
+extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict__ segs, u32 n_segs, u64 n_chunks,
+                                                u32 rule, StepParams hp, u32 transform, u32 verdict,
+                                                const void* verdict_src, u32 verdict_kind, double max_norm,
+                                                double eps, Bounds bounds, u32 skip_nonfinite, Scratch* scratch,
+                                                long long* control) {
+    __shared__ int s_last;
+    double c = 1.0, norm = 0.0;
+    bool nonfinite = false;
+    if (verdict == VERDICT_SCRATCH) {
+        c = scratch->coefficient;
+        nonfinite = scratch->nonfinite != 0;
+    } else if (verdict == VERDICT_NORM) {
+        norm = load_norm(verdict_src, verdict_kind);
+        c = clip_coefficient(norm, max_norm, eps);
+        nonfinite = !isfinite(norm);
+    }
+    const bool skip = skip_nonfinite != 0 && nonfinite;
+    const bool clipped = transform == TRANSFORM_SCALE   ? !(c >= 1.0)
+                         : transform == TRANSFORM_CLAMP ? !(norm <= max_norm)
+                                                        : false;
+    // Scale only below 1 (as clip_grad_norm_, which writes nothing otherwise); clamp always.
+    const bool change = transform == TRANSFORM_CLAMP || (transform == TRANSFORM_SCALE && !(c >= 1.0));
+    const u32 op = transform == TRANSFORM_CLAMP ? OP_CLAMP : OP_SCALE;
+    const long long t = control[0] + 1;
+    if (!skip) {
+        const StepConsts<float> kf(hp, t);
+        const StepConsts<double> kd(hp, t);
+        const int lane = threadIdx.x % WARP;
+        for (WarpChunks<UpdateSegment> w(segs, n_segs, n_chunks); w.more(); w.next()) {
+            u64 start, n;
+            const UpdateSegment seg = w.current(&start, &n);
+            const bool has_state = control[CONTROL_WORDS + seg.var] != 0;
+            switch (seg.dtype) {
+            case DT_F32: step_chunk_dt<DT_F32, float, true>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
+            case DT_F64: step_chunk_dt<DT_F64, double, true>(seg, start, n, lane, rule, hp, kd, change, op, c, bounds, has_state); break;
+            case DT_F16: step_chunk_dt<DT_F16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
+            default: step_chunk_dt<DT_BF16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(&scratch->step_counter, 1ull) == (u64)gridDim.x - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const bool has_state_rule = rule == RULE_ADAMW || (rule == RULE_SGD && hp.momentum != 0.0);
+    if (!skip && has_state_rule) {
+        for (u64 i = threadIdx.x; i < n_segs; i += blockDim.x) control[CONTROL_WORDS + segs[i].var] = 1;
+    }
+    if (threadIdx.x == 0) {
+        if (skip) {
+            control[2] += 1;
+        } else {
+            control[0] = t;
+            control[1] += clipped ? 1 : 0;
+        }
+        atomicExch(&scratch->step_counter, 0ull);
     }
 }

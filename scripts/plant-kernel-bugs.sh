@@ -25,6 +25,8 @@ BUGS=(
   "segment-walk|kernels/grad_clip.cu|a chunk at a segment boundary stays in the previous segment|s.replace('segs[s + 1].chunk_start <= chunk', 'segs[s + 1].chunk_start < chunk', 1)"
   "barrier|kernels/grad_clip.cu|no barrier between the chunk loop and the flush of the block's sums|s.replace('''        }\n    }\n    __syncthreads();\n\n    // Flush''', '''        }\n    }\n\n    // Flush''', 1)"
   "clamp-store|kernels/grad_clip.cu|value clipping stores a vector only when its first element changed|s.replace('return r.v.x != old.v.x || r.v.y != old.v.y || r.v.z != old.v.z || r.v.w != old.v.w;', 'return r.v.x != old.v.x;', 1)"
+  "segment-norms|kernels/grad_clip.cu|a tensor's norm in grad_norms reads only its first chunk|s.replace('const u64 last = i + 1 < n_segs ? segs[i + 1].chunk_start : n_chunks;', 'const u64 last = first + 1;', 1)"
+  "empty-no-write|kernels/grad_clip.cu|the reduction writes no norm when there is nothing to reduce|s.replace('    if (pass == 1) {\\n        // Written by the previous launch', '    if (n_chunks == 0) return;\\n    if (pass == 1) {\\n        // Written by the previous launch', 1)"
   "shfl-own|emulation/include/cuda_emu.h|a shuffle returns the lane's own value|s.replace('    if (use_own) return var;', '    return var;', 1)"
   "one-slot|emulation/runtime.cpp|warp exchanges use one buffer (a fast lane overwrites values not yet read)|s.replace('(unsigned)(f->warp_calls++ & 1)', '(unsigned)(f->warp_calls++ & 0)', 1)"
   "no-barrier|emulation/runtime.cpp|__syncthreads does not wait|s.replace('    maybe_release_barrier(b);\\n    yield_blocked();', '    --b->at_barrier;\\n    f->state = FiberState::Ready;\\n    b->push(f->index);\\n    yield_blocked();', 1)"

@@ -18,13 +18,7 @@ impl GradientSet {
             let Some(grad) = store.get(var.as_tensor()) else {
                 continue;
             };
-            match grad.dtype() {
-                DType::F32 | DType::F64 | DType::F16 | DType::BF16 => {}
-                other => bail!(
-                    "gradient of var #{i} (shape {:?}) has dtype {other:?}; gradient clipping supports F32, F64, F16 and BF16",
-                    grad.dims()
-                ),
-            }
+            check_dtype(i, grad)?;
             if let Some(first) = grads.first() {
                 if !first.device().same_device(grad.device()) {
                     bail!(
@@ -35,6 +29,23 @@ impl GradientSet {
                 }
             }
             grads.push(grad.clone());
+        }
+        let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
+        Ok(Self { grads, device })
+    }
+
+    /// A set of gradients given directly (a fused optimizer's), validated as [`collect`](Self::collect)
+    /// validates.
+    pub(crate) fn from_grads(grads: Vec<Tensor>) -> Result<Self> {
+        for (i, grad) in grads.iter().enumerate() {
+            check_dtype(i, grad)?;
+            if !grads[0].device().same_device(grad.device()) {
+                bail!(
+                    "gradients are on different devices: {:?} and {:?} (var #{i})",
+                    grads[0].device().location(),
+                    grad.device().location()
+                )
+            }
         }
         let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
         Ok(Self { grads, device })
@@ -103,6 +114,16 @@ impl GradientSet {
             }
         }
         Ok(groups)
+    }
+}
+
+fn check_dtype(i: usize, grad: &Tensor) -> Result<()> {
+    match grad.dtype() {
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => Ok(()),
+        other => bail!(
+            "gradient of var #{i} (shape {:?}) has dtype {other:?}; gradient clipping supports F32, F64, F16 and BF16",
+            grad.dims()
+        ),
     }
 }
 

@@ -43,7 +43,7 @@
 //!   (`backend::emulated`, feature `emulation`);
 //! - `exact_sum`: the order-independent exact summation that makes the norm deterministic;
 //! - `clip`: the public clipping functions and the norm types;
-//! - `optim`: optimizers ([`Clipped`]);
+//! - `optim`: optimizers ([`Clipped`], [`FusedAdamW`], [`FusedSgd`]);
 //! - `policy`: thresholds decided by the run itself ([`AutoClip`]);
 //! - `stats`: per-layer norms and norm statistics.
 //!
@@ -64,7 +64,7 @@ pub use clip::{
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm, ClipGradNorm, DEFAULT_EPS,
 };
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
-pub use optim::{ClipSetting, Clipped, ClippedConfig};
+pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};
 pub use policy::AutoClip;
 pub use stats::{grad_norms, GradNormStats};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).

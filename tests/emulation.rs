@@ -829,6 +829,65 @@ fn grad_norms_per_tensor_in_one_reduction() -> Result<()> {
     Ok(())
 }
 
+/// `grad_norms` of gradients of several chunks, transposed (read through a contiguous copy) and
+/// aliasing one another: every per-tensor norm against the CPU's.
+#[test]
+fn grad_norms_of_large_strided_and_aliased_gradients() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(13);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let shared = Tensor::from_vec(random_values(&mut rng, 70_001, &[]), 70_001, &Device::Cpu)?
+        .to_dtype(DType::F32)?;
+    let matrix = Tensor::from_vec(
+        random_values(&mut rng, 90 * 70, &[]),
+        (90, 70),
+        &Device::Cpu,
+    )?
+    .to_dtype(DType::BF16)?;
+    let mut grads = GradStore::default();
+    let names = [
+        "a_large",
+        "b_alias_head",
+        "c_alias_tail",
+        "d_transposed",
+        "e_small",
+    ];
+    let views = [
+        Tensor::from_vec(random_values(&mut rng, 12_289, &[]), 12_289, &Device::Cpu)?
+            .to_dtype(DType::F16)?,
+        shared.narrow(0, 0, 50_000)?,
+        shared.narrow(0, 30_001, 40_000)?,
+        matrix.t()?,
+        Tensor::from_vec(random_values(&mut rng, 5, &[]), 5, &Device::Cpu)?.to_dtype(DType::F32)?,
+    ];
+    for (name, view) in names.iter().zip(views) {
+        let var =
+            vb.get_with_hints_dtype(view.dims(), name, candle_nn::Init::Const(0.0), view.dtype())?;
+        grads.insert(&var, view);
+    }
+    for norm in [NormType::L2, NormType::L1, NormType::Inf, NormType::P(3.0)] {
+        let cpu = grad_norms(&varmap, &grads, norm)?;
+        for grid in [1, 3, 64] {
+            let (emulated, log) = emulation(grid, BlockOrder::Concurrent { threads: 2 }, 4)
+                .run(|| grad_norms(&varmap, &grads, norm))?;
+            assert_eq!(kernels(&log)[1..], ["grad_clip_segment_norms"]);
+            for ((en, ev), (cn, cv)) in emulated.iter().zip(&cpu) {
+                assert_eq!(en, cn);
+                let tol = if norm == NormType::Inf {
+                    0.0
+                } else {
+                    ulp(DType::F32, *cv as f64)
+                };
+                assert!(
+                    ((*ev as f64) - (*cv as f64)).abs() <= tol,
+                    "{norm} {en} grid {grid}: emulated {ev}, cpu {cv}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An empty view and a var without gradient in `grad_norms`, and NaN gradients.
 #[test]
 fn grad_norms_of_empty_and_nonfinite_gradients() -> Result<()> {
@@ -850,5 +909,36 @@ fn grad_norms_of_empty_and_nonfinite_gradients() -> Result<()> {
     assert_eq!(norms[0].1, 5.0);
     assert_eq!(norms[1].1, 0.0);
     assert!(norms[2].1.is_nan());
+    Ok(())
+}
+
+/// A `total_norm` that is a view into a gradient's own storage is read before any element is
+/// scaled, as on the CPU, whatever the block order (the kernels read a copy).
+#[test]
+fn a_given_norm_inside_a_gradient_is_read_before_scaling() -> Result<()> {
+    let build = || -> Result<(Tensor, Var, GradStore, Tensor)> {
+        let mut values: Vec<f32> = (0..20_000).map(|i| (i % 7) as f32 - 3.0).collect();
+        values[0] = 40.0; // the "norm": element 0 of the gradient itself
+        let buf = Tensor::from_vec(values, 20_000, &Device::Cpu)?;
+        let var = Var::zeros(20_000, DType::F32, &Device::Cpu)?;
+        let mut store = GradStore::default();
+        store.insert(&var, buf.clone());
+        let norm = buf.narrow(0, 0, 1)?.squeeze(0)?;
+        Ok((buf, var, store, norm))
+    };
+    let (cpu_buf, var, mut store, norm) = build()?;
+    clip_grads_with_norm_(&[var], &mut store, 2.0, &norm)?;
+    let want = bits(&cpu_buf)?;
+    for order in ORDERS {
+        let (buf, var, mut store, norm) = build()?;
+        emulation(64, order, 5)
+            .run(|| clip_grads_with_norm_(std::slice::from_ref(&var), &mut store, 2.0, &norm))?;
+        let got = bits(&buf)?;
+        let first_difference = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(
+            first_difference, None,
+            "{order:?}: elements differ from the CPU's"
+        );
+    }
     Ok(())
 }

@@ -120,11 +120,11 @@ template <typename T> inline T shfl_from(unsigned mask, T var, int src_in_segmen
 #define warpSize 32
 
 #define __syncthreads() ::cge::syncthreads(__LINE__)
-#define __syncwarp(...) ::cge::syncwarp_impl(__LINE__, ##__VA_ARGS__)
 
-namespace cge {
-inline void syncwarp_impl(int line, unsigned mask = 0xffffffffu) { (void)warp_exchange(mask, 0, line); }
-} // namespace cge
+// The call site's line is a default argument (as for the shuffles below).
+inline void __syncwarp(unsigned mask = 0xffffffffu, int line = __builtin_LINE()) {
+    (void)::cge::warp_exchange(mask, 0, line);
+}
 
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
@@ -265,6 +265,7 @@ inline double __dsqrt_rn(double a) { return sqrt(a); }
 inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return sqrtf(a); }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }

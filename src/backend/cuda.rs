@@ -51,7 +51,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Result, Storage, StorageRef, Tensor};
 
 use super::kernels::launch::{
-    Arg, Grid, Kernel, Launch, BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, STATE_WORDS,
+    Arg, Grid, Kernel, Launch, BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, DT_I64, STATE_WORDS,
 };
 use super::kernels::{Base, Buffer, KernelDevice, RecentlyUsed, Session};
 use crate::gradients::storage_key;
@@ -103,7 +103,7 @@ impl KernelDevice for Cuda<'_> {
     fn with_session<R>(
         &self,
         tensors: &[&Tensor],
-        _writable: usize,
+        _writable: std::ops::Range<usize>,
         f: impl FnOnce(&mut dyn Session, &[Base]) -> Result<R>,
     ) -> Result<R> {
         let dev = self.0;
@@ -154,6 +154,16 @@ enum DeviceBuffer {
 }
 
 impl CudaSession<'_> {
+    /// With cudarc's event tracking on, records the buffer's write event now, after the kernels
+    /// that wrote it (the pointer given to them was taken without keeping its guard).
+    fn record_writes(&mut self, buffer: Buffer) {
+        match self.buffers.get_mut(buffer.id).and_then(Option::as_mut) {
+            Some(DeviceBuffer::F32(s)) => drop(s.device_ptr_mut(&self.stream)),
+            Some(DeviceBuffer::F64(s)) => drop(s.device_ptr_mut(&self.stream)),
+            None => {}
+        }
+    }
+
     fn take(&mut self, buffer: Buffer) -> Result<DeviceBuffer> {
         match self.buffers.get_mut(buffer.id).and_then(Option::take) {
             Some(b) => Ok(b),
@@ -200,13 +210,13 @@ impl Session for CudaSession<'_> {
         })
     }
 
-    fn launch(&mut self, launch: &Launch) -> Result<()> {
+    unsafe fn launch(&mut self, launch: &Launch) -> Result<()> {
         let func = self
             .dev
             .get_or_load_custom_func(launch.kernel.name(), MODULE, ptx()?)?;
         let grid = match launch.grid {
-            Grid::Chunks(_) => self.scratch.capped_grid(&func, launch.kernel, launch.grid),
-            Grid::Items(_) => launch.grid.wanted(),
+            Grid::Warps(_) => self.scratch.capped_grid(&func, launch.kernel, launch.grid),
+            Grid::Threads(_) => launch.grid.wanted(),
         };
         let mut b = func.builder();
         for arg in &launch.args {
@@ -216,6 +226,7 @@ impl Session for CudaSession<'_> {
                 Arg::F64(v) => b.arg(v),
                 Arg::F64x4(v) => b.arg(v),
                 Arg::U64x16(v) => b.arg(v),
+                Arg::F64x8(v) => b.arg(v),
             };
         }
         let config = LaunchConfig {
@@ -223,7 +234,8 @@ impl Session for CudaSession<'_> {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments are those of `kernels::launch`, one `Arg` per kernel parameter in
+        // SAFETY: by the contract of `Session::launch`, the arguments are those of
+        // `kernels::launch` for this session: one `Arg` per kernel parameter in
         // the kernel's own type (the host emulation refuses any launch whose argument list differs
         // from the compiled kernel's parameter list, and its tests build every launch the
         // operations make). Every pointer in them is either
@@ -248,6 +260,7 @@ impl Session for CudaSession<'_> {
     }
 
     fn read(&mut self, buffer: Buffer) -> Result<Vec<f64>> {
+        self.record_writes(buffer);
         let values = match self.buffers.get(buffer.id).and_then(Option::as_ref) {
             Some(DeviceBuffer::F32(s)) => self
                 .stream
@@ -264,6 +277,7 @@ impl Session for CudaSession<'_> {
     }
 
     fn take_tensor(&mut self, buffer: Buffer, shape: &[usize]) -> Result<Tensor> {
+        self.record_writes(buffer);
         let storage = match self.take(buffer)? {
             DeviceBuffer::F32(s) => CudaStorage::wrap_cuda_slice(s, self.dev.clone()),
             DeviceBuffer::F64(s) => CudaStorage::wrap_cuda_slice(s, self.dev.clone()),
@@ -328,6 +342,8 @@ fn base_of<'a>(cs: &'a CudaStorage, stream: &'a CudaStream) -> Result<(Base, Syn
         CudaStorageSlice::F64(s) => (s.device_ptr(stream), DT_F64),
         CudaStorageSlice::F16(s) => (s.device_ptr(stream), DT_F16),
         CudaStorageSlice::BF16(s) => (s.device_ptr(stream), DT_BF16),
+        // The fused optimizers' control tensor.
+        CudaStorageSlice::I64(s) => (s.device_ptr(stream), DT_I64),
         _ => bail!("gradient clipping on CUDA needs F32, F64, F16 or BF16 storage"),
     };
     Ok((Base { ptr, dtype }, sync))
@@ -352,6 +368,19 @@ struct Scratch {
 struct Staging {
     host: PinnedHostSlice<u64>,
     copied: CudaEvent,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // cudarc frees a slice on its stream's handle in whatever context is current; the
+        // per-thread default stream resolves against the current context, which may be another
+        // device's when a scratch is evicted or its thread ends. Make this device current and
+        // let its queued work finish before the fields free `state` and `table`.
+        let ctx = self.state.context();
+        if ctx.bind_to_thread().is_ok() {
+            let _ = self.state.stream().synchronize();
+        }
+    }
 }
 
 impl Drop for Staging {

@@ -19,6 +19,7 @@ pub(crate) mod cuda;
 pub(crate) mod emulated;
 #[cfg(any(feature = "cuda", feature = "emulation"))]
 pub(crate) mod kernels;
+pub(crate) mod update;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 

@@ -232,7 +232,7 @@ impl AutoClip {
 
     /// The percentile of the history with `norm` added (when finite), without changing anything;
     /// `+inf` when there is no finite norm at all.
-    fn threshold_with(&self, norm: f64) -> f64 {
+    pub(crate) fn threshold_with(&self, norm: f64) -> f64 {
         let q = self.percentile / 100.0;
         if !is_usable(norm) {
             return self.threshold().unwrap_or(f64::INFINITY);
@@ -247,7 +247,7 @@ impl AutoClip {
         quantile_linear(self.kept.len() + 1, q, at)
     }
 
-    fn record(&mut self, norm: f64) {
+    pub(crate) fn record(&mut self, norm: f64) {
         if !is_usable(norm) {
             return;
         }

@@ -78,6 +78,7 @@ pub(super) unsafe fn launch_named(
             Arg::F64(v) => v as *const f64 as *mut c_void,
             Arg::F64x4(v) => v.as_ptr() as *mut c_void,
             Arg::U64x16(v) => v.as_ptr() as *mut c_void,
+            Arg::F64x8(v) => v.as_ptr() as *mut c_void,
         })
         .collect();
     let (order, threads) = match order {
@@ -90,8 +91,8 @@ pub(super) unsafe fn launch_named(
     // SAFETY: `name` and `signature` are NUL-terminated and live across the call. The launcher
     // refuses (returns 1) unless `signature` equals the kernel's parameter list, token for token,
     // so each `params[i]` points at a live value of exactly the type the kernel reads from it
-    // (u32, u64 or a pointer-sized u64, f64, or a 32/128-byte struct of f64/u64: the layouts of
-    // `Bounds` and `StridedView`); the values are borrowed from `args` for the whole call and
+    // (u32, u64 or a pointer-sized u64, f64, or a 32/64/128-byte struct of f64/u64: the layouts
+    // of `Bounds`, `StepParams` and `StridedView`); the values are borrowed from `args` for the whole call and
     // only read. The device addresses in them are valid for the kernel (this function's contract).
     // `err` has `err.len()` writable bytes;
     // the launcher writes a NUL-terminated message that fits. The launcher catches kernel errors

@@ -22,7 +22,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Storage, 
 use half::{bf16, f16};
 
 use super::kernels::launch::{
-    Launch, BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, STATE_WORDS, STATE_ZERO_WORDS,
+    Launch, BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, DT_I64, STATE_WORDS, STATE_ZERO_WORDS,
 };
 use super::kernels::{Base, Buffer, KernelDevice, Session};
 use crate::gradients::{repeats_elements, storage_key};
@@ -274,6 +274,11 @@ struct Arena {
 impl Arena {
     /// Regions of the given lengths, zeroed; everything else is guard.
     fn new(lens: &[usize]) -> Self {
+        Self::filled(lens, 0)
+    }
+
+    /// Regions of the given lengths filled with `byte`; everything else is guard.
+    fn filled(lens: &[usize], byte: u8) -> Self {
         let mut offsets = Vec::with_capacity(lens.len());
         let mut end = 0;
         for &len in lens {
@@ -290,7 +295,7 @@ impl Arena {
             .map(|(&o, &len)| (o + shift, len))
             .collect();
         for &(start, len) in &regions {
-            bytes[start..start + len].fill(0);
+            bytes[start..start + len].fill(byte);
         }
         Self { bytes, regions }
     }
@@ -360,6 +365,10 @@ fn storage_bytes(storage: &Storage) -> Result<(Vec<u8>, u64)> {
             v.iter().flat_map(|x| x.to_bits().to_ne_bytes()).collect(),
             DT_BF16,
         ),
+        // The fused optimizers' control tensor.
+        Storage::Cpu(CpuStorage::I64(v)) => {
+            (v.iter().flat_map(|x| x.to_ne_bytes()).collect(), DT_I64)
+        }
         other => bail!(
             "the kernel emulation needs F32, F64, F16 or BF16 CPU storage, got {:?} on {:?}",
             other.dtype(),
@@ -390,7 +399,7 @@ impl KernelDevice for Emulated {
     fn with_session<R>(
         &self,
         tensors: &[&Tensor],
-        writable: usize,
+        writable: std::ops::Range<usize>,
         f: impl FnOnce(&mut dyn Session, &[Base]) -> Result<R>,
     ) -> Result<R> {
         // Copy every distinct storage to the device (each read lock taken once, released at once).
@@ -437,7 +446,12 @@ impl KernelDevice for Emulated {
                 buffers: Vec::new(),
             };
             let result = f(&mut session, &bases);
-            // The checks hold whether or not `f` failed.
+            if result.is_err() {
+                // A failed launch may have left partial sums behind: report its own error, and
+                // leave a clean scratch for the thread's next call.
+                scratch.data_mut(0).fill(0);
+                return result;
+            }
             session.check_guards()?;
             if !scratch.guards_intact() {
                 bail!("kernel emulation: a kernel wrote outside the scratch")
@@ -460,8 +474,8 @@ impl KernelDevice for Emulated {
         let mut written = Vec::new();
         for (c, copy) in copies.iter().enumerate() {
             if arena.data(c) != copy.original.as_slice() {
-                // Writable: a storage of one of the first `writable` tensors.
-                let member = (0..writable.min(tensors.len())).find(|&i| copy_of_tensor[i] == c);
+                // Writable: a storage of one of the `writable` tensors.
+                let member = writable.clone().find(|&i| copy_of_tensor[i] == c);
                 match member {
                     Some(_) => written.push(c),
                     None => bail!(
@@ -519,6 +533,7 @@ impl InplaceOp1 for CopyBack<'_> {
             CpuStorage::BF16(v) => {
                 copy_from(v, self.bytes, |b| bf16::from_bits(u16::from_ne_bytes(b)))
             }
+            CpuStorage::I64(v) => copy_from(v, self.bytes, i64::from_ne_bytes),
             _ => bail!("kernel emulation: cannot copy back into this storage"),
         }
         Ok(())
@@ -593,7 +608,9 @@ impl Session for EmulatedSession {
 
     fn alloc(&mut self, dtype: DType, len: usize) -> Result<Buffer> {
         let size = if dtype == DType::F64 { 8 } else { 4 };
-        let mut alloc = Arena::new(&[len * size]);
+        // Not zero, as `cudaMalloc`'s memory is not: NaN bytes, so that a kernel that fails to
+        // write its output is seen.
+        let mut alloc = Arena::filled(&[len * size], GUARD_BYTE);
         let ptr = alloc.ptr(0);
         self.buffers.push(Some((alloc, dtype)));
         Ok(Buffer {
@@ -602,7 +619,7 @@ impl Session for EmulatedSession {
         })
     }
 
-    fn launch(&mut self, launch: &Launch) -> Result<()> {
+    unsafe fn launch(&mut self, launch: &Launch) -> Result<()> {
         let (config, seed) = ACTIVE.with(|a| match a.borrow_mut().as_mut() {
             Some(a) => {
                 a.launches += 1;
@@ -614,8 +631,8 @@ impl Session for EmulatedSession {
         })?;
         let wanted = launch.grid.wanted();
         let grid = config.grid.unwrap_or(wanted.min(DEFAULT_MAX_GRID));
-        // SAFETY: the launch comes from `kernels` (launch.rs): its device addresses are this
-        // session's storage arena (segments built from candle's layouts of those storages, so
+        // SAFETY: by the contract of `Session::launch`, the launch comes from `kernels`
+        // (launch.rs) for this session: its device addresses are this session's storage arena (segments built from candle's layouts of those storages, so
         // inside them), its table and buffers (sized by the operation for what the kernel writes),
         // and the thread's scratch, all emulated device memory that no Rust reference aliases
         // while the kernel runs (the host reads it only between launches). A kernel that strays

@@ -4,6 +4,7 @@
 
 use half::{bf16, f16};
 
+use crate::backend::update::Rule;
 use crate::gradients::GradientSet;
 use crate::NormType;
 
@@ -16,13 +17,13 @@ pub(crate) const CHUNK: u64 = 4096;
 pub(crate) const BLOCK: u32 = 256;
 /// Warps per block: each warp takes a range of chunks.
 pub(crate) const WARPS_PER_BLOCK: u64 = (BLOCK / 32) as u64;
-/// Words of the kernel's `Scratch` struct: 68 digits, flags, max, counter, pending, scale,
-/// coefficient.
-pub(crate) const STATE_WORDS: usize = 74;
-/// The words of `Scratch` that must be zero between calls (digits, flags, max, counter, pending);
-/// `scale` and `coefficient` may keep their last values.
+/// Words of the kernel's `Scratch` struct: 68 digits, flags, max, counter, pending, step counter,
+/// scale, coefficient, non-finite flag.
+pub(crate) const STATE_WORDS: usize = 76;
+/// The words of `Scratch` that must be zero between calls (digits, flags, max, the counters,
+/// pending); `scale`, `coefficient` and the non-finite flag keep their last values.
 #[cfg_attr(not(feature = "emulation"), allow(dead_code))]
-pub(crate) const STATE_ZERO_WORDS: usize = 72;
+pub(crate) const STATE_ZERO_WORDS: usize = 73;
 /// Words per table entry (the kernel's `Segment`: pointer, length, first chunk, dtype).
 pub(crate) const SEGMENT_WORDS: usize = 4;
 /// The strided kernel takes at most this many (coalesced) dimensions (`MAX_RANK`).
@@ -33,11 +34,13 @@ pub(crate) const DT_F32: u64 = 0;
 pub(crate) const DT_F64: u64 = 1;
 pub(crate) const DT_F16: u64 = 2;
 pub(crate) const DT_BF16: u64 = 3;
+/// Not a gradient dtype: the control tensor of the fused optimizers.
+pub(crate) const DT_I64: u64 = 4;
 
 /// Bytes per element of a dtype code.
 pub(crate) fn elem_size(dtype: u64) -> u64 {
     match dtype {
-        DT_F64 => 8,
+        DT_F64 | DT_I64 => 8,
         DT_F32 => 4,
         _ => 2,
     }
@@ -53,12 +56,13 @@ pub(crate) enum Kernel {
     Apply,
     ApplyStrided,
     SegmentNorms,
+    FusedStep,
 }
 
 impl Kernel {
     /// Every kernel the host launches (the emulation checks that each is compiled in).
     #[cfg(test)]
-    pub(crate) const ALL: [Kernel; 7] = [
+    pub(crate) const ALL: [Kernel; 8] = [
         Kernel::ReduceInf,
         Kernel::ReduceAbs,
         Kernel::ReduceSq,
@@ -66,6 +70,7 @@ impl Kernel {
         Kernel::Apply,
         Kernel::ApplyStrided,
         Kernel::SegmentNorms,
+        Kernel::FusedStep,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -77,6 +82,7 @@ impl Kernel {
             Kernel::Apply => "grad_clip_apply",
             Kernel::ApplyStrided => "grad_clip_apply_strided",
             Kernel::SegmentNorms => "grad_clip_segment_norms",
+            Kernel::FusedStep => "grad_clip_fused_step",
         }
     }
 }
@@ -93,6 +99,8 @@ pub(crate) enum Arg {
     F64x4([f64; 4]),
     /// A struct of sixteen 64-bit words (`StridedView`).
     U64x16([u64; 16]),
+    /// A struct of eight doubles (`StepParams`).
+    F64x8([f64; 8]),
 }
 
 impl Arg {
@@ -106,6 +114,7 @@ impl Arg {
             Arg::F64(_) => "d",
             Arg::F64x4(_) => "s32",
             Arg::U64x16(_) => "s128",
+            Arg::F64x8(_) => "s64",
         }
     }
 }
@@ -114,18 +123,18 @@ impl Arg {
 /// resident at once (they loop over their work); the result never depends on the grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Grid {
-    /// One warp per chunk of the multi-tensor kernels.
-    Chunks(u64),
-    /// One thread per item of a grid-stride loop (strided views, segment norms).
-    Items(u64),
+    /// One warp per work item (a chunk of the multi-tensor kernels, a segment's norm).
+    Warps(u64),
+    /// One thread per item of a grid-stride loop (strided views).
+    Threads(u64),
 }
 
 impl Grid {
     /// Blocks for all the work at once, before any cap.
     pub(crate) fn wanted(self) -> u32 {
         let blocks = match self {
-            Grid::Chunks(chunks) => chunks.div_ceil(WARPS_PER_BLOCK),
-            Grid::Items(items) => items.div_ceil(BLOCK as u64),
+            Grid::Warps(items) => items.div_ceil(WARPS_PER_BLOCK),
+            Grid::Threads(items) => items.div_ceil(BLOCK as u64),
         };
         blocks.clamp(1, 65_535) as u32
     }
@@ -225,13 +234,13 @@ impl NormPlan {
         };
         let mut launches = vec![Launch {
             kernel: self.kernel,
-            grid: Grid::Chunks(part.chunks),
+            grid: Grid::Warps(part.chunks),
             args: args(0),
         }];
         if self.rescue {
             launches.push(Launch {
                 kernel: Kernel::ReducePow,
-                grid: Grid::Chunks(part.chunks),
+                grid: Grid::Warps(part.chunks),
                 args: args(1),
             });
         }
@@ -250,7 +259,7 @@ impl NormPlan {
         };
         Launch {
             kernel: Kernel::SegmentNorms,
-            grid: Grid::Items(part.segments as u64),
+            grid: Grid::Warps(part.segments as u64),
             args: vec![
                 Arg::Ptr(part.segments_ptr(table)),
                 Arg::U32(part.segments),
@@ -336,7 +345,7 @@ impl ElementOp {
         args.extend(self.args());
         Some(Launch {
             kernel: Kernel::Apply,
-            grid: Grid::Chunks(part.chunks),
+            grid: Grid::Warps(part.chunks),
             args,
         })
     }
@@ -353,7 +362,7 @@ impl ElementOp {
         args.extend(self.args());
         Launch {
             kernel: Kernel::ApplyStrided,
-            grid: Grid::Items(target.elements),
+            grid: Grid::Threads(target.elements),
             args,
         }
     }
@@ -387,4 +396,130 @@ fn clamp_bounds(v: f64) -> [f64; 4] {
         }
     };
     [f32_bound as f64, v, f16_bound.to_f64(), bf16_bound.to_f64()]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused optimizer step.
+
+/// Where `grad_clip_fused_step` takes its verdict on the gradients from (`VERDICT_*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Verdict {
+    /// No reduction ran: nothing clipped, nothing non-finite.
+    None,
+    /// The coefficient and non-finite flag the reduction left in the scratch (at this address).
+    Scratch(u64),
+    /// A 0-d norm of dtype code `dtype` at `ptr`: coefficient `min(1, max_norm / (norm + eps))`,
+    /// non-finite when the norm is.
+    Norm {
+        ptr: u64,
+        dtype: u64,
+        max_norm: f64,
+        eps: f64,
+    },
+}
+
+/// What the step does to each gradient as it reads it (`TRANSFORM_*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Transform {
+    None,
+    /// By the verdict's coefficient, when it is below 1.
+    Scale,
+    /// Into `[-v, v]` (the verdict is the largest `|g|`, to count clipped steps).
+    Clamp(f64),
+}
+
+/// `grad_clip_fused_step` over the update `part` of the table at `table`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fused_step(
+    table: u64,
+    part: Part,
+    rule: Rule,
+    transform: Transform,
+    verdict: Verdict,
+    skip_nonfinite: bool,
+    scratch: u64,
+    control: u64,
+) -> Launch {
+    const RULE_ADAMW: u32 = 0;
+    const RULE_SGD: u32 = 1;
+    const RULE_SGD_PLAIN: u32 = 2;
+    let (code, params) = match rule {
+        Rule::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => (
+            RULE_ADAMW,
+            [lr, beta1, beta2, eps, weight_decay, 0.0, 0.0, 0.0],
+        ),
+        Rule::Sgd {
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+        } => {
+            let code = if momentum == 0.0 && weight_decay == 0.0 {
+                RULE_SGD_PLAIN
+            } else {
+                RULE_SGD
+            };
+            let nesterov = if nesterov { 1.0 } else { 0.0 };
+            (
+                code,
+                [
+                    lr,
+                    0.0,
+                    0.0,
+                    0.0,
+                    weight_decay,
+                    momentum,
+                    dampening,
+                    nesterov,
+                ],
+            )
+        }
+    };
+    let (transform_code, clamp) = match transform {
+        Transform::None => (0, None),
+        Transform::Scale => (1, None),
+        Transform::Clamp(v) => (2, Some(v)),
+    };
+    let (verdict_code, src, kind, max_norm, eps) = match verdict {
+        Verdict::None => (0, 0, 0, f64::INFINITY, 0.0),
+        Verdict::Scratch(ptr) => (1, ptr, 0, f64::INFINITY, 0.0),
+        Verdict::Norm {
+            ptr,
+            dtype,
+            max_norm,
+            eps,
+        } => (2, ptr, 1 + dtype as u32, max_norm, eps),
+    };
+    let (max_norm, bounds) = match clamp {
+        Some(v) => (v, clamp_bounds(v)),
+        None => (max_norm, [0.0; 4]),
+    };
+    Launch {
+        kernel: Kernel::FusedStep,
+        grid: Grid::Warps(part.chunks),
+        args: vec![
+            Arg::Ptr(part.segments_ptr(table)),
+            Arg::U32(part.segments),
+            Arg::U64(part.chunks),
+            Arg::U32(code),
+            Arg::F64x8(params),
+            Arg::U32(transform_code),
+            Arg::U32(verdict_code),
+            Arg::Ptr(src),
+            Arg::U32(kind),
+            Arg::F64(max_norm),
+            Arg::F64(eps),
+            Arg::F64x4(bounds),
+            Arg::U32(skip_nonfinite as u32),
+            Arg::Ptr(scratch),
+            Arg::Ptr(control),
+        ],
+    }
 }

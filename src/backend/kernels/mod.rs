@@ -38,11 +38,12 @@ pub(crate) mod table;
 use candle_core::{bail, DType, Result, Tensor};
 
 use crate::backend::{nonfinite_error, ClipSettings};
-use crate::gradients::GradientSet;
+use crate::gradients::{storage_key, GradientSet};
 use crate::NormType;
 
-use launch::{Coefficient, ElementOp, Launch, NormPlan};
-use table::{contiguous_copies, Operands, Table};
+use crate::backend::update::{Outcome, Step, StepClip};
+use launch::{Coefficient, ElementOp, Launch, NormPlan, Transform, Verdict};
+use table::{contiguous_copies, Operands, Table, UpdateEntry};
 
 /// Where a tensor's storage starts on the device, and its dtype code (`launch::DT_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,13 +69,14 @@ pub(crate) trait KernelDevice {
     /// Locks the storages of `tensors` (each storage once) so that they can be neither freed nor
     /// replaced, and runs `f` with the base of each tensor's storage (in the order of `tensors`)
     /// and a session for the table, buffers and launches. The launches may write the storages of
-    /// the first `writable` tensors (the gradients), no other (the emulation copies those back,
-    /// and checks that nothing else was written). When `f` fails, nothing it launched may have
-    /// written a gradient.
+    /// the tensors in `writable` (the gradients; a step's parameters and state), no other (the emulation copies those back,
+    /// and checks that nothing else was written). When `f` fails the emulation discards every
+    /// write; on a GPU, launches enqueued before the failure stand (the operations check what
+    /// can fail, like `error_if_nonfinite`, before their first writing launch).
     fn with_session<R>(
         &self,
         tensors: &[&Tensor],
-        writable: usize,
+        writable: std::ops::Range<usize>,
         f: impl FnOnce(&mut dyn Session, &[Base]) -> Result<R>,
     ) -> Result<R>;
 }
@@ -88,15 +90,30 @@ pub(crate) trait Session {
     fn scratch(&self) -> u64;
     /// A new, uninitialised device buffer of `len` elements of `dtype` (F32 or F64).
     fn alloc(&mut self, dtype: DType, len: usize) -> Result<Buffer>;
-    fn launch(&mut self, launch: &Launch) -> Result<()>;
+    /// Enqueues a kernel launch.
+    ///
+    /// # Safety
+    /// Every device address among the arguments must be one this session handed out (a base of
+    /// the locked tensors plus an offset inside the tensor's view, the table, a buffer, the
+    /// scratch), used by the kernel only as its parameter documents: the launches of
+    /// [`launch`] built from this session's table do that.
+    unsafe fn launch(&mut self, launch: &Launch) -> Result<()>;
     /// The buffer's values, read back to the host (waits for the device).
     fn read(&mut self, buffer: Buffer) -> Result<Vec<f64>>;
     /// The buffer as a tensor of `shape` on the gradients' device; the buffer is consumed.
     fn take_tensor(&mut self, buffer: Buffer, shape: &[usize]) -> Result<Tensor>;
 }
 
+/// Enqueues launches built by [`launch`] from this session's table, buffers and scratch.
 fn launch_all(s: &mut dyn Session, launches: impl IntoIterator<Item = Launch>) -> Result<()> {
-    launches.into_iter().try_for_each(|l| s.launch(&l))
+    // SAFETY: every launch passed here comes from `launch.rs` (`NormPlan::reduce`,
+    // `NormPlan::segment_norms`, `ElementOp::apply`, `ElementOp::apply_strided`,
+    // `StepPlan::update`) with the addresses of this session: the table it uploaded (whose
+    // segments are views of the locked tensors, built from their layouts), its buffers (sized for
+    // what the kernel writes) and its scratch.
+    launches
+        .into_iter()
+        .try_for_each(|l| unsafe { s.launch(&l) })
 }
 
 /// The global norm as a 0-d tensor on the device; nothing is read back.
@@ -110,7 +127,7 @@ pub(crate) fn total_norm(
     let groups = set.group_by_storage();
     let copies = contiguous_copies(set)?;
     let operands = Operands::new(set.grads(), &copies, None);
-    dev.with_session(operands.tensors(), 0, |s, bases| {
+    dev.with_session(operands.tensors(), 0..0, |s, bases| {
         let mut table = Table::default();
         let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
         let out_f64 = set.norm_dtype() == DType::F64;
@@ -137,39 +154,44 @@ pub(crate) fn clip_norm(
     let groups = set.storage_groups()?;
     let copies = contiguous_copies(set)?;
     let operands = Operands::new(set.grads(), &copies, None);
-    dev.with_session(operands.tensors(), operands.gradient_count(), |s, bases| {
-        let mut table = Table::default();
-        let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
-        let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, Some(norm));
-        let out_f64 = set.norm_dtype() == DType::F64;
-        let out = s.alloc(set.norm_dtype(), 1)?;
-        let t = s.upload(&table.words)?;
-        let scratch = s.scratch();
-        launch_all(
-            s,
-            plan.reduce(
-                t,
-                norm,
-                scratch,
-                out.ptr,
-                out_f64,
-                settings.max_norm,
-                settings.eps,
-                None,
-            ),
-        )?;
-        if settings.error_if_nonfinite {
-            // The one documented host synchronisation: the norm must be known before any write.
-            let norm = s.read(out)?[0];
-            if !norm.is_finite() {
-                return Err(nonfinite_error(norm, settings.norm_type));
+    dev.with_session(
+        operands.tensors(),
+        0..operands.gradient_count(),
+        |s, bases| {
+            let mut table = Table::default();
+            let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
+            let (write, strided) =
+                table.push_write_targets(set.grads(), &groups, bases, Some(norm));
+            let out_f64 = set.norm_dtype() == DType::F64;
+            let out = s.alloc(set.norm_dtype(), 1)?;
+            let t = s.upload(&table.words)?;
+            let scratch = s.scratch();
+            launch_all(
+                s,
+                plan.reduce(
+                    t,
+                    norm,
+                    scratch,
+                    out.ptr,
+                    out_f64,
+                    settings.max_norm,
+                    settings.eps,
+                    None,
+                ),
+            )?;
+            if settings.error_if_nonfinite {
+                // The one documented host synchronisation: the norm must be known before any write.
+                let norm = s.read(out)?[0];
+                if !norm.is_finite() {
+                    return Err(nonfinite_error(norm, settings.norm_type));
+                }
             }
-        }
-        let op = ElementOp::Scale(Coefficient::Scratch(scratch));
-        launch_all(s, op.apply(t, write))?;
-        launch_all(s, strided.iter().map(|target| op.apply_strided(target)))?;
-        s.take_tensor(out, &[])
-    })
+            let op = ElementOp::Scale(Coefficient::Scratch(scratch));
+            launch_all(s, op.apply(t, write))?;
+            launch_all(s, strided.iter().map(|target| op.apply_strided(target)))?;
+            s.take_tensor(out, &[])
+        },
+    )
 }
 
 /// Scale in place by `min(1, max_norm / (total_norm + eps))`, computed by the scale kernel from the
@@ -192,21 +214,32 @@ pub(crate) fn scale_with_norm(
     if !norm.device().same_device(set.device()) {
         bail!("clip_grads_with_norm_: total_norm must be on the gradients' device")
     }
+    // The scale kernel reads the norm while it writes the gradients: never from their storage.
+    let norm_key = storage_key(&norm);
+    let norm = if set.grads().iter().any(|g| storage_key(g) == norm_key) {
+        norm.copy()?
+    } else {
+        norm
+    };
     let operands = Operands::new(set.grads(), &[], Some(&norm));
-    dev.with_session(operands.tensors(), operands.gradient_count(), |s, bases| {
-        let mut table = Table::default();
-        let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, None);
-        let base = bases[operands.extra().expect("the norm was passed")];
-        let op = ElementOp::Scale(Coefficient::Norm {
-            ptr: base.ptr + norm.layout().start_offset() as u64 * launch::elem_size(base.dtype),
-            dtype: base.dtype,
-            max_norm,
-            eps,
-        });
-        let t = s.upload(&table.words)?;
-        launch_all(s, op.apply(t, write))?;
-        launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
-    })
+    dev.with_session(
+        operands.tensors(),
+        0..operands.gradient_count(),
+        |s, bases| {
+            let mut table = Table::default();
+            let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, None);
+            let base = bases[operands.extra().expect("the norm was passed")];
+            let op = ElementOp::Scale(Coefficient::Norm {
+                ptr: base.ptr + norm.layout().start_offset() as u64 * launch::elem_size(base.dtype),
+                dtype: base.dtype,
+                max_norm,
+                eps,
+            });
+            let t = s.upload(&table.words)?;
+            launch_all(s, op.apply(t, write))?;
+            launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
+        },
+    )
 }
 
 /// Clamp every element into `[-clip_value, clip_value]` in place (bound rounded towards zero in
@@ -215,14 +248,18 @@ pub(crate) fn clamp(dev: &impl KernelDevice, set: &GradientSet, clip_value: f64)
     dev.check_ready()?;
     let groups = set.storage_groups()?;
     let operands = Operands::new(set.grads(), &[], None);
-    dev.with_session(operands.tensors(), operands.gradient_count(), |s, bases| {
-        let mut table = Table::default();
-        let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, None);
-        let op = ElementOp::Clamp(clip_value);
-        let t = s.upload(&table.words)?;
-        launch_all(s, op.apply(t, write))?;
-        launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
-    })
+    dev.with_session(
+        operands.tensors(),
+        0..operands.gradient_count(),
+        |s, bases| {
+            let mut table = Table::default();
+            let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, None);
+            let op = ElementOp::Clamp(clip_value);
+            let t = s.upload(&table.words)?;
+            launch_all(s, op.apply(t, write))?;
+            launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
+        },
+    )
 }
 
 /// The norm of each gradient of the set on its own, read back in one transfer: the reduction of
@@ -242,7 +279,7 @@ pub(crate) fn tensor_norms(
     let groups = set.group_by_storage();
     let copies = contiguous_copies(set)?;
     let operands = Operands::new(set.grads(), &copies, None);
-    dev.with_session(operands.tensors(), 0, |s, bases| {
+    dev.with_session(operands.tensors(), 0..0, |s, bases| {
         let mut table = Table::default();
         let (norm, segment_of) = table.push_norm_inputs(&groups, &operands, bases);
         let out_f64 = set.norm_dtype() == DType::F64;
@@ -267,7 +304,10 @@ pub(crate) fn tensor_norms(
         if norm.segments == 0 {
             return Ok(Some(vec![0.0; segment_of.len()]));
         }
-        s.launch(&plan.segment_norms(t, norm, partials.ptr, per_segment.ptr))?;
+        launch_all(
+            s,
+            [plan.segment_norms(t, norm, partials.ptr, per_segment.ptr)],
+        )?;
         let values = s.read(per_segment)?;
         // An empty gradient has no segment: its norm is 0.
         Ok(Some(
@@ -276,6 +316,146 @@ pub(crate) fn tensor_norms(
                 .map(|seg| seg.map_or(0.0, |k| values[k as usize] as f32))
                 .collect(),
         ))
+    })
+}
+
+/// A fused optimizer step (`backend::update`): the reduction the clip (or the finite check)
+/// needs, then `grad_clip_fused_step` over every var, which reads the verdict and the step count
+/// from device memory: no host synchronisation.
+pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome> {
+    dev.check_ready()?;
+    let set = GradientSet::from_grads(step.targets.iter().map(|t| t.grad.clone()).collect())?;
+    let groups = set.group_by_storage();
+    let copies = contiguous_copies(&set)?;
+    // A norm given as a tensor (AutoClip's), in a dtype the kernel reads.
+    let given = match step.clip {
+        StepClip::GivenNorm { norm, .. } => Some(match norm.dtype() {
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16 => norm.clone(),
+            _ => norm.to_dtype(DType::F32)?,
+        }),
+        _ => None,
+    };
+    // The reduction the step needs: the clip's norm, the largest |g| for value clipping (to count
+    // clipped steps) or for the finite check alone.
+    let reduce = match step.clip {
+        StepClip::Norm {
+            norm_type,
+            max_norm,
+            eps,
+        } => Some((NormPlan::new(norm_type, &set), max_norm, eps)),
+        StepClip::Value(_) => Some((NormPlan::new(NormType::Inf, &set), f64::INFINITY, 0.0)),
+        StepClip::None if step.skip_nonfinite => {
+            Some((NormPlan::new(NormType::Inf, &set), f64::INFINITY, 0.0))
+        }
+        _ => None,
+    };
+    let mut operands = Operands::new(set.grads(), &copies, given.as_ref());
+    let first_written = operands.tensors().len();
+    let params: Vec<usize> = step
+        .targets
+        .iter()
+        .map(|t| operands.push(&t.param))
+        .collect();
+    let states: Vec<Vec<usize>> = step
+        .targets
+        .iter()
+        .map(|t| t.state.iter().map(|s| operands.push(s)).collect())
+        .collect();
+    let control = operands.push(step.control);
+    let written = first_written..operands.tensors().len();
+    let address = |bases: &[Base], index: usize, tensor: &Tensor| -> Result<u64> {
+        let Some((start, _)) = tensor.layout().contiguous_offsets() else {
+            bail!("internal error: a fused step operand is not contiguous")
+        };
+        let base = bases[index];
+        Ok(base.ptr + start as u64 * launch::elem_size(base.dtype))
+    };
+    dev.with_session(operands.tensors(), written, |s, bases| {
+        let mut table = Table::default();
+        let norm_part = reduce
+            .as_ref()
+            .map(|_| table.push_norm_inputs(&groups, &operands, bases).0);
+        let mut entries = Vec::with_capacity(step.targets.len());
+        for (i, target) in step.targets.iter().enumerate() {
+            let view = operands.grad_view(i);
+            let mut state = [0u64; 2];
+            for (k, &index) in states[i].iter().enumerate() {
+                state[k] = address(bases, index, &target.state[k])?;
+            }
+            entries.push(UpdateEntry {
+                param: address(bases, params[i], &target.param)?,
+                grad: address(bases, view, operands.tensors()[view])?,
+                state,
+                len: target.param.elem_count() as u64,
+                dtype: bases[params[i]].dtype,
+                var: target.index as u64,
+            });
+        }
+        let update_part = table.push_updates(&entries);
+        let out_f64 = set.norm_dtype() == DType::F64;
+        let out = match reduce {
+            Some(_) => Some(s.alloc(set.norm_dtype(), 1)?),
+            None => None,
+        };
+        let t = s.upload(&table.words)?;
+        let scratch = s.scratch();
+        if let (Some((plan, max_norm, eps)), Some(out), Some(part)) = (&reduce, out, norm_part) {
+            launch_all(
+                s,
+                plan.reduce(t, part, scratch, out.ptr, out_f64, *max_norm, *eps, None),
+            )?;
+        }
+        let out_verdict = |max_norm: f64, eps: f64| match out {
+            Some(out) => Verdict::Norm {
+                ptr: out.ptr,
+                dtype: if out_f64 {
+                    launch::DT_F64
+                } else {
+                    launch::DT_F32
+                },
+                max_norm,
+                eps,
+            },
+            None => Verdict::None,
+        };
+        let (transform, verdict) = match step.clip {
+            StepClip::Norm { .. } => (Transform::Scale, Verdict::Scratch(scratch)),
+            StepClip::Value(v) => (Transform::Clamp(v), out_verdict(v, 0.0)),
+            StepClip::GivenNorm { max_norm, eps, .. } => {
+                let index = operands.extra().expect("the given norm was passed");
+                let norm = given.as_ref().expect("the given norm");
+                let base = bases[index];
+                let verdict = Verdict::Norm {
+                    ptr: address(bases, index, norm)?,
+                    dtype: base.dtype,
+                    max_norm,
+                    eps,
+                };
+                (Transform::Scale, verdict)
+            }
+            StepClip::None => (Transform::None, out_verdict(f64::INFINITY, 0.0)),
+        };
+        let control_address = address(bases, control, step.control)?;
+        launch_all(
+            s,
+            [launch::fused_step(
+                t,
+                update_part,
+                step.rule,
+                transform,
+                verdict,
+                step.skip_nonfinite,
+                scratch,
+                control_address,
+            )],
+        )?;
+        let norm = match (step.clip, out) {
+            (StepClip::Norm { .. } | StepClip::Value(_), Some(out)) => {
+                Some(s.take_tensor(out, &[])?)
+            }
+            _ => None,
+        };
+        Ok(Outcome { norm })
     })
 }
 

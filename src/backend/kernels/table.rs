@@ -57,6 +57,17 @@ impl<'t> Operands<'t> {
         self.extra
     }
 
+    /// Adds a tensor after the others; its index in [`tensors`](Self::tensors).
+    pub(crate) fn push(&mut self, tensor: &'t Tensor) -> usize {
+        self.all.push(tensor);
+        self.all.len() - 1
+    }
+
+    /// Index of gradient `i`'s contiguous view: its copy, or itself.
+    pub(crate) fn grad_view(&self, i: usize) -> usize {
+        self.copy_of[i].unwrap_or(i)
+    }
+
     /// How many of the tensors are gradients (they come first).
     pub(crate) fn gradient_count(&self) -> usize {
         self.grads.len()
@@ -84,25 +95,26 @@ pub(crate) struct Table {
     pub(crate) words: Vec<u64>,
 }
 
-/// One part of the table: a run of segments whose chunk indices start at 0.
+/// One part of the table: a run of entries whose chunk indices start at 0.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Part {
-    pub(crate) first_segment: usize,
+    /// Offset of the first entry, in words.
+    pub(crate) first_word: usize,
     pub(crate) segments: u32,
     pub(crate) chunks: u64,
 }
 
 impl Part {
-    /// Device address of the part's first segment, in a table copied to `table`.
+    /// Device address of the part's first entry, in a table copied to `table`.
     pub(crate) fn segments_ptr(self, table: u64) -> u64 {
-        table + (self.first_segment * SEGMENT_WORDS * 8) as u64
+        table + (self.first_word * 8) as u64
     }
 }
 
 impl Table {
     fn start_part(&self) -> Part {
         Part {
-            first_segment: self.words.len() / SEGMENT_WORDS,
+            first_word: self.words.len(),
             ..Part::default()
         }
     }
@@ -114,7 +126,7 @@ impl Table {
         self.words
             .extend_from_slice(&[ptr, len, part.chunks, dtype]);
         Part {
-            first_segment: part.first_segment,
+            first_word: part.first_word,
             segments: part.segments + 1,
             chunks: part.chunks + len.div_ceil(CHUNK),
         }
@@ -137,7 +149,7 @@ impl Table {
         let mut segment_of = vec![None; operands.gradient_count()];
         for group in groups.iter() {
             for &i in group {
-                let index = operands.copy_of[i].unwrap_or(i);
+                let index = operands.grad_view(i);
                 let tensor = operands.all[index];
                 if let Some((start, end)) = tensor.layout().contiguous_offsets() {
                     let base = bases[index];
@@ -197,12 +209,9 @@ impl Table {
             }
         }
         if let Some(norm) = norm {
-            let words = |p: Part| {
-                p.first_segment * SEGMENT_WORDS
-                    ..(p.first_segment + p.segments as usize) * SEGMENT_WORDS
-            };
+            let words = |p: Part| p.first_word..p.first_word + p.segments as usize * SEGMENT_WORDS;
             if norm.segments > 0 && self.words[words(norm)] == self.words[words(part)] {
-                self.words.truncate(part.first_segment * SEGMENT_WORDS);
+                self.words.truncate(part.first_word);
                 return (norm, strided);
             }
         }
@@ -255,5 +264,38 @@ impl StridedTarget {
             rank: dims.len() as u32,
             view,
         })
+    }
+}
+
+/// One var of a fused step, resolved to device addresses.
+pub(crate) struct UpdateEntry {
+    pub(crate) param: u64,
+    pub(crate) grad: u64,
+    pub(crate) state: [u64; 2],
+    pub(crate) len: u64,
+    pub(crate) dtype: u64,
+    pub(crate) var: u64,
+}
+
+impl Table {
+    /// The update part: one `UpdateSegment` (8 words) per var, empty vars included (for their
+    /// flags).
+    pub(crate) fn push_updates(&mut self, entries: &[UpdateEntry]) -> Part {
+        let mut part = self.start_part();
+        for e in entries {
+            self.words.extend_from_slice(&[
+                e.param,
+                e.grad,
+                e.state[0],
+                e.state[1],
+                e.len,
+                part.chunks,
+                e.dtype,
+                e.var,
+            ]);
+            part.segments += 1;
+            part.chunks += e.len.div_ceil(CHUNK);
+        }
+        part
     }
 }

@@ -18,6 +18,8 @@ use crate::gradients::{repeats_elements, GradientSet, StorageGroups};
 use crate::layout_runs::{for_each_run, union_of_runs};
 use crate::NormType;
 
+pub(crate) mod update;
+
 /// Elements per work item: large enough that per-item overhead vanishes, small enough to spread
 /// a few big tensors over all threads. It also fixes the summation order, so it must not depend
 /// on the thread count.
@@ -147,7 +149,7 @@ impl Element for f16 {
 
 /// A read-only view of one storage's data, by dtype.
 #[derive(Clone, Copy)]
-enum Data<'a> {
+pub(super) enum Data<'a> {
     F32(&'a [f32]),
     F64(&'a [f64]),
     F16(&'a [f16]),
@@ -155,7 +157,7 @@ enum Data<'a> {
 }
 
 impl<'a> Data<'a> {
-    fn of(storage: &'a Storage) -> Result<Self> {
+    pub(super) fn of(storage: &'a Storage) -> Result<Self> {
         Ok(match storage {
             Storage::Cpu(CpuStorage::F32(v)) => Data::F32(v),
             Storage::Cpu(CpuStorage::F64(v)) => Data::F64(v),
@@ -169,7 +171,7 @@ impl<'a> Data<'a> {
         })
     }
 
-    fn range(self, start: usize, end: usize) -> Self {
+    pub(super) fn range(self, start: usize, end: usize) -> Self {
         match self {
             Data::F32(v) => Data::F32(&v[start..end]),
             Data::F64(v) => Data::F64(&v[start..end]),
@@ -646,13 +648,13 @@ impl InPlace<'_> {
 
 /// [`ElementwiseOp`] with its constants converted once for element type `T`.
 #[derive(Clone, Copy)]
-enum ElementKernel<T> {
+pub(super) enum ElementKernel<T> {
     Scale(f64),
     Clamp { bound: f64, lo: T, hi: T },
 }
 
 impl<T: Element> ElementKernel<T> {
-    fn new(op: ElementwiseOp) -> Self {
+    pub(super) fn new(op: ElementwiseOp) -> Self {
         match op {
             ElementwiseOp::Scale(c) => ElementKernel::Scale(c),
             ElementwiseOp::Clamp(v) => {

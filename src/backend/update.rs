@@ -1,0 +1,140 @@
+//! The fused optimizer step as the back ends see it: one element-wise pass over every
+//! (parameter, gradient, state) triple, with the clip folded in. The optimizers in `src/optim/`
+//! describe a [`Step`]; [`fused_step`] runs it on the parameters' device: the CPU twin
+//! (`cpu::update`) or the multi-tensor update kernel (`kernels::fused_step`).
+//!
+//! The step's bookkeeping lives in a small `I64` tensor on the parameters' device, the *control*
+//! tensor, so that a step skipped on a GPU needs no host synchronisation: `[steps, clipped steps,
+//! skipped steps, then one word per var: 1 once a step with state (AdamW's moments, SGD's momentum
+//! buffer) has updated that var's state]`. SGD uses it to start a momentum buffer with the first
+//! gradient, as PyTorch does.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use crate::backend::cpu;
+use crate::NormType;
+
+/// Words of the control tensor before the per-var flags.
+pub(crate) const CONTROL_WORDS: usize = 3;
+/// Index of the step count in the control tensor.
+pub(crate) const STEPS: usize = 0;
+/// Index of the clipped-step count.
+pub(crate) const CLIPPED: usize = 1;
+/// Index of the skipped-step count.
+pub(crate) const SKIPPED: usize = 2;
+
+/// The update rule of a step, with its hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Rule {
+    /// candle's `AdamW` (decoupled weight decay), with the bias corrections of step `steps + 1`.
+    AdamW {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
+    /// PyTorch's `torch.optim.SGD`.
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        weight_decay: f64,
+        nesterov: bool,
+    },
+}
+
+impl Rule {
+    /// State tensors per var: AdamW's two moments; SGD's momentum buffer when momentum is on.
+    pub(crate) fn state_count(&self) -> usize {
+        match self {
+            Rule::AdamW { .. } => 2,
+            Rule::Sgd { momentum, .. } if *momentum != 0.0 => 1,
+            Rule::Sgd { .. } => 0,
+        }
+    }
+}
+
+/// The dtype of a var's state tensors: F64 for F64 vars, F32 for the others (F16/BF16 vars keep
+/// their moments in F32).
+pub(crate) fn state_dtype(param: DType) -> DType {
+    if param == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// What the step does to the gradients before the update (never writing them).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StepClip<'a> {
+    /// Use them as they are.
+    None,
+    /// Scale by `min(1, max_norm / (norm + eps))` of their `norm_type` norm, as `clip_grad_norm_`.
+    Norm {
+        norm_type: NormType,
+        max_norm: f64,
+        eps: f64,
+    },
+    /// Clamp into `[-v, v]`, as `clip_grad_value_`.
+    Value(f64),
+    /// Scale by `min(1, max_norm / (norm + eps))` of a norm computed earlier (AutoClip's
+    /// threshold), as `clip_grads_with_norm_`.
+    GivenNorm {
+        norm: &'a Tensor,
+        max_norm: f64,
+        eps: f64,
+    },
+}
+
+/// One var of a step.
+pub(crate) struct Target {
+    /// The var's tensor (contiguous), written in place.
+    pub(crate) param: Tensor,
+    /// Its gradient (same dtype and shape), only read.
+    pub(crate) grad: Tensor,
+    /// Its state tensors ([`Rule::state_count`] of them, contiguous, [`state_dtype`]), written.
+    pub(crate) state: Vec<Tensor>,
+    /// Its index among the optimizer's vars (its flag in the control tensor).
+    pub(crate) index: usize,
+}
+
+/// A fused optimizer step.
+pub(crate) struct Step<'a> {
+    /// The vars that have a gradient, on one device.
+    pub(crate) targets: Vec<Target>,
+    pub(crate) rule: Rule,
+    pub(crate) clip: StepClip<'a>,
+    /// Leave everything unchanged (and count the step as skipped) when the gradients are not all
+    /// finite.
+    pub(crate) skip_nonfinite: bool,
+    /// The control tensor (see the module documentation).
+    pub(crate) control: &'a Tensor,
+}
+
+/// What a step measured.
+pub(crate) struct Outcome {
+    /// The norm the clip setting bounds (the largest `|g|` for value clipping), as a 0-d tensor on
+    /// the device; `None` without a clip.
+    pub(crate) norm: Option<Tensor>,
+}
+
+/// Runs a step on its parameters' device.
+pub(crate) fn fused_step(step: &Step) -> Result<Outcome> {
+    let device = step.control.device();
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return super::kernels::fused_step(&super::cuda::Cuda(cuda), step);
+    }
+    #[cfg(feature = "emulation")]
+    if device.is_cpu() && super::emulated::active() {
+        return super::kernels::fused_step(&super::emulated::Emulated, step);
+    }
+    match device {
+        Device::Cpu => cpu::update::step(step),
+        other => bail!(
+            "fused optimizer steps run on the CPU and on CUDA (with the `cuda` feature); got {:?}",
+            other.location()
+        ),
+    }
+}

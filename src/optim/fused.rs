@@ -1,0 +1,379 @@
+//! What [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) share: the vars and
+//! their state, the clip folded into the step, the counters, and the state's I/O. Each optimizer
+//! supplies its update [`Rule`] and the names of its state tensors.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
+use candle_nn::VarMap;
+
+use crate::backend;
+use crate::backend::update::{
+    self, state_dtype, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
+};
+use crate::gradients::{storage_key, GradientSet};
+use crate::{ClipSetting, NormType, DEFAULT_EPS};
+
+/// Keys of the counters in a state dict.
+const KEY_STEPS: &str = "step";
+const KEY_CLIPPED: &str = "clipped_steps";
+const KEY_SKIPPED: &str = "skipped_steps";
+
+/// The shared core of the fused optimizers.
+#[derive(Debug)]
+pub(crate) struct FusedCore {
+    /// The float vars given at construction, each once.
+    vars: Vec<Var>,
+    /// Each var's key in a state dict: its name (`from_varmap`) or its position.
+    keys: Vec<String>,
+    /// Each var's state tensors (created for the rule's needs, never shrunk).
+    state: Vec<Vec<Tensor>>,
+    /// `I64` on the vars' device: steps, clipped steps, skipped steps, then each var's "state
+    /// exists" flag (see `backend::update`).
+    control: Tensor,
+    device: Device,
+    clip: Option<ClipSetting>,
+    skip_nonfinite: bool,
+    last_norm: Option<Tensor>,
+}
+
+impl FusedCore {
+    /// The core for `vars` (non-float ones left out, duplicates once), keyed by position.
+    pub(crate) fn new(vars: Vec<Var>) -> Result<Self> {
+        let mut seen = HashSet::new();
+        let vars: Vec<Var> = vars
+            .into_iter()
+            .filter(|v| v.dtype().is_float() && seen.insert(v.id()))
+            .collect();
+        let keys = (0..vars.len()).map(|i| i.to_string()).collect();
+        Self::with_keys(vars, keys)
+    }
+
+    /// The core for every var of `varmap`, ordered and keyed by name.
+    pub(crate) fn from_varmap(varmap: &VarMap) -> Result<Self> {
+        let mut named: Vec<(String, Var)> = {
+            let data = varmap.data().lock().map_err(|_| {
+                candle_core::Error::Msg("from_varmap: the VarMap's lock is poisoned".into())
+            })?;
+            data.iter()
+                .map(|(name, var)| (name.clone(), var.clone()))
+                .collect()
+        };
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named.retain(|(_, v)| v.dtype().is_float());
+        let (keys, vars) = named.into_iter().unzip();
+        Self::with_keys(vars, keys)
+    }
+
+    fn with_keys(vars: Vec<Var>, keys: Vec<String>) -> Result<Self> {
+        let device = vars.first().map_or(Device::Cpu, |v| v.device().clone());
+        for (i, var) in vars.iter().enumerate() {
+            if !var.device().same_device(&device) {
+                bail!(
+                    "fused optimizer: var #{i} is on {:?}, var #0 on {:?}; one optimizer per device",
+                    var.device().location(),
+                    device.location()
+                )
+            }
+            if !var.is_contiguous() {
+                bail!(
+                    "fused optimizer: var #{i} (shape {:?}) is not contiguous",
+                    var.dims()
+                )
+            }
+        }
+        let control = Tensor::zeros(CONTROL_WORDS + vars.len(), DType::I64, &device)?;
+        Ok(Self {
+            state: vec![Vec::new(); vars.len()],
+            vars,
+            keys,
+            control,
+            device,
+            clip: None,
+            skip_nonfinite: false,
+            last_norm: None,
+        })
+    }
+
+    pub(crate) fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    pub(crate) fn set_clip(&mut self, clip: ClipSetting) -> Result<()> {
+        clip.validate()?;
+        self.clip = Some(clip);
+        Ok(())
+    }
+
+    pub(crate) fn clip(&self) -> Option<&ClipSetting> {
+        self.clip.as_ref()
+    }
+
+    pub(crate) fn set_skip_nonfinite(&mut self, skip: bool) {
+        self.skip_nonfinite = skip;
+    }
+
+    pub(crate) fn last_norm(&self) -> Option<&Tensor> {
+        self.last_norm.as_ref()
+    }
+
+    fn counter(&self, index: usize) -> Result<usize> {
+        Ok(self.control.narrow(0, index, 1)?.to_vec1::<i64>()?[0] as usize)
+    }
+
+    pub(crate) fn steps(&self) -> Result<usize> {
+        self.counter(STEPS)
+    }
+
+    pub(crate) fn clipped_steps(&self) -> Result<usize> {
+        self.counter(CLIPPED)
+    }
+
+    pub(crate) fn skipped_steps(&self) -> Result<usize> {
+        self.counter(SKIPPED)
+    }
+
+    /// Creates the state tensors `rule` needs that do not exist yet (zeros of the state dtype).
+    fn ensure_state(&mut self, count: usize) -> Result<()> {
+        for (var, state) in self.vars.iter().zip(self.state.iter_mut()) {
+            while state.len() < count {
+                state.push(Tensor::zeros(
+                    var.shape(),
+                    state_dtype(var.dtype()),
+                    var.device(),
+                )?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the state of a rule at construction (AdamW's moments, as candle's `AdamW::new`).
+    pub(crate) fn init_state(&mut self, rule: Rule) -> Result<()> {
+        self.ensure_state(rule.state_count())
+    }
+
+    /// One step: collect and check the gradients, decide the clip, run the fused update.
+    /// Nothing changes when it fails.
+    pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
+        self.ensure_state(rule.state_count())?;
+        let count = rule.state_count();
+        let mut targets = Vec::new();
+        for (i, var) in self.vars.iter().enumerate() {
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            check_gradient(i, var, grad)?;
+            targets.push(Target {
+                param: var.as_tensor().clone(),
+                grad: grad.clone(),
+                state: self.state[i][..count].to_vec(),
+                index: i,
+            });
+        }
+        // AutoClip needs this step's norm on the host for its percentile.
+        let mut autoclip_norm: Option<(Tensor, f64, f64)> = None;
+        if let Some(ClipSetting::AutoClip(autoclip)) = &self.clip {
+            let set = GradientSet::from_grads(targets.iter().map(|t| t.grad.clone()).collect())?;
+            let norm = backend::total_norm(&set, NormType::L2)?;
+            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let threshold = autoclip.threshold_with(value);
+            autoclip_norm = Some((norm, value, threshold));
+        }
+        let clip = match (&self.clip, &autoclip_norm) {
+            (None, _) => StepClip::None,
+            (
+                Some(ClipSetting::Norm {
+                    max_norm,
+                    norm_type,
+                }),
+                _,
+            ) => StepClip::Norm {
+                norm_type: *norm_type,
+                max_norm: *max_norm,
+                eps: DEFAULT_EPS,
+            },
+            (Some(ClipSetting::Value { clip_value }), _) => StepClip::Value(*clip_value),
+            (Some(ClipSetting::AutoClip(_)), Some((norm, _, threshold))) => StepClip::GivenNorm {
+                norm,
+                max_norm: *threshold,
+                eps: DEFAULT_EPS,
+            },
+            (Some(ClipSetting::AutoClip(_)), None) => {
+                bail!("internal error: AutoClip without its norm")
+            }
+        };
+        let outcome = update::fused_step(&Step {
+            targets,
+            rule,
+            clip,
+            skip_nonfinite: self.skip_nonfinite,
+            control: &self.control,
+        })?;
+        self.last_norm = match autoclip_norm {
+            Some((norm, value, _)) => {
+                if let Some(ClipSetting::AutoClip(autoclip)) = &mut self.clip {
+                    autoclip.record(value);
+                }
+                Some(norm)
+            }
+            None => outcome.norm,
+        };
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // State.
+
+    /// The state as named tensors (copies): the counters, and each var's state tensors under
+    /// `<key>.<name>` with the rule's `names`. With `optional` (SGD's momentum buffer), a var
+    /// whose state has not started yet (no gradient since momentum was on) has none.
+    pub(crate) fn state_dict(
+        &self,
+        names: &[&str],
+        optional: bool,
+    ) -> Result<HashMap<String, Tensor>> {
+        let control = self.control.to_device(&Device::Cpu)?.to_vec1::<i64>()?;
+        let mut dict = HashMap::new();
+        for (key, index) in [
+            (KEY_STEPS, STEPS),
+            (KEY_CLIPPED, CLIPPED),
+            (KEY_SKIPPED, SKIPPED),
+        ] {
+            dict.insert(key.to_string(), Tensor::new(control[index], &Device::Cpu)?);
+        }
+        for (i, key) in self.keys.iter().enumerate() {
+            if optional && control[CONTROL_WORDS + i] == 0 {
+                continue;
+            }
+            for (name, tensor) in names.iter().zip(&self.state[i]) {
+                dict.insert(format!("{key}.{name}"), tensor.copy()?);
+            }
+        }
+        Ok(dict)
+    }
+
+    /// Loads a state saved by [`state_dict`](Self::state_dict) of an optimizer of the same kind
+    /// over vars of the same shapes and dtypes. Everything is checked before anything changes.
+    pub(crate) fn load_state_dict(
+        &mut self,
+        dict: &HashMap<String, Tensor>,
+        names: &[&str],
+        optional: bool,
+    ) -> Result<()> {
+        let counter = |key: &str| -> Result<i64> {
+            let Some(t) = dict.get(key) else {
+                bail!("load_state_dict: the state has no `{key}`")
+            };
+            if t.rank() != 0 || t.dtype() != DType::I64 {
+                bail!(
+                    "load_state_dict: `{key}` must be a 0-d I64 tensor, got {:?} {:?}",
+                    t.dtype(),
+                    t.dims()
+                )
+            }
+            let v = t.to_scalar::<i64>()?;
+            if v < 0 {
+                bail!("load_state_dict: `{key}` is negative ({v})")
+            }
+            Ok(v)
+        };
+        let mut control = vec![
+            counter(KEY_STEPS)?,
+            counter(KEY_CLIPPED)?,
+            counter(KEY_SKIPPED)?,
+        ];
+        let mut expected: HashSet<String> = [KEY_STEPS, KEY_CLIPPED, KEY_SKIPPED]
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        let mut new_state = Vec::with_capacity(self.vars.len());
+        for (i, (var, key)) in self.vars.iter().zip(&self.keys).enumerate() {
+            let dtype = state_dtype(var.dtype());
+            let mut tensors = Vec::new();
+            for name in names {
+                let full = format!("{key}.{name}");
+                match dict.get(&full) {
+                    Some(t) => {
+                        if t.dims() != var.dims() {
+                            bail!(
+                                "load_state_dict: `{full}` has shape {:?}, but var #{i} has shape {:?}; nothing was loaded",
+                                t.dims(),
+                                var.dims()
+                            )
+                        }
+                        if t.dtype() != dtype {
+                            bail!(
+                                "load_state_dict: `{full}` has dtype {:?}, but var #{i} ({:?}) keeps its state in {dtype:?}; nothing was loaded",
+                                t.dtype(),
+                                var.dtype()
+                            )
+                        }
+                        tensors.push(t.to_device(&self.device)?.copy()?);
+                        expected.insert(full);
+                    }
+                    None if optional => {}
+                    None => bail!(
+                        "load_state_dict: the state has no `{full}` (var #{i}); was it saved by an optimizer over other vars? nothing was loaded"
+                    ),
+                }
+            }
+            if optional && !tensors.is_empty() && tensors.len() != names.len() {
+                bail!("load_state_dict: var #{i} has only part of its state; nothing was loaded")
+            }
+            control.push(!tensors.is_empty() as i64);
+            new_state.push(tensors);
+        }
+        if let Some(extra) = dict.keys().find(|k| !expected.contains(*k)) {
+            bail!(
+                "load_state_dict: unexpected `{extra}`: the state has {} entries this optimizer ({} vars) does not know; nothing was loaded",
+                dict.keys().filter(|k| !expected.contains(*k)).count(),
+                self.vars.len()
+            )
+        }
+        // Checked: apply. Vars without a saved state get fresh zeros when a step needs them.
+        self.control = Tensor::new(control, &self.device)?;
+        for (state, loaded) in self.state.iter_mut().zip(new_state) {
+            if !loaded.is_empty() || !optional {
+                *state = loaded;
+            } else {
+                state.clear();
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn save_state(&self, path: &Path, names: &[&str], optional: bool) -> Result<()> {
+        candle_core::safetensors::save(&self.state_dict(names, optional)?, path)
+    }
+
+    pub(crate) fn load_state(&mut self, path: &Path, names: &[&str], optional: bool) -> Result<()> {
+        let dict = candle_core::safetensors::load(path, &Device::Cpu)?;
+        self.load_state_dict(&dict, names, optional)
+    }
+}
+
+/// A gradient the fused step can use for var #`i`: same dtype, shape and device, and not sharing
+/// the var's storage (the step writes the var while it reads the gradient).
+fn check_gradient(i: usize, var: &Var, grad: &Tensor) -> Result<()> {
+    if grad.dtype() != var.dtype() || grad.dims() != var.dims() {
+        bail!(
+            "fused optimizer step: the gradient of var #{i} is {:?} {:?} but the var is {:?} {:?}; nothing was modified",
+            grad.dtype(),
+            grad.dims(),
+            var.dtype(),
+            var.dims()
+        )
+    }
+    if !grad.device().same_device(var.device()) {
+        bail!(
+            "fused optimizer step: the gradient of var #{i} is on {:?} but the var on {:?}; nothing was modified",
+            grad.device().location(),
+            var.device().location()
+        )
+    }
+    if storage_key(grad) == storage_key(var.as_tensor()) {
+        bail!("fused optimizer step: the gradient of var #{i} shares the var's storage; nothing was modified")
+    }
+    Ok(())
+}

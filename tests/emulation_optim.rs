@@ -1,0 +1,559 @@
+//! The fused optimizer step kernel (`grad_clip_fused_step`), run through the host emulation with
+//! the crate's own CUDA host code, against the CPU twin (`backend/cpu/update.rs`), which
+//! `fused_optim.rs` checks against candle's `AdamW`/`SGD` bitwise. On normal values the kernel's
+//! results are the CPU's bit for bit, for every grid size and block order; the one documented
+//! difference (F32/F64 follow candle's CUDA sequence, whose affine ops are fused multiply-adds)
+//! shows only when a product underflows to zero.
+
+use std::collections::HashMap;
+
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_grad_clip::{
+    AutoClip, BlockOrder, ClipSetting, EmulationLog, FusedAdamW, FusedSgd, KernelEmulation,
+    NormType, ParamsSgd,
+};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use half::{bf16, f16};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+const SHAPES: [&[usize]; 6] = [&[7, 5], &[5], &[1], &[3, 4, 2], &[4099], &[64, 33]];
+const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+fn bits(t: &Tensor) -> Result<Vec<u64>> {
+    let f = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => f
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::F64 => f.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect(),
+        DType::F16 => f
+            .to_vec1::<f16>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::BF16 => f
+            .to_vec1::<bf16>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::I64 => f.to_vec1::<i64>()?.iter().map(|&x| x as u64).collect(),
+        d => panic!("bits: {d:?}"),
+    })
+}
+
+/// Asserts two lists of bit patterns are equal, naming only the first difference (the lists are
+/// long).
+fn assert_same<T: PartialEq + std::fmt::Debug>(a: &[Vec<T>], b: &[Vec<T>], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if let Some(j) = x.iter().zip(y).position(|(p, q)| p != q) {
+            panic!("{what}: tensor {i} element {j}: {:?} vs {:?}", x[j], y[j]);
+        }
+        assert_eq!(x.len(), y.len(), "{what}: tensor {i} length");
+    }
+}
+
+fn vars_bits(vars: &[Var]) -> Result<Vec<Vec<u64>>> {
+    vars.iter().map(|v| bits(v.as_tensor())).collect()
+}
+
+fn state_bits(state: &HashMap<String, Tensor>) -> Result<Vec<(String, Vec<u64>)>> {
+    let mut keys: Vec<&String> = state.keys().collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|k| Ok((k.clone(), bits(&state[k])?)))
+        .collect()
+}
+
+fn values(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| match rng.gen_range(0..20) {
+            0 => 0.0,
+            1 => -0.0,
+            _ => {
+                let x: f64 = StandardNormal.sample(rng);
+                x * scale * 10f64.powi(rng.gen_range(-2..2))
+            }
+        })
+        .collect()
+}
+
+fn tensor(v: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Two sets of vars with the same values (one dtype per var, drawn from `dtypes`).
+fn twin_vars(rng: &mut StdRng, dtypes: &[DType]) -> Result<(Vec<Var>, Vec<Var>)> {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for (k, shape) in SHAPES.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let t = tensor(&values(rng, n, 1.0), shape, dtypes[k % dtypes.len()])?;
+        a.push(Var::from_tensor(&t)?);
+        b.push(Var::from_tensor(&t)?);
+    }
+    Ok((a, b))
+}
+
+fn twin_grads(
+    rng: &mut StdRng,
+    a: &[Var],
+    b: &[Var],
+    scale: f64,
+    skip_some: bool,
+) -> Result<(GradStore, GradStore)> {
+    let (mut ga, mut gb) = (GradStore::default(), GradStore::default());
+    for (va, vb) in a.iter().zip(b) {
+        if skip_some && rng.gen_bool(0.25) {
+            continue;
+        }
+        let g = values(rng, va.elem_count(), scale);
+        ga.insert(va, tensor(&g, va.dims(), va.dtype())?);
+        gb.insert(vb, tensor(&g, vb.dims(), vb.dtype())?);
+    }
+    Ok((ga, gb))
+}
+
+fn kernels(log: &EmulationLog) -> Vec<&'static str> {
+    log.launches.iter().map(|l| l.kernel).collect()
+}
+
+const ORDERS: [BlockOrder; 4] = [
+    BlockOrder::InOrder,
+    BlockOrder::Reversed,
+    BlockOrder::Shuffled,
+    BlockOrder::Concurrent { threads: 3 },
+];
+
+/// Every rule and dtype, without a clip and with value clipping (whose result does not depend on
+/// how the norm is summed): the emulated kernel equals the CPU twin bit for bit, step after step
+/// (parameters and the whole state), for several grids and block orders.
+#[test]
+fn fused_steps_are_bitwise_the_cpu_twins() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(1);
+    let settings: Vec<Option<ClipSetting>> = vec![None, Some(ClipSetting::value(0.02))];
+    for (case, setting) in settings.iter().enumerate() {
+        for rule in 0..4 {
+            let (ours, theirs) = twin_vars(&mut rng, &DTYPES)?;
+            let grid = [1, 3, 7, 64][(case + rule) % 4];
+            let order = ORDERS[(case * 3 + rule) % 4];
+            let emulation = KernelEmulation::new()
+                .grid(grid)
+                .block_order(order)
+                .seed(case as u64);
+            let what = format!("setting {setting:?} rule {rule} grid {grid} {order:?}");
+            let skip = rule % 2 == 0;
+            let mut emulated = optimizer(rule, ours.clone(), setting.clone(), skip)?;
+            let mut cpu = optimizer(rule, theirs.clone(), setting.clone(), skip)?;
+            for step in 0..6 {
+                let scale = if step % 3 == 2 { 50.0 } else { 1.0 };
+                let (ga, gb) = twin_grads(&mut rng, &ours, &theirs, scale, step == 1)?;
+                let (_, log) = emulation.run(|| emulated.take_step(&ga))?;
+                assert_eq!(
+                    *kernels(&log).last().expect("a launch"),
+                    "grad_clip_fused_step"
+                );
+                cpu.take_step(&gb)?;
+                let what = format!("{what} step {step}");
+                assert_same(&vars_bits(&ours)?, &vars_bits(&theirs)?, &what);
+                assert_same_state(&emulated.state_dict()?, &cpu.state_dict()?, &what)?;
+                assert_same_norm(emulated.last_norm(), cpu.last_norm(), &what)?;
+            }
+            assert_eq!(emulated.clipped_steps()?, cpu.clipped_steps()?, "{what}");
+        }
+    }
+    Ok(())
+}
+
+/// Every clip setting, on the emulated device: the folded clip is bitwise `Clipped` around the
+/// unclipped fused optimizer (clip the store with the kernels, then step), both emulated, with the
+/// same norm and the same count of clipped steps.
+#[test]
+fn folded_clip_under_emulation_is_clip_then_step() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(5);
+    let settings = [
+        ClipSetting::norm(0.5),
+        ClipSetting::Norm {
+            max_norm: 0.3,
+            norm_type: NormType::L1,
+        },
+        ClipSetting::Norm {
+            max_norm: 0.2,
+            norm_type: NormType::P(7.5),
+        },
+        ClipSetting::Norm {
+            max_norm: 0.05,
+            norm_type: NormType::Inf,
+        },
+        ClipSetting::value(0.02),
+        ClipSetting::AutoClip(AutoClip::new(25.0)?),
+    ];
+    for (case, setting) in settings.iter().enumerate() {
+        for rule in 0..4 {
+            let (ours, theirs) = twin_vars(&mut rng, &DTYPES)?;
+            let grid = [1, 3, 7, 64][(case + rule) % 4];
+            let order = ORDERS[(case + rule * 3) % 4];
+            let emulation = KernelEmulation::new()
+                .grid(grid)
+                .block_order(order)
+                .seed(case as u64);
+            let what = format!("{setting:?} rule {rule} grid {grid} {order:?}");
+            let mut folded = optimizer(rule, ours.clone(), Some(setting.clone()), false)?;
+            let mut clipped = clipped_optimizer(rule, theirs.clone(), setting.clone())?;
+            for step in 0..6 {
+                let scale = if step % 3 == 2 { 50.0 } else { 1.0 };
+                let (ga, gb) = twin_grads(&mut rng, &ours, &theirs, scale, step == 1)?;
+                emulation.run(|| folded.take_step(&ga))?;
+                emulation.run(|| clipped.take_step(&gb))?;
+                let what = format!("{what} step {step}");
+                assert_same(&vars_bits(&ours)?, &vars_bits(&theirs)?, &what);
+                assert_same_norm(folded.last_norm(), clipped.last_norm(), &what)?;
+            }
+            assert_eq!(folded.clipped_steps()?, clipped.clipped_steps()?, "{what}");
+        }
+    }
+    Ok(())
+}
+
+/// The optimizer of rule `rule` (0: AdamW; 1-3: SGD plain, with momentum and weight decay,
+/// Nesterov) over `vars`.
+fn optimizer(
+    rule: usize,
+    vars: Vec<Var>,
+    clip: Option<ClipSetting>,
+    skip: bool,
+) -> Result<Box<dyn Fused>> {
+    let adamw = ParamsAdamW {
+        lr: 0.01,
+        weight_decay: 0.05,
+        ..Default::default()
+    };
+    let sgd = [
+        ParamsSgd {
+            lr: 0.1,
+            ..Default::default()
+        },
+        ParamsSgd {
+            lr: 0.05,
+            momentum: 0.9,
+            dampening: 0.1,
+            weight_decay: 1e-3,
+            nesterov: false,
+        },
+        ParamsSgd {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+            ..Default::default()
+        },
+    ];
+    Ok(match rule {
+        0 => {
+            let mut o = FusedAdamW::new(vars, adamw)?.skip_nonfinite(skip);
+            if let Some(c) = clip {
+                o = o.with_clip(c)?;
+            }
+            Box::new(o)
+        }
+        r => {
+            let mut o = FusedSgd::new(vars, sgd[r - 1].clone())?.skip_nonfinite(skip);
+            if let Some(c) = clip {
+                o = o.with_clip(c)?;
+            }
+            Box::new(o)
+        }
+    })
+}
+
+/// `Clipped` around the unclipped optimizer of rule `rule`.
+fn clipped_optimizer(rule: usize, vars: Vec<Var>, clip: ClipSetting) -> Result<Box<dyn Fused>> {
+    let inner = optimizer(rule, vars.clone(), None, false)?;
+    Ok(Box::new(ClippedFused {
+        inner,
+        vars,
+        clip,
+        steps: 0,
+        unclipped: 0,
+        last_norm: None,
+    }))
+}
+
+/// What the tests ask of an optimizer.
+trait Fused {
+    fn take_step(&mut self, grads: &GradStore) -> Result<()>;
+    fn state_dict(&self) -> Result<HashMap<String, Tensor>>;
+    fn last_norm(&self) -> Option<&Tensor>;
+    fn clipped_steps(&self) -> Result<usize>;
+}
+
+macro_rules! fused {
+    ($t:ty) => {
+        impl Fused for $t {
+            fn take_step(&mut self, grads: &GradStore) -> Result<()> {
+                Optimizer::step(self, grads)
+            }
+            fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+                <$t>::state_dict(self)
+            }
+            fn last_norm(&self) -> Option<&Tensor> {
+                <$t>::last_norm(self)
+            }
+            fn clipped_steps(&self) -> Result<usize> {
+                <$t>::clipped_steps(self)
+            }
+        }
+    };
+}
+fused!(FusedAdamW);
+fused!(FusedSgd);
+
+/// Clip the store with the public functions (the kernels, under emulation), then step the inner
+/// optimizer: what `Clipped` does, for an inner optimizer behind `dyn Fused`.
+struct ClippedFused {
+    inner: Box<dyn Fused>,
+    vars: Vec<Var>,
+    clip: ClipSetting,
+    steps: usize,
+    unclipped: usize,
+    last_norm: Option<Tensor>,
+}
+
+impl Fused for ClippedFused {
+    fn take_step(&mut self, grads: &GradStore) -> Result<()> {
+        // The store's tensors are shared handles: clipping a new store with the same tensors
+        // clips the caller's.
+        let mut view = GradStore::default();
+        for v in &self.vars {
+            if let Some(g) = grads.get(v) {
+                view.insert(v, g.clone());
+            }
+        }
+        let before: Vec<Vec<u64>> = self
+            .vars
+            .iter()
+            .filter_map(|v| view.get(v).map(bits))
+            .collect::<Result<_>>()?;
+        let norm = match &mut self.clip {
+            ClipSetting::Norm {
+                max_norm,
+                norm_type,
+            } => candle_grad_clip::ClipGradNorm::new(*max_norm)
+                .norm_type(*norm_type)
+                .clip_(&self.vars, &mut view)?,
+            ClipSetting::Value { clip_value } => {
+                let n = candle_grad_clip::total_norm(&self.vars, &view, NormType::Inf)?;
+                candle_grad_clip::clip_grad_value_(&self.vars, &mut view, *clip_value)?;
+                n
+            }
+            ClipSetting::AutoClip(a) => a.clip_(&self.vars, &mut view)?,
+        };
+        let after: Vec<Vec<u64>> = self
+            .vars
+            .iter()
+            .filter_map(|v| view.get(v).map(bits))
+            .collect::<Result<_>>()?;
+        self.inner.take_step(grads)?;
+        self.steps += 1;
+        self.unclipped += usize::from(before == after);
+        self.last_norm = Some(norm);
+        Ok(())
+    }
+    fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        self.inner.state_dict()
+    }
+    fn last_norm(&self) -> Option<&Tensor> {
+        self.last_norm.as_ref()
+    }
+    fn clipped_steps(&self) -> Result<usize> {
+        Ok(self.steps - self.unclipped)
+    }
+}
+
+fn assert_same_state(
+    a: &HashMap<String, Tensor>,
+    b: &HashMap<String, Tensor>,
+    what: &str,
+) -> Result<()> {
+    let (a, b) = (state_bits(a)?, state_bits(b)?);
+    let names: Vec<&String> = a.iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        names,
+        b.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        "{what}: state keys"
+    );
+    let values = |s: &[(String, Vec<u64>)]| s.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    assert_same(&values(&a), &values(&b), &format!("{what}: state"));
+    Ok(())
+}
+
+fn assert_same_norm(a: Option<&Tensor>, b: Option<&Tensor>, what: &str) -> Result<()> {
+    match (a, b) {
+        (Some(a), Some(b)) => assert_eq!(bits(a)?, bits(b)?, "{what}: last_norm"),
+        (None, None) => {}
+        (a, b) => panic!("{what}: last_norm {a:?} vs {b:?}"),
+    }
+    Ok(())
+}
+
+/// The launches of a step: the reduction the clip needs, then one fused update for all vars;
+/// without a clip and without the finite check, the update alone. One table upload.
+#[test]
+fn a_step_is_at_most_three_launches_and_one_table() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(2);
+    let (vars, _) = twin_vars(&mut rng, &[DType::F32])?;
+    let (ga, _) = twin_grads(&mut rng, &vars, &vars, 1.0, false)?;
+    let cases: [(Option<ClipSetting>, bool, &[&str]); 5] = [
+        (None, false, &["grad_clip_fused_step"]),
+        (
+            None,
+            true,
+            &["grad_clip_reduce_inf", "grad_clip_fused_step"],
+        ),
+        (
+            Some(ClipSetting::norm(1.0)),
+            false,
+            &["grad_clip_reduce_sq", "grad_clip_fused_step"],
+        ),
+        (
+            Some(ClipSetting::value(1.0)),
+            true,
+            &["grad_clip_reduce_inf", "grad_clip_fused_step"],
+        ),
+        (
+            Some(ClipSetting::Norm {
+                max_norm: 1.0,
+                norm_type: NormType::P(8.0),
+            }),
+            true,
+            &[
+                "grad_clip_reduce_pow",
+                "grad_clip_reduce_pow",
+                "grad_clip_fused_step",
+            ],
+        ),
+    ];
+    for (clip, skip, want) in cases {
+        let mut opt = FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.skip_nonfinite(skip);
+        if let Some(c) = &clip {
+            opt = opt.with_clip(c.clone())?;
+        }
+        let (_, log) = KernelEmulation::new().run(|| opt.step(&ga))?;
+        assert_eq!(kernels(&log), want, "{clip:?} skip {skip}");
+        assert_eq!(log.table_uploads.len(), 1);
+    }
+    Ok(())
+}
+
+/// A non-finite gradient under emulation: the step is skipped on the device (no host read of the
+/// verdict), parameters and state bitwise unchanged, for every grid.
+#[test]
+fn skipped_steps_change_nothing_on_the_device() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(3);
+    for grid in [1, 3, 64] {
+        for clip in [
+            None,
+            Some(ClipSetting::norm(1.0)),
+            Some(ClipSetting::value(0.1)),
+        ] {
+            let (vars, _) = twin_vars(&mut rng, &DTYPES)?;
+            let mut opt =
+                FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.skip_nonfinite(true);
+            if let Some(c) = &clip {
+                opt = opt.with_clip(c.clone())?;
+            }
+            let (mut grads, _) = twin_grads(&mut rng, &vars, &vars, 1.0, false)?;
+            KernelEmulation::new().grid(grid).run(|| opt.step(&grads))?;
+            let v = &vars[4];
+            let mut g = values(&mut rng, v.elem_count(), 1.0);
+            g[4000] = f64::NAN;
+            grads.insert(v, tensor(&g, v.dims(), v.dtype())?);
+            let before = (vars_bits(&vars)?, state_bits(&opt.state_dict()?)?);
+            KernelEmulation::new().grid(grid).run(|| opt.step(&grads))?;
+            let mut after_state = opt.state_dict()?;
+            assert_eq!(
+                after_state
+                    .remove("skipped_steps")
+                    .map(|t| t.to_scalar::<i64>())
+                    .transpose()?,
+                Some(1)
+            );
+            let mut before_state: Vec<(String, Vec<u64>)> = before.1;
+            before_state.retain(|(k, _)| k != "skipped_steps");
+            assert_eq!(
+                (vars_bits(&vars)?, state_bits(&after_state)?),
+                (before.0, before_state),
+                "grid {grid} {clip:?}"
+            );
+            assert_eq!(opt.steps()?, 1);
+        }
+    }
+    Ok(())
+}
+
+/// The bias corrections at a large step count (loaded from a state): the kernel's `powi` is the
+/// host's `f64::powi`, bit for bit.
+#[test]
+fn bias_corrections_at_large_step_counts() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(4);
+    for t in [7i64, 100, 12_345, 999_999, i32::MAX as i64 - 1] {
+        let (ours, theirs) = twin_vars(&mut rng, &[DType::F32, DType::F64])?;
+        let params = ParamsAdamW {
+            beta1: 0.9999,
+            beta2: 0.99999,
+            ..Default::default()
+        };
+        let mut emulated = FusedAdamW::new(ours.clone(), params.clone())?;
+        let mut cpu = FusedAdamW::new(theirs.clone(), params.clone())?;
+        let mut state = cpu.state_dict()?;
+        state.insert("step".into(), Tensor::new(t, &Device::Cpu)?);
+        emulated.load_state_dict(&state)?;
+        cpu.load_state_dict(&state)?;
+        for _ in 0..2 {
+            let (ga, gb) = twin_grads(&mut rng, &ours, &theirs, 1.0, false)?;
+            KernelEmulation::new().run(|| emulated.step(&ga))?;
+            cpu.step(&gb)?;
+            assert_same(&vars_bits(&ours)?, &vars_bits(&theirs)?, &format!("t {t}"));
+        }
+        assert_eq!(emulated.steps()?, t as usize + 2);
+    }
+    Ok(())
+}
+
+/// Where candle's CPU and CUDA AdamW differ, the kernel follows candle's CUDA sequence: its affine
+/// `x * c + 0` is one fma, so a product that underflows keeps its sign (-0), where the CPU's
+/// separate `+ 0` makes it +0. Everything else in these tests is bitwise the CPU's.
+#[test]
+fn the_kernel_follows_candles_cuda_sequence_where_cpu_and_cuda_differ() -> Result<()> {
+    let tiny = -f32::from_bits(1) as f64; // -1.4e-45
+                                          // decay = 1 - lr * wd = 0.4: p * 0.4 is below half the smallest subnormal.
+    let params = ParamsAdamW {
+        lr: 0.1,
+        weight_decay: 6.0,
+        ..Default::default()
+    };
+    let make = || -> Result<(Var, GradStore)> {
+        let v = Var::new(&[tiny as f32], &Device::Cpu)?;
+        let mut g = GradStore::default();
+        g.insert(&v, Tensor::new(&[0f32], &Device::Cpu)?);
+        Ok((v, g))
+    };
+    // The update is 0 (zero gradient and moments): p' = p * 0.4 - 0.
+    let (cpu_var, g) = make()?;
+    AdamW::new(vec![cpu_var.clone()], params.clone())?.step(&g)?;
+    let (emu_var, g) = make()?;
+    let mut opt = FusedAdamW::new(vec![emu_var.clone()], params)?;
+    KernelEmulation::new().run(|| opt.step(&g))?;
+    assert_eq!(
+        cpu_var.to_vec1::<f32>()?[0].to_bits(),
+        0.0f32.to_bits(),
+        "candle CPU: +0"
+    );
+    assert_eq!(
+        emu_var.to_vec1::<f32>()?[0].to_bits(),
+        (-0.0f32).to_bits(),
+        "kernel: -0, as fma"
+    );
+    Ok(())
+}
