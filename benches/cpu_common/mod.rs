@@ -1,5 +1,6 @@
 //! CPU helpers shared by `clip_cpu` (criterion) and `cpu_ratios` (interleaved): the gradients, the
-//! naive composition a candle user writes today, and the floors.
+//! naive composition a candle user writes today, and the floors. (Each bench uses some of them.)
+#![allow(dead_code)]
 
 use candle_core::{backprop::GradStore, Device, Result, Tensor, Var};
 use rand::{rngs::StdRng, SeedableRng};

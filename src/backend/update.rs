@@ -65,6 +65,32 @@ pub(crate) fn state_dtype(param: DType) -> DType {
     }
 }
 
+/// Index of a state dtype among a slot's buffers: 0 for F32, 1 for F64.
+pub(crate) fn state_class(param: DType) -> usize {
+    (state_dtype(param) == DType::F64) as usize
+}
+
+/// The optimizer state of all vars, flat: for each slot (AdamW: the two moments; SGD: the
+/// momentum buffer) one contiguous 1-D tensor per state dtype (`[F32, F64]`), and each var's
+/// place in them. One buffer per slot and dtype keeps a step to a few storage locks and the
+/// moments of consecutive vars adjacent in memory.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FlatState {
+    /// Per slot: the F32 and the F64 buffer (absent when no var has that state dtype).
+    pub(crate) buffers: Vec<[Option<Tensor>; 2]>,
+    /// Per var: where its state lies in each slot's buffers.
+    pub(crate) places: Vec<Place>,
+}
+
+/// A var's place in the flat state: buffer `class` (see [`state_class`]), elements
+/// `offset..offset + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Place {
+    pub(crate) class: usize,
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
+}
+
 /// What the step does to the gradients before the update (never writing them).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum StepClip<'a> {
@@ -93,9 +119,8 @@ pub(crate) struct Target {
     pub(crate) param: Tensor,
     /// Its gradient (same dtype and shape), only read.
     pub(crate) grad: Tensor,
-    /// Its state tensors ([`Rule::state_count`] of them, contiguous, [`state_dtype`]), written.
-    pub(crate) state: Vec<Tensor>,
-    /// Its index among the optimizer's vars (its flag in the control tensor).
+    /// Its index among the optimizer's vars (its flag in the control tensor, its place in the
+    /// state).
     pub(crate) index: usize,
 }
 
@@ -110,6 +135,8 @@ pub(crate) struct Step<'a> {
     pub(crate) skip_nonfinite: bool,
     /// The control tensor (see the module documentation).
     pub(crate) control: &'a Tensor,
+    /// The state (its first [`Rule::state_count`] slots are written).
+    pub(crate) state: &'a FlatState,
 }
 
 /// What a step measured.

@@ -10,7 +10,8 @@ use candle_nn::VarMap;
 
 use crate::backend;
 use crate::backend::update::{
-    self, state_dtype, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
+    self, state_class, state_dtype, FlatState, Place, Rule, Step, StepClip, Target, CLIPPED,
+    CONTROL_WORDS, SKIPPED, STEPS,
 };
 use crate::gradients::{storage_key, GradientSet};
 use crate::{ClipSetting, NormType, DEFAULT_EPS};
@@ -27,8 +28,8 @@ pub(crate) struct FusedCore {
     vars: Vec<Var>,
     /// Each var's key in a state dict: its name (`from_varmap`) or its position.
     keys: Vec<String>,
-    /// Each var's state tensors (created for the rule's needs, never shrunk).
-    state: Vec<Vec<Tensor>>,
+    /// The vars' state, flat (slots created for the rule's needs, never dropped).
+    state: FlatState,
     /// `I64` on the vars' device: steps, clipped steps, skipped steps, then each var's "state
     /// exists" flag (see `backend::update`).
     control: Tensor,
@@ -84,8 +85,26 @@ impl FusedCore {
             }
         }
         let control = Tensor::zeros(CONTROL_WORDS + vars.len(), DType::I64, &device)?;
+        // Each var's place: consecutive in its dtype's buffers, in var order.
+        let mut totals = [0usize; 2];
+        let places = vars
+            .iter()
+            .map(|v| {
+                let class = state_class(v.dtype());
+                let place = Place {
+                    class,
+                    offset: totals[class],
+                    len: v.elem_count(),
+                };
+                totals[class] += place.len;
+                place
+            })
+            .collect();
         Ok(Self {
-            state: vec![Vec::new(); vars.len()],
+            state: FlatState {
+                buffers: Vec::new(),
+                places,
+            },
             vars,
             keys,
             control,
@@ -134,16 +153,26 @@ impl FusedCore {
         self.counter(SKIPPED)
     }
 
-    /// Creates the state tensors `rule` needs that do not exist yet (zeros of the state dtype).
+    /// Total elements of each state dtype's buffers.
+    fn totals(&self) -> [usize; 2] {
+        let mut totals = [0; 2];
+        for p in &self.state.places {
+            totals[p.class] += p.len;
+        }
+        totals
+    }
+
+    /// Creates the state slots a rule needs that do not exist yet (zeros).
     fn ensure_state(&mut self, count: usize) -> Result<()> {
-        for (var, state) in self.vars.iter().zip(self.state.iter_mut()) {
-            while state.len() < count {
-                state.push(Tensor::zeros(
-                    var.shape(),
-                    state_dtype(var.dtype()),
-                    var.device(),
-                )?);
+        let totals = self.totals();
+        while self.state.buffers.len() < count {
+            let mut slot = [None, None];
+            for (class, dtype) in [(0, DType::F32), (1, DType::F64)] {
+                if totals[class] > 0 {
+                    slot[class] = Some(Tensor::zeros(totals[class], dtype, &self.device)?);
+                }
             }
+            self.state.buffers.push(slot);
         }
         Ok(())
     }
@@ -157,8 +186,7 @@ impl FusedCore {
     /// Nothing changes when it fails.
     pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
         self.ensure_state(rule.state_count())?;
-        let count = rule.state_count();
-        let mut targets = Vec::new();
+        let mut targets = Vec::with_capacity(self.vars.len());
         for (i, var) in self.vars.iter().enumerate() {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
@@ -167,7 +195,6 @@ impl FusedCore {
             targets.push(Target {
                 param: var.as_tensor().clone(),
                 grad: grad.clone(),
-                state: self.state[i][..count].to_vec(),
                 index: i,
             });
         }
@@ -209,6 +236,7 @@ impl FusedCore {
             clip,
             skip_nonfinite: self.skip_nonfinite,
             control: &self.control,
+            state: &self.state,
         })?;
         self.last_norm = match autoclip_norm {
             Some((norm, value, _)) => {
@@ -246,8 +274,15 @@ impl FusedCore {
             if optional && control[CONTROL_WORDS + i] == 0 {
                 continue;
             }
-            for (name, tensor) in names.iter().zip(&self.state[i]) {
-                dict.insert(format!("{key}.{name}"), tensor.copy()?);
+            let place = self.state.places[i];
+            for (name, slot) in names.iter().zip(&self.state.buffers) {
+                if let Some(buffer) = &slot[place.class] {
+                    let t = buffer.narrow(0, place.offset, place.len)?;
+                    dict.insert(
+                        format!("{key}.{name}"),
+                        t.reshape(self.vars[i].shape())?.copy()?,
+                    );
+                }
             }
         }
         Ok(dict)
@@ -309,7 +344,7 @@ impl FusedCore {
                                 var.dtype()
                             )
                         }
-                        tensors.push(t.to_device(&self.device)?.copy()?);
+                        tensors.push(t.to_device(&self.device)?);
                         expected.insert(full);
                     }
                     None if optional => {}
@@ -331,15 +366,29 @@ impl FusedCore {
                 self.vars.len()
             )
         }
-        // Checked: apply. Vars without a saved state get fresh zeros when a step needs them.
-        self.control = Tensor::new(control, &self.device)?;
-        for (state, loaded) in self.state.iter_mut().zip(new_state) {
-            if !loaded.is_empty() || !optional {
-                *state = loaded;
-            } else {
-                state.clear();
+        // Checked: build the new buffers (zeros for a var without a saved state), then apply.
+        let mut buffers = Vec::with_capacity(names.len());
+        for slot in 0..names.len() {
+            let mut pieces: [Vec<Tensor>; 2] = [Vec::new(), Vec::new()];
+            for (i, var) in self.vars.iter().enumerate() {
+                let place = self.state.places[i];
+                let piece = match new_state[i].get(slot) {
+                    Some(t) => t.flatten_all()?,
+                    None => Tensor::zeros(place.len, state_dtype(var.dtype()), &self.device)?,
+                };
+                pieces[place.class].push(piece);
             }
+            let mut buffer = [None, None];
+            for class in 0..2 {
+                if !pieces[class].is_empty() {
+                    // A fresh storage (`cat` of one piece may share the caller's).
+                    buffer[class] = Some(Tensor::cat(&pieces[class], 0)?.copy()?);
+                }
+            }
+            buffers.push(buffer);
         }
+        self.control = Tensor::new(control, &self.device)?;
+        self.state.buffers = buffers;
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! The CPU twin of the fused optimizer step (`backend::update`): the clip's norm through this
 //! back end's reduction, then one pass over every var that reads the gradient, forms the clipped
-//! gradient exactly as the clip's own element pass does (the same kernel, on a copy in a small
-//! buffer: the `GradStore` is never written), and updates the parameter and its state in place.
+//! gradient exactly as the clip's own element pass does (the same `scale` / `clamp` functions, on
+//! the value read: the `GradStore` is never written), and updates the parameter and its state in
+//! place.
 //!
 //! Arithmetic, element by element:
 //! - F32 and F64 vars compute in their own type with candle's CPU op sequence, each rounding
@@ -20,19 +21,19 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::{norm, norm_tensor, run_kernel, Data, Element, ElementKernel, PARALLEL_MIN_ELEMENTS};
+use super::{clamp, norm, norm_tensor, scale, Data, Element, ElementKernel};
 use crate::backend::update::{
-    Outcome, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
+    Outcome, Place, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
 };
 use crate::backend::{clip_coefficient, needs_scaling, ElementwiseOp};
 use crate::gradients::GradientSet;
 use crate::NormType;
 
-/// Elements of a var updated together: the clipped gradient is formed into a stack buffer of this
-/// many elements.
-const BLOCK: usize = 1024;
 /// Elements per parallel work item within one large var.
 const PARALLEL_CHUNK: usize = 1 << 15;
+/// Below this many elements a step runs on the calling thread. Lower than the clip's threshold:
+/// an update does ten times the arithmetic of a read pass per element.
+const PARALLEL_MIN_STEP_ELEMENTS: usize = 1 << 16;
 
 /// The compute types: `f32` (F32, F16 and BF16 vars) and `f64`.
 trait Real:
@@ -124,26 +125,65 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
     } else {
         let t = control[STEPS] + 1;
         let elements: usize = step.targets.iter().map(|t| t.param.elem_count()).sum();
-        let parallel = elements >= PARALLEL_MIN_ELEMENTS && rayon::current_num_threads() > 1;
-        let run = |target: &Target| {
-            let has_state = control[CONTROL_WORDS + target.index] != 0;
-            update_target(
-                target,
-                step.rule,
-                t,
-                has_state,
-                decision.transform,
-                parallel,
-            )
-        };
-        if parallel {
-            step.targets.par_iter().try_for_each(run)?;
-        } else {
-            step.targets.iter().try_for_each(run)?;
-        }
+        let parallel = elements >= PARALLEL_MIN_STEP_ELEMENTS && rayon::current_num_threads() > 1;
+        // Every state buffer the rule uses, locked once for the whole step.
+        let count = step.rule.state_count();
+        let buffers: Vec<(usize, usize, &Tensor)> = step.state.buffers[..count]
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, b)| {
+                b.iter()
+                    .enumerate()
+                    .filter_map(move |(class, t)| t.as_ref().map(|t| (slot, class, t)))
+            })
+            .collect();
+        let tensors: Vec<&Tensor> = buffers.iter().map(|(_, _, t)| *t).collect();
+        with_storages_mut(&tensors, &mut |storages: &mut [&mut CpuStorage]| {
+            // Each target's slices of the state buffers (disjoint: the vars' places).
+            let mut slices: Vec<[Option<StateSlice<'_>>; 2]> =
+                step.targets.iter().map(|_| [None, None]).collect();
+            for ((slot, class, _), storage) in buffers.iter().zip(storages.iter_mut()) {
+                let places = step
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .map(|(k, t)| (k, step.state.places[t.index]))
+                    .filter(|(_, p)| p.class == *class);
+                match &mut **storage {
+                    CpuStorage::F32(v) => {
+                        for (k, s) in split_places(v, places)? {
+                            slices[k][*slot] = Some(StateSlice::F32(s));
+                        }
+                    }
+                    CpuStorage::F64(v) => {
+                        for (k, s) in split_places(v, places)? {
+                            slices[k][*slot] = Some(StateSlice::F64(s));
+                        }
+                    }
+                    _ => bail!("internal error: optimizer state is not F32 or F64"),
+                }
+            }
+            let run = |(target, state): (&Target, [Option<StateSlice<'_>>; 2])| {
+                let has_state = control[CONTROL_WORDS + target.index] != 0;
+                let job = Update {
+                    state: RefCell::new(Some(state)),
+                    rule: step.rule,
+                    t,
+                    has_state,
+                    transform: decision.transform,
+                    parallel,
+                };
+                update_target(target, &job)
+            };
+            if parallel {
+                step.targets.par_iter().zip(slices).try_for_each(run)
+            } else {
+                step.targets.iter().zip(slices).try_for_each(run)
+            }
+        })?;
         control[STEPS] = t;
         control[CLIPPED] += decision.clipped as i64;
-        if step.rule.state_count() > 0 {
+        if count > 0 {
             for target in &step.targets {
                 control[CONTROL_WORDS + target.index] = 1;
             }
@@ -153,6 +193,32 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
     Ok(Outcome {
         norm: decision.norm,
     })
+}
+
+/// One var's slice of a state buffer.
+enum StateSlice<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+}
+
+/// `data` cut at the given places (ascending, disjoint): each target's slice, by target index.
+fn split_places<C>(
+    mut data: &mut [C],
+    places: impl Iterator<Item = (usize, Place)>,
+) -> Result<Vec<(usize, &mut [C])>> {
+    let mut consumed = 0;
+    let mut out = Vec::new();
+    for (k, place) in places {
+        if place.offset < consumed || place.offset + place.len - consumed > data.len() {
+            bail!("internal error: optimizer state places out of order or out of bounds")
+        }
+        let (_, rest) = std::mem::take(&mut data).split_at_mut(place.offset - consumed);
+        let (mine, rest) = rest.split_at_mut(place.len);
+        out.push((k, mine));
+        data = rest;
+        consumed = place.offset + place.len;
+    }
+    Ok(out)
 }
 
 /// Replaces the control tensor's values.
@@ -260,9 +326,17 @@ impl<C: Real> Consts<C> {
         }
     }
 
-    /// Updates `p` (and the state) from the gradient `g`, element by element.
+    /// Updates `p` (and the state) from the gradient `g`, element by element, each gradient
+    /// element first through `clip` (the clip's own element kernel, or the identity).
     #[inline(always)]
-    fn update<T: Element>(&self, p: &mut [T], g: &[T], s0: &mut [C], s1: &mut [C]) {
+    fn update<T: Element>(
+        &self,
+        p: &mut [T],
+        g: &[T],
+        s0: &mut [C],
+        s1: &mut [C],
+        clip: impl Fn(T) -> T + Copy,
+    ) {
         let zero = C::from_f64(0.0);
         let one = C::from_f64(1.0);
         let to_c = |x: T| C::from_f64(x.to_f64());
@@ -279,7 +353,7 @@ impl<C: Real> Consts<C> {
                 lr,
             } => {
                 for (((p, &g), m), v) in p.iter_mut().zip(g).zip(s0.iter_mut()).zip(s1.iter_mut()) {
-                    let g = to_c(g);
+                    let g = to_c(clip(g));
                     // candle: m * beta1 + g * (1 - beta1), v * beta2 + g² * (1 - beta2), each
                     // `tensor * scalar` an affine `x * c + 0`.
                     let next_m = (*m * beta1 + zero) + (g * one_minus_beta1 + zero);
@@ -296,7 +370,7 @@ impl<C: Real> Consts<C> {
             }
             Consts::PlainSgd { lr } => {
                 for (p, &g) in p.iter_mut().zip(g) {
-                    *p = T::from_f64((to_c(*p) - (to_c(g) * lr + zero)).to_f64());
+                    *p = T::from_f64((to_c(*p) - (to_c(clip(g)) * lr + zero)).to_f64());
                 }
             }
             Consts::Sgd {
@@ -307,40 +381,130 @@ impl<C: Real> Consts<C> {
                 nesterov,
                 has_buffer,
             } => {
-                for (i, (p, &g)) in p.iter_mut().zip(g).enumerate() {
-                    let x = to_c(*p);
-                    // PyTorch: d_p = g + weight_decay * p.
-                    let mut d = to_c(g);
-                    if let Some(wd) = weight_decay {
-                        d = d + wd * x;
+                // One loop per combination, so that none branches per element (and each
+                // vectorises).
+                let k = SgdConsts {
+                    lr,
+                    mu: momentum.unwrap_or(zero),
+                    one_minus_dampening,
+                    weight_decay: weight_decay.unwrap_or(zero),
+                };
+                match (
+                    weight_decay.is_some(),
+                    momentum.is_some(),
+                    nesterov,
+                    has_buffer,
+                ) {
+                    (false, false, _, _) => {
+                        sgd::<T, C, false, false, false, false>(k, p, g, s0, clip)
                     }
-                    if let Some(mu) = momentum {
-                        // buf = d_p at the first step, then mu * buf + (1 - dampening) * d_p.
-                        let b = if has_buffer {
-                            s0[i] * mu + one_minus_dampening * d
-                        } else {
-                            d
-                        };
-                        s0[i] = b;
-                        d = if nesterov { d + mu * b } else { b };
+                    (true, false, _, _) => {
+                        sgd::<T, C, true, false, false, false>(k, p, g, s0, clip)
                     }
-                    *p = T::from_f64((x - lr * d).to_f64());
+                    (wd, true, nest, buf) => match (wd, nest, buf) {
+                        (false, false, false) => {
+                            sgd::<T, C, false, true, false, false>(k, p, g, s0, clip)
+                        }
+                        (false, false, true) => {
+                            sgd::<T, C, false, true, false, true>(k, p, g, s0, clip)
+                        }
+                        (false, true, false) => {
+                            sgd::<T, C, false, true, true, false>(k, p, g, s0, clip)
+                        }
+                        (false, true, true) => {
+                            sgd::<T, C, false, true, true, true>(k, p, g, s0, clip)
+                        }
+                        (true, false, false) => {
+                            sgd::<T, C, true, true, false, false>(k, p, g, s0, clip)
+                        }
+                        (true, false, true) => {
+                            sgd::<T, C, true, true, false, true>(k, p, g, s0, clip)
+                        }
+                        (true, true, false) => {
+                            sgd::<T, C, true, true, true, false>(k, p, g, s0, clip)
+                        }
+                        (true, true, true) => {
+                            sgd::<T, C, true, true, true, true>(k, p, g, s0, clip)
+                        }
+                    },
                 }
             }
         }
     }
 }
 
-/// Updates one var: its parameter and state written in place, its gradient read (through a
-/// contiguous copy when it is a strided view), clipped on the way through `transform`.
-fn update_target(
-    target: &Target,
+/// SGD's constants in the compute type.
+#[derive(Clone, Copy)]
+struct SgdConsts<C> {
+    lr: C,
+    mu: C,
+    one_minus_dampening: C,
+    weight_decay: C,
+}
+
+/// `torch.optim.SGD` on a block: `d = g (+ wd·p)`; with momentum `b = d` (first gradient) or
+/// `b = μ·b + (1 − dampening)·d`, then `d = d + μ·b` (Nesterov) or `d = b`; `p = p − lr·d`.
+#[inline(always)]
+fn sgd<
+    T: Element,
+    C: Real,
+    const WD: bool,
+    const MOMENTUM: bool,
+    const NESTEROV: bool,
+    const BUFFER: bool,
+>(
+    k: SgdConsts<C>,
+    p: &mut [T],
+    g: &[T],
+    s0: &mut [C],
+    clip: impl Fn(T) -> T,
+) {
+    let to_c = |x: T| C::from_f64(x.to_f64());
+    let step = |p: &mut T, g: T, b: Option<&mut C>| {
+        let x = to_c(*p);
+        let mut d = to_c(clip(g));
+        if WD {
+            d = d + k.weight_decay * x;
+        }
+        if let Some(b) = b {
+            let nb = if BUFFER {
+                *b * k.mu + k.one_minus_dampening * d
+            } else {
+                d
+            };
+            *b = nb;
+            d = if NESTEROV { d + k.mu * nb } else { nb };
+        }
+        *p = T::from_f64((x - k.lr * d).to_f64());
+    };
+    if MOMENTUM {
+        for ((p, &g), b) in p.iter_mut().zip(g).zip(s0.iter_mut()) {
+            step(p, g, Some(b));
+        }
+    } else {
+        for (p, &g) in p.iter_mut().zip(g) {
+            step(p, g, None);
+        }
+    }
+}
+
+/// One var's update, as candle's in-place op on its parameter (the state slices are already
+/// held).
+struct Update<'a> {
+    state: RefCell<Option<[Option<StateSlice<'a>>; 2]>>,
     rule: Rule,
     t: i64,
     has_state: bool,
     transform: Option<ElementwiseOp>,
     parallel: bool,
-) -> Result<()> {
+}
+
+/// Updates one var: its parameter written in place, its gradient read (through a contiguous copy
+/// when it is a strided view), clipped on the way through `transform`.
+fn update_target(target: &Target, job: &Update<'_>) -> Result<()> {
+    if target.param.elem_count() == 0 {
+        return Ok(());
+    }
     let grad = if target.grad.layout().contiguous_offsets().is_some() {
         target.grad.clone()
     } else {
@@ -351,99 +515,166 @@ fn update_target(
         bail!("internal error: a contiguous copy is not contiguous")
     };
     let g = Data::of(&g_storage)?.range(g_start, g_end);
-    let Some((p_start, p_end)) = target.param.layout().contiguous_offsets() else {
-        bail!("fused optimizer steps need contiguous vars")
-    };
-    let mut tensors: Vec<&Tensor> = vec![&target.param];
-    tensors.extend(target.state.iter());
-    with_storages_mut(&tensors, &mut |storages: &mut [&mut CpuStorage]| {
-        let (param, state) = storages
-            .split_first_mut()
-            .expect("the param is listed first");
-        let mut state = state.iter_mut();
-        let s0 = state.next().map(|s| &mut **s);
-        let s1 = state.next().map(|s| &mut **s);
-        match (&mut **param, g) {
+    target.param.inplace_op1(&UpdateParam { job, g })
+}
+
+struct UpdateParam<'j, 'a, 'g> {
+    job: &'j Update<'a>,
+    g: Data<'g>,
+}
+
+impl InplaceOp1 for UpdateParam<'_, '_, '_> {
+    fn name(&self) -> &'static str {
+        "candle-grad-clip-fused-step"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("fused optimizer steps need contiguous vars")
+        };
+        let Some([s0, s1]) = self.job.state.borrow_mut().take() else {
+            bail!("internal error: a var was updated twice")
+        };
+        let j = self.job;
+        match (storage, self.g) {
             (CpuStorage::F32(p), Data::F32(g)) => run::<f32, f32>(
-                &mut p[p_start..p_end],
+                &mut p[start..end],
                 g,
                 s0,
                 s1,
-                rule,
-                t,
-                has_state,
-                transform,
-                parallel,
+                j.rule,
+                j.t,
+                j.has_state,
+                j.transform,
+                j.parallel,
             ),
             (CpuStorage::F64(p), Data::F64(g)) => run::<f64, f64>(
-                &mut p[p_start..p_end],
+                &mut p[start..end],
                 g,
                 s0,
                 s1,
-                rule,
-                t,
-                has_state,
-                transform,
-                parallel,
+                j.rule,
+                j.t,
+                j.has_state,
+                j.transform,
+                j.parallel,
             ),
             (CpuStorage::F16(p), Data::F16(g)) => run::<f16, f32>(
-                &mut p[p_start..p_end],
+                &mut p[start..end],
                 g,
                 s0,
                 s1,
-                rule,
-                t,
-                has_state,
-                transform,
-                parallel,
+                j.rule,
+                j.t,
+                j.has_state,
+                j.transform,
+                j.parallel,
             ),
             (CpuStorage::BF16(p), Data::BF16(g)) => run::<bf16, f32>(
-                &mut p[p_start..p_end],
+                &mut p[start..end],
                 g,
                 s0,
                 s1,
-                rule,
-                t,
-                has_state,
-                transform,
-                parallel,
+                j.rule,
+                j.t,
+                j.has_state,
+                j.transform,
+                j.parallel,
             ),
             _ => bail!("fused optimizer step: a var and its gradient differ in dtype"),
         }
-    })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &mut candle_core::CudaStorage, _: &Layout) -> Result<()> {
+        bail!("internal error: the CPU step was called on CUDA storage")
+    }
 }
 
-/// The state slices of compute type `C` from their storages (absent ones empty).
-trait StateSlice: Real {
-    fn slice(storage: Option<&mut CpuStorage>) -> Result<&mut [Self]>;
+/// [`Consts::update`], compiled a second time for AVX2 and taken when the CPU has it: the same
+/// operations in the same order on twice the lanes (Rust never contracts them into FMAs), so the
+/// results are bitwise the same.
+#[inline(always)]
+fn update_block<T: Element, C: Real>(
+    consts: &Consts<C>,
+    p: &mut [T],
+    g: &[T],
+    s0: &mut [C],
+    s1: &mut [C],
+    clip: Option<ElementKernel<T>>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: `update_block_avx2` only assumes AVX2, which the CPU was just found to support.
+        unsafe { update_block_avx2(consts, p, g, s0, s1, clip) };
+        return;
+    }
+    update_with(consts, p, g, s0, s1, clip)
 }
 
-impl StateSlice for f32 {
-    fn slice(storage: Option<&mut CpuStorage>) -> Result<&mut [Self]> {
-        match storage {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn update_block_avx2<T: Element, C: Real>(
+    consts: &Consts<C>,
+    p: &mut [T],
+    g: &[T],
+    s0: &mut [C],
+    s1: &mut [C],
+    clip: Option<ElementKernel<T>>,
+) {
+    update_with(consts, p, g, s0, s1, clip)
+}
+
+/// One loop per clip kind, so that none decides per element.
+#[inline(always)]
+fn update_with<T: Element, C: Real>(
+    consts: &Consts<C>,
+    p: &mut [T],
+    g: &[T],
+    s0: &mut [C],
+    s1: &mut [C],
+    clip: Option<ElementKernel<T>>,
+) {
+    match clip {
+        None => consts.update(p, g, s0, s1, |x| x),
+        Some(ElementKernel::Scale(c)) => consts.update(p, g, s0, s1, move |x| scale(x, c)),
+        Some(ElementKernel::Clamp { bound, lo, hi }) => {
+            consts.update(p, g, s0, s1, move |x| clamp(x, bound, lo, hi))
+        }
+    }
+}
+
+/// The state slices of compute type `C` (absent ones empty).
+trait StateType: Real {
+    fn slice(state: Option<StateSlice<'_>>) -> Result<&mut [Self]>;
+}
+
+impl StateType for f32 {
+    fn slice(state: Option<StateSlice<'_>>) -> Result<&mut [Self]> {
+        match state {
             None => Ok(&mut []),
-            Some(CpuStorage::F32(v)) => Ok(v),
+            Some(StateSlice::F32(v)) => Ok(v),
             Some(_) => bail!("internal error: optimizer state of the wrong dtype (want F32)"),
         }
     }
 }
 
-impl StateSlice for f64 {
-    fn slice(storage: Option<&mut CpuStorage>) -> Result<&mut [Self]> {
-        match storage {
+impl StateType for f64 {
+    fn slice(state: Option<StateSlice<'_>>) -> Result<&mut [Self]> {
+        match state {
             None => Ok(&mut []),
-            Some(CpuStorage::F64(v)) => Ok(v),
+            Some(StateSlice::F64(v)) => Ok(v),
             Some(_) => bail!("internal error: optimizer state of the wrong dtype (want F64)"),
         }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run<T: Element, C: StateSlice>(
+fn run<T: Element, C: StateType>(
     p: &mut [T],
     g: &[T],
-    s0: Option<&mut CpuStorage>,
-    s1: Option<&mut CpuStorage>,
+    s0: Option<StateSlice<'_>>,
+    s1: Option<StateSlice<'_>>,
     rule: Rule,
     t: i64,
     has_state: bool,
@@ -457,34 +688,9 @@ fn run<T: Element, C: StateSlice>(
     }
     let consts = Consts::<C>::new(rule, t, has_state);
     let kernel = transform.map(ElementKernel::<T>::new);
-    // Absent state slices are empty: each block then gets an empty slice.
+    // Absent state slices are empty (the rule does not read them).
     let work = |p: &mut [T], g: &[T], s0: &mut [C], s1: &mut [C]| {
-        let mut buffer = [T::from_f64(0.0); BLOCK];
-        let mut start = 0;
-        while start < p.len() {
-            let end = (start + BLOCK).min(p.len());
-            let len = end - start;
-            let g_block: &[T] = match kernel {
-                Some(k) => {
-                    buffer[..len].copy_from_slice(&g[start..end]);
-                    run_kernel(k, &mut buffer[..len]);
-                    &buffer[..len]
-                }
-                None => &g[start..end],
-            };
-            let s0_block = if s0.is_empty() {
-                &mut [][..]
-            } else {
-                &mut s0[start..end]
-            };
-            let s1_block = if s1.is_empty() {
-                &mut [][..]
-            } else {
-                &mut s1[start..end]
-            };
-            consts.update(&mut p[start..end], g_block, s0_block, s1_block);
-            start = end;
-        }
+        update_block(&consts, p, g, s0, s1, kernel);
     };
     if parallel && n > PARALLEL_CHUNK {
         let s0_chunks: Vec<&mut [C]> = chunks_or_empty(s0, n);

@@ -356,10 +356,11 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         .iter()
         .map(|t| operands.push(&t.param))
         .collect();
-    let states: Vec<Vec<usize>> = step
-        .targets
+    // The state buffers the rule uses: operand index per slot and state dtype.
+    let count = step.rule.state_count();
+    let state_buffers: Vec<[Option<usize>; 2]> = step.state.buffers[..count]
         .iter()
-        .map(|t| t.state.iter().map(|s| operands.push(s)).collect())
+        .map(|slot| [0, 1].map(|class| slot[class].as_ref().map(|t| operands.push(t))))
         .collect();
     let control = operands.push(step.control);
     let written = first_written..operands.tensors().len();
@@ -378,9 +379,17 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         let mut entries = Vec::with_capacity(step.targets.len());
         for (i, target) in step.targets.iter().enumerate() {
             let view = operands.grad_view(i);
+            let place = step.state.places[target.index];
             let mut state = [0u64; 2];
-            for (k, &index) in states[i].iter().enumerate() {
-                state[k] = address(bases, index, &target.state[k])?;
+            for (slot, buffers) in state_buffers.iter().enumerate() {
+                if let Some(index) = buffers[place.class] {
+                    let base = bases[index];
+                    let buffer = step.state.buffers[slot][place.class]
+                        .as_ref()
+                        .expect("an operand per present buffer");
+                    state[slot] = address(bases, index, buffer)?
+                        + place.offset as u64 * launch::elem_size(base.dtype);
+                }
             }
             entries.push(UpdateEntry {
                 param: address(bases, params[i], &target.param)?,
