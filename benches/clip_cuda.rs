@@ -24,7 +24,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
-use candle_grad_clip::{clip_grad_norm_, total_norm, NormType};
+use candle_grad_clip::{clip_grad_norm_, total_norm, ClipSetting, FusedAdamW, NormType};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 struct ParamSet {
@@ -120,6 +121,9 @@ fn bench_gpu(c: &mut Criterion) {
                     dev.synchronize().expect("sync");
                 })
             });
+            if set.name == "set_A_101M_200" && dtype == DType::F32 {
+                optimizer_cases(&mut group, &dev, &set.shapes, &grads, &vars, &id);
+            }
             let src = cuda.alloc_zeros::<u8>(bytes).expect("copy source");
             let mut dst = cuda.alloc_zeros::<u8>(bytes).expect("copy destination");
             group.bench_function(id("copy"), |b| {
@@ -131,6 +135,62 @@ fn bench_gpu(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// The optimizer steps on real parameters of the set's shapes (the gradients of `vars` reused).
+fn optimizer_cases(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    dev: &Device,
+    shapes: &[Vec<usize>],
+    grads: &GradStore,
+    vars: &[Var],
+    id: &dyn Fn(&str) -> String,
+) {
+    let params = || -> Vec<Var> {
+        shapes
+            .iter()
+            .map(|s| Var::zeros(s.as_slice(), DType::F32, dev).expect("param"))
+            .collect()
+    };
+    let keyed = |ps: &[Var]| -> GradStore {
+        let mut store = GradStore::default();
+        for (p, v) in ps.iter().zip(vars) {
+            store.insert(p, grads.get(v).expect("grad").clone());
+        }
+        store
+    };
+    let config = ParamsAdamW::default();
+    let ps = params();
+    let g = keyed(&ps);
+    let mut fused = FusedAdamW::new(ps, config.clone()).expect("FusedAdamW");
+    group.bench_function(id("adamw"), |b| {
+        b.iter(|| {
+            fused.step(&g).expect("step");
+            dev.synchronize().expect("sync");
+        })
+    });
+    drop(fused);
+    let ps = params();
+    let g = keyed(&ps);
+    let mut clipped = FusedAdamW::new(ps, config.clone())
+        .and_then(|o| o.with_clip(ClipSetting::norm(1.0)))
+        .expect("FusedAdamW with a clip");
+    group.bench_function(id("adamw_clip"), |b| {
+        b.iter(|| {
+            clipped.step(&g).expect("step");
+            dev.synchronize().expect("sync");
+        })
+    });
+    drop(clipped);
+    let ps = params();
+    let g = keyed(&ps);
+    let mut candle = AdamW::new(ps, config).expect("AdamW");
+    group.bench_function(id("adamw_candle"), |b| {
+        b.iter(|| {
+            candle.step(&g).expect("step");
+            dev.synchronize().expect("sync");
+        })
+    });
 }
 
 criterion_group!(benches, bench_gpu);

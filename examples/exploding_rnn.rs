@@ -21,9 +21,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
-    grad_norms, total_norm, ClipSetting, Clipped, ClippedConfig, GradNormStats, NormType,
+    grad_norms, total_norm, ClipSetting, Clipped, ClippedConfig, FusedAdamW, GradNormStats,
+    NormType,
 };
-use candle_nn::{Init, Optimizer, VarBuilder, VarMap, SGD};
+use candle_nn::{AdamW, Init, Optimizer, ParamsAdamW, VarBuilder, VarMap, SGD};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -321,6 +322,45 @@ pub fn l2_norm_with_candle_ops(
     Ok(sum.sqrt())
 }
 
+/// Part 3: the time of one optimizer step with the clip, the recommended fused loop against
+/// candle's `AdamW` behind `Clipped`, on the RNN's parameters and one batch's gradients; medians
+/// of interleaved steps, in seconds.
+pub fn step_times(cfg: &TrainConfig, max_norm: f64, device: &Device) -> Result<(f64, f64)> {
+    let varmap = VarMap::new();
+    let rnn = Rnn::new(&varmap, cfg, device)?;
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let (inputs, targets) = adding_batch(cfg.seq_len, cfg.batch, &mut rng, device)?;
+    let grads = (rnn.forward(&inputs)? - &targets)?
+        .sqr()?
+        .mean_all()?
+        .backward()?;
+    let params = ParamsAdamW::default();
+    let mut fused =
+        FusedAdamW::from_varmap(&varmap, params.clone())?.with_clip(ClipSetting::norm(max_norm))?;
+    let config = ClippedConfig::new(params, ClipSetting::norm(max_norm));
+    let mut candle = Clipped::<AdamW>::new(varmap.all_vars(), config)?;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for round in 0..320 {
+        let t = std::time::Instant::now();
+        fused.step(&grads)?;
+        device.synchronize()?;
+        let fused_time = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        candle.step(&grads)?;
+        device.synchronize()?;
+        let candle_time = t.elapsed().as_secs_f64();
+        if round >= 20 {
+            a.push(fused_time);
+            b.push(candle_time);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(a), median(b)))
+}
+
 /// Part 2: trains the RNN on the adding problem with SGD, clipping the global L2 gradient norm to
 /// `max_norm` (`None`: no clipping). Same `cfg` → same initial weights and same batches.
 pub fn train(
@@ -380,12 +420,12 @@ pub fn plot(
     clipped: &RunLog,
     max_norm: f64,
     title: &str,
-) -> std::result::Result<(), Box<dyn std::error::Error>> {
+) -> anyhow::Result<()> {
     use plotters::prelude::*;
 
     // A font compiled into the binary: no system font or font library needed.
     plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| "could not load the embedded DejaVu Sans font")?;
+        .map_err(|_| anyhow::anyhow!("could not load the embedded DejaVu Sans font"))?;
 
     let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -605,7 +645,7 @@ fn yes_no(log: &RunLog) -> String {
     }
 }
 
-pub fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = device_from_name(&args.device)?;
     let cfg = TrainConfig::from(&args);
@@ -693,6 +733,22 @@ pub fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     );
     println!();
     narrative(&cfg, args.max_norm, &unclipped, &clipped)?;
+    println!();
+    let (fused, candle) = step_times(&cfg, args.max_norm, &device)?;
+    println!(
+        "3. The step itself, on this RNN's parameters and one batch's gradients (median of 300):"
+    );
+    println!(
+        "   FusedAdamW::from_varmap(..)?.with_clip(ClipSetting::norm({})): {:.1} us per step",
+        args.max_norm,
+        fused * 1e6
+    );
+    println!(
+        "   candle_nn::AdamW behind Clipped (clip_grad_norm_, then AdamW::step): {:.1} us per step ({:.1}x)",
+        candle * 1e6,
+        candle / fused
+    );
+    println!();
 
     let title = format!(
         "tanh RNN on the adding problem, T = {}, SGD lr = {}, initial spectral radius {}",

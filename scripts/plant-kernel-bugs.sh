@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves that the emulated kernel tests can fail: plants one bug at a time in a copy of this
 # checkout (in a temporary folder, never the checkout itself): in a kernel (kernels/grad_clip.cu),
-# caught by the emulation tests (`cargo test --release --test emulation`), or in the emulation's
+# caught by the emulation tests (`cargo test --release --test emulation --test emulation_optim`), or
+# in the emulation's
 # own shim (emulation/), caught by its self-tests (`cargo test --release --lib emulated`). Each run
 # must FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
 #
@@ -27,6 +28,11 @@ BUGS=(
   "clamp-store|kernels/grad_clip.cu|value clipping stores a vector only when its first element changed|s.replace('return r.v.x != old.v.x || r.v.y != old.v.y || r.v.z != old.v.z || r.v.w != old.v.w;', 'return r.v.x != old.v.x;', 1)"
   "segment-norms|kernels/grad_clip.cu|a tensor's norm in grad_norms reads only its first chunk|s.replace('const u64 last = i + 1 < n_segs ? segs[i + 1].chunk_start : n_chunks;', 'const u64 last = first + 1;', 1)"
   "empty-no-write|kernels/grad_clip.cu|the reduction writes no norm when there is nothing to reduce|s.replace('    if (pass == 1) {\\n        // Written by the previous launch', '    if (n_chunks == 0) return;\\n    if (pass == 1) {\\n        // Written by the previous launch', 1)"
+  "step-count|kernels/grad_clip.cu|the fused step counts two steps at a time|s.replace('            control[0] = t;', '            control[0] = t + 1;', 1)"
+  "momentum-start|kernels/grad_clip.cu|SGD's momentum buffer is not started with the first gradient|s.replace('const C b = has_state ? A::add(A::mul(s0[e], k.mu), A::mul(k.omd, d)) : d;', 'const C b = A::add(A::mul(s0[e], k.mu), A::mul(k.omd, d));', 1)"
+  "unfused-affine|kernels/grad_clip.cu|F32 AdamW rounds candle's affine twice instead of one fma|s.replace('case DT_F32: step_chunk_dt<DT_F32, float, true>', 'case DT_F32: step_chunk_dt<DT_F32, float, false>', 1)"
+  "no-skip|kernels/grad_clip.cu|the fused step ignores skip_nonfinite|s.replace('const bool skip = skip_nonfinite != 0 && nonfinite;', 'const bool skip = false;', 1)"
+  "step-early-exit|kernels/grad_clip.cu|the fused step scales only coefficients below 0.5|s.replace('(transform == TRANSFORM_SCALE && !(c >= 1.0));', '(transform == TRANSFORM_SCALE && !(c >= 0.5));', 1)"
   "shfl-own|emulation/include/cuda_emu.h|a shuffle returns the lane's own value|s.replace('    if (use_own) return var;', '    return var;', 1)"
   "one-slot|emulation/runtime.cpp|warp exchanges use one buffer (a fast lane overwrites values not yet read)|s.replace('(unsigned)(f->warp_calls++ & 1)', '(unsigned)(f->warp_calls++ & 0)', 1)"
   "no-barrier|emulation/runtime.cpp|__syncthreads does not wait|s.replace('    maybe_release_barrier(b);\\n    yield_blocked();', '    --b->at_barrier;\\n    f->state = FiberState::Ready;\\n    b->push(f->index);\\n    yield_blocked();', 1)"
@@ -63,7 +69,7 @@ open(path, "w").write(m)
 EOF
   case "$file" in
     emulation/*) tests=(--lib emulated) ;;
-    *) tests=(--test emulation) ;;
+    *) tests=(--test emulation --test emulation_optim) ;;
   esac
   if (cd "$copy" && cargo test --release "${tests[@]}" >"$copy.log" 2>&1); then
     printf '%-14s %-10s %s\n' "$name" "SURVIVED" "$what"

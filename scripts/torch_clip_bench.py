@@ -9,7 +9,9 @@ writes {"<set>/<dtype>/<case>": seconds (median)}.
     python3 scripts/torch_clip_bench.py [--json out.json] [--min-time 1.0]
 
 Cases match the Rust ones: noclip (max_norm=1e30; PyTorch still multiplies by the clamped
-coefficient 1.0), clip (max_norm=0: coefficient 0), norm (total norm only), copy.
+coefficient 1.0), clip (max_norm=0: coefficient 0), norm (total norm only), copy; and on set A
+f32, adamw (torch.optim.AdamW(fused=True).step()) and adamw_clip (clip_grad_norm_(foreach=True)
+to 1.0, then the step).
 """
 
 import argparse
@@ -55,6 +57,30 @@ def total_norm(grads):
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
+def optimizer_cases(name, shapes, dtype, dev, gen, min_time, results):
+    """torch.optim.AdamW(fused=True) on real parameters of the set's shapes: the step alone
+    ("adamw"), and clip_grad_norm_(foreach=True) to 1.0 then the step ("adamw_clip")."""
+    params = []
+    for shape in shapes:
+        p = torch.zeros(shape, device=dev, dtype=dtype, requires_grad=True)
+        p.grad = (torch.randn(shape, device=dev, generator=gen) * 0.01).to(dtype)
+        params.append(p)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+    def clip_then_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+
+    for case, fn in {"adamw": opt.step, "adamw_clip": clip_then_step}.items():
+        key = f"{name}/{DTYPE_NAMES[dtype]}/{case}"
+        t = median_time(fn, min_time)
+        results[key] = t
+        print(f"torch/{key:40s} {t * 1e6:12.1f} us")
+        sys.stdout.flush()
+    del params, opt
+    torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", help="write the medians (seconds) to this file")
@@ -94,6 +120,8 @@ def main():
                 sys.stdout.flush()
             del params, grads, src, dst
             torch.cuda.empty_cache()
+            if name == "set_A_101M_200" and dtype == torch.float32:
+                optimizer_cases(name, shapes, dtype, dev, gen, args.min_time, results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

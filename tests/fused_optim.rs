@@ -561,6 +561,20 @@ fn without_skipping_a_nan_step_is_taken() -> Result<()> {
         ),
         (1, 0, 1)
     );
+    // Value clipping: a NaN element counts as clipped too (as `Clipped` counts it), the NaN stays.
+    let w = Var::new(&[1f32, 2.], &Device::Cpu)?;
+    let r = Var::new(&[1f32, 2.], &Device::Cpu)?;
+    let mut fused = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
+        .with_clip(ClipSetting::value(10.0))?;
+    let config = ClippedConfig::new(ParamsAdamW::default(), ClipSetting::value(10.0));
+    let mut reference = Clipped::<AdamW>::new(vec![r.clone()], config)?;
+    let (mut ga, mut gb) = (GradStore::default(), GradStore::default());
+    ga.insert(&w, Tensor::new(&[f32::NAN, 1.], &Device::Cpu)?);
+    gb.insert(&r, Tensor::new(&[f32::NAN, 1.], &Device::Cpu)?);
+    fused.step(&ga)?;
+    reference.step(&gb)?;
+    assert_eq!(bits(&w)?, bits(&r)?);
+    assert_eq!((fused.clipped_steps()?, reference.clipped_steps()?), (1, 1));
     Ok(())
 }
 
