@@ -9,12 +9,15 @@
 //! bitwise; norms (whose partial sums cover other chunks on the GPU) agree to within one rounding
 //! of the returned dtype, and elements scaled by them to within one unit in the last place.
 
+mod common;
+
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, grad_norms, total_norm, BlockOrder,
     ClipGradNorm, EmulationLog, KernelEmulation, NormType,
 };
 use candle_nn::{linear, Module, VarBuilder, VarMap};
+use common::{bits, scalar, ulp};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -106,29 +109,6 @@ impl Scenario {
     fn bits(built: &Built) -> Result<Vec<Vec<u64>>> {
         built.bases.iter().map(bits).collect()
     }
-}
-
-fn bits(t: &Tensor) -> Result<Vec<u64>> {
-    let f = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => f
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::F64 => f.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect(),
-        DType::F16 => f
-            .to_vec1::<f16>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::BF16 => f
-            .to_vec1::<bf16>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        d => panic!("bits: {d:?}"),
-    })
 }
 
 fn value_of(dtype: DType, b: u64) -> f64 {
@@ -230,29 +210,8 @@ fn emulation(grid: u32, order: BlockOrder, seed: u64) -> KernelEmulation {
         .seed(seed)
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    t.to_dtype(DType::F64)?.to_scalar::<f64>()
-}
-
 fn same_bits(a: f64, b: f64) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
-}
-
-/// The spacing of `dtype` at |x| (subnormal spacing for tiny values).
-fn ulp(dtype: DType, x: f64) -> f64 {
-    let (mant, min_exp) = match dtype {
-        DType::F16 => (10, -14),
-        DType::BF16 => (7, -126),
-        DType::F32 => (23, -126),
-        _ => (52, -1022),
-    };
-    let a = x.abs();
-    let e = if a == 0.0 || !a.is_finite() {
-        min_exp
-    } else {
-        a.log2().floor() as i32
-    };
-    2f64.powi(e.max(min_exp) - mant)
 }
 
 /// Norms of two back ends agree to within one rounding of the returned dtype (the infinity norm

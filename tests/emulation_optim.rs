@@ -7,90 +7,26 @@
 
 use std::collections::HashMap;
 
+mod common;
+
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
     AutoClip, BlockOrder, ClipSetting, EmulationLog, FusedAdamW, FusedSgd, KernelEmulation,
     NormType, ParamsSgd,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use half::{bf16, f16};
+use common::{assert_same, bits, signed_values, state_bits, tensor, vars_bits};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal};
 
 const SHAPES: [&[usize]; 6] = [&[7, 5], &[5], &[1], &[3, 4, 2], &[4099], &[64, 33]];
 const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
-
-fn bits(t: &Tensor) -> Result<Vec<u64>> {
-    let f = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => f
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::F64 => f.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect(),
-        DType::F16 => f
-            .to_vec1::<f16>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::BF16 => f
-            .to_vec1::<bf16>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::I64 => f.to_vec1::<i64>()?.iter().map(|&x| x as u64).collect(),
-        d => panic!("bits: {d:?}"),
-    })
-}
-
-/// Asserts two lists of bit patterns are equal, naming only the first difference (the lists are
-/// long).
-fn assert_same<T: PartialEq + std::fmt::Debug>(a: &[Vec<T>], b: &[Vec<T>], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        if let Some(j) = x.iter().zip(y).position(|(p, q)| p != q) {
-            panic!("{what}: tensor {i} element {j}: {:?} vs {:?}", x[j], y[j]);
-        }
-        assert_eq!(x.len(), y.len(), "{what}: tensor {i} length");
-    }
-}
-
-fn vars_bits(vars: &[Var]) -> Result<Vec<Vec<u64>>> {
-    vars.iter().map(|v| bits(v.as_tensor())).collect()
-}
-
-fn state_bits(state: &HashMap<String, Tensor>) -> Result<Vec<(String, Vec<u64>)>> {
-    let mut keys: Vec<&String> = state.keys().collect();
-    keys.sort();
-    keys.into_iter()
-        .map(|k| Ok((k.clone(), bits(&state[k])?)))
-        .collect()
-}
-
-fn values(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| match rng.gen_range(0..20) {
-            0 => 0.0,
-            1 => -0.0,
-            _ => {
-                let x: f64 = StandardNormal.sample(rng);
-                x * scale * 10f64.powi(rng.gen_range(-2..2))
-            }
-        })
-        .collect()
-}
-
-fn tensor(v: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
-    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)?.to_dtype(dtype)
-}
 
 /// Two sets of vars with the same values (one dtype per var, drawn from `dtypes`).
 fn twin_vars(rng: &mut StdRng, dtypes: &[DType]) -> Result<(Vec<Var>, Vec<Var>)> {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for (k, shape) in SHAPES.iter().enumerate() {
         let n: usize = shape.iter().product();
-        let t = tensor(&values(rng, n, 1.0), shape, dtypes[k % dtypes.len()])?;
+        let t = tensor(&signed_values(rng, n, 1.0), shape, dtypes[k % dtypes.len()])?;
         a.push(Var::from_tensor(&t)?);
         b.push(Var::from_tensor(&t)?);
     }
@@ -109,7 +45,7 @@ fn twin_grads(
         if skip_some && rng.gen_bool(0.25) {
             continue;
         }
-        let g = values(rng, va.elem_count(), scale);
+        let g = signed_values(rng, va.elem_count(), scale);
         ga.insert(va, tensor(&g, va.dims(), va.dtype())?);
         gb.insert(vb, tensor(&g, vb.dims(), vb.dtype())?);
     }
@@ -466,7 +402,7 @@ fn skipped_steps_change_nothing_on_the_device() -> Result<()> {
             let (mut grads, _) = twin_grads(&mut rng, &vars, &vars, 1.0, false)?;
             KernelEmulation::new().grid(grid).run(|| opt.step(&grads))?;
             let v = &vars[4];
-            let mut g = values(&mut rng, v.elem_count(), 1.0);
+            let mut g = signed_values(&mut rng, v.elem_count(), 1.0);
             g[4000] = f64::NAN;
             grads.insert(v, tensor(&g, v.dims(), v.dtype())?);
             let before = (vars_bits(&vars)?, state_bits(&opt.state_dict()?)?);

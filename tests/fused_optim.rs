@@ -4,89 +4,19 @@
 
 use std::collections::HashMap;
 
+mod common;
+
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
     clip_grad_norm_, clip_grad_value_, AutoClip, ClipSetting, Clipped, ClippedConfig, FusedAdamW,
     FusedSgd, NormType, ParamsSgd,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, SGD};
-use half::{bf16, f16};
+use common::{assert_same, bits, signed_values, state_bits, store_bits, tensor, vars_bits};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal};
 
 /// Shapes of a small model: matrices, vectors, a scalar-like var, an odd length.
 const SHAPES: [&[usize]; 6] = [&[7, 5], &[5], &[1], &[3, 4, 2], &[1027], &[64, 33]];
-
-fn bits(t: &Tensor) -> Result<Vec<u64>> {
-    let f = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => f
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::F64 => f.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect(),
-        DType::F16 => f
-            .to_vec1::<f16>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::BF16 => f
-            .to_vec1::<bf16>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::I64 => f.to_vec1::<i64>()?.iter().map(|&x| x as u64).collect(),
-        d => panic!("bits: {d:?}"),
-    })
-}
-
-/// Asserts two lists of bit patterns are equal, naming only the first difference (the lists are
-/// long).
-fn assert_same<T: PartialEq + std::fmt::Debug>(a: &[Vec<T>], b: &[Vec<T>], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        if let Some(j) = x.iter().zip(y).position(|(p, q)| p != q) {
-            panic!("{what}: tensor {i} element {j}: {:?} vs {:?}", x[j], y[j]);
-        }
-        assert_eq!(x.len(), y.len(), "{what}: tensor {i} length");
-    }
-}
-
-fn vars_bits(vars: &[Var]) -> Result<Vec<Vec<u64>>> {
-    vars.iter().map(|v| bits(v.as_tensor())).collect()
-}
-
-/// Bits of the gradients of `vars` in `grads`, in order (vars without one left out).
-fn store_bits(vars: &[Var], grads: &GradStore) -> Result<Vec<Vec<u64>>> {
-    vars.iter().filter_map(|v| grads.get(v).map(bits)).collect()
-}
-
-fn state_bits(state: &HashMap<String, Tensor>) -> Result<Vec<(String, Vec<u64>)>> {
-    let mut keys: Vec<&String> = state.keys().collect();
-    keys.sort();
-    keys.into_iter()
-        .map(|k| Ok((k.clone(), bits(&state[k])?)))
-        .collect()
-}
-
-/// Seeded values: normal, spread over decades, with exact zeros and negative zeros mixed in.
-fn values(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| match rng.gen_range(0..20) {
-            0 => 0.0,
-            1 => -0.0,
-            _ => {
-                let x: f64 = StandardNormal.sample(rng);
-                x * scale * 10f64.powi(rng.gen_range(-2..2))
-            }
-        })
-        .collect()
-}
-
-fn tensor(v: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
-    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)?.to_dtype(dtype)
-}
 
 /// Two sets of vars with the same values: one for the fused optimizer, one for the reference.
 fn twin_vars(rng: &mut StdRng, dtype: DType) -> Result<(Vec<Var>, Vec<Var>)> {
@@ -94,7 +24,7 @@ fn twin_vars(rng: &mut StdRng, dtype: DType) -> Result<(Vec<Var>, Vec<Var>)> {
     let mut b = Vec::new();
     for shape in SHAPES {
         let n: usize = shape.iter().product();
-        let t = tensor(&values(rng, n, 1.0), shape, dtype)?;
+        let t = tensor(&signed_values(rng, n, 1.0), shape, dtype)?;
         a.push(Var::from_tensor(&t)?);
         b.push(Var::from_tensor(&t)?);
     }
@@ -115,7 +45,7 @@ fn twin_grads(
         if skip_some && rng.gen_bool(0.2) {
             continue;
         }
-        let g = values(rng, va.elem_count(), scale);
+        let g = signed_values(rng, va.elem_count(), scale);
         ga.insert(va, tensor(&g, va.dims(), va.dtype())?);
         gb.insert(vb, tensor(&g, vb.dims(), vb.dtype())?);
     }
@@ -285,8 +215,8 @@ fn sgd_matches_an_f64_transcription_of_pytorchs_algorithm() -> Result<()> {
         },
     ] {
         let n = 500;
-        let p0 = values(&mut rng, n, 1.0);
-        let grads: Vec<Vec<f64>> = (0..8).map(|_| values(&mut rng, n, 1.0)).collect();
+        let p0 = signed_values(&mut rng, n, 1.0);
+        let grads: Vec<Vec<f64>> = (0..8).map(|_| signed_values(&mut rng, n, 1.0)).collect();
         // The transcription.
         let (mut p, mut buf) = (p0.clone(), vec![0.0; n]);
         for (k, g) in grads.iter().enumerate() {
@@ -871,7 +801,7 @@ fn mixed_dtypes_views_and_vars_without_gradients() -> Result<()> {
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for dtype in [DType::F32, DType::F64] {
-        let t = tensor(&values(&mut rng, 12, 1.0), &[3, 4], dtype)?;
+        let t = tensor(&signed_values(&mut rng, 12, 1.0), &[3, 4], dtype)?;
         ours.push(Var::from_tensor(&t)?);
         theirs.push(Var::from_tensor(&t)?);
     }
@@ -886,7 +816,7 @@ fn mixed_dtypes_views_and_vars_without_gradients() -> Result<()> {
     for _ in 0..3 {
         let (mut ga, mut gb) = (GradStore::default(), GradStore::default());
         for (a, b) in ours.iter().zip(&theirs) {
-            let g = values(&mut rng, 12, 1.0);
+            let g = signed_values(&mut rng, 12, 1.0);
             // Given as the transpose of a (4, 3) tensor: a strided view.
             let gt = tensor(&g, &[4, 3], a.dtype())?;
             ga.insert(a, gt.t()?);
@@ -914,8 +844,8 @@ fn half_precision_steps_are_closer_to_exact_than_candles() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(9);
     for dtype in [DType::F16, DType::BF16] {
         let n = 2000;
-        let p0 = values(&mut rng, n, 1.0);
-        let g = values(&mut rng, n, 1.0);
+        let p0 = signed_values(&mut rng, n, 1.0);
+        let g = signed_values(&mut rng, n, 1.0);
         let params = ParamsAdamW {
             lr: 0.01,
             weight_decay: 0.1,

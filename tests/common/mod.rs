@@ -386,6 +386,51 @@ pub fn assert_scaled_nearest(
     }
 }
 
+/// Asserts two lists of bit patterns are equal, naming only the first difference (the lists are
+/// long).
+pub fn assert_same<T: PartialEq + std::fmt::Debug>(a: &[Vec<T>], b: &[Vec<T>], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if let Some(j) = x.iter().zip(y).position(|(p, q)| p != q) {
+            panic!("{what}: tensor {i} element {j}: {:?} vs {:?}", x[j], y[j]);
+        }
+        assert_eq!(x.len(), y.len(), "{what}: tensor {i} length");
+    }
+}
+
+/// Bits of every var's value.
+pub fn vars_bits(vars: &[Var]) -> Result<Vec<Vec<u64>>> {
+    vars.iter().map(|v| bits(v.as_tensor())).collect()
+}
+
+/// Bits of every tensor of an optimizer state, sorted by key.
+pub fn state_bits(
+    state: &std::collections::HashMap<String, Tensor>,
+) -> Result<Vec<(String, Vec<u64>)>> {
+    let mut keys: Vec<&String> = state.keys().collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|k| Ok((k.clone(), bits(&state[k])?)))
+        .collect()
+}
+
+/// Seeded values for optimizer tests: normal, spread over four decades around `scale`, with exact
+/// zeros and negative zeros mixed in.
+pub fn signed_values(rng: &mut rand::rngs::StdRng, n: usize, scale: f64) -> Vec<f64> {
+    use rand::Rng;
+    use rand_distr::{Distribution, StandardNormal};
+    (0..n)
+        .map(|_| match rng.gen_range(0..20) {
+            0 => 0.0,
+            1 => -0.0,
+            _ => {
+                let x: f64 = StandardNormal.sample(rng);
+                x * scale * 10f64.powi(rng.gen_range(-2..2))
+            }
+        })
+        .collect()
+}
+
 /// Message of an error, lower-cased.
 pub fn err_msg<T: std::fmt::Debug>(r: Result<T>, what: &str) -> String {
     match r {

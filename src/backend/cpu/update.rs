@@ -535,52 +535,14 @@ impl InplaceOp1 for UpdateParam<'_, '_, '_> {
         let Some([s0, s1]) = self.job.state.borrow_mut().take() else {
             bail!("internal error: a var was updated twice")
         };
-        let j = self.job;
-        match (storage, self.g) {
-            (CpuStorage::F32(p), Data::F32(g)) => run::<f32, f32>(
-                &mut p[start..end],
-                g,
-                s0,
-                s1,
-                j.rule,
-                j.t,
-                j.has_state,
-                j.transform,
-                j.parallel,
-            ),
-            (CpuStorage::F64(p), Data::F64(g)) => run::<f64, f64>(
-                &mut p[start..end],
-                g,
-                s0,
-                s1,
-                j.rule,
-                j.t,
-                j.has_state,
-                j.transform,
-                j.parallel,
-            ),
-            (CpuStorage::F16(p), Data::F16(g)) => run::<f16, f32>(
-                &mut p[start..end],
-                g,
-                s0,
-                s1,
-                j.rule,
-                j.t,
-                j.has_state,
-                j.transform,
-                j.parallel,
-            ),
-            (CpuStorage::BF16(p), Data::BF16(g)) => run::<bf16, f32>(
-                &mut p[start..end],
-                g,
-                s0,
-                s1,
-                j.rule,
-                j.t,
-                j.has_state,
-                j.transform,
-                j.parallel,
-            ),
+        let (p, j) = (storage, self.job);
+        match (p, self.g) {
+            (CpuStorage::F32(p), Data::F32(g)) => run::<f32, f32>(&mut p[start..end], g, s0, s1, j),
+            (CpuStorage::F64(p), Data::F64(g)) => run::<f64, f64>(&mut p[start..end], g, s0, s1, j),
+            (CpuStorage::F16(p), Data::F16(g)) => run::<f16, f32>(&mut p[start..end], g, s0, s1, j),
+            (CpuStorage::BF16(p), Data::BF16(g)) => {
+                run::<bf16, f32>(&mut p[start..end], g, s0, s1, j)
+            }
             _ => bail!("fused optimizer step: a var and its gradient differ in dtype"),
         }
     }
@@ -669,18 +631,22 @@ impl StateType for f64 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Updates one var's parameter `p` (its state slices `s0`, `s1`) from its gradient `g`.
 fn run<T: Element, C: StateType>(
     p: &mut [T],
     g: &[T],
     s0: Option<StateSlice<'_>>,
     s1: Option<StateSlice<'_>>,
-    rule: Rule,
-    t: i64,
-    has_state: bool,
-    transform: Option<ElementwiseOp>,
-    parallel: bool,
+    job: &Update<'_>,
 ) -> Result<()> {
+    let Update {
+        rule,
+        t,
+        has_state,
+        transform,
+        parallel,
+        ..
+    } = *job;
     let (s0, s1) = (C::slice(s0)?, C::slice(s1)?);
     let n = p.len();
     if g.len() != n || (!s0.is_empty() && s0.len() != n) || (!s1.is_empty() && s1.len() != n) {
