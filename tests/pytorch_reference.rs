@@ -276,6 +276,15 @@ fn clip_grad_norm_error_if_nonfinite_pytorch() -> Result<()> {
                                 } else {
                                     let norm = clip.clip_(&vars, &mut store)?;
                                     assert_norm(&norm, reference, 0.0, &what)?;
+                                    // As PyTorch: a NaN norm makes every gradient NaN, an
+                                    // infinite one gives coefficient 0 (so inf * 0 = NaN).
+                                    let coef = if reference.is_nan() {
+                                        f64::NAN
+                                    } else {
+                                        ref_coef(1.0, reference, 1e-6)
+                                    };
+                                    let after = grad_values(&vars, &store)?;
+                                    assert_scaled(DType::F64, &values, &after, coef, 0.0, &what);
                                 }
                             } else {
                                 assert!(reference.is_finite(), "{what}: reference {reference}");
