@@ -15,16 +15,11 @@ use std::time::Instant;
 use candle_core::Result;
 use candle_grad_clip::{clip_grad_norm_, total_norm, NormType};
 use cpu_common::{
-    make_grads, naive_clip, read_pass, read_pass_parallel, read_write_pass,
+    make_grads, median, naive_clip, read_pass, read_pass_parallel, read_write_pass,
     read_write_pass_parallel,
 };
 
 const ROUNDS: usize = 15;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; a filter argument selects sets by name.

@@ -18,13 +18,9 @@ use std::time::Instant;
 use candle_core::{Result, Var};
 use candle_grad_clip::{ClipSetting, FusedAdamW, FusedSgd, ParamsSgd};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, SGD};
-use cpu_common::{make_grads, read_pass_parallel};
+use common::rekey;
+use cpu_common::{make_grads, median, read_pass_parallel};
 use rayon::prelude::*;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// The floor of an AdamW step: the same arithmetic over flat buffers, in blocks of 32K over
 /// rayon's threads.
@@ -89,7 +85,6 @@ fn main() -> Result<()> {
         };
         let params = ParamsAdamW::default();
         let mut fused = FusedAdamW::new(vars.clone(), params.clone())?;
-        let fused_vars = fused.vars().to_vec();
         let clipped_vars = copy(&vars)?;
         let mut fused_clip = FusedAdamW::new(clipped_vars.clone(), params.clone())?
             .with_clip(ClipSetting::norm(1.0))?;
@@ -108,21 +103,14 @@ fn main() -> Result<()> {
         let mut candle_sgd = SGD::new(candle_sgd_vars.clone(), 0.01)?;
         let plain_sgd_vars = copy(&vars)?;
         let mut plain_sgd = FusedSgd::new(plain_sgd_vars.clone(), ParamsSgd::default())?;
-        // The gradients keyed by each set of vars.
-        let keyed = |vs: &[Var]| -> Result<candle_core::backprop::GradStore> {
-            let mut store = candle_core::backprop::GradStore::default();
-            for (v, orig) in vs.iter().zip(&vars) {
-                store.insert(v, grads.get(orig).expect("grad").clone());
-            }
-            Ok(store)
-        };
-        let (g_fused, g_clip, g_candle, g_sgd, g_candle_sgd, g_plain) = (
-            keyed(&fused_vars)?,
-            keyed(&clipped_vars)?,
-            keyed(&candle_vars)?,
-            keyed(&sgd_vars)?,
-            keyed(&candle_sgd_vars)?,
-            keyed(&plain_sgd_vars)?,
+        // The gradients keyed by each optimizer's vars (`fused` has `vars` themselves).
+        let g_fused = &grads;
+        let (g_clip, g_candle, g_sgd, g_candle_sgd, g_plain) = (
+            rekey(&grads, &vars, &clipped_vars),
+            rekey(&grads, &vars, &candle_vars),
+            rekey(&grads, &vars, &sgd_vars),
+            rekey(&grads, &vars, &candle_sgd_vars),
+            rekey(&grads, &vars, &plain_sgd_vars),
         );
         let (mut p, g, mut m, mut v) = (
             vec![0.5f32; n],
@@ -138,7 +126,7 @@ fn main() -> Result<()> {
             Ok(())
         };
         for _ in 0..rounds {
-            time(0, &mut || fused.step(&g_fused))?;
+            time(0, &mut || fused.step(g_fused))?;
             time(1, &mut || fused_clip.step(&g_clip))?;
             time(2, &mut || candle.step(&g_candle))?;
             time(3, &mut || {

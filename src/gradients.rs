@@ -18,16 +18,7 @@ impl GradientSet {
             let Some(grad) = store.get(var.as_tensor()) else {
                 continue;
             };
-            check_dtype(i, grad)?;
-            if let Some(first) = grads.first() {
-                if !first.device().same_device(grad.device()) {
-                    bail!(
-                        "gradients are on different devices: {:?} and {:?} (var #{i}); clip each device's gradients separately",
-                        first.device().location(),
-                        grad.device().location()
-                    )
-                }
-            }
+            check_gradient(i, grad, grads.first())?;
             grads.push(grad.clone());
         }
         let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
@@ -38,14 +29,7 @@ impl GradientSet {
     /// validates.
     pub(crate) fn from_grads(grads: Vec<Tensor>) -> Result<Self> {
         for (i, grad) in grads.iter().enumerate() {
-            check_dtype(i, grad)?;
-            if !grads[0].device().same_device(grad.device()) {
-                bail!(
-                    "gradients are on different devices: {:?} and {:?} (var #{i})",
-                    grads[0].device().location(),
-                    grad.device().location()
-                )
-            }
+            check_gradient(i, grad, grads.first())?;
         }
         let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
         Ok(Self { grads, device })
@@ -117,14 +101,26 @@ impl GradientSet {
     }
 }
 
-fn check_dtype(i: usize, grad: &Tensor) -> Result<()> {
+/// The gradient of var #`i` can join a set whose first gradient is `first`: a supported float
+/// dtype, on the same device.
+fn check_gradient(i: usize, grad: &Tensor, first: Option<&Tensor>) -> Result<()> {
     match grad.dtype() {
-        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => Ok(()),
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => {}
         other => bail!(
             "gradient of var #{i} (shape {:?}) has dtype {other:?}; gradient clipping supports F32, F64, F16 and BF16",
             grad.dims()
         ),
     }
+    if let Some(first) = first {
+        if !first.device().same_device(grad.device()) {
+            bail!(
+                "gradients are on different devices: {:?} and {:?} (var #{i}); clip each device's gradients separately",
+                first.device().location(),
+                grad.device().location()
+            )
+        }
+    }
+    Ok(())
 }
 
 /// Whether a view visits some storage element more than once (a zero or overlapping stride).

@@ -1,5 +1,6 @@
-//! CPU helpers shared by `clip_cpu` (criterion) and `cpu_ratios` (interleaved): the gradients, the
-//! naive composition a candle user writes today, and the floors. (Each bench uses some of them.)
+//! CPU helpers shared by `clip_cpu` (criterion), `cpu_ratios` and `optim_ratios` (interleaved): the
+//! gradients, the naive composition a candle user writes today, the floors, and the median of
+//! interleaved rounds. (Each bench uses some of them.)
 #![allow(dead_code)]
 
 use candle_core::{backprop::GradStore, Device, Result, Tensor, Var};
@@ -78,4 +79,10 @@ pub fn read_pass_parallel(xs: &[f32]) -> f32 {
 pub fn read_write_pass_parallel(xs: &mut [f32], c: f32) {
     xs.par_chunks_mut(1 << 15)
         .for_each(|b| read_write_pass(b, c));
+}
+
+/// The median of the rounds' times.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

@@ -12,6 +12,7 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::backend::cpu;
+use crate::gradients::GradientSet;
 use crate::NormType;
 
 /// Words of the control tensor before the per-var flags.
@@ -117,8 +118,6 @@ pub(crate) enum StepClip<'a> {
 pub(crate) struct Target {
     /// The var's tensor (contiguous), written in place.
     pub(crate) param: Tensor,
-    /// Its gradient (same dtype and shape), only read.
-    pub(crate) grad: Tensor,
     /// Its index among the optimizer's vars (its flag in the control tensor, its place in the
     /// state).
     pub(crate) index: usize,
@@ -128,6 +127,8 @@ pub(crate) struct Target {
 pub(crate) struct Step<'a> {
     /// The vars that have a gradient, on one device.
     pub(crate) targets: Vec<Target>,
+    /// Their gradients, target by target (same dtypes and shapes), only read.
+    pub(crate) grads: &'a GradientSet,
     pub(crate) rule: Rule,
     pub(crate) clip: StepClip<'a>,
     /// Leave everything unchanged (and count the step as skipped) when the gradients are not all

@@ -187,6 +187,7 @@ impl FusedCore {
     pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
         self.ensure_state(rule.state_count())?;
         let mut targets = Vec::with_capacity(self.vars.len());
+        let mut step_grads = Vec::with_capacity(self.vars.len());
         for (i, var) in self.vars.iter().enumerate() {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
@@ -194,44 +195,39 @@ impl FusedCore {
             check_gradient(i, var, grad)?;
             targets.push(Target {
                 param: var.as_tensor().clone(),
-                grad: grad.clone(),
                 index: i,
             });
+            step_grads.push(grad.clone());
         }
-        // AutoClip needs this step's norm on the host for its percentile.
-        let mut autoclip_norm: Option<(Tensor, f64, f64)> = None;
-        if let Some(ClipSetting::AutoClip(autoclip)) = &self.clip {
-            let set = GradientSet::from_grads(targets.iter().map(|t| t.grad.clone()).collect())?;
-            let norm = backend::total_norm(&set, NormType::L2)?;
-            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let threshold = autoclip.threshold_with(value);
-            autoclip_norm = Some((norm, value, threshold));
-        }
-        let clip = match (&self.clip, &autoclip_norm) {
-            (None, _) => StepClip::None,
-            (
-                Some(ClipSetting::Norm {
-                    max_norm,
-                    norm_type,
-                }),
-                _,
-            ) => StepClip::Norm {
+        let set = GradientSet::from_grads(step_grads)?;
+        // AutoClip's norm of this step (kept for `last_norm` and its history), read to the host
+        // for its percentile.
+        let mut autoclip_norm: Option<(Tensor, f64)> = None;
+        let clip = match &self.clip {
+            None => StepClip::None,
+            Some(ClipSetting::Norm {
+                max_norm,
+                norm_type,
+            }) => StepClip::Norm {
                 norm_type: *norm_type,
                 max_norm: *max_norm,
                 eps: DEFAULT_EPS,
             },
-            (Some(ClipSetting::Value { clip_value }), _) => StepClip::Value(*clip_value),
-            (Some(ClipSetting::AutoClip(_)), Some((norm, _, threshold))) => StepClip::GivenNorm {
-                norm,
-                max_norm: *threshold,
-                eps: DEFAULT_EPS,
-            },
-            (Some(ClipSetting::AutoClip(_)), None) => {
-                bail!("internal error: AutoClip without its norm")
+            Some(ClipSetting::Value { clip_value }) => StepClip::Value(*clip_value),
+            Some(ClipSetting::AutoClip(autoclip)) => {
+                let norm = backend::total_norm(&set, NormType::L2)?;
+                let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let threshold = autoclip.threshold_with(value);
+                StepClip::GivenNorm {
+                    norm: &autoclip_norm.insert((norm, value)).0,
+                    max_norm: threshold,
+                    eps: DEFAULT_EPS,
+                }
             }
         };
         let outcome = update::fused_step(&Step {
             targets,
+            grads: &set,
             rule,
             clip,
             skip_nonfinite: self.skip_nonfinite,
@@ -239,7 +235,7 @@ impl FusedCore {
             state: &self.state,
         })?;
         self.last_norm = match autoclip_norm {
-            Some((norm, value, _)) => {
+            Some((norm, value)) => {
                 if let Some(ClipSetting::AutoClip(autoclip)) = &mut self.clip {
                     autoclip.record(value);
                 }

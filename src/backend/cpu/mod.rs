@@ -706,7 +706,7 @@ pub(super) fn clamp<T: Element>(x: T, bound: f64, lo: T, hi: T) -> T {
 }
 
 /// The largest value of `T` not above `v` (for `v >= 0`), so clamped values never exceed `v`.
-fn round_toward_zero<T: Element>(v: f64) -> T {
+pub(crate) fn round_toward_zero<T: Element>(v: f64) -> T {
     let nearest = T::from_f64(v);
     if nearest.to_f64() <= v {
         nearest

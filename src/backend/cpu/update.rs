@@ -117,8 +117,7 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
 
 /// Runs the step on the CPU.
 pub(crate) fn step(step: &Step) -> Result<Outcome> {
-    let set = GradientSet::from_grads(step.targets.iter().map(|t| t.grad.clone()).collect())?;
-    let decision = decide(step, &set)?;
+    let decision = decide(step, step.grads)?;
     let mut control = step.control.to_vec1::<i64>()?;
     if step.skip_nonfinite && decision.nonfinite {
         control[SKIPPED] += 1;
@@ -163,7 +162,7 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
                     _ => bail!("internal error: optimizer state is not F32 or F64"),
                 }
             }
-            let run = |(target, state): (&Target, [Option<StateSlice<'_>>; 2])| {
+            let run = |((target, grad), state): ((&Target, &Tensor), _)| {
                 let has_state = control[CONTROL_WORDS + target.index] != 0;
                 let job = Update {
                     state: RefCell::new(Some(state)),
@@ -173,12 +172,17 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
                     transform: decision.transform,
                     parallel,
                 };
-                update_target(target, &job)
+                update_target(target, grad, &job)
             };
+            let grads = step.grads.grads();
             if parallel {
-                step.targets.par_iter().zip(slices).try_for_each(run)
+                (step.targets.par_iter().zip(grads))
+                    .zip(slices)
+                    .try_for_each(run)
             } else {
-                step.targets.iter().zip(slices).try_for_each(run)
+                (step.targets.iter().zip(grads))
+                    .zip(slices)
+                    .try_for_each(run)
             }
         })?;
         control[STEPS] = t;
@@ -389,44 +393,36 @@ impl<C: Real> Consts<C> {
                     one_minus_dampening,
                     weight_decay: weight_decay.unwrap_or(zero),
                 };
-                match (
-                    weight_decay.is_some(),
-                    momentum.is_some(),
-                    nesterov,
-                    has_buffer,
-                ) {
-                    (false, false, _, _) => {
+                match (weight_decay.is_some(), momentum, nesterov, has_buffer) {
+                    // Without momentum, Nesterov and the buffer play no part.
+                    (false, None, _, _) => {
                         sgd::<T, C, false, false, false, false>(k, p, g, s0, clip)
                     }
-                    (true, false, _, _) => {
-                        sgd::<T, C, true, false, false, false>(k, p, g, s0, clip)
+                    (true, None, _, _) => sgd::<T, C, true, false, false, false>(k, p, g, s0, clip),
+                    (false, Some(_), false, false) => {
+                        sgd::<T, C, false, true, false, false>(k, p, g, s0, clip)
                     }
-                    (wd, true, nest, buf) => match (wd, nest, buf) {
-                        (false, false, false) => {
-                            sgd::<T, C, false, true, false, false>(k, p, g, s0, clip)
-                        }
-                        (false, false, true) => {
-                            sgd::<T, C, false, true, false, true>(k, p, g, s0, clip)
-                        }
-                        (false, true, false) => {
-                            sgd::<T, C, false, true, true, false>(k, p, g, s0, clip)
-                        }
-                        (false, true, true) => {
-                            sgd::<T, C, false, true, true, true>(k, p, g, s0, clip)
-                        }
-                        (true, false, false) => {
-                            sgd::<T, C, true, true, false, false>(k, p, g, s0, clip)
-                        }
-                        (true, false, true) => {
-                            sgd::<T, C, true, true, false, true>(k, p, g, s0, clip)
-                        }
-                        (true, true, false) => {
-                            sgd::<T, C, true, true, true, false>(k, p, g, s0, clip)
-                        }
-                        (true, true, true) => {
-                            sgd::<T, C, true, true, true, true>(k, p, g, s0, clip)
-                        }
-                    },
+                    (false, Some(_), false, true) => {
+                        sgd::<T, C, false, true, false, true>(k, p, g, s0, clip)
+                    }
+                    (false, Some(_), true, false) => {
+                        sgd::<T, C, false, true, true, false>(k, p, g, s0, clip)
+                    }
+                    (false, Some(_), true, true) => {
+                        sgd::<T, C, false, true, true, true>(k, p, g, s0, clip)
+                    }
+                    (true, Some(_), false, false) => {
+                        sgd::<T, C, true, true, false, false>(k, p, g, s0, clip)
+                    }
+                    (true, Some(_), false, true) => {
+                        sgd::<T, C, true, true, false, true>(k, p, g, s0, clip)
+                    }
+                    (true, Some(_), true, false) => {
+                        sgd::<T, C, true, true, true, false>(k, p, g, s0, clip)
+                    }
+                    (true, Some(_), true, true) => {
+                        sgd::<T, C, true, true, true, true>(k, p, g, s0, clip)
+                    }
                 }
             }
         }
@@ -499,16 +495,16 @@ struct Update<'a> {
     parallel: bool,
 }
 
-/// Updates one var: its parameter written in place, its gradient read (through a contiguous copy
+/// Updates one var: its parameter written in place, its gradient `grad` read (through a contiguous copy
 /// when it is a strided view), clipped on the way through `transform`.
-fn update_target(target: &Target, job: &Update<'_>) -> Result<()> {
+fn update_target(target: &Target, grad: &Tensor, job: &Update<'_>) -> Result<()> {
     if target.param.elem_count() == 0 {
         return Ok(());
     }
-    let grad = if target.grad.layout().contiguous_offsets().is_some() {
-        target.grad.clone()
+    let grad = if grad.layout().contiguous_offsets().is_some() {
+        grad.clone()
     } else {
-        target.grad.contiguous()?
+        grad.contiguous()?
     };
     let (g_storage, g_layout) = grad.storage_and_layout();
     let Some((g_start, g_end)) = g_layout.contiguous_offsets() else {

@@ -4,6 +4,7 @@
 
 use half::{bf16, f16};
 
+use crate::backend::cpu::round_toward_zero;
 use crate::backend::update::Rule;
 use crate::gradients::GradientSet;
 use crate::NormType;
@@ -291,14 +292,26 @@ pub(crate) enum Coefficient {
     /// `Scratch::coefficient`, written by the reduction earlier on the stream (the scratch's
     /// address).
     Scratch(u64),
-    /// `min(1, max_norm / (norm + eps))` of a 0-d norm of dtype code `dtype` at `ptr`
-    /// (`clip_grads_with_norm_`; a negative or NaN norm gives NaN).
-    Norm {
-        ptr: u64,
-        dtype: u64,
-        max_norm: f64,
-        eps: f64,
-    },
+    /// That of a norm in device memory (`clip_grads_with_norm_`).
+    Norm(NormAt),
+}
+
+/// A 0-d norm of dtype code `dtype` at device address `ptr`, and the clip it calls for: the
+/// coefficient `min(1, max_norm / (norm + eps))` (a negative or NaN norm gives NaN).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct NormAt {
+    pub(crate) ptr: u64,
+    pub(crate) dtype: u64,
+    pub(crate) max_norm: f64,
+    pub(crate) eps: f64,
+}
+
+impl NormAt {
+    /// The kernels' code for reading it (`COEF_NORM_F32 = 1`, F64 = 2, F16 = 3, BF16 = 4: one
+    /// more than the dtype code).
+    fn kind(self) -> u32 {
+        1 + self.dtype as u32
+    }
 }
 
 impl ElementOp {
@@ -311,15 +324,14 @@ impl ElementOp {
             ElementOp::Scale(Coefficient::Scratch(ptr)) => {
                 (OP_SCALE, ptr, COEF_SCRATCH, 0.0, 0.0, [0.0; 4])
             }
-            ElementOp::Scale(Coefficient::Norm {
-                ptr,
-                dtype,
-                max_norm,
-                eps,
-            }) => {
-                // COEF_NORM_F32 = 1, F64 = 2, F16 = 3, BF16 = 4: one more than the dtype code.
-                (OP_SCALE, ptr, 1 + dtype as u32, max_norm, eps, [0.0; 4])
-            }
+            ElementOp::Scale(Coefficient::Norm(norm)) => (
+                OP_SCALE,
+                norm.ptr,
+                norm.kind(),
+                norm.max_norm,
+                norm.eps,
+                [0.0; 4],
+            ),
             ElementOp::Clamp(v) => (OP_CLAMP, 0, COEF_SCRATCH, 0.0, 0.0, clamp_bounds(v)),
         };
         [
@@ -368,34 +380,15 @@ impl ElementOp {
     }
 }
 
-/// The clamp bound for each dtype code, rounded towards zero in that dtype (as
-/// `cpu::round_toward_zero`), as exact `f64` values.
+/// The clamp bound for each dtype code, rounded towards zero in that dtype as the CPU rounds it,
+/// as exact `f64` values.
 fn clamp_bounds(v: f64) -> [f64; 4] {
-    let f32_bound = {
-        let n = v as f32;
-        if n as f64 <= v {
-            n
-        } else {
-            f32::from_bits(n.to_bits() - 1)
-        }
-    };
-    let f16_bound = {
-        let n = f16::from_f64(v);
-        if n.to_f64() <= v {
-            n
-        } else {
-            f16::from_bits(n.to_bits() - 1)
-        }
-    };
-    let bf16_bound = {
-        let n = bf16::from_f64(v);
-        if n.to_f64() <= v {
-            n
-        } else {
-            bf16::from_bits(n.to_bits() - 1)
-        }
-    };
-    [f32_bound as f64, v, f16_bound.to_f64(), bf16_bound.to_f64()]
+    [
+        round_toward_zero::<f32>(v) as f64,
+        v,
+        round_toward_zero::<f16>(v).to_f64(),
+        round_toward_zero::<bf16>(v).to_f64(),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,14 +401,8 @@ pub(crate) enum Verdict {
     None,
     /// The coefficient and non-finite flag the reduction left in the scratch (at this address).
     Scratch(u64),
-    /// A 0-d norm of dtype code `dtype` at `ptr`: coefficient `min(1, max_norm / (norm + eps))`,
-    /// non-finite when the norm is.
-    Norm {
-        ptr: u64,
-        dtype: u64,
-        max_norm: f64,
-        eps: f64,
-    },
+    /// A norm in device memory: its coefficient, non-finite when the norm is.
+    Norm(NormAt),
 }
 
 /// What the step does to each gradient as it reads it (`TRANSFORM_*`).
@@ -490,12 +477,7 @@ pub(crate) fn fused_step(
     let (verdict_code, src, kind, max_norm, eps) = match verdict {
         Verdict::None => (0, 0, 0, f64::INFINITY, 0.0),
         Verdict::Scratch(ptr) => (1, ptr, 0, f64::INFINITY, 0.0),
-        Verdict::Norm {
-            ptr,
-            dtype,
-            max_norm,
-            eps,
-        } => (2, ptr, 1 + dtype as u32, max_norm, eps),
+        Verdict::Norm(norm) => (2, norm.ptr, norm.kind(), norm.max_norm, norm.eps),
     };
     let (max_norm, bounds) = match clamp {
         Some(v) => (v, clamp_bounds(v)),

@@ -42,7 +42,7 @@ use crate::gradients::{storage_key, GradientSet};
 use crate::NormType;
 
 use crate::backend::update::{Outcome, Step, StepClip};
-use launch::{Coefficient, ElementOp, Launch, NormPlan, Transform, Verdict};
+use launch::{Coefficient, ElementOp, Launch, NormAt, NormPlan, Transform, Verdict};
 use table::{contiguous_copies, Operands, Table, UpdateEntry};
 
 /// Where a tensor's storage starts on the device, and its dtype code (`launch::DT_*`).
@@ -50,6 +50,13 @@ use table::{contiguous_copies, Operands, Table, UpdateEntry};
 pub(crate) struct Base {
     pub(crate) ptr: u64,
     pub(crate) dtype: u64,
+}
+
+impl Base {
+    /// Device address of the storage's element `index`.
+    pub(crate) fn at(self, index: usize) -> u64 {
+        self.ptr + index as u64 * launch::elem_size(self.dtype)
+    }
 }
 
 /// A device buffer allocated through a [`Session`]: its address, and a handle for reading it back
@@ -206,11 +213,7 @@ pub(crate) fn scale_with_norm(
 ) -> Result<()> {
     dev.check_ready()?;
     let groups = set.storage_groups()?;
-    let norm = match total_norm.dtype() {
-        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => total_norm.clone(),
-        // Other float dtypes (F8…): converted on the device by candle.
-        _ => total_norm.to_dtype(DType::F32)?,
-    };
+    let norm = readable_norm(total_norm)?;
     if !norm.device().same_device(set.device()) {
         bail!("clip_grads_with_norm_: total_norm must be on the gradients' device")
     }
@@ -228,18 +231,37 @@ pub(crate) fn scale_with_norm(
         |s, bases| {
             let mut table = Table::default();
             let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, None);
-            let base = bases[operands.extra().expect("the norm was passed")];
-            let op = ElementOp::Scale(Coefficient::Norm {
-                ptr: base.ptr + norm.layout().start_offset() as u64 * launch::elem_size(base.dtype),
-                dtype: base.dtype,
+            let index = operands.extra().expect("the norm was passed");
+            let op = ElementOp::Scale(Coefficient::Norm(norm_at(
+                bases[index],
+                &norm,
                 max_norm,
                 eps,
-            });
+            )));
             let t = s.upload(&table.words)?;
             launch_all(s, op.apply(t, write))?;
             launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
         },
     )
+}
+
+/// A 0-d norm tensor in a dtype the kernels read: a gradient dtype as it is, another float dtype
+/// (F8…) converted to F32 on the device by candle.
+fn readable_norm(norm: &Tensor) -> Result<Tensor> {
+    match norm.dtype() {
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => Ok(norm.clone()),
+        _ => norm.to_dtype(DType::F32),
+    }
+}
+
+/// The 0-d `norm`, an operand whose storage starts at `base`, as the kernels read it.
+fn norm_at(base: Base, norm: &Tensor, max_norm: f64, eps: f64) -> NormAt {
+    NormAt {
+        ptr: base.at(norm.layout().start_offset()),
+        dtype: base.dtype,
+        max_norm,
+        eps,
+    }
 }
 
 /// Clamp every element into `[-clip_value, clip_value]` in place (bound rounded towards zero in
@@ -324,15 +346,12 @@ pub(crate) fn tensor_norms(
 /// from device memory: no host synchronisation.
 pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome> {
     dev.check_ready()?;
-    let set = GradientSet::from_grads(step.targets.iter().map(|t| t.grad.clone()).collect())?;
+    let set = step.grads;
     let groups = set.group_by_storage();
-    let copies = contiguous_copies(&set)?;
-    // A norm given as a tensor (AutoClip's), in a dtype the kernel reads.
+    let copies = contiguous_copies(set)?;
+    // A norm given as a tensor (AutoClip's).
     let given = match step.clip {
-        StepClip::GivenNorm { norm, .. } => Some(match norm.dtype() {
-            DType::F32 | DType::F64 | DType::F16 | DType::BF16 => norm.clone(),
-            _ => norm.to_dtype(DType::F32)?,
-        }),
+        StepClip::GivenNorm { norm, .. } => Some(readable_norm(norm)?),
         _ => None,
     };
     // The reduction the step needs: the clip's norm, the largest |g| for value clipping (to count
@@ -342,10 +361,10 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             norm_type,
             max_norm,
             eps,
-        } => Some((NormPlan::new(norm_type, &set), max_norm, eps)),
-        StepClip::Value(_) => Some((NormPlan::new(NormType::Inf, &set), f64::INFINITY, 0.0)),
+        } => Some((NormPlan::new(norm_type, set), max_norm, eps)),
+        StepClip::Value(_) => Some((NormPlan::new(NormType::Inf, set), f64::INFINITY, 0.0)),
         StepClip::None if step.skip_nonfinite => {
-            Some((NormPlan::new(NormType::Inf, &set), f64::INFINITY, 0.0))
+            Some((NormPlan::new(NormType::Inf, set), f64::INFINITY, 0.0))
         }
         _ => None,
     };
@@ -368,8 +387,7 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         let Some((start, _)) = tensor.layout().contiguous_offsets() else {
             bail!("internal error: a fused step operand is not contiguous")
         };
-        let base = bases[index];
-        Ok(base.ptr + start as u64 * launch::elem_size(base.dtype))
+        Ok(bases[index].at(start))
     };
     dev.with_session(operands.tensors(), written, |s, bases| {
         let mut table = Table::default();
@@ -383,12 +401,8 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             let mut state = [0u64; 2];
             for (slot, buffers) in state_buffers.iter().enumerate() {
                 if let Some(index) = buffers[place.class] {
-                    let base = bases[index];
-                    let buffer = step.state.buffers[slot][place.class]
-                        .as_ref()
-                        .expect("an operand per present buffer");
-                    state[slot] = address(bases, index, buffer)?
-                        + place.offset as u64 * launch::elem_size(base.dtype);
+                    // A state buffer is a whole 1-D storage: the var's state starts at its offset.
+                    state[slot] = bases[index].at(place.offset);
                 }
             }
             entries.push(UpdateEntry {
@@ -415,7 +429,7 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             )?;
         }
         let out_verdict = |max_norm: f64, eps: f64| match out {
-            Some(out) => Verdict::Norm {
+            Some(out) => Verdict::Norm(NormAt {
                 ptr: out.ptr,
                 dtype: if out_f64 {
                     launch::DT_F64
@@ -424,7 +438,7 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
                 },
                 max_norm,
                 eps,
-            },
+            }),
             None => Verdict::None,
         };
         let (transform, verdict) = match step.clip {
@@ -433,13 +447,7 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             StepClip::GivenNorm { max_norm, eps, .. } => {
                 let index = operands.extra().expect("the given norm was passed");
                 let norm = given.as_ref().expect("the given norm");
-                let base = bases[index];
-                let verdict = Verdict::Norm {
-                    ptr: address(bases, index, norm)?,
-                    dtype: base.dtype,
-                    max_norm,
-                    eps,
-                };
+                let verdict = Verdict::Norm(norm_at(bases[index], norm, max_norm, eps));
                 (Transform::Scale, verdict)
             }
             StepClip::None => (Transform::None, out_verdict(f64::INFINITY, 0.0)),

@@ -6,7 +6,7 @@ use candle_core::{Layout, Result, Tensor};
 use crate::gradients::{GradientSet, StorageGroups};
 use crate::layout_runs::union_of_runs;
 
-use super::launch::{elem_size, CHUNK, MAX_RANK, SEGMENT_WORDS};
+use super::launch::{CHUNK, MAX_RANK, SEGMENT_WORDS};
 use super::Base;
 
 /// The tensors a call hands to the device, in one list: the gradients, then the contiguous
@@ -153,9 +153,8 @@ impl Table {
                 let tensor = operands.all[index];
                 if let Some((start, end)) = tensor.layout().contiguous_offsets() {
                     let base = bases[index];
-                    let ptr = base.ptr + start as u64 * elem_size(base.dtype);
                     let before = part.segments;
-                    part = self.push(part, ptr, (end - start) as u64, base.dtype);
+                    part = self.push(part, base.at(start), (end - start) as u64, base.dtype);
                     if part.segments > before {
                         segment_of[i] = Some(before);
                     }
@@ -183,19 +182,13 @@ impl Table {
         let mut strided = Vec::new();
         for group in groups.iter() {
             let base = bases[group[0]];
-            let size = elem_size(base.dtype);
             if let [i] = group {
                 let layout = grads[*i].layout();
                 if layout.shape().elem_count() == 0 {
                     continue;
                 }
                 if let Some((start, end)) = layout.contiguous_offsets() {
-                    part = self.push(
-                        part,
-                        base.ptr + start as u64 * size,
-                        (end - start) as u64,
-                        base.dtype,
-                    );
+                    part = self.push(part, base.at(start), (end - start) as u64, base.dtype);
                     continue;
                 }
                 // `storage_groups` guarantees a lone view does not repeat elements.
@@ -205,7 +198,7 @@ impl Table {
                 }
             }
             for (s, e) in union_of_runs(group.iter().map(|&i| grads[i].layout())) {
-                part = self.push(part, base.ptr + s as u64 * size, (e - s) as u64, base.dtype);
+                part = self.push(part, base.at(s), (e - s) as u64, base.dtype);
             }
         }
         if let Some(norm) = norm {
@@ -258,7 +251,7 @@ impl StridedTarget {
         view[..dims.len()].copy_from_slice(&dims);
         view[MAX_RANK..MAX_RANK + strides.len()].copy_from_slice(&strides);
         Some(Self {
-            ptr: base.ptr + layout.start_offset() as u64 * elem_size(base.dtype),
+            ptr: base.at(layout.start_offset()),
             dtype: base.dtype,
             elements: layout.shape().elem_count() as u64,
             rank: dims.len() as u32,
