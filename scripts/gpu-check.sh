@@ -10,14 +10,16 @@
 #
 # The run is sized for one device call with room for a second (device time is 15 minutes a
 # session, the machine's start included): every part stops at a cap (tests 120 s, each sanitizer
-# tool 60 s, benches 120 s, torch 60 s: at most about 7 minutes, usually under 5):
+# tool 60 s, benches 120 s, torch 60 s: at most 8 minutes, usually under 5):
 #   run(command="bash scripts/gpu-check.sh run", carry=[".gpu"], timeout_s=540)
 #
 # `run` fails (and its summary says why) when no GPU is found, when any CUDA test failed or
 # SKIPPED part of itself, or when a sanitizer reported an error. A sanitizer that cannot run on the
 # machine (compute-sanitizer refuses the device under gVisor) is reported as unavailable.
 #
-# Optional, after the summary when GPU_CHECK_VARIANTS=1 (about 2 more minutes): the set A
+# Optional, after the summary when GPU_CHECK_VARIANTS=1 (about 2 more minutes, capped at 3 plus
+# nvcc: with the caps above that can pass 540 s, so use it for a second call once the first has
+# shown the usual times, not for the first): the set A
 # benchmarks again with the kernels rebuilt there by nvcc with other GRAD_CLIP_UNROLL values,
 # loaded through CANDLE_GRAD_CLIP_PTX, to decide the load depth.
 #

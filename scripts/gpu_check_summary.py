@@ -58,6 +58,8 @@ def sanitizer_status(log):
         return "unavailable on this machine (compute-sanitizer refused the device)", False
     m = re.search(r"exit status (\d+)", log)
     rc = int(m.group(1)) if m else None
+    if rc == 127:
+        return "unavailable on this machine (compute-sanitizer not found)", False
     errors = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", log)]
     found = sum(errors)
     if rc == 124:
