@@ -123,6 +123,21 @@ fn check_gradient(i: usize, grad: &Tensor, first: Option<&Tensor>) -> Result<()>
     Ok(())
 }
 
+/// The gradient of var #`i` has the var's dtype and shape, as an optimizer step needs; the error
+/// names `step` (the caller) and says that nothing was modified.
+pub(crate) fn check_matches_var(step: &str, i: usize, var: &Var, grad: &Tensor) -> Result<()> {
+    if grad.dtype() != var.dtype() || grad.dims() != var.dims() {
+        bail!(
+            "{step}: the gradient of var #{i} is {:?} {:?} but the var is {:?} {:?}; nothing was modified",
+            grad.dtype(),
+            grad.dims(),
+            var.dtype(),
+            var.dims()
+        )
+    }
+    Ok(())
+}
+
 /// Whether a view visits some storage element more than once (a zero or overlapping stride).
 /// Non-empty contiguous views never do; candle's own check allocates, so it is only asked for the
 /// others. (An empty view can be "contiguous" with a zero stride: never write through one.)

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
+use crate::gradients::check_matches_var;
 use crate::policy::autoclip::{self, AutoClip};
 use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, DEFAULT_EPS};
 
@@ -192,15 +193,7 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
         for (i, var) in self.vars.iter().enumerate() {
             if let Some(grad) = grads.get(var.as_tensor()) {
                 // What the inner optimizer would refuse after we clipped: refuse it before.
-                if grad.dtype() != var.dtype() || grad.dims() != var.dims() {
-                    bail!(
-                        "Clipped::step: the gradient of var #{i} is {:?} {:?} but the var is {:?} {:?}; nothing was modified",
-                        grad.dtype(),
-                        grad.dims(),
-                        var.dtype(),
-                        var.dims()
-                    )
-                }
+                check_matches_var("Clipped::step", i, var, grad)?;
                 view.insert(var.as_tensor(), grad.clone());
             }
         }

@@ -13,7 +13,7 @@ use crate::backend::update::{
     self, state_class, state_dtype, FlatState, Place, Rule, Step, StepClip, Target, CLIPPED,
     CONTROL_WORDS, SKIPPED, STEPS,
 };
-use crate::gradients::{storage_key, GradientSet};
+use crate::gradients::{check_matches_var, storage_key, GradientSet};
 use crate::{ClipSetting, NormType, DEFAULT_EPS};
 
 /// Keys of the counters in a state dict.
@@ -401,15 +401,7 @@ impl FusedCore {
 /// A gradient the fused step can use for var #`i`: same dtype, shape and device, and not sharing
 /// the var's storage (the step writes the var while it reads the gradient).
 fn check_gradient(i: usize, var: &Var, grad: &Tensor) -> Result<()> {
-    if grad.dtype() != var.dtype() || grad.dims() != var.dims() {
-        bail!(
-            "fused optimizer step: the gradient of var #{i} is {:?} {:?} but the var is {:?} {:?}; nothing was modified",
-            grad.dtype(),
-            grad.dims(),
-            var.dtype(),
-            var.dims()
-        )
-    }
+    check_matches_var("fused optimizer step", i, var, grad)?;
     if !grad.device().same_device(var.device()) {
         bail!(
             "fused optimizer step: the gradient of var #{i} is on {:?} but the var on {:?}; nothing was modified",
