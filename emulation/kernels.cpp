@@ -24,6 +24,7 @@ extern "C" const cge::KernelEntry* cge_kernel_table(size_t* count) {
         CGE_KERNEL(emu_selftest_atomics),
         CGE_KERNEL(emu_selftest_divergent_barrier),
         CGE_KERNEL(emu_selftest_partial_warp_call),
+        CGE_KERNEL(emu_selftest_partial_mask),
         CGE_KERNEL(emu_selftest_deadlock),
     };
     *count = sizeof(table) / sizeof(table[0]);

@@ -64,9 +64,15 @@ cge_fiber_trampoline:
     .size cge_fiber_trampoline, .-cge_fiber_trampoline
 )");
 #define CGE_FAST_SWITCH 1
+// A suspended fiber (or scheduler): its saved stack pointer.
+typedef void* Context;
+// Saves the running context in `save` and resumes `to`.
+static inline void jump(Context* save, Context* to) { cge_switch_stack(save, *to); }
 #else
 #include <ucontext.h>
 #define CGE_FAST_SWITCH 0
+typedef ucontext_t Context;
+static inline void jump(Context* save, Context* to) { swapcontext(save, to); }
 #endif
 
 struct Fiber;
@@ -84,11 +90,7 @@ struct Fiber {
     int wait_line = 0;          // call site of the barrier or warp call it waits at
     char* stack_base = nullptr; // lowest usable address
     size_t stack_size = 0;
-#if CGE_FAST_SWITCH
-    void* sp = nullptr;
-#else
-    ucontext_t ctx;
-#endif
+    Context ctx{};
 };
 
 // One warp's exchange buffers: two, used alternately by each lane's successive warp calls, so a
@@ -123,13 +125,8 @@ struct Block {
     unsigned live = 0;
     unsigned at_barrier = 0;
     int barrier_line = 0;
-    bool aborted = false;
     std::mt19937_64 rng;
-#if CGE_FAST_SWITCH
-    void* scheduler_sp = nullptr;
-#else
-    ucontext_t scheduler_ctx;
-#endif
+    Context scheduler{}; // run_block's, while the block's fibers run
 
     void push(unsigned i) {
         queue[(head + count) % queue.size()] = i;
@@ -148,7 +145,7 @@ struct Block {
 static thread_local Block* tl_block = nullptr;
 static thread_local Fiber* tl_fiber = nullptr;
 
-static void switch_to(void** save_sp_or_ctx, Fiber* to);
+static void switch_to(Context* save, Fiber* to);
 
 // ---------------------------------------------------------------------------------------------
 // Fiber stacks: one mapping per OS thread, grown on demand, a guard page below each stack so that an
@@ -193,17 +190,10 @@ static void record_error(Launch* launch, const std::string& msg) {
     launch->failed.store(true);
 }
 
-[[noreturn]] static void abort_block() {
-    // Back to the scheduler; this fiber is never resumed (its stack holds no destructors to run:
-    // kernels are plain code).
-    Block* b = tl_block;
-    b->aborted = true;
-    Fiber* f = tl_fiber;
-#if CGE_FAST_SWITCH
-    cge_switch_stack(&f->sp, b->scheduler_sp);
-#else
-    swapcontext(&f->ctx, &b->scheduler_ctx);
-#endif
+// Back to the scheduler (the block is over: done, or failed); this fiber is never resumed (its
+// stack holds no destructors to run: kernels are plain code).
+[[noreturn]] static void leave_block() {
+    jump(&tl_fiber->ctx, &tl_block->scheduler);
     __builtin_unreachable();
 }
 
@@ -221,7 +211,7 @@ void fail(const char* fmt, ...) {
     char where[96];
     snprintf(where, sizeof where, " (block %u, thread %u)", tl_block_idx.x, tl_fiber ? tl_fiber->index : 0u);
     record_error(b->launch, std::string(buf) + where);
-    abort_block();
+    leave_block();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -245,25 +235,23 @@ static std::string describe_waits(Block* b) {
     return s;
 }
 
+// Nothing can run, yet live threads wait: a barrier or warp call that not every thread reaches.
+[[noreturn]] static void deadlock(Block* b) {
+    char buf[64];
+    snprintf(buf, sizeof buf, "deadlock: %u live threads wait: ", b->live);
+    record_error(b->launch, std::string(buf) + describe_waits(b));
+    leave_block();
+}
+
 // Runs the next runnable fiber; returns when the calling fiber is made runnable and scheduled again.
 static void yield_blocked() {
     Block* b = tl_block;
     Fiber* self = tl_fiber;
     unsigned next;
-    if (!b->pop(&next)) {
-        // Nothing can run, yet `self` waits: a barrier or warp call that not every thread reaches.
-        char buf[64];
-        snprintf(buf, sizeof buf, "deadlock: %u live threads wait: ", b->live);
-        record_error(b->launch, std::string(buf) + describe_waits(b));
-        abort_block();
-    }
+    if (!b->pop(&next)) deadlock(b);
     Fiber* to = &(*b->fibers)[next];
     if (to == self) return;
-#if CGE_FAST_SWITCH
-    switch_to(&self->sp, to);
-#else
-    switch_to((void**)&self->ctx, to);
-#endif
+    switch_to(&self->ctx, to);
 }
 
 static void make_ready(Block* b, Fiber* f) {
@@ -317,6 +305,12 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t bits, int line) {
         fail("warp call (line %d) with mask %08x names lanes that have returned or do not exist (live lanes %08x)",
              line, mask, w.live);
     }
+    // Each lane picks its exchange slot by its own count of warp calls: a call that some live lanes
+    // skip (legal on a GPU) would leave the lanes' counts out of step.
+    if (w.live & ~mask) {
+        fail("partial-mask warp calls are not emulated: the call at line %d has mask %08x, the live lanes are %08x",
+             line, mask, w.live);
+    }
     const unsigned k = (unsigned)(f->warp_calls++ & 1);
     if (w.arrived[k] == 0) {
         w.mask[k] = mask;
@@ -357,38 +351,19 @@ static void fiber_main(Fiber* f) {
     }
     maybe_release_barrier(b);
     unsigned next;
-    if (b->pop(&next)) {
-        Fiber* to = &(*b->fibers)[next];
-#if CGE_FAST_SWITCH
-        switch_to(&f->sp, to);
-#else
-        switch_to((void**)&f->ctx, to);
-#endif
-    } else {
-        if (b->live != 0) {
-            char buf[64];
-            snprintf(buf, sizeof buf, "deadlock: %u live threads wait: ", b->live);
-            record_error(b->launch, std::string(buf) + describe_waits(b));
-            b->aborted = true;
-        }
-#if CGE_FAST_SWITCH
-        cge_switch_stack(&f->sp, b->scheduler_sp);
-#else
-        swapcontext(&f->ctx, &b->scheduler_ctx);
-#endif
+    if (!b->pop(&next)) {
+        if (b->live != 0) deadlock(b);
+        leave_block(); // every thread of the block has returned
     }
+    switch_to(&f->ctx, &(*b->fibers)[next]); // never resumed: this thread is done
     __builtin_unreachable();
 }
 
-static void switch_to(void** save, Fiber* to) {
+static void switch_to(Context* save, Fiber* to) {
     tl_fiber = to;
     tl_thread = &to->ts;
     std::atomic_signal_fence(std::memory_order_seq_cst);
-#if CGE_FAST_SWITCH
-    cge_switch_stack(save, to->sp);
-#else
-    swapcontext((ucontext_t*)save, &to->ctx);
-#endif
+    jump(save, &to->ctx);
     std::atomic_signal_fence(std::memory_order_seq_cst);
     // Resumed: whoever switched here set tl_fiber to us.
 }
@@ -412,7 +387,7 @@ static void init_fiber(Fiber* f) {
     sp[4] = 0;                                // rbx
     sp[5] = 0;                                // rbp
     sp[6] = (uint64_t)(uintptr_t)&cge_fiber_trampoline;
-    f->sp = sp;
+    f->ctx = sp;
 #else
     getcontext(&f->ctx);
     f->ctx.uc_stack.ss_sp = f->stack_base;
@@ -459,12 +434,7 @@ static void run_block(Launch* launch, unsigned block_index) {
     tl_grid_dim = uint3{launch->grid, 1, 1};
     unsigned first = 0;
     b.pop(&first);
-    Fiber* to = &tl_fibers[first];
-#if CGE_FAST_SWITCH
-    switch_to(&b.scheduler_sp, to);
-#else
-    switch_to((void**)&b.scheduler_ctx, to);
-#endif
+    switch_to(&b.scheduler, &tl_fibers[first]);
     tl_block = nullptr;
     tl_fiber = nullptr;
     tl_thread = nullptr;

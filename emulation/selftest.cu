@@ -66,6 +66,14 @@ extern "C" __global__ void emu_selftest_partial_warp_call(u64* out) {
     out[threadIdx.x] = __shfl_down_sync(0xffffffffu, (u64)threadIdx.x, 1);
 }
 
+// Legal on a GPU (lanes 16..31 skip the shuffle and wait at the barrier), refused by the emulation.
+extern "C" __global__ void emu_selftest_partial_mask(u64* out) {
+    u64 v = threadIdx.x;
+    if (threadIdx.x % 32 < 16) v = __shfl_down_sync(0x0000ffffu, v, 1);
+    __syncthreads();
+    out[threadIdx.x] = v;
+}
+
 extern "C" __global__ void emu_selftest_deadlock(u64* out) {
     u64 v = threadIdx.x;
     if (threadIdx.x == 0) v = __shfl_sync(0xffffffffu, v, 1);

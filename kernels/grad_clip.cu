@@ -64,9 +64,8 @@ struct Scratch {
     u64 digits[DIGITS]; // superaccumulator digits, 32 payload bits in each u64
     u64 flags;          // bit 0: +inf partial seen, bit 1: NaN partial seen
     u64 max_bits;       // max |x| as f64 bits (non-negative doubles order as integers; NaN wins)
-    u64 counter;        // blocks of the current reduction that are done
+    u64 counter;        // blocks of the current launch that are done (last_block)
     u64 pending;        // 1 between a reduction that asked for the rescue pass and that pass
-    u64 step_counter;   // blocks of the current grad_clip_fused_step that are done
     // Not reset between calls:
     double scale;       // divisor for the rescue pass: the largest |x|
     double coefficient; // min(1, max_norm / (norm + eps)) of the last norm, read by the passes
@@ -256,23 +255,15 @@ __device__ __forceinline__ void reduce_chunk_dt(u64 dtype, const void* base, u64
 // ---------------------------------------------------------------------------------------------
 // Superaccumulator (src/exact_sum.rs).
 
-// Adds a non-negative f64, +inf or NaN. With ATOMIC, `digits` and `flags` may be shared or global
-// memory used by several threads; without, they are the calling thread's own (local memory, where
-// atomics are not allowed).
-template <bool ATOMIC> __device__ __forceinline__ void add_digit(u64* d, u64 v) {
-    if (ATOMIC) atomicAdd(d, v);
-    else *d += v;
-}
-
-template <bool ATOMIC> __device__ __forceinline__ void exact_add(u64* digits, u32* flags, double x) {
+// Adds a non-negative f64, +inf or NaN with atomics: `digits` and `flags` are shared or global
+// memory used by several threads.
+__device__ __forceinline__ void exact_add(u64* digits, u32* flags, double x) {
     if (isnan(x)) {
-        if (ATOMIC) atomicOr(flags, 2u);
-        else *flags |= 2u;
+        atomicOr(flags, 2u);
         return;
     }
     if (isinf(x)) {
-        if (ATOMIC) atomicOr(flags, 1u);
-        else *flags |= 1u;
+        atomicOr(flags, 1u);
         return;
     }
     u64 bits = (u64)__double_as_longlong(x);
@@ -293,9 +284,9 @@ template <bool ATOMIC> __device__ __forceinline__ void exact_add(u64* digits, u3
     // mantissa < 2^53, shift < 32: the shifted value has < 85 bits.
     u64 lo = mantissa << shift;                        // bits 0..63
     u64 hi = shift == 0 ? 0 : (mantissa >> (64 - shift)); // bits 64..84
-    add_digit<ATOMIC>(&digits[digit], lo & 0xffffffffull);
-    add_digit<ATOMIC>(&digits[digit + 1], lo >> 32);
-    if (hi != 0) add_digit<ATOMIC>(&digits[digit + 2], hi);
+    atomicAdd(&digits[digit], lo & 0xffffffffull);
+    atomicAdd(&digits[digit + 1], lo >> 32);
+    if (hi != 0) atomicAdd(&digits[digit + 2], hi);
 }
 
 // 2^k for -1074 <= k <= 1023.
@@ -419,6 +410,24 @@ template <typename Seg> struct WarpChunks {
 
 __device__ __forceinline__ int elem_bytes(u64 dtype) { return dtype == DT_F64 ? 8 : (dtype == DT_F32 ? 4 : 2); }
 
+// Called once by every thread of every block after the block's last global write; true (in every
+// thread of that block) for the last block to get here, which then sees every other block's
+// writes (each fenced before counting) and has reset `counter` to zero for the next launch.
+__device__ __forceinline__ bool last_block(u64* counter) {
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u64 done = atomicAdd(counter, 1ull);
+        s_last = done == (u64)gridDim.x - 1;
+        if (s_last) atomicExch(counter, 0ull); // every block has counted: none reads it again
+    }
+    __syncthreads();
+    if (!s_last) return false;
+    __threadfence();
+    return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The reduction, one entry point per MODE_*. Pass 0 is the normal reduction; pass 1 is the overflow
 // rescue, launched as grad_clip_reduce_pow right after pass 0 and returning at once unless pass 0
@@ -435,7 +444,6 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
     __shared__ u64 s_digits[DIGITS];
     __shared__ u64 s_max;
     __shared__ u32 s_flags;
-    __shared__ int s_last;
 
     if (pass == 1) {
         // Written by the previous launch on this stream: visible at kernel start.
@@ -466,7 +474,7 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
             reduce_chunk_dt<MODE, false>(seg.dtype, base, n, lane, p, scale, &s, &m);
         }
         if (lane == 0) {
-            if (MODE != MODE_INF) exact_add<true>(s_digits, &s_flags, s);
+            if (MODE != MODE_INF) exact_add(s_digits, &s_flags, s);
             if (MODE == MODE_INF || want_max) atomicMax(&s_max, m);
             if (partials) partials[w.chunk] = MODE == MODE_INF ? __longlong_as_double((long long)m) : s;
         }
@@ -481,23 +489,14 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
         if (s_flags != 0) atomicOr(&scratch->flags, (u64)s_flags);
         if (s_max != 0) atomicMax(&scratch->max_bits, s_max);
     }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        u64 done = atomicAdd(&scratch->counter, 1ull);
-        s_last = done == (u64)gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!s_last) return;
+    if (!last_block(&scratch->counter)) return;
 
-    // Last block: every other block's atomics are done (they fenced before counting). Read and
-    // reset the accumulator for the next call.
-    __threadfence();
+    // Last block: every other block's atomics are done. Read and reset the accumulator for the
+    // next call.
     for (int i = tid; i < DIGITS; i += blockDim.x) s_digits[i] = atomicExch(&scratch->digits[i], 0ull);
     if (tid == 0) {
         s_flags = (u32)atomicExch(&scratch->flags, 0ull);
         s_max = atomicExch(&scratch->max_bits, 0ull);
-        atomicExch(&scratch->counter, 0ull);
     }
     __syncthreads();
     if (tid != 0) return;
@@ -594,6 +593,13 @@ template <int DT> struct ElemOp {
         if (v < -bound) return lo;
         return u;
     }
+    // Applies the operation to the element at `x` in place: scaling always stores, clamping only a
+    // changed value.
+    __device__ __forceinline__ void apply(raw* x) const {
+        const raw old = *x;
+        const raw nu = (*this)(old);
+        if (nu != old || op == OP_SCALE) *x = nu;
+    }
 };
 
 // The new value of a 16-byte vector; true when some element changed.
@@ -617,7 +623,6 @@ __device__ __forceinline__ void warp_apply_chunk(void* base, u64 n, int lane, u3
     raw* xs = (raw*)base;
     uint4* vs = (uint4*)base;
     const bool aligned = (((u64)base) & 15) == 0;
-    const bool store_all = op == OP_SCALE;
     const u64 rounds = aligned ? n / ((u64)WARP * V) : 0;
     u64 k = 0;
     for (; k + GRAD_CLIP_UNROLL <= rounds; k += GRAD_CLIP_UNROLL) {
@@ -626,7 +631,7 @@ __device__ __forceinline__ void warp_apply_chunk(void* base, u64 n, int lane, u3
         for (int u = 0; u < GRAD_CLIP_UNROLL; ++u) r[u].v = vs[(k + u) * WARP + lane];
 #pragma unroll
         for (int u = 0; u < GRAD_CLIP_UNROLL; ++u) {
-            if (apply_vector<DT>(f, r[u]) || store_all) vs[(k + u) * WARP + lane] = r[u].v;
+            if (apply_vector<DT>(f, r[u]) || f.op == OP_SCALE) vs[(k + u) * WARP + lane] = r[u].v;
         }
     }
     for (u64 vi = k * WARP + lane; vi * V < n; vi += WARP) {
@@ -634,15 +639,11 @@ __device__ __forceinline__ void warp_apply_chunk(void* base, u64 n, int lane, u3
         if (aligned && e + V <= n) {
             Vec16<DT> r;
             r.v = vs[vi];
-            if (apply_vector<DT>(f, r) || store_all) vs[vi] = r.v;
+            if (apply_vector<DT>(f, r) || f.op == OP_SCALE) vs[vi] = r.v;
         } else {
 #pragma unroll 1
             for (int j = 0; j < V; ++j) {
-                if (e + j < n) {
-                    const raw old = xs[e + j];
-                    const raw nu = f(old);
-                    if (nu != old || store_all) xs[e + j] = nu;
-                }
+                if (e + j < n) f.apply(xs + e + j);
             }
         }
     }
@@ -686,9 +687,7 @@ __device__ __forceinline__ void strided_apply(void* base, u64 n, u32 rank, const
             off += (rem % dim) * view.strides[d];
             rem /= dim;
         }
-        const raw old = xs[off];
-        const raw nu = f(old);
-        if (nu != old || op == OP_SCALE) xs[off] = nu;
+        f.apply(xs + off);
     }
 }
 
@@ -736,7 +735,7 @@ extern "C" __global__ void grad_clip_segment_norms(const Segment* __restrict__ s
         const u64 last = i + 1 < n_segs ? segs[i + 1].chunk_start : n_chunks;
         for (u64 c = first + lane; c < last; c += WARP) {
             if (mode == MODE_INF) atomicMax(&s_max[warp], (u64)__double_as_longlong(partials[c]));
-            else exact_add<true>(s_digits[warp], &s_flags[warp], partials[c]);
+            else exact_add(s_digits[warp], &s_flags[warp], partials[c]);
         }
         __syncwarp();
         if (lane == 0) {
@@ -856,13 +855,15 @@ template <typename C> struct StepConsts {
     }
 };
 
-// One chunk of one var, element by element (lane, lane + 32, ...).
+// One chunk of one var, element by element (lane, lane + 32, ...); when `change`, each gradient
+// goes through the clip (`op`, `c`, the bound for DT).
 template <int DT, typename C, bool FUSED>
 __device__ __forceinline__ void step_chunk(const UpdateSegment& seg, u64 start, u64 n, int lane, u32 rule,
-                                           const StepParams& hp, const StepConsts<C>& k, bool change,
-                                           const ElemOp<DT>& clip, bool has_state) {
+                                           const StepParams& hp, const StepConsts<C>& k, bool change, u32 op,
+                                           double c, const Bounds& bounds, bool has_state) {
     typedef typename Tr<DT>::raw raw;
     typedef Arith<C> A;
+    const ElemOp<DT> clip(op, c, bounds.b[DT]);
     raw* p = (raw*)seg.param + start;
     const raw* g = (const raw*)seg.grad + start;
     C* s0 = seg.state0 ? (C*)seg.state0 + start : (C*)0;
@@ -899,14 +900,6 @@ __device__ __forceinline__ void step_chunk(const UpdateSegment& seg, u64 start, 
     }
 }
 
-template <int DT, typename C, bool FUSED>
-__device__ __forceinline__ void step_chunk_dt(const UpdateSegment& seg, u64 start, u64 n, int lane, u32 rule,
-                                              const StepParams& hp, const StepConsts<C>& k, bool change, u32 op,
-                                              double c, const Bounds& bounds, bool has_state) {
-    const ElemOp<DT> clip(op, c, bounds.b[DT]);
-    step_chunk<DT, C, FUSED>(seg, start, n, lane, rule, hp, k, change, clip, has_state);
-}
-
 // One step over the table: `rule` with `hp`; the gradients clipped by `transform` according to
 // the verdict; nothing changes (but the skipped-step count) when `skip_nonfinite` and the verdict
 // saw a non-finite norm. The step count t (bias corrections) and SGD's "state exists" flags come
@@ -916,7 +909,6 @@ extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict_
                                                 const void* verdict_src, u32 verdict_kind, double max_norm,
                                                 double eps, Bounds bounds, u32 skip_nonfinite, Scratch* scratch,
                                                 long long* control) {
-    __shared__ int s_last;
     double c = 1.0, norm = 0.0;
     bool nonfinite = false;
     if (verdict == VERDICT_SCRATCH) {
@@ -931,8 +923,8 @@ extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict_
     const bool clipped = transform == TRANSFORM_SCALE   ? !(c >= 1.0)
                          : transform == TRANSFORM_CLAMP ? !(norm <= max_norm)
                                                         : false;
-    // Scale only below 1 (as clip_grad_norm_, which writes nothing otherwise); clamp always.
-    const bool change = transform == TRANSFORM_CLAMP || (transform == TRANSFORM_SCALE && !(c >= 1.0));
+    // Clamp always; scale only below 1 (as clip_grad_norm_, which writes nothing otherwise).
+    const bool change = transform == TRANSFORM_CLAMP || clipped;
     const u32 op = transform == TRANSFORM_CLAMP ? OP_CLAMP : OP_SCALE;
     const long long t = control[0] + 1;
     if (!skip) {
@@ -944,19 +936,14 @@ extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict_
             const UpdateSegment seg = w.current(&start, &n);
             const bool has_state = control[CONTROL_WORDS + seg.var] != 0;
             switch (seg.dtype) {
-            case DT_F32: step_chunk_dt<DT_F32, float, true>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
-            case DT_F64: step_chunk_dt<DT_F64, double, true>(seg, start, n, lane, rule, hp, kd, change, op, c, bounds, has_state); break;
-            case DT_F16: step_chunk_dt<DT_F16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
-            default: step_chunk_dt<DT_BF16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
+            case DT_F32: step_chunk<DT_F32, float, true>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
+            case DT_F64: step_chunk<DT_F64, double, true>(seg, start, n, lane, rule, hp, kd, change, op, c, bounds, has_state); break;
+            case DT_F16: step_chunk<DT_F16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
+            default: step_chunk<DT_BF16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
             }
         }
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(&scratch->step_counter, 1ull) == (u64)gridDim.x - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
+    if (!last_block(&scratch->counter)) return;
     const bool has_state_rule = rule == RULE_ADAMW || (rule == RULE_SGD && hp.momentum != 0.0);
     if (!skip && has_state_rule) {
         for (u64 i = threadIdx.x; i < n_segs; i += blockDim.x) control[CONTROL_WORDS + segs[i].var] = 1;
@@ -968,6 +955,5 @@ extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict_
             control[0] = t;
             control[1] += clipped ? 1 : 0;
         }
-        atomicExch(&scratch->step_counter, 0ull);
     }
 }

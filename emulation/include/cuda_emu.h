@@ -1,5 +1,7 @@
-// Host emulation of the CUDA built-ins that kernels/*.cu use, so that the unchanged kernel sources
-// compile with the system C++ compiler and run on the CPU (feature `emulation` of candle-grad-clip).
+// Host emulation of the CUDA built-ins that kernels/*.cu and the emulation's self-tests
+// (selftest.cu) use, and no others, so that the unchanged kernel sources compile with the system C++
+// compiler and run on the CPU (feature `emulation` of candle-grad-clip). A kernel that needs another
+// built-in fails to compile here: add it then, with a self-test.
 //
 // Model: a launch runs its blocks one after another (or several at a time, one per OS thread), and
 // the threads of a block as fibers on one OS thread: a fiber runs until it reaches __syncthreads, a
@@ -8,8 +10,10 @@
 //   - __shared__ is per block: `static thread_local` (one OS thread runs one block at a time);
 //   - __syncthreads is a real barrier over the block's live threads (threads that returned no longer
 //     count, as on Volta and later); threads waiting at different __syncthreads are an error;
-//   - warp shuffles really exchange values between the 32 lanes of a warp; a mask that does not name
-//     exactly the live lanes that reach the call is an error (undefined behaviour on a GPU);
+//   - warp shuffles really exchange values between the 32 lanes of a warp; the mask must name exactly
+//     the warp's live lanes, and each of them must reach the call: anything else is an error (a mask
+//     naming a lane that does not arrive is undefined behaviour on a GPU; partial-mask calls that
+//     some live lanes skip are legal there, but not emulated);
 //   - atomics are sequentially consistent (GCC __atomic builtins): blocks may run concurrently;
 //   - conversions to f32/f16/bf16 round to nearest even directly from f64, as CUDA's _rn forms do.
 // What it does not model: the memory model and timing of a GPU (fibers switch only at barriers and
@@ -37,18 +41,8 @@
 struct uint3 {
     unsigned int x, y, z;
 };
-typedef uint3 dim3;
 struct alignas(16) uint4 {
     unsigned int x, y, z, w;
-};
-struct alignas(16) int4 {
-    int x, y, z, w;
-};
-struct alignas(16) float4 {
-    float x, y, z, w;
-};
-struct alignas(16) double2 {
-    double x, y;
 };
 
 namespace cge {
@@ -105,19 +99,15 @@ template <typename T> inline T shfl_from(unsigned mask, T var, int src_in_segmen
 
 #define __global__
 #define __device__
-#define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __shared__ static thread_local
-#define __constant__ static
-#define __launch_bounds__(...)
 // __restrict__ is a GCC keyword already.
 
 #define threadIdx (::cge::tl_thread->thread_idx)
 #define blockIdx (::cge::tl_block_idx)
 #define blockDim (::cge::tl_block_dim)
 #define gridDim (::cge::tl_grid_dim)
-#define warpSize 32
 
 #define __syncthreads() ::cge::syncthreads(__LINE__)
 
@@ -127,7 +117,6 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, int line = __builtin_LINE())
 }
 
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // ---------------------------------------------------------------------------------------------
 // Warp-synchronous calls. The call site's line is a default argument, so that lanes reaching
@@ -174,59 +163,32 @@ inline int __all_sync(unsigned mask, int predicate, int line = __builtin_LINE())
 // ---------------------------------------------------------------------------------------------
 // Atomics (global or shared memory), sequentially consistent; each returns the old value.
 
-#define CGE_ATOMIC_BASIC(T)                                                                                   \
+#define CGE_ATOMIC_INTEGER(T)                                                                                 \
     inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }                   \
-    inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }                   \
     inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }                     \
-    inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); }                   \
-    inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); }                   \
     inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); }                 \
-    inline T atomicCAS(T* a, T expected, T desired) {                                                       \
-        __atomic_compare_exchange_n(a, &expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);      \
-        return expected;                                                                                    \
-    }                                                                                                       \
     inline T atomicMax(T* a, T v) {                                                                         \
         T old = __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                       \
         while (old < v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) { \
         }                                                                                                   \
         return old;                                                                                         \
-    }                                                                                                       \
-    inline T atomicMin(T* a, T v) {                                                                         \
-        T old = __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                       \
-        while (old > v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) { \
-        }                                                                                                   \
-        return old;                                                                                         \
     }
-CGE_ATOMIC_BASIC(int)
-CGE_ATOMIC_BASIC(unsigned int)
-CGE_ATOMIC_BASIC(unsigned long long)
-CGE_ATOMIC_BASIC(long long)
-#undef CGE_ATOMIC_BASIC
+CGE_ATOMIC_INTEGER(unsigned int)
+CGE_ATOMIC_INTEGER(unsigned long long)
+#undef CGE_ATOMIC_INTEGER
 
-#define CGE_ATOMIC_FLOAT(T, U)                                                                                \
-    inline T atomicAdd(T* a, T v) {                                                                         \
-        U* p = reinterpret_cast<U*>(a);                                                                     \
-        U old = __atomic_load_n(p, __ATOMIC_SEQ_CST);                                                       \
-        for (;;) {                                                                                          \
-            T cur;                                                                                          \
-            memcpy(&cur, &old, sizeof(T));                                                                  \
-            const T next = cur + v;                                                                         \
-            U nb;                                                                                           \
-            memcpy(&nb, &next, sizeof(T));                                                                  \
-            if (__atomic_compare_exchange_n(p, &old, nb, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return cur; \
-        }                                                                                                   \
-    }                                                                                                       \
-    inline T atomicExch(T* a, T v) {                                                                        \
-        U nb;                                                                                               \
-        memcpy(&nb, &v, sizeof(T));                                                                         \
-        const U ob = __atomic_exchange_n(reinterpret_cast<U*>(a), nb, __ATOMIC_SEQ_CST);                    \
-        T r;                                                                                                \
-        memcpy(&r, &ob, sizeof(T));                                                                         \
-        return r;                                                                                           \
+inline double atomicAdd(double* a, double v) {
+    uint64_t* p = reinterpret_cast<uint64_t*>(a);
+    uint64_t old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    for (;;) {
+        double cur;
+        memcpy(&cur, &old, sizeof(double));
+        const double next = cur + v;
+        uint64_t nb;
+        memcpy(&nb, &next, sizeof(double));
+        if (__atomic_compare_exchange_n(p, &old, nb, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return cur;
     }
-CGE_ATOMIC_FLOAT(float, uint32_t)
-CGE_ATOMIC_FLOAT(double, uint64_t)
-#undef CGE_ATOMIC_FLOAT
+}
 
 // ---------------------------------------------------------------------------------------------
 // Loads, bit casts, integer intrinsics, IEEE arithmetic with explicit rounding.
@@ -244,17 +206,10 @@ template <typename To, typename From> inline To bit_cast(From f) {
 
 inline float __uint_as_float(unsigned int u) { return ::cge::bit_cast<float>(u); }
 inline unsigned int __float_as_uint(float f) { return ::cge::bit_cast<unsigned int>(f); }
-inline float __int_as_float(int u) { return ::cge::bit_cast<float>(u); }
-inline int __float_as_int(float f) { return ::cge::bit_cast<int>(f); }
 inline double __longlong_as_double(long long u) { return ::cge::bit_cast<double>(u); }
 inline long long __double_as_longlong(double d) { return ::cge::bit_cast<long long>(d); }
 
-inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }
-inline int __ffs(int x) { return __builtin_ffs(x); }
-inline int __ffsll(long long x) { return __builtin_ffsll(x); }
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 
 // Compiled with -ffp-contract=off: each of these is one IEEE operation, rounded to nearest even.
 inline double __dmul_rn(double a, double b) { return a * b; }
@@ -269,10 +224,7 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return sqrtf(a); }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
-inline double rsqrt(double a) { return 1.0 / sqrt(a); }
-inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
 inline double __ull2double_rn(unsigned long long u) { return (double)u; }
-inline double __ll2double_rn(long long u) { return (double)u; }
 inline float __double2float_rn(double d) { return (float)d; }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,15 +296,9 @@ inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
 inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 inline float __half2float(__half h) { return (float)::cge::half_format_to_f64(h.__x, 10, 15); }
 inline __half __double2half(double d) { return __half{::cge::round_f64_to_half_format(d, 10, 15)}; }
-inline __half __float2half(float f) { return __double2half((double)f); }
-inline __half __float2half_rn(float f) { return __double2half((double)f); }
 
-inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
-inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float(((unsigned)h.__x) << 16); }
 inline __nv_bfloat16 __double2bfloat16(double d) { return __nv_bfloat16{::cge::round_f64_to_half_format(d, 7, 127)}; }
-inline __nv_bfloat16 __float2bfloat16(float f) { return __double2bfloat16((double)f); }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __double2bfloat16((double)f); }
 
 // ---------------------------------------------------------------------------------------------
 // Kernel registration (emulation/kernels.cpp): name, argument signature, and a thunk that calls the

@@ -38,28 +38,16 @@ pub(super) unsafe fn launch(
     order: BlockOrder,
     seed: u64,
 ) -> Result<()> {
-    let signature = launch.signature();
     // SAFETY: passed on from the caller.
-    unsafe {
-        launch_named(
-            launch.kernel.name(),
-            &signature,
-            &launch.args,
-            grid,
-            block,
-            order,
-            seed,
-        )
-    }
+    unsafe { launch_named(launch.kernel.name(), &launch.args, grid, block, order, seed) }
 }
 
-/// [`launch`] of a kernel given by name, with `signature` the tokens of `args`.
+/// [`launch`] of a kernel given by name.
 ///
 /// # Safety
 /// As [`launch`].
 pub(super) unsafe fn launch_named(
     name: &str,
-    signature: &str,
     args: &[Arg],
     grid: u32,
     block: u32,
@@ -67,7 +55,9 @@ pub(super) unsafe fn launch_named(
     seed: u64,
 ) -> Result<()> {
     let name = CString::new(name).expect("kernel names have no NUL");
-    let signature = CString::new(signature).expect("signatures have no NUL");
+    // The argument types, as the emulation spells a kernel's parameter list.
+    let signature: Vec<&str> = args.iter().map(Arg::token).collect();
+    let signature = CString::new(signature.join(",")).expect("signatures have no NUL");
     // One pointer per argument, at the value in the argument's own type (as cuLaunchKernel's
     // kernelParams).
     let mut params: Vec<*mut c_void> = args

@@ -63,9 +63,10 @@ pub enum BlockOrder {
 /// the GPU's memory model or timing: a race that needs two threads of one warp to interleave
 /// between barriers goes unseen.
 ///
-/// A kernel that deadlocks at a barrier, makes a warp call some lanes miss, is launched with
-/// arguments that do not match its parameters, writes outside its buffers or into a read-only
-/// input, or leaves the scratch dirty turns the call into an error.
+/// A kernel that deadlocks at a barrier, makes a warp call some lanes miss or whose mask leaves
+/// out live lanes (partial masks are not emulated), is launched with arguments that do not match
+/// its parameters, writes outside its buffers or into a read-only input, or leaves the scratch
+/// dirty turns the call into an error.
 ///
 /// ```
 /// use candle_core::{backprop::GradStore, Device, Tensor, Var};
@@ -337,14 +338,7 @@ impl Arena {
     }
 
     fn words(&self, r: usize) -> Vec<u64> {
-        self.data(r)
-            .chunks_exact(8)
-            .map(|c| {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(c);
-                u64::from_ne_bytes(w)
-            })
-            .collect()
+        decode(self.data(r), u64::from_ne_bytes).collect()
     }
 }
 
@@ -510,11 +504,19 @@ struct CopyBack<'a> {
     bytes: &'a [u8],
 }
 
+/// The values of `N` bytes each in `bytes`.
+fn decode<'a, T, const N: usize>(
+    bytes: &'a [u8],
+    from: impl Fn([u8; N]) -> T + 'a,
+) -> impl Iterator<Item = T> + 'a {
+    bytes
+        .chunks_exact(N)
+        .map(move |c| from(c.try_into().expect("chunks of N bytes")))
+}
+
 fn copy_from<T, const N: usize>(dst: &mut [T], bytes: &[u8], from: impl Fn([u8; N]) -> T) {
-    for (x, c) in dst.iter_mut().zip(bytes.chunks_exact(N)) {
-        let mut b = [0u8; N];
-        b.copy_from_slice(c);
-        *x = from(b);
+    for (x, v) in dst.iter_mut().zip(decode(bytes, from)) {
+        *x = v;
     }
 }
 
@@ -570,16 +572,8 @@ impl EmulatedSession {
             bail!("internal error: emulated buffer {} was consumed", buffer.id)
         };
         let values = match dtype {
-            DType::F64 => alloc.words(0).into_iter().map(f64::from_bits).collect(),
-            _ => alloc
-                .data(0)
-                .chunks_exact(4)
-                .map(|c| {
-                    let mut b = [0u8; 4];
-                    b.copy_from_slice(c);
-                    f32::from_ne_bytes(b) as f64
-                })
-                .collect(),
+            DType::F64 => decode(alloc.data(0), f64::from_ne_bytes).collect(),
+            _ => decode(alloc.data(0), |b| f32::from_ne_bytes(b) as f64).collect(),
         };
         Ok((values, *dtype))
     }

@@ -18,13 +18,13 @@ pub(crate) const CHUNK: u64 = 4096;
 pub(crate) const BLOCK: u32 = 256;
 /// Warps per block: each warp takes a range of chunks.
 pub(crate) const WARPS_PER_BLOCK: u64 = (BLOCK / 32) as u64;
-/// Words of the kernel's `Scratch` struct: 68 digits, flags, max, counter, pending, step counter,
-/// scale, coefficient, non-finite flag.
-pub(crate) const STATE_WORDS: usize = 76;
-/// The words of `Scratch` that must be zero between calls (digits, flags, max, the counters,
-/// pending); `scale`, `coefficient` and the non-finite flag keep their last values.
+/// Words of the kernel's `Scratch` struct: 68 digits, flags, max, counter, pending, scale,
+/// coefficient, non-finite flag.
+pub(crate) const STATE_WORDS: usize = 75;
+/// The words of `Scratch` that must be zero between calls (digits, flags, max, counter, pending);
+/// `scale`, `coefficient` and the non-finite flag keep their last values.
 #[cfg_attr(not(feature = "emulation"), allow(dead_code))]
-pub(crate) const STATE_ZERO_WORDS: usize = 73;
+pub(crate) const STATE_ZERO_WORDS: usize = 72;
 /// Words per table entry (the kernel's `Segment`: pointer, length, first chunk, dtype).
 pub(crate) const SEGMENT_WORDS: usize = 4;
 /// The strided kernel takes at most this many (coalesced) dimensions (`MAX_RANK`).
@@ -147,18 +147,6 @@ pub(crate) struct Launch {
     pub(crate) kernel: Kernel,
     pub(crate) grid: Grid,
     pub(crate) args: Vec<Arg>,
-}
-
-impl Launch {
-    /// The argument types, as the emulation spells a kernel's parameter list.
-    #[cfg_attr(not(feature = "emulation"), allow(dead_code))]
-    pub(crate) fn signature(&self) -> String {
-        self.args
-            .iter()
-            .map(Arg::token)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -399,8 +387,9 @@ fn clamp_bounds(v: f64) -> [f64; 4] {
 pub(crate) enum Verdict {
     /// No reduction ran: nothing clipped, nothing non-finite.
     None,
-    /// The coefficient and non-finite flag the reduction left in the scratch (at this address).
-    Scratch(u64),
+    /// The coefficient and non-finite flag the reduction left in the scratch (the kernel's
+    /// `scratch` argument).
+    Scratch,
     /// A norm in device memory: its coefficient, non-finite when the norm is.
     Norm(NormAt),
 }
@@ -476,7 +465,7 @@ pub(crate) fn fused_step(
     };
     let (verdict_code, src, kind, max_norm, eps) = match verdict {
         Verdict::None => (0, 0, 0, f64::INFINITY, 0.0),
-        Verdict::Scratch(ptr) => (1, ptr, 0, f64::INFINITY, 0.0),
+        Verdict::Scratch => (1, 0, 0, f64::INFINITY, 0.0),
         Verdict::Norm(norm) => (2, norm.ptr, norm.kind(), norm.max_norm, norm.eps),
     };
     let (max_norm, bounds) = match clamp {

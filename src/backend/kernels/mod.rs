@@ -442,7 +442,7 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             None => Verdict::None,
         };
         let (transform, verdict) = match step.clip {
-            StepClip::Norm { .. } => (Transform::Scale, Verdict::Scratch(scratch)),
+            StepClip::Norm { .. } => (Transform::Scale, Verdict::Scratch),
             StepClip::Value(v) => (Transform::Clamp(v), out_verdict(v, 0.0)),
             StepClip::GivenNorm { max_norm, eps, .. } => {
                 let index = operands.extra().expect("the given norm was passed");
