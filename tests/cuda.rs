@@ -13,15 +13,18 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+// By name: this file has its own `tensor`, `scalar` and `random_values` (on a device).
+mod common;
+
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, grad_norms, total_norm, ClipGradNorm,
     KernelEmulation, NormType,
 };
+use common::{assert_named_norms, ulp, DTYPES};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
 const NORMS: [NormType; 7] = [
     NormType::L1,
     NormType::L2,
@@ -110,23 +113,6 @@ fn scalar(t: &Tensor) -> Result<f64> {
     t.to_device(&Device::Cpu)?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()
-}
-
-/// The spacing of `dtype` at |x| (subnormal spacing for tiny values).
-fn ulp(dtype: DType, x: f64) -> f64 {
-    let (mant, min_exp) = match dtype {
-        DType::F16 => (10, -14),
-        DType::BF16 => (7, -126),
-        DType::F32 => (23, -126),
-        _ => (52, -1022),
-    };
-    let a = x.abs();
-    let e = if a == 0.0 || !a.is_finite() {
-        min_exp
-    } else {
-        a.log2().floor() as i32
-    };
-    2f64.powi(e.max(min_exp) - mant)
 }
 
 fn close(a: f64, b: f64, rel: f64) -> bool {
@@ -928,18 +914,12 @@ fn grad_norms_match_the_cpu() -> Result<()> {
             let gpu = grad_norms(&varmap, &grads, norm)?;
             let cpu = grad_norms(&varmap, &cpu_grads, norm)?;
             assert_eq!(gpu.len(), 4);
-            for ((gn, gv), (cn, cv)) in gpu.iter().zip(&cpu) {
-                assert_eq!(gn, cn);
-                let tol = if norm == NormType::Inf {
-                    0.0
-                } else {
-                    ulp(DType::F32, *cv as f64)
-                };
-                assert!(
-                    ((*gv as f64) - (*cv as f64)).abs() <= tol,
-                    "{dtype:?} {norm} {gn}: gpu {gv}, cpu {cv}"
-                );
-            }
+            assert_named_norms(
+                &gpu,
+                &cpu,
+                norm == NormType::Inf,
+                &format!("{dtype:?} {norm}: gpu vs cpu"),
+            );
         }
     }
     Ok(())

@@ -296,8 +296,7 @@ fn integer_gradients_are_an_error_and_nothing_changes() -> Result<()> {
         Tensor::new(&[-5i64, 7], &Device::Cpu)?,
     ];
     for int in ints {
-        let (vars, mut store) = setup(&[f32s(&[300.0, 400.0])?, int.clone()])?;
-        let before = store_bits(&vars, &store)?;
+        let (vars, mut store, before) = snapshot_setup(&[f32s(&[300.0, 400.0])?, int.clone()])?;
         let check = |msg: String| {
             assert!(
                 ["integer", "float", "dtype", "u8", "u32", "i64"]
@@ -814,14 +813,20 @@ fn error_if_nonfinite_errors_and_changes_nothing() -> Result<()> {
 
 type Snapshot = Vec<Option<Vec<u64>>>;
 
+/// [`setup`], and the bits of every gradient before any call.
+fn snapshot_setup(grads: &[Tensor]) -> Result<(Vec<Var>, GradStore, Snapshot)> {
+    let (vars, store) = setup(grads)?;
+    let before = store_bits(&vars, &store)?;
+    Ok((vars, store, before))
+}
+
+/// Gradients of three dtypes, one of them NaN: a bad argument is refused whatever the values.
 fn bad_args_setup() -> Result<(Vec<Var>, GradStore, Snapshot)> {
-    let (vars, store) = setup(&[
+    snapshot_setup(&[
         f32s(&[30.0, -40.0])?,
         tensor(&[7.0, f64::NAN], &[2], DType::F16)?,
         tensor(&[1e3], &[], DType::F64)?,
-    ])?;
-    let before = store_bits(&vars, &store)?;
-    Ok((vars, store, before))
+    ])
 }
 
 #[test]
@@ -927,14 +932,12 @@ fn total_norm_argument_must_be_0d() -> Result<()> {
 /// A setup whose norm (about 1000) is far above the `max_norm` of 1 used with it: any call that
 /// got past validation would visibly rescale (or zero) the gradients.
 fn clean_setup() -> Result<(Vec<Var>, GradStore, Snapshot)> {
-    let (vars, store) = setup(&[
+    snapshot_setup(&[
         f32s(&[30.0, -40.0])?,
         tensor(&[7.0, 0.5], &[2], DType::F16)?,
         tensor(&[1e3], &[], DType::F64)?,
         tensor(&[-2.0, 9.0], &[2], DType::BF16)?,
-    ])?;
-    let before = store_bits(&vars, &store)?;
-    Ok((vars, store, before))
+    ])
 }
 
 /// README: "`eps` negative or not finite" is refused before anything is written. An infinite or
@@ -998,8 +1001,7 @@ fn broadcast_gradients_are_refused_before_anything_is_written() -> Result<()> {
             } else {
                 [plain.clone(), broadcast.clone()]
             };
-            let (vars, mut store) = setup(&grads)?;
-            let before = store_bits(&vars, &store)?;
+            let (vars, mut store, before) = snapshot_setup(&grads)?;
             let base_bits = bits(&base)?;
             let unchanged = |store: &GradStore, call: &str| -> Result<()> {
                 assert_eq!(store_bits(&vars, store)?, before, "{what}: {call} wrote");
@@ -1070,10 +1072,7 @@ fn broadcast_gradients_are_refused_before_anything_is_written() -> Result<()> {
             for (p, g) in params.iter().zip(&grads) {
                 store.insert(p, g.clone());
             }
-            let param_bits: Vec<Vec<u64>> = params
-                .iter()
-                .map(|p| bits(p.as_tensor()))
-                .collect::<Result<_>>()?;
+            let param_bits = vars_bits(&params)?;
             for setting in [ClipSetting::norm(1.0), ClipSetting::value(1.0)] {
                 let config = ClippedConfig::new(0.1, setting);
                 let mut opt = Clipped::<SGD>::new(params.clone(), config)?;

@@ -14,15 +14,14 @@ mod common;
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, grad_norms, total_norm, BlockOrder,
-    ClipGradNorm, EmulationLog, KernelEmulation, NormType,
+    ClipGradNorm, KernelEmulation, NormType,
 };
 use candle_nn::{linear, Module, VarBuilder, VarMap};
-use common::{bits, scalar, ulp};
+use common::{assert_named_norms, bits, kernels, scalar, ulp, DTYPES, ORDERS};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
 const NORMS: [NormType; 6] = [
     NormType::L1,
     NormType::L2,
@@ -32,12 +31,6 @@ const NORMS: [NormType; 6] = [
     NormType::P(7.5),
 ];
 const GRIDS: [u32; 5] = [1, 2, 3, 7, 64];
-const ORDERS: [BlockOrder; 4] = [
-    BlockOrder::InOrder,
-    BlockOrder::Reversed,
-    BlockOrder::Shuffled,
-    BlockOrder::Concurrent { threads: 3 },
-];
 
 // ---------------------------------------------------------------------------------------------
 // Scenarios: gradients as views of base buffers, built afresh for each back end.
@@ -105,9 +98,9 @@ impl Scenario {
         Ok(Built { bases, vars, store })
     }
 
-    /// Every element of every base, as raw bits.
-    fn bits(built: &Built) -> Result<Vec<Vec<u64>>> {
-        built.bases.iter().map(bits).collect()
+    /// Every element of every base (`Built::bases`), as raw bits.
+    fn bits(bases: &[Tensor]) -> Result<Vec<Vec<u64>>> {
+        bases.iter().map(bits).collect()
     }
 }
 
@@ -273,28 +266,38 @@ fn assert_buffers(
 // ---------------------------------------------------------------------------------------------
 // The norm: every grid and block order give the same bits; the CPU agrees.
 
-/// Emulated norms of `scenario` for every grid size and block order: all bitwise equal; returns
-/// the first.
-fn emulated_norm_everywhere(scenario: &Scenario, norm: NormType, what: &str) -> Result<Tensor> {
-    let built = scenario.build()?;
-    let mut first: Option<Tensor> = None;
-    for (k, &grid) in GRIDS.iter().enumerate() {
-        for (j, &order) in ORDERS.iter().enumerate() {
-            let (n, _) = emulation(grid, order, (k * 7 + j) as u64)
-                .run(|| total_norm(&built.vars, &built.store, norm))?;
-            match &first {
-                None => first = Some(n),
-                Some(f) => {
-                    let (a, b) = (scalar(f)?, scalar(&n)?);
-                    assert!(
-                        same_bits(a, b),
-                        "{what} {norm}: grid {grid} {order:?} gives {b:e}, grid 1 in order {a:e}"
-                    );
+/// Each norm of `norms` of `scenario`: emulated for every grid size and block order, all bitwise
+/// equal, and close to the CPU's (each back end with its own build of the scenario, built once).
+fn norms_everywhere_match_the_cpu(
+    scenario: &Scenario,
+    norms: &[NormType],
+    what: &str,
+) -> Result<()> {
+    let emu = scenario.build()?;
+    let cpu = scenario.build()?;
+    for &norm in norms {
+        let mut first: Option<Tensor> = None;
+        for (k, &grid) in GRIDS.iter().enumerate() {
+            for (j, &order) in ORDERS.iter().enumerate() {
+                let (n, _) = emulation(grid, order, (k * 7 + j) as u64)
+                    .run(|| total_norm(&emu.vars, &emu.store, norm))?;
+                match &first {
+                    None => first = Some(n),
+                    Some(f) => {
+                        let (a, b) = (scalar(f)?, scalar(&n)?);
+                        assert!(
+                            same_bits(a, b),
+                            "{what} {norm}: grid {grid} {order:?} gives {b:e}, grid 1 in order {a:e}"
+                        );
+                    }
                 }
             }
         }
+        let emulated = first.expect("at least one grid");
+        let reference = total_norm(&cpu.vars, &cpu.store, norm)?;
+        assert_norms_close(&emulated, &reference, norm, &format!("{what} {norm}"))?;
     }
-    Ok(first.expect("at least one grid"))
+    Ok(())
 }
 
 #[test]
@@ -307,13 +310,7 @@ fn total_norm_is_bitwise_the_same_for_every_grid_and_block_order() -> Result<()>
             &DTYPES
         };
         let scenario = random_scenario(&mut rng, dtypes, &[]);
-        let cpu = scenario.build()?;
-        for norm in NORMS {
-            let what = format!("case {case} ({dtypes:?})");
-            let emulated = emulated_norm_everywhere(&scenario, norm, &what)?;
-            let reference = total_norm(&cpu.vars, &cpu.store, norm)?;
-            assert_norms_close(&emulated, &reference, norm, &format!("{what} {norm}"))?;
-        }
+        norms_everywhere_match_the_cpu(&scenario, &NORMS, &format!("case {case} ({dtypes:?})"))?;
     }
     Ok(())
 }
@@ -347,20 +344,15 @@ fn norms_of_huge_tiny_and_nonfinite_values() -> Result<()> {
             }],
             views: vec![(0, ViewKind::Whole)],
         };
-        let cpu = scenario.build()?;
-        for norm in [
+        let norms = [
             NormType::L1,
             NormType::L2,
             NormType::Inf,
             NormType::P(3.0),
             NormType::P(8.0),
             NormType::P(2000.0),
-        ] {
-            let what = format!("{dtype:?} {values:?}");
-            let emulated = emulated_norm_everywhere(&scenario, norm, &what)?;
-            let reference = total_norm(&cpu.vars, &cpu.store, norm)?;
-            assert_norms_close(&emulated, &reference, norm, &format!("{what} {norm}"))?;
-        }
+        ];
+        norms_everywhere_match_the_cpu(&scenario, &norms, &format!("{dtype:?} {values:?}"))?;
     }
     Ok(())
 }
@@ -395,10 +387,6 @@ fn the_rescue_pass_is_one_more_launch() -> Result<()> {
     Ok(())
 }
 
-fn kernels(log: &EmulationLog) -> Vec<&'static str> {
-    log.launches.iter().map(|l| l.kernel).collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Clipping.
 
@@ -416,8 +404,8 @@ fn both<R>(
     let mut emu = scenario.build()?;
     let (emu_result, _) = emulation(grid, order, 3).run(|| op(&emu.vars, &mut emu.store))?;
     Ok((
-        (Scenario::bits(&emu)?, emu_result),
-        (Scenario::bits(&cpu)?, cpu_result),
+        (Scenario::bits(&emu.bases)?, emu_result),
+        (Scenario::bits(&cpu.bases)?, cpu_result),
     ))
 }
 
@@ -458,13 +446,13 @@ fn f64_clipping_is_the_product_rounded_once() -> Result<()> {
     for _ in 0..4 {
         let scenario = random_scenario(&mut rng, &[DType::F64], &[]);
         let built = scenario.build()?;
-        let before = Scenario::bits(&built)?;
+        let before = Scenario::bits(&built.bases)?;
         let mut store = built.store;
         let (norm, _) =
             KernelEmulation::new().run(|| clip_grad_norm_(&built.vars, &mut store, 0.25))?;
         let c = 0.25 / (scalar(&norm)? + 1e-6);
         assert!(c < 1.0);
-        let after: Vec<Vec<u64>> = built.bases.iter().map(bits).collect::<Result<_>>()?;
+        let after = Scenario::bits(&built.bases)?;
         // Bases reached by no view keep their values; all others are scaled exactly once.
         for (b, (old, new)) in before.iter().zip(&after).enumerate() {
             let reached = covered(&scenario, b)?;
@@ -646,13 +634,13 @@ fn error_if_nonfinite_modifies_nothing() -> Result<()> {
                 views: vec![(0, ViewKind::Whole), (1, ViewKind::Whole)],
             };
             let built = scenario.build()?;
-            let before = Scenario::bits(&built)?;
+            let before = Scenario::bits(&built.bases)?;
             let mut store = built.store;
             let clip = ClipGradNorm::new(1.0).error_if_nonfinite(true);
             let r = KernelEmulation::new().run(|| clip.clip_(&built.vars, &mut store));
             let msg = r.expect_err("a non-finite norm is an error").to_string();
             assert!(msg.contains("non-finite"), "{msg}");
-            let after: Vec<Vec<u64>> = built.bases.iter().map(bits).collect::<Result<_>>()?;
+            let after = Scenario::bits(&built.bases)?;
             assert_eq!(before, after, "{dtype:?} {bad}: modified");
         }
     }
@@ -756,19 +744,12 @@ fn grad_norms_per_tensor_in_one_reduction() -> Result<()> {
                     .run(|| grad_norms(&varmap, &grads, norm))?;
                 assert_eq!(log.table_uploads.len(), 1);
                 assert_eq!(kernels(&log)[1..], ["grad_clip_segment_norms"]);
-                assert_eq!(emulated.len(), cpu.len());
-                for ((en, ev), (cn, cv)) in emulated.iter().zip(&cpu) {
-                    assert_eq!(en, cn);
-                    let tol = if norm == NormType::Inf {
-                        0.0
-                    } else {
-                        ulp(DType::F32, *cv as f64)
-                    };
-                    assert!(
-                        ((*ev as f64) - (*cv as f64)).abs() <= tol,
-                        "{dtype:?} {norm} {en}: emulated {ev}, cpu {cv}"
-                    );
-                }
+                assert_named_norms(
+                    &emulated,
+                    &cpu,
+                    norm == NormType::Inf,
+                    &format!("{dtype:?} {norm} grid {grid}"),
+                );
                 match &first {
                     None => first = Some(emulated),
                     Some(f) => assert_eq!(f, &emulated, "{dtype:?} {norm}: grid {grid}"),
@@ -782,9 +763,7 @@ fn grad_norms_per_tensor_in_one_reduction() -> Result<()> {
     let (emulated, log) =
         KernelEmulation::new().run(|| grad_norms(&varmap, &grads, NormType::L2))?;
     assert_eq!(log.table_uploads.len(), varmap.all_vars().len());
-    for ((_, e), (_, c)) in emulated.iter().zip(&cpu) {
-        assert!(((*e as f64) - (*c as f64)).abs() <= ulp(DType::F32, *c as f64));
-    }
+    assert_named_norms(&emulated, &cpu, false, "F64 L2");
     Ok(())
 }
 
@@ -830,18 +809,12 @@ fn grad_norms_of_large_strided_and_aliased_gradients() -> Result<()> {
             let (emulated, log) = emulation(grid, BlockOrder::Concurrent { threads: 2 }, 4)
                 .run(|| grad_norms(&varmap, &grads, norm))?;
             assert_eq!(kernels(&log)[1..], ["grad_clip_segment_norms"]);
-            for ((en, ev), (cn, cv)) in emulated.iter().zip(&cpu) {
-                assert_eq!(en, cn);
-                let tol = if norm == NormType::Inf {
-                    0.0
-                } else {
-                    ulp(DType::F32, *cv as f64)
-                };
-                assert!(
-                    ((*ev as f64) - (*cv as f64)).abs() <= tol,
-                    "{norm} {en} grid {grid}: emulated {ev}, cpu {cv}"
-                );
-            }
+            assert_named_norms(
+                &emulated,
+                &cpu,
+                norm == NormType::Inf,
+                &format!("{norm} grid {grid}"),
+            );
         }
     }
     Ok(())

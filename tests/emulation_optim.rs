@@ -11,57 +11,20 @@ mod common;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
-    AutoClip, BlockOrder, ClipSetting, EmulationLog, FusedAdamW, FusedSgd, KernelEmulation,
-    NormType, ParamsSgd,
+    AutoClip, ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, KernelEmulation, NormType,
+    ParamsSgd,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use common::{assert_same, bits, signed_values, state_bits, tensor, vars_bits};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use common::{
+    assert_same, bits, kernels, signed_values, state_bits, tensor, twin_grads, twin_vars,
+    vars_bits, DTYPES, ORDERS,
+};
+use rand::{rngs::StdRng, SeedableRng};
 
 const SHAPES: [&[usize]; 6] = [&[7, 5], &[5], &[1], &[3, 4, 2], &[4099], &[64, 33]];
-const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
-
-/// Two sets of vars with the same values (one dtype per var, drawn from `dtypes`).
-fn twin_vars(rng: &mut StdRng, dtypes: &[DType]) -> Result<(Vec<Var>, Vec<Var>)> {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for (k, shape) in SHAPES.iter().enumerate() {
-        let n: usize = shape.iter().product();
-        let t = tensor(&signed_values(rng, n, 1.0), shape, dtypes[k % dtypes.len()])?;
-        a.push(Var::from_tensor(&t)?);
-        b.push(Var::from_tensor(&t)?);
-    }
-    Ok((a, b))
-}
-
-fn twin_grads(
-    rng: &mut StdRng,
-    a: &[Var],
-    b: &[Var],
-    scale: f64,
-    skip_some: bool,
-) -> Result<(GradStore, GradStore)> {
-    let (mut ga, mut gb) = (GradStore::default(), GradStore::default());
-    for (va, vb) in a.iter().zip(b) {
-        if skip_some && rng.gen_bool(0.25) {
-            continue;
-        }
-        let g = signed_values(rng, va.elem_count(), scale);
-        ga.insert(va, tensor(&g, va.dims(), va.dtype())?);
-        gb.insert(vb, tensor(&g, vb.dims(), vb.dtype())?);
-    }
-    Ok((ga, gb))
-}
-
-fn kernels(log: &EmulationLog) -> Vec<&'static str> {
-    log.launches.iter().map(|l| l.kernel).collect()
-}
-
-const ORDERS: [BlockOrder; 4] = [
-    BlockOrder::InOrder,
-    BlockOrder::Reversed,
-    BlockOrder::Shuffled,
-    BlockOrder::Concurrent { threads: 3 },
-];
+/// Probability that a var is left without a gradient in a step that skips some
+/// (`common::twin_grads`).
+const SKIP: f64 = 0.25;
 
 /// Every rule and dtype, without a clip and with value clipping (whose result does not depend on
 /// how the norm is summed): the emulated kernel equals the CPU twin bit for bit, step after step
@@ -72,7 +35,7 @@ fn fused_steps_are_bitwise_the_cpu_twins() -> Result<()> {
     let settings: Vec<Option<ClipSetting>> = vec![None, Some(ClipSetting::value(0.02))];
     for (case, setting) in settings.iter().enumerate() {
         for rule in 0..4 {
-            let (ours, theirs) = twin_vars(&mut rng, &DTYPES)?;
+            let (ours, theirs) = twin_vars(&mut rng, &SHAPES, &DTYPES)?;
             let grid = [1, 3, 7, 64][(case + rule) % 4];
             let order = ORDERS[(case * 3 + rule) % 4];
             let emulation = KernelEmulation::new()
@@ -85,7 +48,8 @@ fn fused_steps_are_bitwise_the_cpu_twins() -> Result<()> {
             let mut cpu = optimizer(rule, theirs.clone(), setting.clone(), skip)?;
             for step in 0..6 {
                 let scale = if step % 3 == 2 { 50.0 } else { 1.0 };
-                let (ga, gb) = twin_grads(&mut rng, &ours, &theirs, scale, step == 1)?;
+                let (ga, gb) =
+                    twin_grads(&mut rng, &ours, &theirs, scale, (step == 1).then_some(SKIP))?;
                 let (_, log) = emulation.run(|| emulated.take_step(&ga))?;
                 assert_eq!(
                     *kernels(&log).last().expect("a launch"),
@@ -128,7 +92,7 @@ fn folded_clip_under_emulation_is_clip_then_step() -> Result<()> {
     ];
     for (case, setting) in settings.iter().enumerate() {
         for rule in 0..4 {
-            let (ours, theirs) = twin_vars(&mut rng, &DTYPES)?;
+            let (ours, theirs) = twin_vars(&mut rng, &SHAPES, &DTYPES)?;
             let grid = [1, 3, 7, 64][(case + rule) % 4];
             let order = ORDERS[(case + rule * 3) % 4];
             let emulation = KernelEmulation::new()
@@ -140,7 +104,8 @@ fn folded_clip_under_emulation_is_clip_then_step() -> Result<()> {
             let mut clipped = clipped_optimizer(rule, theirs.clone(), setting.clone())?;
             for step in 0..6 {
                 let scale = if step % 3 == 2 { 50.0 } else { 1.0 };
-                let (ga, gb) = twin_grads(&mut rng, &ours, &theirs, scale, step == 1)?;
+                let (ga, gb) =
+                    twin_grads(&mut rng, &ours, &theirs, scale, (step == 1).then_some(SKIP))?;
                 emulation.run(|| folded.take_step(&ga))?;
                 emulation.run(|| clipped.take_step(&gb))?;
                 let what = format!("{what} step {step}");
@@ -153,19 +118,17 @@ fn folded_clip_under_emulation_is_clip_then_step() -> Result<()> {
     Ok(())
 }
 
-/// The optimizer of rule `rule` (0: AdamW; 1-3: SGD plain, with momentum and weight decay,
-/// Nesterov) over `vars`.
-fn optimizer(
-    rule: usize,
-    vars: Vec<Var>,
-    clip: Option<ClipSetting>,
-    skip: bool,
-) -> Result<Box<dyn Fused>> {
-    let adamw = ParamsAdamW {
+/// The AdamW config of rule 0.
+fn adamw_params() -> ParamsAdamW {
+    ParamsAdamW {
         lr: 0.01,
         weight_decay: 0.05,
         ..Default::default()
-    };
+    }
+}
+
+/// The SGD config of rule `rule` (1-3: plain, with momentum and weight decay, Nesterov).
+fn sgd_params(rule: usize) -> ParamsSgd {
     let sgd = [
         ParamsSgd {
             lr: 0.1,
@@ -185,16 +148,27 @@ fn optimizer(
             ..Default::default()
         },
     ];
+    sgd[rule - 1].clone()
+}
+
+/// The optimizer of rule `rule` (0: AdamW; 1-3: SGD plain, with momentum and weight decay,
+/// Nesterov) over `vars`.
+fn optimizer(
+    rule: usize,
+    vars: Vec<Var>,
+    clip: Option<ClipSetting>,
+    skip: bool,
+) -> Result<Box<dyn Fused>> {
     Ok(match rule {
         0 => {
-            let mut o = FusedAdamW::new(vars, adamw)?.skip_nonfinite(skip);
+            let mut o = FusedAdamW::new(vars, adamw_params())?.skip_nonfinite(skip);
             if let Some(c) = clip {
                 o = o.with_clip(c)?;
             }
             Box::new(o)
         }
         r => {
-            let mut o = FusedSgd::new(vars, sgd[r - 1].clone())?.skip_nonfinite(skip);
+            let mut o = FusedSgd::new(vars, sgd_params(r))?.skip_nonfinite(skip);
             if let Some(c) = clip {
                 o = o.with_clip(c)?;
             }
@@ -203,17 +177,19 @@ fn optimizer(
     })
 }
 
-/// `Clipped` around the unclipped optimizer of rule `rule`.
+/// The crate's `Clipped` around the unclipped optimizer of rule `rule`: clip the store with the
+/// public functions (the kernels, under emulation), then step.
 fn clipped_optimizer(rule: usize, vars: Vec<Var>, clip: ClipSetting) -> Result<Box<dyn Fused>> {
-    let inner = optimizer(rule, vars.clone(), None, false)?;
-    Ok(Box::new(ClippedFused {
-        inner,
-        vars,
-        clip,
-        steps: 0,
-        unclipped: 0,
-        last_norm: None,
-    }))
+    Ok(match rule {
+        0 => Box::new(Clipped::<FusedAdamW>::new(
+            vars,
+            ClippedConfig::new(adamw_params(), clip),
+        )?),
+        r => Box::new(Clipped::<FusedSgd>::new(
+            vars,
+            ClippedConfig::new(sgd_params(r), clip),
+        )?),
+    })
 }
 
 /// What the tests ask of an optimizer.
@@ -245,65 +221,19 @@ macro_rules! fused {
 fused!(FusedAdamW);
 fused!(FusedSgd);
 
-/// Clip the store with the public functions (the kernels, under emulation), then step the inner
-/// optimizer: what `Clipped` does, for an inner optimizer behind `dyn Fused`.
-struct ClippedFused {
-    inner: Box<dyn Fused>,
-    vars: Vec<Var>,
-    clip: ClipSetting,
-    steps: usize,
-    unclipped: usize,
-    last_norm: Option<Tensor>,
-}
-
-impl Fused for ClippedFused {
+/// `Clipped` keeps its own norm and count of clipped steps; the state is the inner optimizer's.
+impl<O: Fused + Optimizer> Fused for Clipped<O> {
     fn take_step(&mut self, grads: &GradStore) -> Result<()> {
-        // The store's tensors are shared handles: clipping a new store with the same tensors
-        // clips the caller's.
-        let mut view = GradStore::default();
-        for v in &self.vars {
-            if let Some(g) = grads.get(v) {
-                view.insert(v, g.clone());
-            }
-        }
-        let before: Vec<Vec<u64>> = self
-            .vars
-            .iter()
-            .filter_map(|v| view.get(v).map(bits))
-            .collect::<Result<_>>()?;
-        let norm = match &mut self.clip {
-            ClipSetting::Norm {
-                max_norm,
-                norm_type,
-            } => candle_grad_clip::ClipGradNorm::new(*max_norm)
-                .norm_type(*norm_type)
-                .clip_(&self.vars, &mut view)?,
-            ClipSetting::Value { clip_value } => {
-                let n = candle_grad_clip::total_norm(&self.vars, &view, NormType::Inf)?;
-                candle_grad_clip::clip_grad_value_(&self.vars, &mut view, *clip_value)?;
-                n
-            }
-            ClipSetting::AutoClip(a) => a.clip_(&self.vars, &mut view)?,
-        };
-        let after: Vec<Vec<u64>> = self
-            .vars
-            .iter()
-            .filter_map(|v| view.get(v).map(bits))
-            .collect::<Result<_>>()?;
-        self.inner.take_step(grads)?;
-        self.steps += 1;
-        self.unclipped += usize::from(before == after);
-        self.last_norm = Some(norm);
-        Ok(())
+        Optimizer::step(self, grads)
     }
     fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
-        self.inner.state_dict()
+        self.inner().state_dict()
     }
     fn last_norm(&self) -> Option<&Tensor> {
-        self.last_norm.as_ref()
+        Clipped::<O>::last_norm(self)
     }
     fn clipped_steps(&self) -> Result<usize> {
-        Ok(self.steps - self.unclipped)
+        Clipped::<O>::clipped_steps(self)
     }
 }
 
@@ -338,8 +268,8 @@ fn assert_same_norm(a: Option<&Tensor>, b: Option<&Tensor>, what: &str) -> Resul
 #[test]
 fn a_step_is_at_most_three_launches_and_one_table() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(2);
-    let (vars, _) = twin_vars(&mut rng, &[DType::F32])?;
-    let (ga, _) = twin_grads(&mut rng, &vars, &vars, 1.0, false)?;
+    let (vars, _) = twin_vars(&mut rng, &SHAPES, &[DType::F32])?;
+    let (ga, _) = twin_grads(&mut rng, &vars, &vars, 1.0, None)?;
     let cases: [(Option<ClipSetting>, bool, &[&str]); 5] = [
         (None, false, &["grad_clip_fused_step"]),
         (
@@ -393,13 +323,13 @@ fn skipped_steps_change_nothing_on_the_device() -> Result<()> {
             Some(ClipSetting::norm(1.0)),
             Some(ClipSetting::value(0.1)),
         ] {
-            let (vars, _) = twin_vars(&mut rng, &DTYPES)?;
+            let (vars, _) = twin_vars(&mut rng, &SHAPES, &DTYPES)?;
             let mut opt =
                 FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.skip_nonfinite(true);
             if let Some(c) = &clip {
                 opt = opt.with_clip(c.clone())?;
             }
-            let (mut grads, _) = twin_grads(&mut rng, &vars, &vars, 1.0, false)?;
+            let (mut grads, _) = twin_grads(&mut rng, &vars, &vars, 1.0, None)?;
             KernelEmulation::new().grid(grid).run(|| opt.step(&grads))?;
             let v = &vars[4];
             let mut g = signed_values(&mut rng, v.elem_count(), 1.0);
@@ -434,7 +364,7 @@ fn skipped_steps_change_nothing_on_the_device() -> Result<()> {
 fn bias_corrections_at_large_step_counts() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(4);
     for t in [7i64, 100, 12_345, 999_999, i32::MAX as i64 - 1] {
-        let (ours, theirs) = twin_vars(&mut rng, &[DType::F32, DType::F64])?;
+        let (ours, theirs) = twin_vars(&mut rng, &SHAPES, &[DType::F32, DType::F64])?;
         let params = ParamsAdamW {
             beta1: 0.9999,
             beta2: 0.99999,
@@ -447,7 +377,7 @@ fn bias_corrections_at_large_step_counts() -> Result<()> {
         emulated.load_state_dict(&state)?;
         cpu.load_state_dict(&state)?;
         for _ in 0..2 {
-            let (ga, gb) = twin_grads(&mut rng, &ours, &theirs, 1.0, false)?;
+            let (ga, gb) = twin_grads(&mut rng, &ours, &theirs, 1.0, None)?;
             KernelEmulation::new().run(|| emulated.step(&ga))?;
             cpu.step(&gb)?;
             assert_same(&vars_bits(&ours)?, &vars_bits(&theirs)?, &format!("t {t}"));

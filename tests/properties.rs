@@ -121,8 +121,6 @@ fn random_shape(rng: &mut StdRng) -> Vec<usize> {
     shape
 }
 
-const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
-
 /// A random value of decimal exponent around `e`, exactly representable in `dtype`.
 fn random_values(rng: &mut StdRng, n: usize, e: i32, dtype: DType) -> Result<Vec<f64>> {
     let raw: Vec<f64> = (0..n)

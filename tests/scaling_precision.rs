@@ -13,8 +13,6 @@ use common::*;
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
-
 /// Seeded values of both signs spread over many binades, representable in `dtype` (read back
 /// exactly), with a few in the subnormal range of the dtype.
 fn random_values(rng: &mut StdRng, n: usize, dtype: DType) -> Result<Vec<f64>> {
@@ -186,14 +184,12 @@ fn clip_grad_norm_on_f64_gradients_scales_bit_for_bit() -> Result<()> {
     ] {
         let mut vars = vec![];
         let mut store = GradStore::default();
-        let mut grads = vec![];
         for n in [1, 129, 40_000] {
             let values = random_values(&mut rng, n, DType::F64)?;
             let g = tensor(&values, &[n], DType::F64)?;
             let v = Var::zeros(n, DType::F64, &Device::Cpu)?;
-            store.insert(&v, g.clone());
+            store.insert(&v, g);
             vars.push(v);
-            grads.push(g);
         }
         let before = grad_values(&vars, &store)?;
         let reference = ref_norm(&before, nt.order());

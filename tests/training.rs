@@ -762,10 +762,11 @@ fn check_example_clipping(log: &exploding_rnn::RunLog, max_norm: f64) -> [usize;
             );
             counts[0] += 1;
         } else {
-            // Every element rounded to f32 after scaling: within 2^-24 relative each.
+            // Every element rounded to f32 after scaling: within 2^-24 relative each (the same
+            // 1e-12 of slack as the norm above; measured: at most 8.5e-9 relative).
             let want = before * coef;
             assert!(
-                (after - want).abs() <= want * (half_ulp + 1e-9),
+                (after - want).abs() <= want * (half_ulp + 1e-12),
                 "max_norm {max_norm}, step {step}: norm after clipping {after} vs {want}"
             );
             counts[1] += 1;

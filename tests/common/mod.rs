@@ -2,11 +2,30 @@
 //! for the norms (double-double accumulation, power-of-two scaling), per-dtype ulp tolerances.
 //!
 //! Nothing here calls the crate under test: the expectations are computed from the values that
-//! candle itself reads back from the gradient tensors.
+//! candle itself reads back from the gradient tensors. (Only constants and a log of the kernel
+//! emulation are named here, for the tests that share them.)
 #![allow(dead_code)]
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_grad_clip::{BlockOrder, EmulationLog};
 use half::{bf16, f16};
+use rand::{rngs::StdRng, Rng};
+
+/// Every float dtype a gradient may have.
+pub const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+/// Every block order of the kernel emulation.
+pub const ORDERS: [BlockOrder; 4] = [
+    BlockOrder::InOrder,
+    BlockOrder::Reversed,
+    BlockOrder::Shuffled,
+    BlockOrder::Concurrent { threads: 3 },
+];
+
+/// The kernels an emulated run launched, in order.
+pub fn kernels(log: &EmulationLog) -> Vec<&'static str> {
+    log.launches.iter().map(|l| l.kernel).collect()
+}
 
 /// Every element of `t` (any float dtype, any layout, any rank) as exact f64, in logical
 /// row-major order.
@@ -180,15 +199,10 @@ pub fn ref_coef(max_norm: f64, norm: f64, eps: f64) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Tolerances.
 
-/// The spacing of `dtype` around |x| (subnormal spacing for tiny values).
+/// The spacing of `dtype` around |x| (subnormal spacing for tiny values), exactly (from the
+/// exponent bits, not a logarithm). Panics for a dtype that is not F16, BF16, F32 or F64.
 pub fn ulp(dtype: DType, x: f64) -> f64 {
-    let (mant, min_exp) = match dtype {
-        DType::F16 => (10, -14),
-        DType::BF16 => (7, -126),
-        DType::F32 => (23, -126),
-        DType::F64 => (52, -1022),
-        d => panic!("ulp: {d:?}"),
-    };
+    let (mant, min_exp, _) = format_of(dtype);
     let a = x.abs();
     let e = if a == 0.0 || !a.is_finite() {
         min_exp
@@ -416,8 +430,7 @@ pub fn state_bits(
 
 /// Seeded values for optimizer tests: normal, spread over four decades around `scale`, with exact
 /// zeros and negative zeros mixed in.
-pub fn signed_values(rng: &mut rand::rngs::StdRng, n: usize, scale: f64) -> Vec<f64> {
-    use rand::Rng;
+pub fn signed_values(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
     use rand_distr::{Distribution, StandardNormal};
     (0..n)
         .map(|_| match rng.gen_range(0..20) {
@@ -436,5 +449,72 @@ pub fn err_msg<T: std::fmt::Debug>(r: Result<T>, what: &str) -> String {
     match r {
         Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
         Err(e) => e.to_string().to_lowercase(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimizer twins.
+
+/// Two sets of vars with the same values, one var per shape (its dtype `dtypes[k % len]` for the
+/// k-th shape): one set for the optimizer under test, one for its reference. Draws
+/// [`signed_values`] once per shape, in order.
+pub fn twin_vars(
+    rng: &mut StdRng,
+    shapes: &[&[usize]],
+    dtypes: &[DType],
+) -> Result<(Vec<Var>, Vec<Var>)> {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for (k, shape) in shapes.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let t = tensor(&signed_values(rng, n, 1.0), shape, dtypes[k % dtypes.len()])?;
+        a.push(Var::from_tensor(&t)?);
+        b.push(Var::from_tensor(&t)?);
+    }
+    Ok((a, b))
+}
+
+/// The same gradient values for both sets (fresh tensors each, [`signed_values`] times `scale`).
+/// With `skip = Some(p)`, each var is left without a gradient with probability `p` (one
+/// `gen_bool(p)` drawn before each var's values); with `None`, nothing more is drawn.
+pub fn twin_grads(
+    rng: &mut StdRng,
+    a: &[Var],
+    b: &[Var],
+    scale: f64,
+    skip: Option<f64>,
+) -> Result<(GradStore, GradStore)> {
+    let (mut ga, mut gb) = (GradStore::default(), GradStore::default());
+    for (va, vb) in a.iter().zip(b) {
+        if let Some(p) = skip {
+            if rng.gen_bool(p) {
+                continue;
+            }
+        }
+        let g = signed_values(rng, va.elem_count(), scale);
+        ga.insert(va, tensor(&g, va.dims(), va.dtype())?);
+        gb.insert(vb, tensor(&g, vb.dims(), vb.dtype())?);
+    }
+    Ok((ga, gb))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-tensor norms.
+
+/// Asserts that two lists of named per-tensor norms (as `grad_norms` returns them) have the same
+/// length and the same names in the same order, and that each norm is within one F32 ulp of the
+/// wanted one; `exact`: bit for bit (the infinity norm, which needs no summation).
+pub fn assert_named_norms(got: &[(String, f32)], want: &[(String, f32)], exact: bool, what: &str) {
+    assert_eq!(
+        got.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        want.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        "{what}: names"
+    );
+    for ((name, g), (_, w)) in got.iter().zip(want) {
+        let (g, w) = (*g as f64, *w as f64);
+        let tol = if exact { 0.0 } else { ulp(DType::F32, w) };
+        assert!(
+            (g - w).abs() <= tol && (!exact || g.to_bits() == w.to_bits()),
+            "{what} {name}: got {g:e}, want {w:e} (tol {tol:e})"
+        );
     }
 }
