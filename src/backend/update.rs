@@ -46,6 +46,12 @@ pub(crate) enum Rule {
 }
 
 impl Rule {
+    /// SGD with neither momentum nor weight decay: `p - lr * g`, candle's `SGD` exactly (both back
+    /// ends follow candle's op sequence for it).
+    pub(crate) fn is_plain_sgd(&self) -> bool {
+        matches!(self, Rule::Sgd { momentum, weight_decay, .. } if *momentum == 0.0 && *weight_decay == 0.0)
+    }
+
     /// State tensors per var: AdamW's two moments; SGD's momentum buffer when momentum is on.
     pub(crate) fn state_count(&self) -> usize {
         match self {

@@ -307,12 +307,7 @@ impl<C: Real> Consts<C> {
                     lr: c(lr),
                 }
             }
-            Rule::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-                ..
-            } if momentum == 0.0 && weight_decay == 0.0 => Consts::PlainSgd { lr: c(lr) },
+            Rule::Sgd { lr, .. } if rule.is_plain_sgd() => Consts::PlainSgd { lr: c(lr) },
             Rule::Sgd {
                 lr,
                 momentum,

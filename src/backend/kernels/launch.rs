@@ -437,7 +437,7 @@ pub(crate) fn fused_step(
             weight_decay,
             nesterov,
         } => {
-            let code = if momentum == 0.0 && weight_decay == 0.0 {
+            let code = if rule.is_plain_sgd() {
                 RULE_SGD_PLAIN
             } else {
                 RULE_SGD
