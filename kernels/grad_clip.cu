@@ -957,3 +957,69 @@ extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict_
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// ZClip (src/policy/zclip.rs; its CPU twin `update` there is the reference): one thread reads the
+// norm the reduction left in `norm_src`, copies the statistics from `state_in` to `state_out` and
+// updates them there, and leaves the coefficient in Scratch::coefficient for the scaling pass or
+// the fused step that follows on the stream. Every operation is spelled as an intrinsic, in the
+// twin's order: no compiler may contract or reorder them.
+
+#define ZCLIP_READY 0
+#define ZCLIP_COLLECTED 1
+#define ZCLIP_MEAN 2
+#define ZCLIP_VAR 3
+#define ZCLIP_LAST_COEFFICIENT 4
+#define ZCLIP_HEADER 5
+#define ZCLIP_EPS 1e-6
+
+extern "C" __global__ void grad_clip_zclip(const double* __restrict__ state_in, double* __restrict__ state_out,
+                                           u32 words, const void* norm_src, u32 norm_kind, Scratch* scratch,
+                                           double alpha, double z_threshold, u32 mean_mode, double max_grad_norm) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double* s = state_out;
+    for (u32 i = 0; i < words; ++i) s[i] = state_in[i];
+    const u32 warmup = words - ZCLIP_HEADER;
+    const double norm = load_norm(norm_src, norm_kind);
+    double c;
+    if (!isfinite(norm)) {
+        // Neither enters the statistics nor counts as a warm-up step.
+        c = clip_coefficient(norm, max_grad_norm, ZCLIP_EPS);
+    } else if (s[ZCLIP_READY] == 0.0) {
+        const u32 k = (u32)s[ZCLIP_COLLECTED];
+        s[ZCLIP_HEADER + k] = norm;
+        s[ZCLIP_COLLECTED] = (double)(k + 1);
+        if (k + 1 >= warmup) {
+            double sum = 0.0;
+            for (u32 i = 0; i < warmup; ++i) sum = __dadd_rn(sum, s[ZCLIP_HEADER + i]);
+            const double mean = __ddiv_rn(sum, (double)warmup);
+            double squares = 0.0;
+            for (u32 i = 0; i < warmup; ++i) {
+                const double d = __dsub_rn(s[ZCLIP_HEADER + i], mean);
+                squares = __dadd_rn(squares, __dmul_rn(d, d));
+            }
+            s[ZCLIP_MEAN] = mean;
+            s[ZCLIP_VAR] = __ddiv_rn(squares, (double)warmup);
+            s[ZCLIP_READY] = 1.0;
+        }
+        c = clip_coefficient(norm, max_grad_norm, ZCLIP_EPS);
+    } else {
+        const double mean = s[ZCLIP_MEAN];
+        const double sd = __dsqrt_rn(s[ZCLIP_VAR]);
+        const double z = __ddiv_rn(__dsub_rn(norm, mean), __dadd_rn(sd, ZCLIP_EPS));
+        double x = norm;
+        if (z > z_threshold) {
+            x = mean_mode ? mean
+                          : __dadd_rn(mean, __ddiv_rn(__dmul_rn(z_threshold, sd), __ddiv_rn(z, z_threshold)));
+        }
+        const double effective = max_grad_norm < x ? max_grad_norm : x;
+        const double one_minus_alpha = __dsub_rn(1.0, alpha);
+        const double new_mean = __dadd_rn(__dmul_rn(alpha, mean), __dmul_rn(one_minus_alpha, x));
+        const double d = __dsub_rn(x, new_mean);
+        s[ZCLIP_MEAN] = new_mean;
+        s[ZCLIP_VAR] = __dadd_rn(__dmul_rn(alpha, s[ZCLIP_VAR]), __dmul_rn(one_minus_alpha, __dmul_rn(d, d)));
+        c = norm > effective ? __ddiv_rn(effective, __dadd_rn(norm, ZCLIP_EPS)) : 1.0;
+    }
+    s[ZCLIP_LAST_COEFFICIENT] = c;
+    scratch->coefficient = c;
+}

@@ -44,7 +44,7 @@
 //! - `exact_sum`: the order-independent exact summation that makes the norm deterministic;
 //! - `clip`: the public clipping functions and the norm types;
 //! - `optim`: optimizers ([`Clipped`], [`FusedAdamW`], [`FusedSgd`]);
-//! - `policy`: thresholds decided by the run itself ([`AutoClip`]);
+//! - `policy`: thresholds decided by the run itself ([`AutoClip`], [`ZClip`]);
 //! - `stats`: per-layer norms and norm statistics.
 //!
 //! Semantics follow PyTorch's `torch.nn.utils.clip_grad_norm_`; see the README for where and why
@@ -65,7 +65,7 @@ pub use clip::{
 };
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
 pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};
-pub use policy::AutoClip;
+pub use policy::{AutoClip, ZClip, ZClipMode};
 pub use stats::{grad_norms, GradNormStats};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]

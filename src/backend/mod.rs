@@ -24,6 +24,7 @@ pub(crate) mod update;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::gradients::GradientSet;
+use crate::policy::zclip::{self, ZClipParams};
 use crate::NormType;
 
 /// An in-place element-wise update.
@@ -148,11 +149,7 @@ pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Ten
             let groups = set.storage_groups()?;
             let norm = cpu::norm(set, &groups, settings.norm_type)?;
             // Finite as returned: an F32 norm tensor overflows above f32::MAX.
-            let returned = if set.norm_dtype() == DType::F64 {
-                norm
-            } else {
-                norm as f32 as f64
-            };
+            let returned = returned_norm(norm, set.norm_dtype());
             if settings.error_if_nonfinite && !returned.is_finite() {
                 return Err(nonfinite_error(returned, settings.norm_type));
             }
@@ -161,6 +158,63 @@ pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Ten
                 cpu::apply_in_place(set, &groups, ElementwiseOp::Scale(coefficient))?;
             }
             cpu::norm_tensor(norm, set.norm_dtype())
+        }
+        other => unsupported(other),
+    }
+}
+
+/// The norm as the caller receives it (rounded to the norm tensor's dtype), as `f64`: what the
+/// policies that read a norm (ZClip) take, on every back end.
+pub(crate) fn returned_norm(norm: f64, dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        norm
+    } else {
+        norm as f32 as f64
+    }
+}
+
+/// One ZClip step on the host: the statistics `state` (a 1-D `F64` CPU tensor) updated for the
+/// exact `norm` of gradients whose norm dtype is `dtype`; the coefficient and the new statistics.
+pub(crate) fn zclip_on_host(
+    norm: f64,
+    dtype: DType,
+    state: &Tensor,
+    params: &ZClipParams,
+) -> Result<(f64, Tensor)> {
+    let mut words = state.to_vec1::<f64>()?;
+    let c = zclip::update(&mut words, returned_norm(norm, dtype), params);
+    Ok((c, Tensor::new(words, state.device())?))
+}
+
+/// ZClip: the global L2 norm, the ZClip step on the statistics `state` (a 1-D `F64` tensor on the
+/// gradients' device), and the scaling by its coefficient in place. Returns the norm and the new
+/// statistics (`state` itself is not written).
+pub(crate) fn clip_zclip(
+    set: &GradientSet,
+    state: &Tensor,
+    params: &ZClipParams,
+) -> Result<(Tensor, Tensor)> {
+    if !state.device().same_device(set.device()) {
+        bail!(
+            "ZClip: its statistics are on {:?} but the gradients on {:?}",
+            state.device().location(),
+            set.device().location()
+        )
+    }
+    let r: Option<Result<(Tensor, Tensor)>> =
+        with_kernel_device!(set, |dev| kernels::clip_zclip(&dev, set, state, params));
+    if let Some(r) = r {
+        return r;
+    }
+    match set.device() {
+        Device::Cpu => {
+            let groups = set.storage_groups()?;
+            let norm = cpu::norm(set, &groups, NormType::L2)?;
+            let (c, state) = zclip_on_host(norm, set.norm_dtype(), state, params)?;
+            if needs_scaling(c) {
+                cpu::apply_in_place(set, &groups, ElementwiseOp::Scale(c))?;
+            }
+            Ok((cpu::norm_tensor(norm, set.norm_dtype())?, state))
         }
         other => unsupported(other),
     }

@@ -13,6 +13,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::backend::cpu;
 use crate::gradients::GradientSet;
+use crate::policy::zclip::ZClipParams;
 use crate::NormType;
 
 /// Words of the control tensor before the per-var flags.
@@ -118,6 +119,13 @@ pub(crate) enum StepClip<'a> {
         max_norm: f64,
         eps: f64,
     },
+    /// ZClip (`policy::zclip`): its step on the statistics `state` (1-D `F64` on the device, not
+    /// written: the new statistics are returned in [`Outcome::policy_state`]) decides the
+    /// coefficient of the global L2 norm.
+    ZClip {
+        state: &'a Tensor,
+        params: ZClipParams,
+    },
 }
 
 /// One var of a step.
@@ -151,6 +159,8 @@ pub(crate) struct Outcome {
     /// The norm the clip setting bounds (the largest `|g|` for value clipping), as a 0-d tensor on
     /// the device; `None` without a clip.
     pub(crate) norm: Option<Tensor>,
+    /// The new statistics of a policy clip (ZClip), on the device.
+    pub(crate) policy_state: Option<Tensor>,
 }
 
 /// Runs a step on its parameters' device.

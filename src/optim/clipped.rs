@@ -7,7 +7,7 @@ use candle_nn::Optimizer;
 
 use crate::gradients::check_matches_var;
 use crate::policy::autoclip::{self, AutoClip};
-use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, DEFAULT_EPS};
+use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, ZClip, DEFAULT_EPS};
 
 /// How [`Clipped`] clips the gradients before each step.
 ///
@@ -17,8 +17,9 @@ use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, DEFAULT_EPS};
 /// let by_inf_norm = ClipSetting::Norm { max_norm: 0.5, norm_type: NormType::Inf };
 /// let by_value = ClipSetting::value(0.1); // every element in [-0.1, 0.1]
 /// let adaptive = ClipSetting::AutoClip(AutoClip::default()); // 10th percentile of the history
+/// let spikes = ClipSetting::ZClip(candle_grad_clip::ZClip::new()); // z-scores of an EMA
 /// assert!(ClipSetting::norm(-1.0).validate().is_err());
-/// # let _ = (by_norm, by_inf_norm, by_value, adaptive);
+/// # let _ = (by_norm, by_inf_norm, by_value, adaptive, spikes);
 /// ```
 #[derive(Debug, Clone)]
 pub enum ClipSetting {
@@ -37,6 +38,9 @@ pub enum ClipSetting {
     },
     /// Clip the global L2 norm to a percentile of the norms seen so far (see [`AutoClip`]).
     AutoClip(AutoClip),
+    /// Clip spikes of the global L2 norm detected by their z-score against an EMA (see
+    /// [`ZClip`]); its statistics stay on the device.
+    ZClip(ZClip),
 }
 
 impl ClipSetting {
@@ -66,7 +70,8 @@ impl ClipSetting {
     }
 
     /// Checks the setting: `max_norm` and `clip_value` must be `>= 0` (not NaN), the norm type
-    /// valid, the AutoClip percentile in `(0, 100]`.
+    /// valid, the AutoClip percentile in `(0, 100]`, the ZClip settings as
+    /// [`ZClip::validate`] checks them.
     ///
     /// ```
     /// use candle_grad_clip::{ClipSetting, NormType};
@@ -89,6 +94,7 @@ impl ClipSetting {
                 Ok(())
             }
             ClipSetting::AutoClip(autoclip) => autoclip::validate_percentile(autoclip.percentile()),
+            ClipSetting::ZClip(zclip) => zclip.validate(),
         }
     }
 }
@@ -134,14 +140,14 @@ impl<C> ClippedConfig<C> {
 /// Gradients of other tensors in the store are not touched.
 ///
 /// **What is measured.** [`last_norm`](Self::last_norm) is the norm of the gradients *before*
-/// clipping, in the norm that the setting bounds: its `norm_type` for `Norm`, L2 for `AutoClip`,
-/// the infinity norm (largest `|g|`) for `Value`. It stays a 0-d tensor on the gradients' device:
+/// clipping, in the norm that the setting bounds: its `norm_type` for `Norm`, L2 for `AutoClip`
+/// and `ZClip`, the infinity norm (largest `|g|`) for `Value`. It stays a 0-d tensor on the gradients' device:
 /// nothing is read to the host unless you read it.
 ///
 /// **Counting clipped steps.** A step counts as clipped when the clip changed the gradients:
 /// for `Norm` and `AutoClip` when the coefficient `threshold / (norm + 1e-6)` was below 1 (a NaN
-/// or infinite norm counts as clipped); for `Value` when some element's magnitude exceeded
-/// `clip_value` (or was NaN). The count is kept lazily, as a 0-d tensor on the gradients' device
+/// or infinite norm counts as clipped); for `ZClip` when its coefficient was below 1 (or NaN);
+/// for `Value` when some element's magnitude exceeded `clip_value` (or was NaN). The count is kept lazily, as a 0-d tensor on the gradients' device
 /// updated by two tiny device ops per step, so a CUDA loop never waits for it; only
 /// [`clipped_steps`](Self::clipped_steps) reads it (one synchronisation). AutoClip itself reads
 /// each step's norm (its percentile is computed on the host).
@@ -171,10 +177,16 @@ pub struct Clipped<O> {
     /// The vars to clip: the float vars given to `new`, each once.
     vars: Vec<Var>,
     clip: ClipSetting,
+    /// Steps taken (skipped ones not counted).
     steps: usize,
     last_norm: Option<Tensor>,
     /// 0-d `U32` on the gradients' device: steps that were *not* clipped.
     unclipped: Option<Tensor>,
+    skip_nonfinite: bool,
+    max_consecutive_skips: Option<usize>,
+    skipped: usize,
+    /// Non-finite steps skipped in a row, up to the last step.
+    skip_run: usize,
 }
 
 impl<O: Optimizer> Optimizer for Clipped<O> {
@@ -197,9 +209,32 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 view.insert(var.as_tensor(), grad.clone());
             }
         }
-        // AutoClip's history changes with the clip; put it back if the inner step fails.
-        let saved_clip = matches!(self.clip, ClipSetting::AutoClip(_)).then(|| self.clip.clone());
-        let (norm, threshold, eps) = match &mut self.clip {
+        // With skipping on, the largest |g| decides first, before anything is written (one host
+        // read: whether to call the inner optimizer is decided on the host).
+        let mut largest = None;
+        if self.skip_nonfinite {
+            let norm = total_norm(&self.vars, &view, NormType::Inf)?;
+            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                if let Some(limit) = self.max_consecutive_skips {
+                    if self.skip_run >= limit {
+                        bail!(
+                            "Clipped::step: {} non-finite steps in a row (the largest |gradient| of this one is {value}), more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
+                            self.skip_run + 1
+                        )
+                    }
+                }
+                self.skip_run += 1;
+                self.skipped += 1;
+                self.last_norm = Some(norm);
+                return Ok(());
+            }
+            largest = Some(norm);
+        }
+        // The policies' state changes with the clip; put it back if the inner step fails.
+        let saved_clip = matches!(self.clip, ClipSetting::AutoClip(_) | ClipSetting::ZClip(_))
+            .then(|| self.clip.clone());
+        let (norm, not_clipped) = match &mut self.clip {
             ClipSetting::Norm {
                 max_norm,
                 norm_type,
@@ -207,16 +242,31 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 let norm = ClipGradNorm::new(*max_norm)
                     .norm_type(*norm_type)
                     .clip_(&self.vars, &mut view)?;
-                (norm, *max_norm, DEFAULT_EPS)
+                let not_clipped = not_clipped_by_norm(&norm, *max_norm, DEFAULT_EPS)?;
+                (norm, not_clipped)
             }
             ClipSetting::Value { clip_value } => {
-                let norm = total_norm(&self.vars, &view, NormType::Inf)?;
+                let norm = match largest {
+                    Some(norm) => norm,
+                    None => total_norm(&self.vars, &view, NormType::Inf)?,
+                };
                 clip_grad_value_(&self.vars, &mut view, *clip_value)?;
-                (norm, *clip_value, 0.0)
+                let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
+                (norm, not_clipped)
             }
             ClipSetting::AutoClip(autoclip) => {
                 let (norm, threshold) = autoclip.clip_with_threshold_(&self.vars, &mut view)?;
-                (norm, threshold, DEFAULT_EPS)
+                let not_clipped = not_clipped_by_norm(&norm, threshold, DEFAULT_EPS)?;
+                (norm, not_clipped)
+            }
+            ClipSetting::ZClip(zclip) => {
+                let norm = zclip.clip_(&self.vars, &mut view)?;
+                // Not clipped iff the coefficient was 1 (false for NaN), on the device.
+                let not_clipped = match zclip.last_coefficient_tensor()? {
+                    Some(c) => c.ge(1.0)?,
+                    None => Tensor::new(1u8, norm.device())?,
+                };
+                (norm, not_clipped)
             }
         };
         if let Err(e) = self.inner.step(grads) {
@@ -225,8 +275,9 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
             }
             return Err(e);
         }
-        self.count(&norm, threshold, eps)?;
+        self.count(not_clipped)?;
         self.steps += 1;
+        self.skip_run = 0;
         self.last_norm = Some(norm);
         Ok(())
     }
@@ -237,6 +288,19 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
 
     fn set_learning_rate(&mut self, lr: f64) {
         self.inner.set_learning_rate(lr)
+    }
+}
+
+/// Whether a step with this `norm` was left unclipped by `threshold` (a 0-d `U8` on the norm's
+/// device): `norm + eps - threshold <= 0`, false for NaN and for `inf - inf`; an infinite
+/// threshold never clips, so only a NaN norm (NaN coefficient) counts as clipped then.
+fn not_clipped_by_norm(norm: &Tensor, threshold: f64, eps: f64) -> Result<Tensor> {
+    let norm = norm.to_dtype(DType::F64)?;
+    if threshold == f64::INFINITY {
+        norm.eq(&norm)
+    } else {
+        let margin = norm.affine(1.0, eps - threshold)?;
+        margin.le(&margin.zeros_like()?)
     }
 }
 
@@ -277,23 +341,18 @@ impl<O> Clipped<O> {
             steps: 0,
             last_norm: None,
             unclipped: None,
+            skip_nonfinite: false,
+            max_consecutive_skips: None,
+            skipped: 0,
+            skip_run: 0,
         }
     }
 
-    /// Adds this step to the lazy count of unclipped steps, on the norm's device.
-    fn count(&mut self, norm: &Tensor, threshold: f64, eps: f64) -> Result<()> {
-        let device = match &self.unclipped {
-            Some(count) => count.device().clone(),
-            None => norm.device().clone(),
-        };
-        let norm = norm.to_device(&device)?.to_dtype(DType::F64)?;
-        let not_clipped = if threshold == f64::INFINITY {
-            // An infinite threshold never clips; only a NaN norm (NaN coefficient) writes.
-            norm.eq(&norm)?
-        } else {
-            // Not clipped iff norm + eps - threshold <= 0 (false for NaN, and for inf - inf).
-            let margin = norm.affine(1.0, eps - threshold)?;
-            margin.le(&margin.zeros_like()?)?
+    /// Adds this step to the lazy count of unclipped steps, on the count's device.
+    fn count(&mut self, not_clipped: Tensor) -> Result<()> {
+        let not_clipped = match &self.unclipped {
+            Some(count) => not_clipped.to_device(count.device())?,
+            None => not_clipped,
         }
         .to_dtype(DType::U32)?;
         self.unclipped = Some(match &self.unclipped {
@@ -301,6 +360,74 @@ impl<O> Clipped<O> {
             None => not_clipped,
         });
         Ok(())
+    }
+
+    /// Skips steps whose gradients are not all finite (some NaN or ±inf): the inner optimizer is
+    /// not called, nothing is clipped or changed, and the step is counted by
+    /// [`skipped_steps`](Self::skipped_steps) (not by [`steps`](Self::steps)); `last_norm` is then
+    /// the largest `|g|` (NaN or inf). Optax's `apply_if_finite`. Deciding whether to call the
+    /// inner optimizer is a host decision: with skipping on, each step reads one number back (on
+    /// CUDA, one synchronisation) after one extra read pass over the gradients.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
+    /// use candle_nn::{Optimizer, SGD};
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let w = Var::new(&[1f32, 1.], &Device::Cpu)?;
+    /// let config = ClippedConfig::new(0.1, ClipSetting::norm(1.0));
+    /// let mut opt = Clipped::<SGD>::new(vec![w.clone()], config)?.skip_nonfinite(true);
+    /// let mut grads = GradStore::default();
+    /// grads.insert(&w, Tensor::new(&[f32::NAN, 1.], &Device::Cpu)?);
+    /// opt.step(&grads)?;
+    /// assert_eq!(w.to_vec1::<f32>()?, [1.0, 1.0]); // untouched
+    /// assert_eq!((opt.steps(), opt.skipped_steps()), (0, 1));
+    /// # Ok(()) }
+    /// ```
+    pub fn skip_nonfinite(mut self, skip: bool) -> Self {
+        self.skip_nonfinite = skip;
+        self
+    }
+
+    /// With [`skip_nonfinite`](Self::skip_nonfinite): skip at most `limit` non-finite steps in a
+    /// row; the next non-finite one in the run is an error saying that the training is broken,
+    /// and changes nothing. A finite step starts the count again.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
+    /// use candle_nn::{Optimizer, SGD};
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let w = Var::new(&[1f32], &Device::Cpu)?;
+    /// let config = ClippedConfig::new(0.1, ClipSetting::norm(1.0));
+    /// let mut opt = Clipped::<SGD>::new(vec![w.clone()], config)?
+    ///     .skip_nonfinite(true)
+    ///     .max_consecutive_skips(2);
+    /// let mut grads = GradStore::default();
+    /// grads.insert(&w, Tensor::new(&[f32::INFINITY], &Device::Cpu)?);
+    /// opt.step(&grads)?;
+    /// opt.step(&grads)?;
+    /// assert!(opt.step(&grads).is_err()); // the third in a row
+    /// assert_eq!(opt.skipped_steps(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn max_consecutive_skips(mut self, limit: usize) -> Self {
+        self.max_consecutive_skips = Some(limit);
+        self
+    }
+
+    /// Steps skipped because a gradient was not finite (see
+    /// [`skip_nonfinite`](Self::skip_nonfinite)).
+    ///
+    /// ```
+    /// use candle_nn::{Optimizer, SGD};
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
+    /// let opt = Clipped::<SGD>::new(vec![], ClippedConfig::new(0.1, ClipSetting::norm(1.0)))?;
+    /// assert_eq!(opt.skipped_steps(), 0);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn skipped_steps(&self) -> usize {
+        self.skipped
     }
 
     /// The norm of the last step's gradients before clipping, as a 0-d tensor on their device
@@ -328,7 +455,7 @@ impl<O> Clipped<O> {
         self.last_norm.as_ref()
     }
 
-    /// How many steps were taken.
+    /// How many steps were taken (skipped ones not counted).
     ///
     /// ```
     /// use candle_nn::{Optimizer, SGD};

@@ -37,6 +37,10 @@ pub(crate) struct FusedCore {
     clip: Option<ClipSetting>,
     skip_nonfinite: bool,
     last_norm: Option<Tensor>,
+    max_consecutive_skips: Option<usize>,
+    /// With a limit: the skipped-step count after the last step, and the non-finite steps
+    /// skipped in a row up to it (kept on the host; unknown until the first step with a limit).
+    skip_run: Option<(usize, usize)>,
 }
 
 impl FusedCore {
@@ -112,6 +116,8 @@ impl FusedCore {
             clip: None,
             skip_nonfinite: false,
             last_norm: None,
+            max_consecutive_skips: None,
+            skip_run: None,
         })
     }
 
@@ -131,6 +137,10 @@ impl FusedCore {
 
     pub(crate) fn set_skip_nonfinite(&mut self, skip: bool) {
         self.skip_nonfinite = skip;
+    }
+
+    pub(crate) fn set_max_consecutive_skips(&mut self, limit: usize) {
+        self.max_consecutive_skips = Some(limit);
     }
 
     pub(crate) fn last_norm(&self) -> Option<&Tensor> {
@@ -183,8 +193,41 @@ impl FusedCore {
     }
 
     /// One step: collect and check the gradients, decide the clip, run the fused update.
-    /// Nothing changes when it fails.
+    /// Nothing changes when it fails. With `max_consecutive_skips`, one host read of the skip
+    /// count after the step; a skip beyond the limit is undone (a skipped step changed only the
+    /// counters and the clip's bookkeeping) and reported.
     pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
+        let Some(limit) = self.max_consecutive_skips.filter(|_| self.skip_nonfinite) else {
+            return self.step_once(grads, rule);
+        };
+        let (skipped_before, run) = match self.skip_run {
+            Some(known) => known,
+            None => (self.skipped_steps()?, 0),
+        };
+        let saved = (
+            self.control.copy()?,
+            self.clip.clone(),
+            self.last_norm.clone(),
+        );
+        self.step_once(grads, rule)?;
+        let skipped = self.skipped_steps()?;
+        if skipped == skipped_before {
+            self.skip_run = Some((skipped, 0));
+            return Ok(());
+        }
+        if run >= limit {
+            (self.control, self.clip, self.last_norm) = saved;
+            self.skip_run = Some((skipped_before, run));
+            bail!(
+                "fused optimizer step: {} non-finite steps in a row, more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
+                run + 1
+            )
+        }
+        self.skip_run = Some((skipped, run + 1));
+        Ok(())
+    }
+
+    fn step_once(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
         self.ensure_state(rule.state_count())?;
         let mut targets = Vec::with_capacity(self.vars.len());
         let mut step_grads = Vec::with_capacity(self.vars.len());
@@ -203,6 +246,7 @@ impl FusedCore {
         // AutoClip's norm of this step (kept for `last_norm` and its history), read to the host
         // for its percentile.
         let mut autoclip_norm: Option<(Tensor, f64)> = None;
+        let mut zclip_state: Option<Tensor> = None;
         let clip = match &self.clip {
             None => StepClip::None,
             Some(ClipSetting::Norm {
@@ -214,6 +258,12 @@ impl FusedCore {
                 eps: DEFAULT_EPS,
             },
             Some(ClipSetting::Value { clip_value }) => StepClip::Value(*clip_value),
+            // A step without gradients leaves the statistics alone.
+            Some(ClipSetting::ZClip(_)) if set.grads().is_empty() => StepClip::None,
+            Some(ClipSetting::ZClip(zclip)) => StepClip::ZClip {
+                state: zclip_state.insert(zclip.state_on(&self.device)?),
+                params: zclip.params(),
+            },
             Some(ClipSetting::AutoClip(autoclip)) => {
                 let norm = backend::total_norm(&set, NormType::L2)?;
                 let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -243,6 +293,11 @@ impl FusedCore {
             }
             None => outcome.norm,
         };
+        if let (Some(ClipSetting::ZClip(zclip)), Some(state)) =
+            (&mut self.clip, outcome.policy_state)
+        {
+            zclip.set_state(state);
+        }
         Ok(())
     }
 
@@ -385,6 +440,7 @@ impl FusedCore {
         }
         self.control = Tensor::new(control, &self.device)?;
         self.state.buffers = buffers;
+        self.skip_run = None;
         Ok(())
     }
 
@@ -507,7 +563,34 @@ assert_eq!(opt.skipped_steps()?, 0);
                 self
             }
 
-            #[doc = concat!("The clip setting (for AutoClip, with its current history), if any.
+            #[doc = concat!("With [`skip_nonfinite`](Self::skip_nonfinite): skip at most `limit` non-finite steps in a
+row; the next non-finite one in the run returns an error saying that the training is broken, and
+changes nothing. A finite step starts the count again. Without a limit a step reads nothing back;
+with one, each step reads the skipped-step count (one transfer; on CUDA, one synchronisation). The
+run length is kept on the host: a state loaded with `load_state_dict` starts a new run.
+
+```
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use candle_nn::Optimizer;
+", $import, "
+let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
+let mut opt = candle_grad_clip::", stringify!($ty), "::new(vec![w.clone()], ", stringify!($params), "::default())?
+    .skip_nonfinite(true)
+    .max_consecutive_skips(1);
+let mut grads = GradStore::default();
+grads.insert(&w, Tensor::new(&[f32::NAN, 0.0], &Device::Cpu)?);
+opt.step(&grads)?; // skipped
+assert!(opt.step(&grads).is_err()); // the second in a row
+assert_eq!(opt.skipped_steps()?, 1);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn max_consecutive_skips(mut self, limit: usize) -> Self {
+                self.core.set_max_consecutive_skips(limit);
+                self
+            }
+
+            #[doc = concat!("The clip setting (for AutoClip and ZClip, with their current state), if any: ZClip's
+statistics for a checkpoint are `clip_setting()` → [`ZClip::state_dict`](crate::ZClip::state_dict).
 
 ```
 use candle_nn::Optimizer;

@@ -25,7 +25,7 @@ use super::{clamp, norm, norm_tensor, scale, Data, Element, ElementKernel};
 use crate::backend::update::{
     Outcome, Place, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
 };
-use crate::backend::{clip_coefficient, needs_scaling, ElementwiseOp};
+use crate::backend::{clip_coefficient, needs_scaling, zclip_on_host, ElementwiseOp};
 use crate::gradients::GradientSet;
 use crate::NormType;
 
@@ -63,6 +63,7 @@ struct Decision {
     clipped: bool,
     nonfinite: bool,
     norm: Option<Tensor>,
+    policy_state: Option<Tensor>,
 }
 
 fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
@@ -80,6 +81,18 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
                 clipped: needs_scaling(c),
                 nonfinite: !n.is_finite(),
                 norm: Some(norm_tensor(n, set.norm_dtype())?),
+                policy_state: None,
+            }
+        }
+        StepClip::ZClip { state, params } => {
+            let n = norm(set, &groups, NormType::L2)?;
+            let (c, state) = zclip_on_host(n, set.norm_dtype(), state, &params)?;
+            Decision {
+                transform: needs_scaling(c).then_some(ElementwiseOp::Scale(c)),
+                clipped: needs_scaling(c),
+                nonfinite: !n.is_finite(),
+                norm: Some(norm_tensor(n, set.norm_dtype())?),
+                policy_state: Some(state),
             }
         }
         StepClip::Value(v) => {
@@ -90,6 +103,7 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
                 clipped: n > v || n.is_nan(),
                 nonfinite: !n.is_finite(),
                 norm: Some(norm_tensor(n, set.norm_dtype())?),
+                policy_state: None,
             }
         }
         StepClip::GivenNorm {
@@ -104,6 +118,7 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
                 clipped: needs_scaling(c),
                 nonfinite: !n.is_finite(),
                 norm: None,
+                policy_state: None,
             }
         }
         StepClip::None => Decision {
@@ -111,6 +126,7 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
             clipped: false,
             nonfinite: step.skip_nonfinite && !norm(set, &groups, NormType::Inf)?.is_finite(),
             norm: None,
+            policy_state: None,
         },
     })
 }
@@ -196,6 +212,7 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
     step.control.inplace_op1(&WriteControl(&control))?;
     Ok(Outcome {
         norm: decision.norm,
+        policy_state: decision.policy_state,
     })
 }
 

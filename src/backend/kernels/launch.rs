@@ -7,6 +7,7 @@ use half::{bf16, f16};
 use crate::backend::cpu::round_toward_zero;
 use crate::backend::update::Rule;
 use crate::gradients::GradientSet;
+use crate::policy::zclip::ZClipParams;
 use crate::NormType;
 
 use super::table::{Part, StridedTarget};
@@ -58,12 +59,13 @@ pub(crate) enum Kernel {
     ApplyStrided,
     SegmentNorms,
     FusedStep,
+    ZClip,
 }
 
 impl Kernel {
     /// Every kernel the host launches (the emulation checks that each is compiled in).
     #[cfg(test)]
-    pub(crate) const ALL: [Kernel; 8] = [
+    pub(crate) const ALL: [Kernel; 9] = [
         Kernel::ReduceInf,
         Kernel::ReduceAbs,
         Kernel::ReduceSq,
@@ -72,6 +74,7 @@ impl Kernel {
         Kernel::ApplyStrided,
         Kernel::SegmentNorms,
         Kernel::FusedStep,
+        Kernel::ZClip,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -84,6 +87,7 @@ impl Kernel {
             Kernel::ApplyStrided => "grad_clip_apply_strided",
             Kernel::SegmentNorms => "grad_clip_segment_norms",
             Kernel::FusedStep => "grad_clip_fused_step",
+            Kernel::ZClip => "grad_clip_zclip",
         }
     }
 }
@@ -491,6 +495,38 @@ pub(crate) fn fused_step(
             Arg::U32(skip_nonfinite as u32),
             Arg::Ptr(scratch),
             Arg::Ptr(control),
+        ],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies: single-thread kernels between the reduction and the pass that scales.
+
+/// `grad_clip_zclip`: the ZClip step for the 0-d norm at `norm` (its `dtype`; `max_norm` and
+/// `eps` unused), reading the statistics (`words` F64 words) at `state_in` and writing the new
+/// ones to `state_out`; the coefficient goes to the scratch.
+pub(crate) fn zclip(
+    state_in: u64,
+    state_out: u64,
+    words: usize,
+    norm: NormAt,
+    scratch: u64,
+    params: &ZClipParams,
+) -> Launch {
+    Launch {
+        kernel: Kernel::ZClip,
+        grid: Grid::Threads(1),
+        args: vec![
+            Arg::Ptr(state_in),
+            Arg::Ptr(state_out),
+            Arg::U32(words as u32),
+            Arg::Ptr(norm.ptr),
+            Arg::U32(norm.kind()),
+            Arg::Ptr(scratch),
+            Arg::F64(params.alpha),
+            Arg::F64(params.z_threshold),
+            Arg::U32(params.mean_mode as u32),
+            Arg::F64(params.max_grad_norm),
         ],
     }
 }

@@ -42,6 +42,7 @@ use crate::gradients::{storage_key, GradientSet};
 use crate::NormType;
 
 use crate::backend::update::{Outcome, Step, StepClip};
+use crate::policy::zclip::ZClipParams;
 use launch::{Coefficient, ElementOp, Launch, NormAt, NormPlan, Transform, Verdict};
 use table::{contiguous_copies, Operands, Table, UpdateEntry};
 
@@ -197,6 +198,72 @@ pub(crate) fn clip_norm(
             launch_all(s, op.apply(t, write))?;
             launch_all(s, strided.iter().map(|target| op.apply_strided(target)))?;
             s.take_tensor(out, &[])
+        },
+    )
+}
+
+/// The 0-d norm a reduction wrote to `out` (f64 when `out_f64`, else f32), as the kernels read it.
+fn out_norm(out: Buffer, out_f64: bool) -> NormAt {
+    NormAt {
+        ptr: out.ptr,
+        dtype: if out_f64 {
+            launch::DT_F64
+        } else {
+            launch::DT_F32
+        },
+        max_norm: f64::INFINITY,
+        eps: 0.0,
+    }
+}
+
+/// ZClip (`policy::zclip`): reduce the L2 norm, run the ZClip step on the statistics `state` (a
+/// 1-D `F64` tensor, only read) into a new buffer, then scale in place by the coefficient it left
+/// in the scratch. Three launches (and the strided ones), one table, no host synchronisation.
+pub(crate) fn clip_zclip(
+    dev: &impl KernelDevice,
+    set: &GradientSet,
+    state: &Tensor,
+    params: &ZClipParams,
+) -> Result<(Tensor, Tensor)> {
+    dev.check_ready()?;
+    let plan = NormPlan::new(NormType::L2, set);
+    let groups = set.storage_groups()?;
+    let copies = contiguous_copies(set)?;
+    let operands = Operands::new(set.grads(), &copies, Some(state));
+    let words = state.elem_count();
+    dev.with_session(
+        operands.tensors(),
+        0..operands.gradient_count(),
+        |s, bases| {
+            let mut table = Table::default();
+            let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
+            let (write, strided) =
+                table.push_write_targets(set.grads(), &groups, bases, Some(norm));
+            let out_f64 = set.norm_dtype() == DType::F64;
+            let out = s.alloc(set.norm_dtype(), 1)?;
+            let state_out = s.alloc(DType::F64, words)?;
+            let state_in = bases[operands.extra().expect("the state was passed")]
+                .at(state.layout().start_offset());
+            let t = s.upload(&table.words)?;
+            let scratch = s.scratch();
+            let mut launches =
+                plan.reduce(t, norm, scratch, out.ptr, out_f64, f64::INFINITY, 0.0, None);
+            launches.push(launch::zclip(
+                state_in,
+                state_out.ptr,
+                words,
+                out_norm(out, out_f64),
+                scratch,
+                params,
+            ));
+            launch_all(s, launches)?;
+            let op = ElementOp::Scale(Coefficient::Scratch(scratch));
+            launch_all(s, op.apply(t, write))?;
+            launch_all(s, strided.iter().map(|target| op.apply_strided(target)))?;
+            Ok((
+                s.take_tensor(out, &[])?,
+                s.take_tensor(state_out, &[words])?,
+            ))
         },
     )
 }
@@ -362,13 +429,18 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             max_norm,
             eps,
         } => Some((NormPlan::new(norm_type, set), max_norm, eps)),
+        StepClip::ZClip { .. } => Some((NormPlan::new(NormType::L2, set), f64::INFINITY, 0.0)),
         StepClip::Value(_) => Some((NormPlan::new(NormType::Inf, set), f64::INFINITY, 0.0)),
         StepClip::None if step.skip_nonfinite => {
             Some((NormPlan::new(NormType::Inf, set), f64::INFINITY, 0.0))
         }
         _ => None,
     };
-    let mut operands = Operands::new(set.grads(), &copies, given.as_ref());
+    let policy_state = match step.clip {
+        StepClip::ZClip { state, .. } => Some(state),
+        _ => None,
+    };
+    let mut operands = Operands::new(set.grads(), &copies, given.as_ref().or(policy_state));
     let first_written = operands.tensors().len();
     let params: Vec<usize> = step
         .targets
@@ -430,19 +502,34 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         }
         let out_verdict = |max_norm: f64, eps: f64| match out {
             Some(out) => Verdict::Norm(NormAt {
-                ptr: out.ptr,
-                dtype: if out_f64 {
-                    launch::DT_F64
-                } else {
-                    launch::DT_F32
-                },
                 max_norm,
                 eps,
+                ..out_norm(out, out_f64)
             }),
             None => Verdict::None,
         };
+        // A policy's new statistics, written by its kernel after the reduction.
+        let mut policy_out = None;
+        if let (StepClip::ZClip { state, params }, Some(out)) = (step.clip, out) {
+            let words = state.elem_count();
+            let state_out = s.alloc(DType::F64, words)?;
+            let index = operands.extra().expect("the statistics were passed");
+            let state_in = bases[index].at(state.layout().start_offset());
+            launch_all(
+                s,
+                [launch::zclip(
+                    state_in,
+                    state_out.ptr,
+                    words,
+                    out_norm(out, out_f64),
+                    scratch,
+                    &params,
+                )],
+            )?;
+            policy_out = Some((state_out, words));
+        }
         let (transform, verdict) = match step.clip {
-            StepClip::Norm { .. } => (Transform::Scale, Verdict::Scratch),
+            StepClip::Norm { .. } | StepClip::ZClip { .. } => (Transform::Scale, Verdict::Scratch),
             StepClip::Value(v) => (Transform::Clamp(v), out_verdict(v, 0.0)),
             StepClip::GivenNorm { max_norm, eps, .. } => {
                 let index = operands.extra().expect("the given norm was passed");
@@ -467,12 +554,16 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             )],
         )?;
         let norm = match (step.clip, out) {
-            (StepClip::Norm { .. } | StepClip::Value(_), Some(out)) => {
+            (StepClip::Norm { .. } | StepClip::Value(_) | StepClip::ZClip { .. }, Some(out)) => {
                 Some(s.take_tensor(out, &[])?)
             }
             _ => None,
         };
-        Ok(Outcome { norm })
+        let policy_state = match policy_out {
+            Some((buffer, words)) => Some(s.take_tensor(buffer, &[words])?),
+            None => None,
+        };
+        Ok(Outcome { norm, policy_state })
     })
 }
 
