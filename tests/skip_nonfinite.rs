@@ -83,8 +83,8 @@ fn clipped_skips_nonfinite_steps_as_if_they_never_happened() -> Result<()> {
                 assert!(!norm.to_scalar::<f64>()?.is_finite(), "{what}");
             }
             assert_same(
-                &vars_bits(&[a.clone()])?,
-                &vars_bits(&[b.clone()])?,
+                &vars_bits(std::slice::from_ref(&a))?,
+                &vars_bits(std::slice::from_ref(&b))?,
                 &format!("{what} step {i}"),
             );
         }
@@ -213,7 +213,7 @@ fn fused_max_consecutive_skips() -> Result<()> {
                 let mut opt = fused_pair(kind, &w, limit)?;
                 let run = |f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
                     if emulated {
-                        KernelEmulation::new().grid(2).run(f)?.0;
+                        KernelEmulation::new().grid(2).run(f)?;
                         Ok(())
                     } else {
                         f()

@@ -493,7 +493,7 @@ fn fused_optimizers_with_zclip_are_zclip_then_the_step() -> Result<()> {
                     let before = zclip.state_dict()?;
                     let run = |f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
                         if emulated {
-                            KernelEmulation::new().grid(5).run(f)?.0;
+                            KernelEmulation::new().grid(5).run(f)?;
                             Ok(())
                         } else {
                             f()

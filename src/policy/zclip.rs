@@ -335,7 +335,7 @@ impl ZClip {
         if !(self.alpha > 0.0 && self.alpha < 1.0) {
             bail!("ZClip: alpha must be in (0, 1), got {}", self.alpha)
         }
-        if !(self.z_threshold > 0.0) {
+        if self.z_threshold.is_nan() || self.z_threshold <= 0.0 {
             bail!(
                 "ZClip: z_threshold must be > 0 (and not NaN), got {}",
                 self.z_threshold
@@ -345,7 +345,7 @@ impl ZClip {
             bail!("ZClip: warmup_steps must be at least 1 (the statistics start from the warm-up norms)")
         }
         if let Some(m) = self.max_grad_norm {
-            if !(m >= 0.0) {
+            if m.is_nan() || m < 0.0 {
                 bail!("ZClip: max_grad_norm must be >= 0 (and not NaN), got {m}")
             }
         }
@@ -533,7 +533,11 @@ impl ZClip {
                 self.warmup_steps
             )
         }
-        if norms.iter().any(|x| !x.is_finite()) || !mean.is_finite() || !(var >= 0.0) {
+        if norms.iter().any(|x| !x.is_finite())
+            || !mean.is_finite()
+            || !var.is_finite()
+            || var < 0.0
+        {
             bail!("ZClip::load_state_dict: the statistics are not finite; nothing was loaded")
         }
         let mut w = vec![0.0; word::HEADER + self.warmup_steps];
