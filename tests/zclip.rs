@@ -135,7 +135,9 @@ fn settings() -> Vec<ZClip> {
 fn one_element_step(zclip: &mut ZClip, w: &Var, g: f64) -> Result<(f64, f64)> {
     let mut grads = GradStore::default();
     grads.insert(w, Tensor::new(&[g], &Device::Cpu)?);
-    let norm = zclip.clip_(&[w.clone()], &mut grads)?.to_scalar::<f64>()?;
+    let norm = zclip
+        .clip_(std::slice::from_ref(w), &mut grads)?
+        .to_scalar::<f64>()?;
     let after = grads.get(w).expect("gradient").to_vec1::<f64>()?[0];
     Ok((norm, after))
 }
@@ -201,7 +203,7 @@ fn zclip_on_f32_gradients_uses_the_returned_norm() -> Result<()> {
             .collect();
         let mut grads = GradStore::default();
         grads.insert(&w, Tensor::new(g.as_slice(), &Device::Cpu)?);
-        let norm = zclip.clip_(&[w.clone()], &mut grads)?;
+        let norm = zclip.clip_(std::slice::from_ref(&w), &mut grads)?;
         assert_eq!(norm.dtype(), DType::F32);
         let norm = norm.to_scalar::<f32>()? as f64;
         let exact = g
@@ -648,7 +650,7 @@ fn zclip_refusals() -> Result<()> {
         let mut grads = GradStore::default();
         grads.insert(&w, Tensor::new(&[3f32, 4.], &Device::Cpu)?);
         let mut z = zclip;
-        assert!(z.clip_(&[w.clone()], &mut grads).is_err());
+        assert!(z.clip_(std::slice::from_ref(&w), &mut grads).is_err());
         assert_eq!(grads.get(&w).expect("g").to_vec1::<f32>()?, [3.0, 4.0]);
         assert_eq!(z.last_coefficient()?, None);
     }
