@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use candle_core::{Result, Var};
-use candle_grad_clip::{ClipSetting, FusedAdamW, FusedSgd, ParamsSgd};
+use candle_grad_clip::{ClipSetting, FusedAdamW, FusedSgd, ParamsSgd, ZClip};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, SGD};
 use common::rekey;
 use cpu_common::{make_grads, median, read_pass_parallel};
@@ -88,6 +88,9 @@ fn main() -> Result<()> {
         let clipped_vars = copy(&vars)?;
         let mut fused_clip = FusedAdamW::new(clipped_vars.clone(), params.clone())?
             .with_clip(ClipSetting::norm(1.0))?;
+        let zclip_vars = copy(&vars)?;
+        let mut fused_zclip = FusedAdamW::new(zclip_vars.clone(), params.clone())?
+            .with_clip(ClipSetting::ZClip(ZClip::new()))?;
         let candle_vars = copy(&vars)?;
         let mut candle = AdamW::new(candle_vars.clone(), params)?;
         let sgd_vars = copy(&vars)?;
@@ -105,8 +108,9 @@ fn main() -> Result<()> {
         let mut plain_sgd = FusedSgd::new(plain_sgd_vars.clone(), ParamsSgd::default())?;
         // The gradients keyed by each optimizer's vars (`fused` has `vars` themselves).
         let g_fused = &grads;
-        let (g_clip, g_candle, g_sgd, g_candle_sgd, g_plain) = (
+        let (g_clip, g_zclip, g_candle, g_sgd, g_candle_sgd, g_plain) = (
             rekey(&grads, &vars, &clipped_vars),
+            rekey(&grads, &vars, &zclip_vars),
             rekey(&grads, &vars, &candle_vars),
             rekey(&grads, &vars, &sgd_vars),
             rekey(&grads, &vars, &candle_sgd_vars),
@@ -118,7 +122,7 @@ fn main() -> Result<()> {
             vec![0f32; n],
             vec![0f32; n],
         );
-        let mut t: [Vec<f64>; 10] = Default::default();
+        let mut t: [Vec<f64>; 11] = Default::default();
         let mut time = |slot: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
             let start = Instant::now();
             f()?;
@@ -148,6 +152,7 @@ fn main() -> Result<()> {
                 plain_sgd_floor(black_box(&mut p), &g);
                 Ok(())
             })?;
+            time(10, &mut || fused_zclip.step(&g_zclip))?;
         }
         let m: Vec<f64> = t.into_iter().map(median).collect();
         println!("\n{name} ({n} f32 parameters, {rounds} rounds)");
@@ -160,6 +165,11 @@ fn main() -> Result<()> {
             m[0] / m[3],
             m[1] / (m[4] + m[3]),
             m[2] / m[0]
+        );
+        println!(
+            "  ZClip  fused+zclip {:>9.3}: fused+zclip / fused+clip = {:.3}",
+            m[10],
+            m[10] / m[1]
         );
         println!(
             "  SGD    fused momentum 0.9 {:>9.3}  floor {:>9.3}   fused plain {:>9.3}  candle (plain) {:>9.3}  floor {:>9.3}",
