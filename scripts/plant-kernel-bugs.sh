@@ -3,10 +3,11 @@
 # checkout (in a temporary folder, never the checkout itself): in a kernel (kernels/grad_clip.cu),
 # caught by the emulation tests (`cargo test --release --test emulation --test emulation_optim`), or
 # in the emulation's
-# own shim (emulation/), caught by its self-tests (`cargo test --release --lib emulated`). Each run
+# own shim (emulation/), caught by its self-tests (`cargo test --release --lib emulated`); a bug in
+# a policy kernel (`zclip-*`) by that policy's tests (`--test zclip`). Each run
 # must FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
 #
-#   scripts/plant-kernel-bugs.sh            # every bug below (17 bugs: 4 to 5 minutes in all on 2 cores)
+#   scripts/plant-kernel-bugs.sh            # every bug below (18 bugs: 4 to 5 minutes in all on 2 cores)
 #   scripts/plant-kernel-bugs.sh carry      # only the bugs whose name contains "carry"
 #
 # The copies build into this checkout's target directory, so only the crate itself rebuilds; each
@@ -33,6 +34,7 @@ BUGS=(
   "unfused-affine|kernels/grad_clip.cu|F32 AdamW rounds candle's affine twice instead of one fma|s.replace('case DT_F32: step_chunk<DT_F32, float, true>', 'case DT_F32: step_chunk<DT_F32, float, false>', 1)"
   "no-skip|kernels/grad_clip.cu|the fused step ignores skip_nonfinite|s.replace('const bool skip = skip_nonfinite != 0 && nonfinite;', 'const bool skip = false;', 1)"
   "step-early-exit|kernels/grad_clip.cu|the fused step scales only coefficients below 0.5|s.replace('const bool change = transform == TRANSFORM_CLAMP || clipped;', 'const bool change = transform == TRANSFORM_CLAMP || (clipped && !(c >= 0.5));', 1)"
+  "zclip-ema|kernels/grad_clip.cu|ZClip's variance EMA uses the mean before this step's update|s.replace('const double d = __dsub_rn(x, new_mean);', 'const double d = __dsub_rn(x, mean);', 1)"
   "shfl-own|emulation/include/cuda_emu.h|a shuffle returns the lane's own value|s.replace('    if (use_own) return var;', '    return var;', 1)"
   "one-slot|emulation/runtime.cpp|warp exchanges use one buffer (a fast lane overwrites values not yet read)|s.replace('(unsigned)(f->warp_calls++ & 1)', '(unsigned)(f->warp_calls++ & 0)', 1)"
   "no-barrier|emulation/runtime.cpp|__syncthreads does not wait|s.replace('    maybe_release_barrier(b);\\n    yield_blocked();', '    --b->at_barrier;\\n    f->state = FiberState::Ready;\\n    b->push(f->index);\\n    yield_blocked();', 1)"
@@ -67,8 +69,11 @@ if m == s:
     sys.exit("the bug could not be planted: " + path + " no longer has the text it replaces")
 open(path, "w").write(m)
 EOF
-  case "$file" in
-    emulation/*) tests=(--lib emulated) ;;
+  # A policy's kernel (named after it) is caught by its own test file; the others by the two
+  # emulation suites.
+  case "$name:$file" in
+    *:emulation/*) tests=(--lib emulated) ;;
+    zclip-*) tests=(--test zclip) ;;
     *) tests=(--test emulation --test emulation_optim) ;;
   esac
   if (cd "$copy" && cargo test --release "${tests[@]}" >"$copy.log" 2>&1); then
