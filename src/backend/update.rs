@@ -118,6 +118,9 @@ pub(crate) enum StepClip<'a> {
         max_norm: f64,
         eps: f64,
     },
+    /// Adaptive gradient clipping, unit-wise (`backend::agc`): each unit's gradient scaled by its
+    /// own coefficient as it is read.
+    Agc { clipping: f64, eps: f64 },
 }
 
 /// One var of a step.

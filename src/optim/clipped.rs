@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
+use crate::clip::adaptive_clip;
 use crate::gradients::check_matches_var;
 use crate::policy::autoclip::{self, AutoClip};
 use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, DEFAULT_EPS};
@@ -37,6 +38,14 @@ pub enum ClipSetting {
     },
     /// Clip the global L2 norm to a percentile of the norms seen so far (see [`AutoClip`]).
     AutoClip(AutoClip),
+    /// Adaptive gradient clipping, unit-wise, as [`adaptive_clip_grad_`](crate::adaptive_clip_grad_):
+    /// each unit's gradient norm is bounded by `clipping * max(‖w_unit‖, eps)`.
+    Agc {
+        /// The ratio of gradient norm to parameter norm allowed per unit, finite and `> 0`.
+        clipping: f64,
+        /// The smallest parameter norm a unit is measured against, `>= 0` (usually 1e-3).
+        eps: f64,
+    },
 }
 
 impl ClipSetting {
@@ -65,14 +74,34 @@ impl ClipSetting {
         ClipSetting::Value { clip_value }
     }
 
+    /// Adaptive gradient clipping with ratio `clipping` and the default `eps`
+    /// ([`AGC_DEFAULT_EPS`](crate::AGC_DEFAULT_EPS), 1e-3).
+    ///
+    /// ```
+    /// use candle_grad_clip::ClipSetting;
+    /// assert!(matches!(
+    ///     ClipSetting::agc(0.01),
+    ///     ClipSetting::Agc { clipping, eps } if clipping == 0.01 && eps == 1e-3
+    /// ));
+    /// ```
+    pub fn agc(clipping: f64) -> Self {
+        ClipSetting::Agc {
+            clipping,
+            eps: crate::AGC_DEFAULT_EPS,
+        }
+    }
+
     /// Checks the setting: `max_norm` and `clip_value` must be `>= 0` (not NaN), the norm type
-    /// valid, the AutoClip percentile in `(0, 100]`.
+    /// valid, the AutoClip percentile in `(0, 100]`, AGC's `clipping` finite and `> 0` and its
+    /// `eps` `>= 0` (not NaN).
     ///
     /// ```
     /// use candle_grad_clip::{ClipSetting, NormType};
     /// assert!(ClipSetting::value(f64::NAN).validate().is_err());
     /// let bad_p = ClipSetting::Norm { max_norm: 1.0, norm_type: NormType::P(0.0) };
     /// assert!(bad_p.validate().is_err());
+    /// assert!(ClipSetting::agc(0.0).validate().is_err());
+    /// assert!(ClipSetting::Agc { clipping: 0.01, eps: f64::NAN }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
         match self {
@@ -89,6 +118,7 @@ impl ClipSetting {
                 Ok(())
             }
             ClipSetting::AutoClip(autoclip) => autoclip::validate_percentile(autoclip.percentile()),
+            ClipSetting::Agc { clipping, eps } => crate::backend::agc::validate(*clipping, *eps),
         }
     }
 }
@@ -135,13 +165,13 @@ impl<C> ClippedConfig<C> {
 ///
 /// **What is measured.** [`last_norm`](Self::last_norm) is the norm of the gradients *before*
 /// clipping, in the norm that the setting bounds: its `norm_type` for `Norm`, L2 for `AutoClip`,
-/// the infinity norm (largest `|g|`) for `Value`. It stays a 0-d tensor on the gradients' device:
+/// the infinity norm (largest `|g|`) for `Value`, the global L2 norm for `Agc`. It stays a 0-d tensor on the gradients' device:
 /// nothing is read to the host unless you read it.
 ///
 /// **Counting clipped steps.** A step counts as clipped when the clip changed the gradients:
 /// for `Norm` and `AutoClip` when the coefficient `threshold / (norm + 1e-6)` was below 1 (a NaN
 /// or infinite norm counts as clipped); for `Value` when some element's magnitude exceeded
-/// `clip_value` (or was NaN). The count is kept lazily, as a 0-d tensor on the gradients' device
+/// `clip_value` (or was NaN); for `Agc` when some unit was clipped. The count is kept lazily, as a 0-d tensor on the gradients' device
 /// updated by two tiny device ops per step, so a CUDA loop never waits for it; only
 /// [`clipped_steps`](Self::clipped_steps) reads it (one synchronisation). AutoClip itself reads
 /// each step's norm (its percentile is computed on the host).
@@ -199,6 +229,8 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
         }
         // AutoClip's history changes with the clip; put it back if the inner step fails.
         let saved_clip = matches!(self.clip, ClipSetting::AutoClip(_)).then(|| self.clip.clone());
+        // AGC's "some unit was clipped", on the device (the other settings derive it from the norm).
+        let mut agc_clipped = None;
         let (norm, threshold, eps) = match &mut self.clip {
             ClipSetting::Norm {
                 max_norm,
@@ -218,6 +250,11 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 let (norm, threshold) = autoclip.clip_with_threshold_(&self.vars, &mut view)?;
                 (norm, threshold, DEFAULT_EPS)
             }
+            ClipSetting::Agc { clipping, eps } => {
+                let outcome = adaptive_clip(&self.vars, &view, *clipping, *eps)?;
+                agc_clipped = Some(outcome.clipped);
+                (outcome.norm, f64::INFINITY, 0.0)
+            }
         };
         if let Err(e) = self.inner.step(grads) {
             if let Some(clip) = saved_clip {
@@ -225,7 +262,12 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
             }
             return Err(e);
         }
-        self.count(&norm, threshold, eps)?;
+        match agc_clipped {
+            Some(clipped) => {
+                self.add_unclipped(clipped.eq(&clipped.zeros_like()?)?.to_dtype(DType::U32)?)?
+            }
+            None => self.count(&norm, threshold, eps)?,
+        }
         self.steps += 1;
         self.last_norm = Some(norm);
         Ok(())
@@ -296,6 +338,15 @@ impl<O> Clipped<O> {
             margin.le(&margin.zeros_like()?)?
         }
         .to_dtype(DType::U32)?;
+        self.add_unclipped(not_clipped)
+    }
+
+    /// Adds a 0-d `U32` (1: this step was not clipped) to the lazy count.
+    fn add_unclipped(&mut self, not_clipped: Tensor) -> Result<()> {
+        let not_clipped = match &self.unclipped {
+            Some(count) => not_clipped.to_device(count.device())?,
+            None => not_clipped,
+        };
         self.unclipped = Some(match &self.unclipped {
             Some(count) => (count + not_clipped)?,
             None => not_clipped,

@@ -214,6 +214,10 @@ impl FusedCore {
                 eps: DEFAULT_EPS,
             },
             Some(ClipSetting::Value { clip_value }) => StepClip::Value(*clip_value),
+            Some(ClipSetting::Agc { clipping, eps }) => StepClip::Agc {
+                clipping: *clipping,
+                eps: *eps,
+            },
             Some(ClipSetting::AutoClip(autoclip)) => {
                 let norm = backend::total_norm(&set, NormType::L2)?;
                 let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
