@@ -20,6 +20,8 @@ extern "C" const cge::KernelEntry* cge_kernel_table(size_t* count) {
         CGE_KERNEL(grad_clip_segment_norms),
         CGE_KERNEL(grad_clip_fused_step),
         CGE_KERNEL(grad_clip_zclip),
+        CGE_KERNEL(grad_clip_agc),
+        CGE_KERNEL(grad_clip_agc_strided),
         CGE_KERNEL(emu_selftest_convert),
         CGE_KERNEL(emu_selftest_warp),
         CGE_KERNEL(emu_selftest_atomics),

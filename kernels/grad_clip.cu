@@ -766,6 +766,7 @@ extern "C" __global__ void grad_clip_segment_norms(const Segment* __restrict__ s
 #define TRANSFORM_NONE 0
 #define TRANSFORM_SCALE 1 // by the verdict's coefficient when it is below 1 (or NaN)
 #define TRANSFORM_CLAMP 2 // into [-max_norm, max_norm], the bound rounded towards zero per dtype
+#define TRANSFORM_AGC 3   // each unit by its coefficient from grad_clip_agc (verdict_src: AgcUnits)
 
 #define VERDICT_NONE 0    // no reduction ran: nothing clipped, nothing non-finite seen
 #define VERDICT_SCRATCH 1 // the coefficient and non-finite flag the reduction left in the scratch
@@ -860,7 +861,8 @@ template <typename C> struct StepConsts {
 template <int DT, typename C, bool FUSED>
 __device__ __forceinline__ void step_chunk(const UpdateSegment& seg, u64 start, u64 n, int lane, u32 rule,
                                            const StepParams& hp, const StepConsts<C>& k, bool change, u32 op,
-                                           double c, const Bounds& bounds, bool has_state) {
+                                           double c, const Bounds& bounds, bool has_state,
+                                           const double* unit_coefs, u64 unit_len) {
     typedef typename Tr<DT>::raw raw;
     typedef Arith<C> A;
     const ElemOp<DT> clip(op, c, bounds.b[DT]);
@@ -871,6 +873,10 @@ __device__ __forceinline__ void step_chunk(const UpdateSegment& seg, u64 start, 
     for (u64 e = lane; e < n; e += WARP) {
         raw gr = g[e];
         if (change) gr = clip(gr);
+        if (unit_coefs) { // TRANSFORM_AGC: the coefficient of the element's unit, when it clips
+            const double cu = unit_coefs[(start + e) / unit_len];
+            if (cu < 1.0) gr = Tr<DT>::from_f64(__dmul_rn(Tr<DT>::to_f64(gr), cu));
+        }
         const C gc = (C)Tr<DT>::to_f64(gr);
         const C x = (C)Tr<DT>::to_f64(p[e]);
         C next;
@@ -920,11 +926,11 @@ extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict_
         nonfinite = !isfinite(norm);
     }
     const bool skip = skip_nonfinite != 0 && nonfinite;
-    const bool clipped = transform == TRANSFORM_SCALE   ? !(c >= 1.0)
+    const bool clipped = transform == TRANSFORM_SCALE || transform == TRANSFORM_AGC ? !(c >= 1.0)
                          : transform == TRANSFORM_CLAMP ? !(norm <= max_norm)
                                                         : false;
     // Clamp always; scale only below 1 (as clip_grad_norm_, which writes nothing otherwise).
-    const bool change = transform == TRANSFORM_CLAMP || clipped;
+    const bool change = transform == TRANSFORM_CLAMP || (transform == TRANSFORM_SCALE && clipped);
     const u32 op = transform == TRANSFORM_CLAMP ? OP_CLAMP : OP_SCALE;
     const long long t = control[0] + 1;
     if (!skip) {
@@ -935,11 +941,20 @@ extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict_
             u64 start, n;
             const UpdateSegment seg = w.current(&start, &n);
             const bool has_state = control[CONTROL_WORDS + seg.var] != 0;
+            // TRANSFORM_AGC: verdict_src is the AgcUnits of the table (coefficient buffer, then
+            // each segment's unit length and first unit).
+            const double* unit_coefs = 0;
+            u64 unit_len = 1;
+            if (transform == TRANSFORM_AGC && seg.len > 0) {
+                const u64* units = (const u64*)verdict_src;
+                unit_len = units[1 + 2 * w.s];
+                unit_coefs = (const double*)units[0] + units[2 + 2 * w.s];
+            }
             switch (seg.dtype) {
-            case DT_F32: step_chunk<DT_F32, float, true>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
-            case DT_F64: step_chunk<DT_F64, double, true>(seg, start, n, lane, rule, hp, kd, change, op, c, bounds, has_state); break;
-            case DT_F16: step_chunk<DT_F16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
-            default: step_chunk<DT_BF16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state); break;
+            case DT_F32: step_chunk<DT_F32, float, true>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len); break;
+            case DT_F64: step_chunk<DT_F64, double, true>(seg, start, n, lane, rule, hp, kd, change, op, c, bounds, has_state, unit_coefs, unit_len); break;
+            case DT_F16: step_chunk<DT_F16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len); break;
+            default: step_chunk<DT_BF16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len); break;
             }
         }
     }
@@ -1022,4 +1037,182 @@ extern "C" __global__ void grad_clip_zclip(const double* __restrict__ state_in, 
     }
     s[ZCLIP_LAST_COEFFICIENT] = c;
     scratch->coefficient = c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adaptive gradient clipping (AGC, src/backend/agc.rs; the CPU twin is src/backend/cpu/agc.rs).
+// A unit is a slice along dim 0 of a var of rank >= 2, the whole var for rank <= 1. One warp per
+// unit: lane l sums x*x of the unit's elements l, l + 32, ... of the parameter and the gradient in
+// element order (one rounding each), the lanes are combined by the shuffle-down tree, and the unit's
+// clip follows (agc_coefficient). The gradient sums enter the superaccumulator (the global L2
+// norm, as the reduction's); the last block writes the norm, the flag "some unit was clipped"
+// (Scratch::coefficient = 0 when clipped, else 1, for the fused step's VERDICT_SCRATCH) and
+// Scratch::nonfinite.
+
+#define AGC_GRAD_NORM_FLOOR 1e-6
+
+struct AgcSegment {
+    u64 param;      // address of the var's first element (a contiguous view)
+    u64 grad;       // of its gradient's (contiguous: the gradient itself, or a copy when write == 0)
+    u64 unit_len;   // elements per unit (> 0)
+    u64 units;      // units (> 0)
+    u64 unit_start; // global index of the var's first unit (strictly increasing)
+    u64 dtype;      // DT_* of the var and its gradient
+    u64 write;      // 1: scale the clipped units of `grad` in place; 0: only read
+    u64 reserved;
+};
+
+// backend::agc::unit_coefficient: the unit's coefficient when it is clipped (*clipped), else 1.
+__device__ __forceinline__ double agc_coefficient(double psq, double gsq, double clipping, double eps,
+                                                  bool* clipped) {
+    const double w = __dsqrt_rn(psq);
+    const double g = __dsqrt_rn(gsq);
+    const double floor_ = (isnan(w) || w > eps) ? w : eps; // max(w, eps), NaN propagating
+    const double max_norm = __dmul_rn(clipping, floor_);
+    *clipped = g > max_norm;
+    if (!*clipped) return 1.0;
+    return __ddiv_rn(max_norm, g > AGC_GRAD_NORM_FLOOR ? g : AGC_GRAD_NORM_FLOOR);
+}
+
+// (sum p^2, sum g^2) of one unit of n elements, in every lane of the warp.
+template <int DT>
+__device__ __forceinline__ void agc_unit_sums(const void* p, const void* g, u64 n, int lane, double* sp,
+                                              double* sg) {
+    typedef typename Tr<DT>::raw raw;
+    const raw* ps = (const raw*)p;
+    const raw* gs = (const raw*)g;
+    double a = 0.0, b = 0.0;
+    for (u64 e = lane; e < n; e += WARP) {
+        const double x = Tr<DT>::to_f64(ps[e]);
+        const double y = Tr<DT>::to_f64(gs[e]);
+        a = __dadd_rn(a, __dmul_rn(x, x));
+        b = __dadd_rn(b, __dmul_rn(y, y));
+    }
+#pragma unroll
+    for (int off = WARP / 2; off > 0; off /= 2) {
+        a = __dadd_rn(a, __shfl_down_sync(0xffffffffu, a, off));
+        b = __dadd_rn(b, __shfl_down_sync(0xffffffffu, b, off));
+    }
+    *sp = __shfl_sync(0xffffffffu, a, 0);
+    *sg = __shfl_sync(0xffffffffu, b, 0);
+}
+
+template <int DT> __device__ __forceinline__ void agc_scale_unit(void* g, u64 n, int lane, double c) {
+    typedef typename Tr<DT>::raw raw;
+    raw* gs = (raw*)g;
+    for (u64 e = lane; e < n; e += WARP) gs[e] = Tr<DT>::from_f64(__dmul_rn(Tr<DT>::to_f64(gs[e]), c));
+}
+
+__device__ __forceinline__ u32 agc_find_segment(const AgcSegment* segs, u32 n_segs, u64 unit) {
+    u32 lo = 0, hi = n_segs - 1; // largest s with unit_start <= unit
+    while (lo < hi) {
+        u32 mid = (lo + hi + 1) / 2;
+        if (segs[mid].unit_start <= unit) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Every unit of the table: the clip of the units whose segment has `write`, each unit's coefficient
+// (1 when untouched) to coefs[unit] when `coefs` is not null, and from the last block the global L2
+// norm to `out` (f64 when out_f64, else f32), 1 or 0 to *clipped_out when not null, and the scratch's
+// verdict. Each warp takes a contiguous range of units.
+extern "C" __global__ void grad_clip_agc(const AgcSegment* __restrict__ segs, u32 n_segs, u64 n_units,
+                                         double clipping, double eps, Scratch* scratch, void* out, u32 out_f64,
+                                         double* coefs, float* clipped_out) {
+    __shared__ u64 s_digits[DIGITS];
+    __shared__ u32 s_flags;
+    __shared__ u32 s_clipped;
+    const int tid = threadIdx.x;
+    for (int i = tid; i < DIGITS; i += blockDim.x) s_digits[i] = 0;
+    if (tid == 0) {
+        s_flags = 0;
+        s_clipped = 0;
+    }
+    __syncthreads();
+
+    const int lane = tid % WARP;
+    const u64 warps_per_block = blockDim.x / WARP;
+    const u64 total = (u64)gridDim.x * warps_per_block;
+    const u64 w = (u64)blockIdx.x * warps_per_block + tid / WARP;
+    const u64 base = n_units / total, extra = n_units % total;
+    const u64 first = w * base + (w < extra ? w : extra);
+    const u64 end = first + base + (w < extra ? 1 : 0);
+    u32 s = first < end ? agc_find_segment(segs, n_segs, first) : 0;
+    for (u64 unit = first; unit < end; ++unit) {
+        while (s + 1 < n_segs && segs[s + 1].unit_start <= unit) ++s;
+        const AgcSegment seg = segs[s];
+        const u64 offset = (unit - seg.unit_start) * seg.unit_len * (u64)elem_bytes(seg.dtype);
+        const void* p = (const void*)(seg.param + offset);
+        void* g = (void*)(seg.grad + offset);
+        double sp, sg;
+        switch (seg.dtype) {
+        case DT_F32: agc_unit_sums<DT_F32>(p, g, seg.unit_len, lane, &sp, &sg); break;
+        case DT_F64: agc_unit_sums<DT_F64>(p, g, seg.unit_len, lane, &sp, &sg); break;
+        case DT_F16: agc_unit_sums<DT_F16>(p, g, seg.unit_len, lane, &sp, &sg); break;
+        default: agc_unit_sums<DT_BF16>(p, g, seg.unit_len, lane, &sp, &sg); break;
+        }
+        bool clipped;
+        const double c = agc_coefficient(sp, sg, clipping, eps, &clipped);
+        if (lane == 0) {
+            exact_add(s_digits, &s_flags, sg);
+            if (clipped) atomicOr(&s_clipped, 1u);
+            if (coefs) coefs[unit] = c;
+        }
+        if (clipped && seg.write) {
+            switch (seg.dtype) {
+            case DT_F32: agc_scale_unit<DT_F32>(g, seg.unit_len, lane, c); break;
+            case DT_F64: agc_scale_unit<DT_F64>(g, seg.unit_len, lane, c); break;
+            case DT_F16: agc_scale_unit<DT_F16>(g, seg.unit_len, lane, c); break;
+            default: agc_scale_unit<DT_BF16>(g, seg.unit_len, lane, c); break;
+            }
+        }
+    }
+    __syncthreads();
+
+    for (int i = tid; i < DIGITS; i += blockDim.x) {
+        if (s_digits[i] != 0) atomicAdd(&scratch->digits[i], s_digits[i]);
+    }
+    if (tid == 0) {
+        if (s_flags != 0) atomicOr(&scratch->flags, (u64)s_flags);
+        if (s_clipped != 0) atomicOr(&scratch->max_bits, 1ull); // the "some unit clipped" flag
+    }
+    if (!last_block(&scratch->counter)) return;
+
+    for (int i = tid; i < DIGITS; i += blockDim.x) s_digits[i] = atomicExch(&scratch->digits[i], 0ull);
+    if (tid == 0) {
+        s_flags = (u32)atomicExch(&scratch->flags, 0ull);
+        s_clipped = (u32)atomicExch(&scratch->max_bits, 0ull);
+    }
+    __syncthreads();
+    if (tid != 0) return;
+    const double norm = __dsqrt_rn(exact_value(s_digits, s_flags));
+    if (out_f64) *(double*)out = norm;
+    else *(float*)out = __double2float_rn(norm);
+    if (clipped_out) *clipped_out = s_clipped ? 1.0f : 0.0f;
+    scratch->coefficient = s_clipped ? 0.0 : 1.0;
+    scratch->nonfinite = isfinite(norm) ? 0 : 1;
+}
+
+// The clipped units of one non-contiguous gradient, from the coefficients grad_clip_agc stored:
+// logical element i belongs to unit i / unit_len (the view's dims are coalesced in row-major order,
+// which keeps the logical order); `coefs` points at the var's first unit.
+extern "C" __global__ void grad_clip_agc_strided(u64 base, u32 dtype, u64 n, u32 rank, StridedView view,
+                                                 u64 unit_len, const double* coefs) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const double c = coefs[i / unit_len];
+        if (!(c < 1.0)) continue;
+        u64 rem = i, off = 0;
+        for (int d = (int)rank - 1; d >= 0; --d) {
+            const u64 dim = view.dims[d];
+            off += (rem % dim) * view.strides[d];
+            rem /= dim;
+        }
+        switch (dtype) {
+        case DT_F32: { u32* x = (u32*)base + off; *x = Tr<DT_F32>::from_f64(__dmul_rn(Tr<DT_F32>::to_f64(*x), c)); break; }
+        case DT_F64: { u64* x = (u64*)base + off; *x = Tr<DT_F64>::from_f64(__dmul_rn(Tr<DT_F64>::to_f64(*x), c)); break; }
+        case DT_F16: { unsigned short* x = (unsigned short*)base + off; *x = Tr<DT_F16>::from_f64(__dmul_rn(Tr<DT_F16>::to_f64(*x), c)); break; }
+        default: { unsigned short* x = (unsigned short*)base + off; *x = Tr<DT_BF16>::from_f64(__dmul_rn(Tr<DT_BF16>::to_f64(*x), c)); break; }
+        }
+    }
 }

@@ -61,7 +61,8 @@ mod stats;
 
 pub use clip::NormType;
 pub use clip::{
-    clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm, ClipGradNorm, DEFAULT_EPS,
+    adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm,
+    ClipGradNorm, AGC_DEFAULT_EPS, DEFAULT_EPS,
 };
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
 pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};

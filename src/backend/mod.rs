@@ -12,6 +12,7 @@
 //! or the host emulation of the kernels (`emulated`, feature `emulation`), which takes CPU tensors
 //! while a [`KernelEmulation`](crate::KernelEmulation) is active on the calling thread.
 
+pub(crate) mod agc;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

@@ -126,6 +126,9 @@ pub(crate) enum StepClip<'a> {
         state: &'a Tensor,
         params: ZClipParams,
     },
+    /// Adaptive gradient clipping, unit-wise (`backend::agc`): each unit's gradient scaled by its
+    /// own coefficient as it is read.
+    Agc { clipping: f64, eps: f64 },
 }
 
 /// One var of a step.

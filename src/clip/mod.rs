@@ -1,6 +1,10 @@
 //! The public clipping functions and the [`ClipGradNorm`] builder.
 
+mod agc;
 mod norm_type;
+
+pub(crate) use agc::adaptive_clip;
+pub use agc::{adaptive_clip_grad_, AGC_DEFAULT_EPS};
 
 pub use norm_type::NormType;
 

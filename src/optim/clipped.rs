@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
+use crate::clip::adaptive_clip;
 use crate::gradients::check_matches_var;
 use crate::policy::autoclip::{self, AutoClip};
 use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, ZClip, DEFAULT_EPS};
@@ -41,6 +42,14 @@ pub enum ClipSetting {
     /// Clip spikes of the global L2 norm detected by their z-score against an EMA (see
     /// [`ZClip`]); its statistics stay on the device.
     ZClip(ZClip),
+    /// Adaptive gradient clipping, unit-wise, as [`adaptive_clip_grad_`](crate::adaptive_clip_grad_):
+    /// each unit's gradient norm is bounded by `clipping * max(‖w_unit‖, eps)`.
+    Agc {
+        /// The ratio of gradient norm to parameter norm allowed per unit, finite and `> 0`.
+        clipping: f64,
+        /// The smallest parameter norm a unit is measured against, `>= 0` (usually 1e-3).
+        eps: f64,
+    },
 }
 
 impl ClipSetting {
@@ -69,15 +78,36 @@ impl ClipSetting {
         ClipSetting::Value { clip_value }
     }
 
+    /// Adaptive gradient clipping with ratio `clipping` and the default `eps`
+    /// ([`AGC_DEFAULT_EPS`](crate::AGC_DEFAULT_EPS), 1e-3).
+    ///
+    /// ```
+    /// use candle_grad_clip::ClipSetting;
+    /// assert!(matches!(
+    ///     ClipSetting::agc(0.01),
+    ///     ClipSetting::Agc { clipping, eps } if clipping == 0.01 && eps == 1e-3
+    /// ));
+    /// ```
+    pub fn agc(clipping: f64) -> Self {
+        ClipSetting::Agc {
+            clipping,
+            eps: crate::AGC_DEFAULT_EPS,
+        }
+    }
+
     /// Checks the setting: `max_norm` and `clip_value` must be `>= 0` (not NaN), the norm type
     /// valid, the AutoClip percentile in `(0, 100]`, the ZClip settings as
     /// [`ZClip::validate`] checks them.
+    /// valid, the AutoClip percentile in `(0, 100]`, AGC's `clipping` finite and `> 0` and its
+    /// `eps` `>= 0` (not NaN).
     ///
     /// ```
     /// use candle_grad_clip::{ClipSetting, NormType};
     /// assert!(ClipSetting::value(f64::NAN).validate().is_err());
     /// let bad_p = ClipSetting::Norm { max_norm: 1.0, norm_type: NormType::P(0.0) };
     /// assert!(bad_p.validate().is_err());
+    /// assert!(ClipSetting::agc(0.0).validate().is_err());
+    /// assert!(ClipSetting::Agc { clipping: 0.01, eps: f64::NAN }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
         match self {
@@ -95,6 +125,7 @@ impl ClipSetting {
             }
             ClipSetting::AutoClip(autoclip) => autoclip::validate_percentile(autoclip.percentile()),
             ClipSetting::ZClip(zclip) => zclip.validate(),
+            ClipSetting::Agc { clipping, eps } => crate::backend::agc::validate(*clipping, *eps),
         }
     }
 }
@@ -141,13 +172,14 @@ impl<C> ClippedConfig<C> {
 ///
 /// **What is measured.** [`last_norm`](Self::last_norm) is the norm of the gradients *before*
 /// clipping, in the norm that the setting bounds: its `norm_type` for `Norm`, L2 for `AutoClip`
-/// and `ZClip`, the infinity norm (largest `|g|`) for `Value`. It stays a 0-d tensor on the gradients' device:
-/// nothing is read to the host unless you read it.
+/// and `ZClip`, the infinity norm (largest `|g|`) for `Value`, the global L2 norm for `Agc`. It
+/// stays a 0-d tensor on the gradients' device: nothing is read to the host unless you read it.
 ///
 /// **Counting clipped steps.** A step counts as clipped when the clip changed the gradients:
 /// for `Norm` and `AutoClip` when the coefficient `threshold / (norm + 1e-6)` was below 1 (a NaN
 /// or infinite norm counts as clipped); for `ZClip` when its coefficient was below 1 (or NaN);
-/// for `Value` when some element's magnitude exceeded `clip_value` (or was NaN). The count is kept lazily, as a 0-d tensor on the gradients' device
+/// for `Value` when some element's magnitude exceeded `clip_value` (or was NaN); for `Agc` when
+/// some unit was clipped. The count is kept lazily, as a 0-d tensor on the gradients' device
 /// updated by two tiny device ops per step, so a CUDA loop never waits for it; only
 /// [`clipped_steps`](Self::clipped_steps) reads it (one synchronisation). AutoClip itself reads
 /// each step's norm (its percentile is computed on the host).
@@ -267,6 +299,12 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                     None => Tensor::new(1u8, norm.device())?,
                 };
                 (norm, not_clipped)
+            }
+            ClipSetting::Agc { clipping, eps } => {
+                let outcome = adaptive_clip(&self.vars, &view, *clipping, *eps)?;
+                // Not clipped iff no unit was, on the device.
+                let clipped = outcome.clipped;
+                (outcome.norm, clipped.eq(&clipped.zeros_like()?)?)
             }
         };
         if let Err(e) = self.inner.step(grads) {

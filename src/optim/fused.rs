@@ -264,6 +264,10 @@ impl FusedCore {
                 state: zclip_state.insert(zclip.state_on(&self.device)?),
                 params: zclip.params(),
             },
+            Some(ClipSetting::Agc { clipping, eps }) => StepClip::Agc {
+                clipping: *clipping,
+                eps: *eps,
+            },
             Some(ClipSetting::AutoClip(autoclip)) => {
                 let norm = backend::total_norm(&set, NormType::L2)?;
                 let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;

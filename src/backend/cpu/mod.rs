@@ -18,6 +18,7 @@ use crate::gradients::{repeats_elements, GradientSet, StorageGroups};
 use crate::layout_runs::{for_each_run, union_of_runs};
 use crate::NormType;
 
+pub(crate) mod agc;
 pub(crate) mod update;
 
 /// Elements per work item: large enough that per-item overhead vanishes, small enough to spread

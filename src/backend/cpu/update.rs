@@ -64,6 +64,8 @@ struct Decision {
     nonfinite: bool,
     norm: Option<Tensor>,
     policy_state: Option<Tensor>,
+    /// AGC: each target's unit coefficients (`None`: the unit is untouched).
+    units: Option<Vec<Vec<Option<f64>>>>,
 }
 
 fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
@@ -82,6 +84,7 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
                 nonfinite: !n.is_finite(),
                 norm: Some(norm_tensor(n, set.norm_dtype())?),
                 policy_state: None,
+                units: None,
             }
         }
         StepClip::ZClip { state, params } => {
@@ -93,6 +96,20 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
                 nonfinite: !n.is_finite(),
                 norm: Some(norm_tensor(n, set.norm_dtype())?),
                 policy_state: Some(state),
+                units: None,
+            }
+        }
+        StepClip::Agc { clipping, eps } => {
+            let params: Vec<Tensor> = step.targets.iter().map(|t| t.param.clone()).collect();
+            let (n, units) = super::agc::coefficients(&params, set.grads(), clipping, eps)?;
+            let clipped = units.iter().any(|u| u.iter().any(Option::is_some));
+            Decision {
+                transform: None,
+                clipped,
+                nonfinite: !n.is_finite(),
+                norm: Some(norm_tensor(n, set.norm_dtype())?),
+                policy_state: None,
+                units: Some(units),
             }
         }
         StepClip::Value(v) => {
@@ -104,6 +121,7 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
                 nonfinite: !n.is_finite(),
                 norm: Some(norm_tensor(n, set.norm_dtype())?),
                 policy_state: None,
+                units: None,
             }
         }
         StepClip::GivenNorm {
@@ -119,6 +137,7 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
                 nonfinite: !n.is_finite(),
                 norm: None,
                 policy_state: None,
+                units: None,
             }
         }
         StepClip::None => Decision {
@@ -127,6 +146,7 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
             nonfinite: step.skip_nonfinite && !norm(set, &groups, NormType::Inf)?.is_finite(),
             norm: None,
             policy_state: None,
+            units: None,
         },
     })
 }
@@ -178,7 +198,7 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
                     _ => bail!("internal error: optimizer state is not F32 or F64"),
                 }
             }
-            let run = |((target, grad), state): ((&Target, &Tensor), _)| {
+            let run = |(((target, grad), state), units): (((&Target, &Tensor), _), _)| {
                 let has_state = control[CONTROL_WORDS + target.index] != 0;
                 let job = Update {
                     state: RefCell::new(Some(state)),
@@ -187,17 +207,24 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
                     has_state,
                     transform: decision.transform,
                     parallel,
+                    units,
                 };
                 update_target(target, grad, &job)
             };
             let grads = step.grads.grads();
+            let units: Vec<Option<&[Option<f64>]>> = match &decision.units {
+                Some(units) => units.iter().map(|u| Some(u.as_slice())).collect(),
+                None => vec![None; step.targets.len()],
+            };
             if parallel {
                 (step.targets.par_iter().zip(grads))
                     .zip(slices)
+                    .zip(units)
                     .try_for_each(run)
             } else {
                 (step.targets.iter().zip(grads))
                     .zip(slices)
+                    .zip(units)
                     .try_for_each(run)
             }
         })?;
@@ -505,6 +532,8 @@ struct Update<'a> {
     has_state: bool,
     transform: Option<ElementwiseOp>,
     parallel: bool,
+    /// AGC: the var's unit coefficients (the unit's gradient scaled as it is read, or untouched).
+    units: Option<&'a [Option<f64>]>,
 }
 
 /// Updates one var: its parameter written in place, its gradient `grad` read (through a contiguous copy
@@ -653,6 +682,7 @@ fn run<T: Element, C: StateType>(
         has_state,
         transform,
         parallel,
+        units,
         ..
     } = *job;
     let (s0, s1) = (C::slice(s0)?, C::slice(s1)?);
@@ -666,6 +696,9 @@ fn run<T: Element, C: StateType>(
     let work = |p: &mut [T], g: &[T], s0: &mut [C], s1: &mut [C]| {
         update_block(&consts, p, g, s0, s1, kernel);
     };
+    if let Some(units) = units {
+        return run_units(&consts, p, g, s0, s1, units, parallel);
+    }
     if parallel && n > PARALLEL_CHUNK {
         let s0_chunks: Vec<&mut [C]> = chunks_or_empty(s0, n);
         let s1_chunks: Vec<&mut [C]> = chunks_or_empty(s1, n);
@@ -676,6 +709,68 @@ fn run<T: Element, C: StateType>(
             .for_each(|(((p, g), s0), s1)| work(p, g, s0, s1));
     } else {
         work(p, g, s0, s1);
+    }
+    Ok(())
+}
+
+/// [`run`] for AGC: the var cut into pieces of consecutive units that share a clip (runs of
+/// untouched units, each clipped unit alone), pieces of at most [`PARALLEL_CHUNK`] elements, each
+/// updated with its clip.
+fn run_units<T: Element, C: StateType>(
+    consts: &Consts<C>,
+    mut p: &mut [T],
+    mut g: &[T],
+    mut s0: &mut [C],
+    mut s1: &mut [C],
+    units: &[Option<f64>],
+    parallel: bool,
+) -> Result<()> {
+    let n = p.len();
+    if units.is_empty() || n % units.len() != 0 {
+        bail!(
+            "internal error: AGC coefficients for {} units of a var of {n} elements",
+            units.len()
+        )
+    }
+    let unit_len = n / units.len();
+    // (elements, clip) of each piece, in order.
+    let mut pieces: Vec<(usize, Option<f64>)> = Vec::new();
+    for &c in units {
+        match (pieces.last_mut(), c) {
+            (Some((len, None)), None) => *len += unit_len,
+            _ => pieces.push((unit_len, c)),
+        }
+    }
+    type Block<'x, T, C> = (&'x mut [T], &'x [T], &'x mut [C], &'x mut [C], Option<f64>);
+    let mut blocks: Vec<Block<'_, T, C>> = Vec::new();
+    fn take<'x, C>(s: &mut &'x mut [C], len: usize) -> &'x mut [C] {
+        if s.is_empty() {
+            &mut []
+        } else {
+            let (head, tail) = std::mem::take(s).split_at_mut(len);
+            *s = tail;
+            head
+        }
+    }
+    for (mut len, c) in pieces {
+        while len > 0 {
+            let step = len.min(PARALLEL_CHUNK);
+            let (ph, pt) = std::mem::take(&mut p).split_at_mut(step);
+            p = pt;
+            let (gh, gt) = g.split_at(step);
+            g = gt;
+            let (a, b) = (take(&mut s0, step), take(&mut s1, step));
+            blocks.push((ph, gh, a, b, c));
+            len -= step;
+        }
+    }
+    let work = |(p, g, s0, s1, c): Block<'_, T, C>| {
+        update_block(consts, p, g, s0, s1, c.map(ElementKernel::Scale));
+    };
+    if parallel && n > PARALLEL_CHUNK {
+        blocks.into_par_iter().for_each(work);
+    } else {
+        blocks.into_iter().for_each(work);
     }
     Ok(())
 }

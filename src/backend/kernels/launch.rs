@@ -60,12 +60,14 @@ pub(crate) enum Kernel {
     SegmentNorms,
     FusedStep,
     ZClip,
+    Agc,
+    AgcStrided,
 }
 
 impl Kernel {
     /// Every kernel the host launches (the emulation checks that each is compiled in).
     #[cfg(test)]
-    pub(crate) const ALL: [Kernel; 9] = [
+    pub(crate) const ALL: [Kernel; 11] = [
         Kernel::ReduceInf,
         Kernel::ReduceAbs,
         Kernel::ReduceSq,
@@ -75,6 +77,8 @@ impl Kernel {
         Kernel::SegmentNorms,
         Kernel::FusedStep,
         Kernel::ZClip,
+        Kernel::Agc,
+        Kernel::AgcStrided,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -88,6 +92,8 @@ impl Kernel {
             Kernel::SegmentNorms => "grad_clip_segment_norms",
             Kernel::FusedStep => "grad_clip_fused_step",
             Kernel::ZClip => "grad_clip_zclip",
+            Kernel::Agc => "grad_clip_agc",
+            Kernel::AgcStrided => "grad_clip_agc_strided",
         }
     }
 }
@@ -406,6 +412,9 @@ pub(crate) enum Transform {
     Scale,
     /// Into `[-v, v]` (the verdict is the largest `|g|`, to count clipped steps).
     Clamp(f64),
+    /// Each unit by its own coefficient, as `grad_clip_agc` stored them: the device address of the
+    /// table's AGC units (`AgcUnits`, see `kernels::agc`); the verdict is the scratch's.
+    Agc(u64),
 }
 
 /// `grad_clip_fused_step` over the update `part` of the table at `table`.
@@ -466,11 +475,17 @@ pub(crate) fn fused_step(
         Transform::None => (0, None),
         Transform::Scale => (1, None),
         Transform::Clamp(v) => (2, Some(v)),
+        Transform::Agc(_) => (3, None),
     };
     let (verdict_code, src, kind, max_norm, eps) = match verdict {
         Verdict::None => (0, 0, 0, f64::INFINITY, 0.0),
         Verdict::Scratch => (1, 0, 0, f64::INFINITY, 0.0),
         Verdict::Norm(norm) => (2, norm.ptr, norm.kind(), norm.max_norm, norm.eps),
+    };
+    // AGC reads its units where the verdict would read a norm (its verdict is the scratch's).
+    let src = match transform {
+        Transform::Agc(units) => units,
+        _ => src,
     };
     let (max_norm, bounds) = match clamp {
         Some(v) => (v, clamp_bounds(v)),
@@ -527,6 +542,62 @@ pub(crate) fn zclip(
             Arg::F64(params.z_threshold),
             Arg::U32(params.mean_mode as u32),
             Arg::F64(params.max_grad_norm),
+        ],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adaptive gradient clipping.
+
+/// `grad_clip_agc` over `segments` `AgcSegment`s at `segs` holding `units` units in all: each
+/// unit's clip (in place for the segments marked `write`), its coefficient to `coefs` (0: not
+/// stored), the global L2 norm to `out` (f64 when `out_f64`), 1 or 0 to the f32 at `clipped` (0:
+/// not stored), and the verdict to the scratch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn agc(
+    segs: u64,
+    segments: u32,
+    units: u64,
+    clipping: f64,
+    eps: f64,
+    scratch: u64,
+    out: u64,
+    out_f64: bool,
+    coefs: u64,
+    clipped: u64,
+) -> Launch {
+    Launch {
+        kernel: Kernel::Agc,
+        grid: Grid::Warps(units),
+        args: vec![
+            Arg::Ptr(segs),
+            Arg::U32(segments),
+            Arg::U64(units),
+            Arg::F64(clipping),
+            Arg::F64(eps),
+            Arg::Ptr(scratch),
+            Arg::Ptr(out),
+            Arg::U32(out_f64 as u32),
+            Arg::Ptr(coefs),
+            Arg::Ptr(clipped),
+        ],
+    }
+}
+
+/// `grad_clip_agc_strided` over one non-contiguous gradient of units of `unit_len` elements, their
+/// coefficients at `coefs` (the var's first unit).
+pub(crate) fn agc_strided(target: &StridedTarget, unit_len: u64, coefs: u64) -> Launch {
+    Launch {
+        kernel: Kernel::AgcStrided,
+        grid: Grid::Threads(target.elements),
+        args: vec![
+            Arg::U64(target.ptr),
+            Arg::U32(target.dtype as u32),
+            Arg::U64(target.elements),
+            Arg::U32(target.rank),
+            Arg::U64x16(target.view),
+            Arg::U64(unit_len),
+            Arg::Ptr(coefs),
         ],
     }
 }

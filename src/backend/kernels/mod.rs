@@ -32,6 +32,7 @@
 //! of `vars` and address alignment (the emulation's tests check each). It is not bitwise the CPU's
 //! norm (the CPU's partials cover other element sets).
 
+pub(crate) mod agc;
 pub(crate) mod launch;
 pub(crate) mod table;
 
@@ -116,7 +117,7 @@ pub(crate) trait Session {
 fn launch_all(s: &mut dyn Session, launches: impl IntoIterator<Item = Launch>) -> Result<()> {
     // SAFETY: every launch passed here comes from `launch.rs` (`NormPlan::reduce`,
     // `NormPlan::segment_norms`, `ElementOp::apply`, `ElementOp::apply_strided`,
-    // `StepPlan::update`) with the addresses of this session: the table it uploaded (whose
+    // `StepPlan::update`, `launch::agc`, `launch::agc_strided`) with the addresses of this session: the table it uploaded (whose
     // segments are views of the locked tensors, built from their layouts), its buffers (sized for
     // what the kernel writes) and its scratch.
     launches
@@ -492,8 +493,49 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             Some(_) => Some(s.alloc(set.norm_dtype(), 1)?),
             None => None,
         };
+        // AGC: its table part, the coefficient buffer, and the units the step reads.
+        let agc_plan = match step.clip {
+            StepClip::Agc { clipping, eps } => {
+                let agc_entries: Vec<agc::AgcEntry> = entries
+                    .iter()
+                    .zip(&step.targets)
+                    .map(|(e, target)| agc::AgcEntry {
+                        param: e.param,
+                        grad: e.grad,
+                        dims: target.param.dims().to_vec(),
+                        dtype: e.dtype,
+                        write: false,
+                    })
+                    .collect();
+                let (part, starts) = agc::push_segments(&mut table, &agc_entries);
+                let coefs = s.alloc(DType::F64, (part.units as usize).max(1))?;
+                let units = agc::push_units(&mut table, coefs.ptr, &agc_entries, &starts);
+                let norm = s.alloc(set.norm_dtype(), 1)?;
+                Some((part, coefs, units, norm, clipping, eps))
+            }
+            _ => None,
+        };
         let t = s.upload(&table.words)?;
         let scratch = s.scratch();
+        if let Some((part, coefs, _, norm, clipping, eps)) = &agc_plan {
+            if part.segments > 0 {
+                launch_all(
+                    s,
+                    [launch::agc(
+                        part.segments_ptr(t),
+                        part.segments,
+                        part.units,
+                        *clipping,
+                        *eps,
+                        scratch,
+                        norm.ptr,
+                        out_f64,
+                        coefs.ptr,
+                        0,
+                    )],
+                )?;
+            }
+        }
         if let (Some((plan, max_norm, eps)), Some(out), Some(part)) = (&reduce, out, norm_part) {
             launch_all(
                 s,
@@ -538,6 +580,12 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
                 (Transform::Scale, verdict)
             }
             StepClip::None => (Transform::None, out_verdict(f64::INFINITY, 0.0)),
+            StepClip::Agc { .. } => match &agc_plan {
+                Some((part, _, units, _, _, _)) if part.segments > 0 => {
+                    (Transform::Agc(t + (*units * 8) as u64), Verdict::Scratch)
+                }
+                _ => (Transform::None, Verdict::None),
+            },
         };
         let control_address = address(bases, control, step.control)?;
         launch_all(
@@ -562,6 +610,13 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         let policy_state = match policy_out {
             Some((buffer, words)) => Some(s.take_tensor(buffer, &[words])?),
             None => None,
+        };
+        let norm = match agc_plan {
+            Some((part, _, _, _, _, _)) if part.segments == 0 => {
+                Some(Tensor::zeros((), set.norm_dtype(), step.control.device())?)
+            }
+            Some((_, _, _, out, _, _)) => Some(s.take_tensor(out, &[])?),
+            None => norm,
         };
         Ok(Outcome { norm, policy_state })
     })

@@ -224,7 +224,7 @@ pub(crate) struct StridedTarget {
 }
 
 impl StridedTarget {
-    fn new(layout: &Layout, base: Base) -> Option<Self> {
+    pub(crate) fn new(layout: &Layout, base: Base) -> Option<Self> {
         let mut dims: Vec<u64> = Vec::new();
         let mut strides: Vec<u64> = Vec::new();
         for (&d, &s) in layout.dims().iter().zip(layout.stride()) {
