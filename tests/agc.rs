@@ -869,3 +869,82 @@ impl Step for AdamW {
         Optimizer::step(self, grads)
     }
 }
+
+/// Vars large enough for the CPU's parallel paths (units summed and scaled on several threads):
+/// the reference, and the emulated kernel bitwise.
+#[test]
+fn large_vars_match_the_reference_and_the_kernel() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(10);
+    for dtype in [DType::F32, DType::BF16] {
+        let shapes: [&[usize]; 3] = [&[600, 500], &[300_000], &[2, 150_001]];
+        let mut vars = Vec::new();
+        let mut grads = Vec::new();
+        for shape in shapes {
+            let (v, g) = case(&mut rng, shape, dtype, 0.05, 1e-3)?;
+            vars.push(v);
+            grads.push(g);
+        }
+        let (norm, cpu) = clip_copy(&vars, &grads, 0.05, 1e-3)?;
+        for ((v, g), new) in vars.iter().zip(&grads).zip(&cpu) {
+            let (c, _) = reference(&vals(v.as_tensor())?, &vals(g)?, v.dims(), 0.05, 1e-3);
+            assert_clipped(
+                dtype,
+                v.dims(),
+                g,
+                new,
+                &c,
+                &format!("{dtype:?} {:?}", v.dims()),
+            )?;
+        }
+        let ((norm_e, emulated), _) = KernelEmulation::new()
+            .grid(5)
+            .block_order(ORDERS[2])
+            .run(|| clip_copy(&vars, &grads, 0.05, 1e-3))?;
+        assert_eq!(bits(&norm_e)?, bits(&norm)?, "{dtype:?}");
+        for (a, b) in emulated.iter().zip(&cpu) {
+            assert_eq!(bits(a)?, bits(b)?, "{dtype:?} {:?}", a.dims());
+        }
+    }
+    Ok(())
+}
+
+/// With `skip_nonfinite`, a step whose gradients hold a NaN is skipped by the fused optimizers
+/// with AGC (the verdict is the global norm's), on the CPU and emulated: nothing changes.
+#[test]
+fn fused_agc_skips_nonfinite_steps() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (params, steps) = training_case(&mut rng, &DTYPES)?;
+    for emulate in [false, true] {
+        let vars = fresh_vars(&params)?;
+        let mut opt = FusedSgd::new(
+            vars.clone(),
+            ParamsSgd {
+                lr: 0.1,
+                momentum: 0.9,
+                ..Default::default()
+            },
+        )?
+        .with_clip(ClipSetting::agc(0.02))?
+        .skip_nonfinite(true);
+        let mut grads = steps[1].clone();
+        let mut poisoned = vals(&grads[4])?;
+        poisoned[100] = f64::NAN;
+        grads[4] = tensor(&poisoned, grads[4].dims(), grads[4].dtype())?;
+        let before = params_bits(&vars)?;
+        let g = store(&vars, &grads)?;
+        if emulate {
+            KernelEmulation::new()
+                .grid(3)
+                .run(|| Optimizer::step(&mut opt, &g))?;
+        } else {
+            Optimizer::step(&mut opt, &g)?;
+        }
+        assert_eq!(params_bits(&vars)?, before, "emulated {emulate}");
+        assert_eq!(
+            (opt.steps()?, opt.skipped_steps()?, opt.clipped_steps()?),
+            (0, 1, 0)
+        );
+        assert!(scalar(opt.last_norm().expect("a norm"))?.is_nan());
+    }
+    Ok(())
+}
