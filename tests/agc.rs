@@ -285,7 +285,7 @@ fn units_are_rows_of_a_matrix_and_the_whole_of_a_vector() -> Result<()> {
     let g = grads.get(&b).expect("b").to_vec1::<f64>()?;
     assert_eq!(g, [0.3, 0.4]);
     // With eps = 1e-6 the zero row's bound is 1e-7 < 1e-5: scaled to norm 1e-7.
-    let norm2 = adaptive_clip_grad_(&[w.clone()], &mut grads, 0.1, 1e-6)?;
+    let norm2 = adaptive_clip_grad_(std::slice::from_ref(&w), &mut grads, 0.1, 1e-6)?;
     assert!((norm2.to_scalar::<f64>()? - (0.04f64 + 1e-10).sqrt()).abs() < 1e-15);
     let g = grads.get(&w).expect("w").to_vec2::<f64>()?;
     assert_eq!(g[0], [0.2, 0.0, 0.0]);
@@ -326,7 +326,12 @@ fn nonfinite_zero_and_extreme_values() -> Result<()> {
         let v = Var::from_tensor(&param)?;
         for eps in [0.0, 1e-3] {
             let what = format!("{dtype:?} eps {eps}");
-            let (norm, cpu) = clip_copy(&[v.clone()], &[grad.clone()], 0.1, eps)?;
+            let (norm, cpu) = clip_copy(
+                std::slice::from_ref(&v),
+                std::slice::from_ref(&grad),
+                0.1,
+                eps,
+            )?;
             let (coefficients, _) = reference(&vals(&param)?, &vals(&grad)?, &[7, 3], 0.1, eps);
             assert_eq!(coefficients[0], None, "{what}: NaN gradient never clipped");
             assert_eq!(
@@ -351,8 +356,14 @@ fn nonfinite_zero_and_extreme_values() -> Result<()> {
             );
             for (grid, order) in [(1, ORDERS[0]), (5, ORDERS[3])] {
                 let emulation = KernelEmulation::new().grid(grid).block_order(order);
-                let ((norm_e, emulated), _) =
-                    emulation.run(|| clip_copy(&[v.clone()], &[grad.clone()], 0.1, eps))?;
+                let ((norm_e, emulated), _) = emulation.run(|| {
+                    clip_copy(
+                        std::slice::from_ref(&v),
+                        std::slice::from_ref(&grad),
+                        0.1,
+                        eps,
+                    )
+                })?;
                 assert!(scalar(&norm_e)?.is_nan());
                 let (a, b) = (vals(&emulated[0])?, vals(&cpu[0])?);
                 for (x, y) in a.iter().zip(&b) {
@@ -368,7 +379,7 @@ fn nonfinite_zero_and_extreme_values() -> Result<()> {
     let v = Var::new(&[1f32, 1.], &dev)?;
     let mut grads = GradStore::default();
     grads.insert(&v, Tensor::new(&[f32::INFINITY, 1.], &dev)?);
-    let norm = adaptive_clip_grad_(&[v.clone()], &mut grads, 0.1, 1e-3)?;
+    let norm = adaptive_clip_grad_(std::slice::from_ref(&v), &mut grads, 0.1, 1e-3)?;
     assert_eq!(norm.to_scalar::<f32>()?, f32::INFINITY);
     let g = grads.get(&v).expect("g").to_vec1::<f32>()?;
     assert!(g[0].is_nan() && g[1] == 0.0, "{g:?}");
@@ -440,7 +451,12 @@ fn missing_repeated_and_no_gradients() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(4);
     let (v, g) = case(&mut rng, &[8, 16], DType::F32, 0.05, 1e-3)?;
     let other = Var::zeros((3, 3), DType::F32, &Device::Cpu)?;
-    let once = clip_copy(&[v.clone()], &[g.clone()], 0.05, 1e-3)?;
+    let once = clip_copy(
+        std::slice::from_ref(&v),
+        std::slice::from_ref(&g),
+        0.05,
+        1e-3,
+    )?;
     let mut store = GradStore::default();
     store.insert(&v, g.copy()?);
     let norm = adaptive_clip_grad_(
