@@ -576,7 +576,8 @@ fn refusals_change_nothing() -> Result<()> {
 /// Vars of every dtype and their gradients for `steps` steps, some steps far above the AGC bound
 /// (so that some units clip) and some below.
 fn training_case(rng: &mut StdRng, dtypes: &[DType]) -> Result<(Vec<Tensor>, Vec<Vec<Tensor>>)> {
-    let shapes: [&[usize]; 5] = [&[7, 5], &[5], &[], &[3, 4, 2], &[64, 33]];
+    // [40, 150]: units across the 4096-element chunks of the fused step.
+    let shapes: [&[usize]; 6] = [&[7, 5], &[5], &[], &[3, 4, 2], &[64, 33], &[40, 150]];
     let mut params = Vec::new();
     for (k, shape) in shapes.iter().enumerate() {
         let n: usize = shape.iter().product();
@@ -588,7 +589,7 @@ fn training_case(rng: &mut StdRng, dtypes: &[DType]) -> Result<(Vec<Tensor>, Vec
     }
     let mut steps = Vec::new();
     for step in 0..4 {
-        let scale = [0.01, 1.0, 0.001, 5.0][step];
+        let scale = [0.01, 1.0, 1e-6, 5.0][step];
         let grads = params
             .iter()
             .map(|p| {
