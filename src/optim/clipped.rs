@@ -18,8 +18,9 @@ use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, DEFAULT_EPS};
 /// let by_inf_norm = ClipSetting::Norm { max_norm: 0.5, norm_type: NormType::Inf };
 /// let by_value = ClipSetting::value(0.1); // every element in [-0.1, 0.1]
 /// let adaptive = ClipSetting::AutoClip(AutoClip::default()); // 10th percentile of the history
+/// let unit_wise = ClipSetting::agc(0.01); // each unit's ‖g‖ at most 0.01 · max(‖w‖, 1e-3)
 /// assert!(ClipSetting::norm(-1.0).validate().is_err());
-/// # let _ = (by_norm, by_inf_norm, by_value, adaptive);
+/// # let _ = (by_norm, by_inf_norm, by_value, adaptive, unit_wise);
 /// ```
 #[derive(Debug, Clone)]
 pub enum ClipSetting {
@@ -39,7 +40,10 @@ pub enum ClipSetting {
     /// Clip the global L2 norm to a percentile of the norms seen so far (see [`AutoClip`]).
     AutoClip(AutoClip),
     /// Adaptive gradient clipping, unit-wise, as [`adaptive_clip_grad_`](crate::adaptive_clip_grad_):
-    /// each unit's gradient norm is bounded by `clipping * max(‖w_unit‖, eps)`.
+    /// each unit's gradient norm is bounded by `clipping * max(‖w_unit‖, eps)` (a unit: a slice
+    /// along dim 0 of a var of rank >= 2, a whole var of rank <= 1). `last_norm` is the global L2
+    /// norm of the gradients before clipping; a step counts as clipped when some unit was (a unit
+    /// whose norm is NaN is not clipped, so a NaN gradient alone does not count).
     Agc {
         /// The ratio of gradient norm to parameter norm allowed per unit, finite and `> 0`.
         clipping: f64,
