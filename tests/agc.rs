@@ -285,7 +285,7 @@ fn units_are_rows_of_a_matrix_and_the_whole_of_a_vector() -> Result<()> {
     let g = grads.get(&b).expect("b").to_vec1::<f64>()?;
     assert_eq!(g, [0.3, 0.4]);
     // With eps = 1e-6 the zero row's bound is 1e-7 < 1e-5: scaled to norm 1e-7.
-    let norm2 = adaptive_clip_grad_(&[w.clone()], &mut grads, 0.1, 1e-6)?;
+    let norm2 = adaptive_clip_grad_(std::slice::from_ref(&w), &mut grads, 0.1, 1e-6)?;
     assert!((norm2.to_scalar::<f64>()? - (0.04f64 + 1e-10).sqrt()).abs() < 1e-15);
     let g = grads.get(&w).expect("w").to_vec2::<f64>()?;
     assert_eq!(g[0], [0.2, 0.0, 0.0]);
@@ -326,7 +326,12 @@ fn nonfinite_zero_and_extreme_values() -> Result<()> {
         let v = Var::from_tensor(&param)?;
         for eps in [0.0, 1e-3] {
             let what = format!("{dtype:?} eps {eps}");
-            let (norm, cpu) = clip_copy(&[v.clone()], &[grad.clone()], 0.1, eps)?;
+            let (norm, cpu) = clip_copy(
+                std::slice::from_ref(&v),
+                std::slice::from_ref(&grad),
+                0.1,
+                eps,
+            )?;
             let (coefficients, _) = reference(&vals(&param)?, &vals(&grad)?, &[7, 3], 0.1, eps);
             assert_eq!(coefficients[0], None, "{what}: NaN gradient never clipped");
             assert_eq!(
@@ -351,8 +356,14 @@ fn nonfinite_zero_and_extreme_values() -> Result<()> {
             );
             for (grid, order) in [(1, ORDERS[0]), (5, ORDERS[3])] {
                 let emulation = KernelEmulation::new().grid(grid).block_order(order);
-                let ((norm_e, emulated), _) =
-                    emulation.run(|| clip_copy(&[v.clone()], &[grad.clone()], 0.1, eps))?;
+                let ((norm_e, emulated), _) = emulation.run(|| {
+                    clip_copy(
+                        std::slice::from_ref(&v),
+                        std::slice::from_ref(&grad),
+                        0.1,
+                        eps,
+                    )
+                })?;
                 assert!(scalar(&norm_e)?.is_nan());
                 let (a, b) = (vals(&emulated[0])?, vals(&cpu[0])?);
                 for (x, y) in a.iter().zip(&b) {
@@ -368,7 +379,7 @@ fn nonfinite_zero_and_extreme_values() -> Result<()> {
     let v = Var::new(&[1f32, 1.], &dev)?;
     let mut grads = GradStore::default();
     grads.insert(&v, Tensor::new(&[f32::INFINITY, 1.], &dev)?);
-    let norm = adaptive_clip_grad_(&[v.clone()], &mut grads, 0.1, 1e-3)?;
+    let norm = adaptive_clip_grad_(std::slice::from_ref(&v), &mut grads, 0.1, 1e-3)?;
     assert_eq!(norm.to_scalar::<f32>()?, f32::INFINITY);
     let g = grads.get(&v).expect("g").to_vec1::<f32>()?;
     assert!(g[0].is_nan() && g[1] == 0.0, "{g:?}");
@@ -440,7 +451,12 @@ fn missing_repeated_and_no_gradients() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(4);
     let (v, g) = case(&mut rng, &[8, 16], DType::F32, 0.05, 1e-3)?;
     let other = Var::zeros((3, 3), DType::F32, &Device::Cpu)?;
-    let once = clip_copy(&[v.clone()], &[g.clone()], 0.05, 1e-3)?;
+    let once = clip_copy(
+        std::slice::from_ref(&v),
+        std::slice::from_ref(&g),
+        0.05,
+        1e-3,
+    )?;
     let mut store = GradStore::default();
     store.insert(&v, g.copy()?);
     let norm = adaptive_clip_grad_(
@@ -560,7 +576,8 @@ fn refusals_change_nothing() -> Result<()> {
 /// Vars of every dtype and their gradients for `steps` steps, some steps far above the AGC bound
 /// (so that some units clip) and some below.
 fn training_case(rng: &mut StdRng, dtypes: &[DType]) -> Result<(Vec<Tensor>, Vec<Vec<Tensor>>)> {
-    let shapes: [&[usize]; 5] = [&[7, 5], &[5], &[], &[3, 4, 2], &[64, 33]];
+    // [40, 150]: units across the 4096-element chunks of the fused step.
+    let shapes: [&[usize]; 6] = [&[7, 5], &[5], &[], &[3, 4, 2], &[64, 33], &[40, 150]];
     let mut params = Vec::new();
     for (k, shape) in shapes.iter().enumerate() {
         let n: usize = shape.iter().product();
@@ -572,7 +589,7 @@ fn training_case(rng: &mut StdRng, dtypes: &[DType]) -> Result<(Vec<Tensor>, Vec
     }
     let mut steps = Vec::new();
     for step in 0..4 {
-        let scale = [0.01, 1.0, 0.001, 5.0][step];
+        let scale = [0.01, 1.0, 1e-6, 5.0][step];
         let grads = params
             .iter()
             .map(|p| {
@@ -868,4 +885,83 @@ impl Step for AdamW {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         Optimizer::step(self, grads)
     }
+}
+
+/// Vars large enough for the CPU's parallel paths (units summed and scaled on several threads):
+/// the reference, and the emulated kernel bitwise.
+#[test]
+fn large_vars_match_the_reference_and_the_kernel() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(10);
+    for dtype in [DType::F32, DType::BF16] {
+        let shapes: [&[usize]; 3] = [&[600, 500], &[300_000], &[2, 150_001]];
+        let mut vars = Vec::new();
+        let mut grads = Vec::new();
+        for shape in shapes {
+            let (v, g) = case(&mut rng, shape, dtype, 0.05, 1e-3)?;
+            vars.push(v);
+            grads.push(g);
+        }
+        let (norm, cpu) = clip_copy(&vars, &grads, 0.05, 1e-3)?;
+        for ((v, g), new) in vars.iter().zip(&grads).zip(&cpu) {
+            let (c, _) = reference(&vals(v.as_tensor())?, &vals(g)?, v.dims(), 0.05, 1e-3);
+            assert_clipped(
+                dtype,
+                v.dims(),
+                g,
+                new,
+                &c,
+                &format!("{dtype:?} {:?}", v.dims()),
+            )?;
+        }
+        let ((norm_e, emulated), _) = KernelEmulation::new()
+            .grid(5)
+            .block_order(ORDERS[2])
+            .run(|| clip_copy(&vars, &grads, 0.05, 1e-3))?;
+        assert_eq!(bits(&norm_e)?, bits(&norm)?, "{dtype:?}");
+        for (a, b) in emulated.iter().zip(&cpu) {
+            assert_eq!(bits(a)?, bits(b)?, "{dtype:?} {:?}", a.dims());
+        }
+    }
+    Ok(())
+}
+
+/// With `skip_nonfinite`, a step whose gradients hold a NaN is skipped by the fused optimizers
+/// with AGC (the verdict is the global norm's), on the CPU and emulated: nothing changes.
+#[test]
+fn fused_agc_skips_nonfinite_steps() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (params, steps) = training_case(&mut rng, &DTYPES)?;
+    for emulate in [false, true] {
+        let vars = fresh_vars(&params)?;
+        let mut opt = FusedSgd::new(
+            vars.clone(),
+            ParamsSgd {
+                lr: 0.1,
+                momentum: 0.9,
+                ..Default::default()
+            },
+        )?
+        .with_clip(ClipSetting::agc(0.02))?
+        .skip_nonfinite(true);
+        let mut grads = steps[1].clone();
+        let mut poisoned = vals(&grads[4])?;
+        poisoned[100] = f64::NAN;
+        grads[4] = tensor(&poisoned, grads[4].dims(), grads[4].dtype())?;
+        let before = params_bits(&vars)?;
+        let g = store(&vars, &grads)?;
+        if emulate {
+            KernelEmulation::new()
+                .grid(3)
+                .run(|| Optimizer::step(&mut opt, &g))?;
+        } else {
+            Optimizer::step(&mut opt, &g)?;
+        }
+        assert_eq!(params_bits(&vars)?, before, "emulated {emulate}");
+        assert_eq!(
+            (opt.steps()?, opt.skipped_steps()?, opt.clipped_steps()?),
+            (0, 1, 0)
+        );
+        assert!(scalar(opt.last_norm().expect("a norm"))?.is_nan());
+    }
+    Ok(())
 }

@@ -1242,3 +1242,129 @@ fn fused_steps_do_not_synchronise() -> Result<()> {
     );
     Ok(())
 }
+
+/// `adaptive_clip_grad_` on CUDA is bitwise the CPU twin (the kernel spells out every rounding and
+/// sums each unit in the CPU's lane order) for every dtype, units of 1 to 70,001 elements, NaN
+/// and ±inf, a transposed gradient; and a fused optimizer with `ClipSetting::agc` is bitwise
+/// `adaptive_clip_grad_` then the unclipped fused step, on the GPU.
+#[test]
+fn agc_matches_cpu_bitwise() -> Result<()> {
+    use candle_grad_clip::{adaptive_clip_grad_, ClipSetting, FusedSgd, ParamsSgd};
+    use candle_nn::Optimizer;
+    let dev = cuda_or_skip!("agc_matches_cpu_bitwise");
+    let mut rng = StdRng::seed_from_u64(31);
+    let shapes: [&[usize]; 7] = [
+        &[],
+        &[7],
+        &[70_001],
+        &[300, 1],
+        &[5, 4099],
+        &[64, 3, 3, 3],
+        &[0, 4],
+    ];
+    for dtype in DTYPES {
+        for (clipping, eps) in [(0.01, 1e-3), (0.5, 0.0)] {
+            let mut params = Vec::new();
+            let mut grads = Vec::new();
+            for shape in shapes {
+                let n: usize = shape.iter().product();
+                let mut p = random_values(&mut rng, n, 1.0);
+                if n > 10 {
+                    p[..n / 10].iter_mut().for_each(|x| *x = 0.0);
+                }
+                let mut g = random_values(&mut rng, n, 0.05);
+                if n > 1000 {
+                    g[3] = f64::NAN;
+                    g[n - 2] = f64::INFINITY;
+                }
+                params.push(tensor(&p, shape, dtype, &dev)?);
+                grads.push(tensor(&g, shape, dtype, &dev)?);
+            }
+            // A transposed gradient.
+            let g = random_values(&mut rng, 6 * 40, 0.05);
+            params.push(tensor(
+                &random_values(&mut rng, 6 * 40, 1.0),
+                &[6, 40],
+                dtype,
+                &dev,
+            )?);
+            grads.push(tensor(&g, &[40, 6], dtype, &dev)?.t()?);
+            let run = |device: &Device| -> Result<(Tensor, Vec<Tensor>)> {
+                let vars: Vec<Var> = params
+                    .iter()
+                    .map(|p| Var::from_tensor(&p.to_device(device)?))
+                    .collect::<Result<_>>()?;
+                let mut store = GradStore::default();
+                let gs: Vec<Tensor> = grads
+                    .iter()
+                    .map(|g| g.copy()?.to_device(device)) // fresh storage, same layout
+                    .collect::<Result<_>>()?;
+                for (v, g) in vars.iter().zip(&gs) {
+                    store.insert(v.as_tensor(), g.clone());
+                }
+                let norm = adaptive_clip_grad_(&vars, &mut store, clipping, eps)?;
+                Ok((norm, gs))
+            };
+            let what = format!("{dtype:?} clipping {clipping} eps {eps}");
+            let (gpu_norm, gpu) = run(&dev)?;
+            let (cpu_norm, cpu) = run(&Device::Cpu)?;
+            assert!(
+                bits_equal(&[scalar(&gpu_norm)?], &[scalar(&cpu_norm)?]),
+                "{what}: norm"
+            );
+            for (a, b) in gpu.iter().zip(&cpu) {
+                assert!(
+                    bits_equal(&values(a)?, &values(b)?),
+                    "{what}: {:?}",
+                    a.dims()
+                );
+            }
+            // The fused optimizer (finite gradients: the NaN units are not clipped anyway).
+            let finite: Vec<Tensor> = grads
+                .iter()
+                .map(|g| {
+                    let v: Vec<f64> = values(g)?
+                        .iter()
+                        .map(|x| if x.is_finite() { *x } else { 1.0 })
+                        .collect();
+                    tensor(&v, g.dims(), dtype, &dev)
+                })
+                .collect::<Result<_>>()?;
+            let vars = |ps: &[Tensor]| -> Result<Vec<Var>> {
+                ps.iter().map(|p| Var::from_tensor(&p.copy()?)).collect()
+            };
+            let (ours, theirs) = (vars(&params)?, vars(&params)?);
+            let sgd = ParamsSgd {
+                lr: 0.1,
+                momentum: 0.9,
+                ..Default::default()
+            };
+            let mut folded = FusedSgd::new(ours.clone(), sgd.clone())?
+                .with_clip(ClipSetting::Agc { clipping, eps })?;
+            let mut plain = FusedSgd::new(theirs.clone(), sgd)?;
+            let (mut ga, mut gb) = (GradStore::default(), GradStore::default());
+            for ((a, b), g) in ours.iter().zip(&theirs).zip(&finite) {
+                ga.insert(a.as_tensor(), g.copy()?);
+                gb.insert(b.as_tensor(), g.copy()?);
+            }
+            folded.step(&ga)?;
+            let norm = adaptive_clip_grad_(&theirs, &mut gb, clipping, eps)?;
+            plain.step(&gb)?;
+            assert!(
+                bits_equal(
+                    &[scalar(folded.last_norm().expect("a norm"))?],
+                    &[scalar(&norm)?]
+                ),
+                "{what}: fused norm"
+            );
+            for (a, b) in ours.iter().zip(&theirs) {
+                assert!(
+                    bits_equal(&values(a.as_tensor())?, &values(b.as_tensor())?),
+                    "{what}: fused {:?}",
+                    a.dims()
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -32,7 +32,11 @@ const SKIP: f64 = 0.25;
 #[test]
 fn fused_steps_are_bitwise_the_cpu_twins() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(1);
-    let settings: Vec<Option<ClipSetting>> = vec![None, Some(ClipSetting::value(0.02))];
+    let settings: Vec<Option<ClipSetting>> = vec![
+        None,
+        Some(ClipSetting::value(0.02)),
+        Some(ClipSetting::agc(0.02)),
+    ];
     for (case, setting) in settings.iter().enumerate() {
         for rule in 0..4 {
             let (ours, theirs) = twin_vars(&mut rng, &SHAPES, &DTYPES)?;
@@ -89,6 +93,7 @@ fn folded_clip_under_emulation_is_clip_then_step() -> Result<()> {
         },
         ClipSetting::value(0.02),
         ClipSetting::AutoClip(AutoClip::new(25.0)?),
+        ClipSetting::agc(0.02),
     ];
     for (case, setting) in settings.iter().enumerate() {
         for rule in 0..4 {
@@ -270,7 +275,7 @@ fn a_step_is_at_most_three_launches_and_one_table() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(2);
     let (vars, _) = twin_vars(&mut rng, &SHAPES, &[DType::F32])?;
     let (ga, _) = twin_grads(&mut rng, &vars, &vars, 1.0, None)?;
-    let cases: [(Option<ClipSetting>, bool, &[&str]); 5] = [
+    let cases: [(Option<ClipSetting>, bool, &[&str]); 6] = [
         (None, false, &["grad_clip_fused_step"]),
         (
             None,
@@ -299,6 +304,11 @@ fn a_step_is_at_most_three_launches_and_one_table() -> Result<()> {
                 "grad_clip_fused_step",
             ],
         ),
+        (
+            Some(ClipSetting::agc(0.02)),
+            true,
+            &["grad_clip_agc", "grad_clip_fused_step"],
+        ),
     ];
     for (clip, skip, want) in cases {
         let mut opt = FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.skip_nonfinite(skip);
@@ -322,6 +332,7 @@ fn skipped_steps_change_nothing_on_the_device() -> Result<()> {
             None,
             Some(ClipSetting::norm(1.0)),
             Some(ClipSetting::value(0.1)),
+            Some(ClipSetting::agc(0.02)),
         ] {
             let (vars, _) = twin_vars(&mut rng, &SHAPES, &DTYPES)?;
             let mut opt =

@@ -30,7 +30,10 @@ const STATE: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 /// the gradients once for the norm (as `clip_grad_norm_` does), and the update multiplies each
 /// gradient by the coefficient as it reads it, formed exactly as `clip_grad_norm_` forms it, so the
 /// result is bitwise `clip_grad_norm_` (or `clip_grad_value_`, or AutoClip) followed by
-/// `candle_nn::AdamW::step`. Unlike [`Clipped`](crate::Clipped), **the `GradStore` is not
+/// `candle_nn::AdamW::step`. With [`ClipSetting::Agc`] the first read measures every unit of
+/// the parameters and gradients (one launch on CUDA) and the update scales each element by its
+/// unit's coefficient: bitwise [`adaptive_clip_grad_`](crate::adaptive_clip_grad_) then the
+/// unclipped step. Unlike [`Clipped`](crate::Clipped), **the `GradStore` is not
 /// written**: the gradients keep their values. On CUDA nothing waits for the device, except for
 /// AutoClip (whose percentile is computed on the host).
 ///

@@ -19,8 +19,9 @@ use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, ZClip, DEFAULT
 /// let by_value = ClipSetting::value(0.1); // every element in [-0.1, 0.1]
 /// let adaptive = ClipSetting::AutoClip(AutoClip::default()); // 10th percentile of the history
 /// let spikes = ClipSetting::ZClip(candle_grad_clip::ZClip::new()); // z-scores of an EMA
+/// let unit_wise = ClipSetting::agc(0.01); // each unit's ‖g‖ at most 0.01 · max(‖w‖, 1e-3)
 /// assert!(ClipSetting::norm(-1.0).validate().is_err());
-/// # let _ = (by_norm, by_inf_norm, by_value, adaptive, spikes);
+/// # let _ = (by_norm, by_inf_norm, by_value, adaptive, spikes, unit_wise);
 /// ```
 #[derive(Debug, Clone)]
 pub enum ClipSetting {
@@ -43,7 +44,10 @@ pub enum ClipSetting {
     /// [`ZClip`]); its statistics stay on the device.
     ZClip(ZClip),
     /// Adaptive gradient clipping, unit-wise, as [`adaptive_clip_grad_`](crate::adaptive_clip_grad_):
-    /// each unit's gradient norm is bounded by `clipping * max(‖w_unit‖, eps)`.
+    /// each unit's gradient norm is bounded by `clipping * max(‖w_unit‖, eps)` (a unit: a slice
+    /// along dim 0 of a var of rank >= 2, a whole var of rank <= 1). `last_norm` is the global L2
+    /// norm of the gradients before clipping; a step counts as clipped when some unit was (a unit
+    /// whose norm is NaN is not clipped, so a NaN gradient alone does not count).
     Agc {
         /// The ratio of gradient norm to parameter norm allowed per unit, finite and `> 0`.
         clipping: f64,

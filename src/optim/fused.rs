@@ -607,7 +607,7 @@ assert!(candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($para
             }
 
             #[doc = concat!("The norm of the last step's gradients before clipping, in the norm the setting bounds (the
-largest `|g|` for value clipping, L2 for AutoClip), as a 0-d tensor on their device; `None`
+largest `|g|` for value clipping, L2 for AutoClip and for AGC), as a 0-d tensor on their device; `None`
 without a clip or before the first step.
 
 ```
@@ -632,8 +632,8 @@ assert_eq!(candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($p
                 self.core.steps()
             }
 
-            #[doc = concat!("Steps whose gradients the clip changed (a NaN or infinite norm counts; skipped steps do
-not). Reads the device (one synchronisation on CUDA).
+            #[doc = concat!("Steps whose gradients the clip changed (a NaN or infinite norm counts; for AGC, steps
+where some unit was clipped; skipped steps do not). Reads the device (one synchronisation on CUDA).
 
 ```
 use candle_nn::Optimizer;

@@ -131,14 +131,15 @@ pub(crate) fn clip(
     let param_copies = copies(&set.params)?;
     // Refused before anything is enqueued: a strided view the strided kernel cannot take.
     for g in grads {
-        if g.elem_count() > 0 && g.layout().contiguous_offsets().is_none() {
-            if StridedTarget::new(g.layout(), Base { ptr: 0, dtype: 0 }).is_none() {
-                candle_core::bail!(
-                    "adaptive_clip_grad_: a non-contiguous gradient of shape {:?} (stride {:?}) has more than {MAX_RANK} dimensions after merging; make it contiguous; nothing was modified",
-                    g.dims(),
-                    g.stride()
-                )
-            }
+        if g.elem_count() > 0
+            && g.layout().contiguous_offsets().is_none()
+            && StridedTarget::new(g.layout(), Base { ptr: 0, dtype: 0 }).is_none()
+        {
+            candle_core::bail!(
+                "adaptive_clip_grad_: a non-contiguous gradient of shape {:?} (stride {:?}) has more than {MAX_RANK} dimensions after merging; make it contiguous; nothing was modified",
+                g.dims(),
+                g.stride()
+            )
         }
     }
     // Operands: the gradients (written), the parameters' contiguous views, the gradients' copies.

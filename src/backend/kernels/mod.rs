@@ -16,7 +16,10 @@
 //!   when it is `>= 1`;
 //! - clamp: `grad_clip_apply` too;
 //! - per-tensor norms (`grad_norms`): the reduction also stores each chunk's partial, and
-//!   `grad_clip_segment_norms` combines them per tensor.
+//!   `grad_clip_segment_norms` combines them per tensor;
+//! - adaptive clipping (`adaptive_clip_grad_`): `grad_clip_agc`, one warp per unit, reads the
+//!   parameters and gradients once and scales the clipped units in place (plus
+//!   `grad_clip_agc_strided` per non-contiguous gradient); see [`agc`].
 //!
 //! So `clip_grad_norm_` is 2 launches (3 for F64 gradients or `p > 6`) and one copy of the table,
 //! for 1 or 10,000 gradients. Slow paths, each an extra launch per tensor: a non-contiguous
