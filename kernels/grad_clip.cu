@@ -63,12 +63,15 @@ struct Segment {
 struct Scratch {
     u64 digits[DIGITS]; // superaccumulator digits, 32 payload bits in each u64
     u64 flags;          // bit 0: +inf partial seen, bit 1: NaN partial seen
-    u64 max_bits;       // max |x| as f64 bits (non-negative doubles order as integers; NaN wins)
+    u64 max_bits;       // max |x| as f64 bits (non-negative doubles order as integers; NaN wins);
+                        // grad_clip_agc: its "some unit was clipped" flag (reset by its last block)
     u64 counter;        // blocks of the current launch that are done (last_block)
     u64 pending;        // 1 between a reduction that asked for the rescue pass and that pass
     // Not reset between calls:
     double scale;       // divisor for the rescue pass: the largest |x|
-    double coefficient; // min(1, max_norm / (norm + eps)) of the last norm, read by the passes
+    double coefficient; // min(1, max_norm / (norm + eps)) of the last norm, read by the passes;
+                        // grad_clip_zclip overwrites it with ZClip's; grad_clip_agc leaves 0 (some
+                        // unit clipped) or 1 there, the fused step's verdict
     u64 nonfinite;      // 1 when the last norm (in f64) was NaN or infinite
 };
 
@@ -998,7 +1001,10 @@ extern "C" __global__ void grad_clip_zclip(const double* __restrict__ state_in, 
     double* s = state_out;
     for (u32 i = 0; i < words; ++i) s[i] = state_in[i];
     const u32 warmup = words - ZCLIP_HEADER;
-    const double norm = load_norm(norm_src, norm_kind);
+    double norm = load_norm(norm_src, norm_kind);
+    // An F32 norm of finite gradients (the reduction's f64 norm was finite) that overflowed: a
+    // spike at f32's largest value, not a non-finite step (zclip::input).
+    if (norm_kind == COEF_NORM_F32 && isinf(norm) && scratch->nonfinite == 0) norm = 3.4028234663852886e38; // f32::MAX, exactly
     double c;
     if (!isfinite(norm)) {
         // Neither enters the statistics nor counts as a warm-up step.

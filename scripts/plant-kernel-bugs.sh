@@ -4,10 +4,10 @@
 # caught by the emulation tests (`cargo test --release --test emulation --test emulation_optim`), or
 # in the emulation's
 # own shim (emulation/), caught by its self-tests (`cargo test --release --lib emulated`); a bug in
-# a policy kernel (`zclip-*`) by that policy's tests (`--test zclip`). Each run
+# a policy kernel (`zclip-*`, `agc-*`) by that policy's tests (`--test zclip`, `--test agc`). Each run
 # must FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
 #
-#   scripts/plant-kernel-bugs.sh            # every bug below (18 bugs: 4 to 5 minutes in all on 2 cores)
+#   scripts/plant-kernel-bugs.sh            # every bug below (21 bugs: about 5 minutes in all on 2 cores)
 #   scripts/plant-kernel-bugs.sh carry      # only the bugs whose name contains "carry"
 #
 # The copies build into this checkout's target directory, so only the crate itself rebuilds; each
@@ -33,8 +33,11 @@ BUGS=(
   "momentum-start|kernels/grad_clip.cu|SGD's momentum buffer is not started with the first gradient|s.replace('const C b = has_state ? A::add(A::mul(s0[e], k.mu), A::mul(k.omd, d)) : d;', 'const C b = A::add(A::mul(s0[e], k.mu), A::mul(k.omd, d));', 1)"
   "unfused-affine|kernels/grad_clip.cu|F32 AdamW rounds candle's affine twice instead of one fma|s.replace('case DT_F32: step_chunk<DT_F32, float, true>', 'case DT_F32: step_chunk<DT_F32, float, false>', 1)"
   "no-skip|kernels/grad_clip.cu|the fused step ignores skip_nonfinite|s.replace('const bool skip = skip_nonfinite != 0 && nonfinite;', 'const bool skip = false;', 1)"
-  "step-early-exit|kernels/grad_clip.cu|the fused step scales only coefficients below 0.5|s.replace('const bool change = transform == TRANSFORM_CLAMP || clipped;', 'const bool change = transform == TRANSFORM_CLAMP || (clipped && !(c >= 0.5));', 1)"
+  "step-early-exit|kernels/grad_clip.cu|the fused step scales only coefficients below 0.5|s.replace('const bool change = transform == TRANSFORM_CLAMP || (transform == TRANSFORM_SCALE && clipped);', 'const bool change = transform == TRANSFORM_CLAMP || (transform == TRANSFORM_SCALE && clipped && !(c >= 0.5));', 1)"
   "zclip-ema|kernels/grad_clip.cu|ZClip's variance EMA uses the mean before this step's update|s.replace('const double d = __dsub_rn(x, new_mean);', 'const double d = __dsub_rn(x, mean);', 1)"
+  "agc-write|kernels/grad_clip.cu|AGC writes the clipped units of read-only gradients (the fused optimizers' store)|s.replace('if (clipped && seg.write) {', 'if (clipped) {', 1)"
+  "agc-flag|kernels/grad_clip.cu|AGC's 'some unit clipped' flag is never raised|s.replace('if (s_clipped != 0) atomicOr(&scratch->max_bits, 1ull);', '', 1)"
+  "agc-unit-index|kernels/grad_clip.cu|the fused step indexes AGC units from the chunk, not the var|s.replace('const u64 i = start + e;', 'const u64 i = e;', 1)"
   "shfl-own|emulation/include/cuda_emu.h|a shuffle returns the lane's own value|s.replace('    if (use_own) return var;', '    return var;', 1)"
   "one-slot|emulation/runtime.cpp|warp exchanges use one buffer (a fast lane overwrites values not yet read)|s.replace('(unsigned)(f->warp_calls++ & 1)', '(unsigned)(f->warp_calls++ & 0)', 1)"
   "no-barrier|emulation/runtime.cpp|__syncthreads does not wait|s.replace('    maybe_release_barrier(b);\\n    yield_blocked();', '    --b->at_barrier;\\n    f->state = FiberState::Ready;\\n    b->push(f->index);\\n    yield_blocked();', 1)"
@@ -74,6 +77,7 @@ EOF
   case "$name:$file" in
     *:emulation/*) tests=(--lib emulated) ;;
     zclip-*) tests=(--test zclip) ;;
+    agc-*) tests=(--test agc) ;;
     *) tests=(--test emulation --test emulation_optim) ;;
   esac
   if (cd "$copy" && cargo test --release "${tests[@]}" >"$copy.log" 2>&1); then

@@ -735,7 +735,7 @@ fn no_host_synchronisation() -> Result<()> {
     let zclip = std::cell::RefCell::new(ZClip::new().warmup_steps(2));
     zclip.borrow_mut().clip_(&vars, &mut gs)?;
     type Call<'a> = &'a dyn Fn(&mut GradStore) -> Result<()>;
-    let calls: [(&str, Call); 5] = [
+    let calls: [(&str, Call); 6] = [
         ("clip_grad_norm_", &|gs| {
             clip_grad_norm_(&vars, gs, 1.0).map(|_| ())
         }),
@@ -748,6 +748,9 @@ fn no_host_synchronisation() -> Result<()> {
         ("clip_grad_value_", &|gs| clip_grad_value_(&vars, gs, 1.0)),
         ("ZClip::clip_", &|gs| {
             zclip.borrow_mut().clip_(&vars, gs).map(|_| ())
+        }),
+        ("adaptive_clip_grad_", &|gs| {
+            candle_grad_clip::adaptive_clip_grad_(&vars, gs, 0.01, 1e-3).map(|_| ())
         }),
     ];
     for (name, call) in calls {
@@ -1208,7 +1211,8 @@ fn fused_steps_match_the_emulation_and_skip_on_the_device() -> Result<()> {
     Ok(())
 }
 
-/// A clipped, skip-checking fused step does not wait for the device.
+/// A clipped, skip-checking fused step does not wait for the device, for the clips that promise
+/// it: a norm, ZClip (its statistics updated by a kernel) and AGC (folded in).
 #[test]
 fn fused_steps_do_not_synchronise() -> Result<()> {
     use candle_grad_clip::{ClipSetting, FusedAdamW};
@@ -1217,29 +1221,36 @@ fn fused_steps_do_not_synchronise() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(24);
     let (vars, _) = optimizer_vars(&mut rng, DType::F32, &dev)?;
     let (grads, _) = optimizer_grads(&mut rng, &vars, &vars, 1.0)?;
-    let mut opt = FusedAdamW::new(vars, ParamsAdamW::default())?
-        .with_clip(ClipSetting::norm(1.0))?
-        .skip_nonfinite(true);
     let a = Tensor::ones((4096, 4096), DType::F32, &dev)?;
-    opt.step(&grads)?; // warm up: module load, scratch
-    let _ = a.matmul(&a)?;
-    dev.synchronize()?;
-    let start = Instant::now();
-    let mut m = a.clone();
-    for _ in 0..200 {
-        m = m.matmul(&a)?;
+    for setting in [
+        ClipSetting::norm(1.0),
+        ClipSetting::ZClip(ZClip::new().warmup_steps(1)),
+        ClipSetting::agc(0.01),
+    ] {
+        let what = format!("{setting:?}");
+        let mut opt = FusedAdamW::new(vars.clone(), ParamsAdamW::default())?
+            .with_clip(setting)?
+            .skip_nonfinite(true);
+        opt.step(&grads)?; // warm up: module load, scratch
+        let _ = a.matmul(&a)?;
+        dev.synchronize()?;
+        let start = Instant::now();
+        let mut m = a.clone();
+        for _ in 0..200 {
+            m = m.matmul(&a)?;
+        }
+        let queued = start.elapsed();
+        let t = Instant::now();
+        opt.step(&grads)?;
+        let call = t.elapsed();
+        dev.synchronize()?;
+        let total = start.elapsed();
+        assert!(
+            queued + call < total / 2,
+            "{what}: the fused step seems to wait for the device: returned at {:?} of {total:?}",
+            queued + call
+        );
     }
-    let queued = start.elapsed();
-    let t = Instant::now();
-    opt.step(&grads)?;
-    let call = t.elapsed();
-    dev.synchronize()?;
-    let total = start.elapsed();
-    assert!(
-        queued + call < total / 2,
-        "the fused step seems to wait for the device: returned at {:?} of {total:?}",
-        queued + call
-    );
     Ok(())
 }
 

@@ -694,3 +694,73 @@ fn the_reference_tells_the_ema_input_apart() {
     // With the raw 50 in the EMA the mean would exceed 2.
     assert!(mean < 1.5, "{mean}");
 }
+
+/// `Clipped` with ZClip: a step without any gradient leaves the statistics alone and is not
+/// counted as clipped (the last step's coefficient is not reused).
+#[test]
+fn an_empty_step_is_not_clipped() -> Result<()> {
+    let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
+    let setting = ZClip::new().warmup_steps(1).max_grad_norm(1.0);
+    let mut opt = Clipped::<SGD>::new(
+        vec![w.clone()],
+        ClippedConfig::new(0.1, ClipSetting::ZClip(setting)),
+    )?;
+    let mut grads = GradStore::default();
+    grads.insert(&w, Tensor::new(&[30f32, 40.], &Device::Cpu)?);
+    opt.step(&grads)?; // warm-up step, capped by max_grad_norm: clipped
+    assert_eq!(opt.clipped_steps()?, 1);
+    let before = match opt.clip_setting() {
+        ClipSetting::ZClip(z) => z.state_dict()?,
+        _ => unreachable!(),
+    };
+    opt.step(&GradStore::default())?;
+    assert_eq!((opt.steps(), opt.clipped_steps()?), (2, 1));
+    let ClipSetting::ZClip(z) = opt.clip_setting() else {
+        unreachable!()
+    };
+    assert_eq!(
+        bits(&z.state_dict()?["mean"])?,
+        bits(&before["mean"])?,
+        "statistics untouched"
+    );
+    Ok(())
+}
+
+/// Finite F32 gradients whose norm overflows the F32 norm tensor: ZClip takes the norm as
+/// `f32::MAX` (a spike, clipped towards the mean), on the CPU and in the kernel alike; it does not
+/// pass them through as a non-finite step would.
+#[test]
+fn an_f32_norm_overflow_is_a_spike_not_a_nonfinite_step() -> Result<()> {
+    let w = Var::zeros(4, DType::F32, &Device::Cpu)?;
+    let step = |z: &mut ZClip, scale: f32| -> Result<Vec<f32>> {
+        let mut grads = GradStore::default();
+        grads.insert(
+            &w,
+            Tensor::new(&[scale, -scale, scale, scale], &Device::Cpu)?,
+        );
+        z.clip_(std::slice::from_ref(&w), &mut grads)?;
+        grads.get(&w).expect("g").to_vec1::<f32>()
+    };
+    for emulated in [false, true] {
+        let mut z = ZClip::new().warmup_steps(3);
+        for s in [1.0, 1.1, 0.9] {
+            step(&mut z, s)?;
+        }
+        let run = |z: &mut ZClip| -> Result<Vec<f32>> {
+            if emulated {
+                Ok(KernelEmulation::new().run(|| step(z, f32::MAX))?.0)
+            } else {
+                step(z, f32::MAX)
+            }
+        };
+        let g = run(&mut z)?;
+        // The norm (2 · f32::MAX) overflows its F32 tensor; ZClip clipped the step hard.
+        assert!(
+            g.iter().all(|x| x.is_finite() && x.abs() < 10.0),
+            "emulated {emulated}: {g:?}"
+        );
+        let c = z.last_coefficient()?.expect("a step");
+        assert!(c > 0.0 && c < 1e-37, "emulated {emulated}: {c}");
+    }
+    Ok(())
+}

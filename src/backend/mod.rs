@@ -183,7 +183,7 @@ pub(crate) fn zclip_on_host(
     params: &ZClipParams,
 ) -> Result<(f64, Tensor)> {
     let mut words = state.to_vec1::<f64>()?;
-    let c = zclip::update(&mut words, returned_norm(norm, dtype), params);
+    let c = zclip::update(&mut words, zclip::input(norm, dtype), params);
     Ok((c, Tensor::new(words, state.device())?))
 }
 

@@ -26,6 +26,12 @@ pub const AGC_DEFAULT_EPS: f64 = 1e-3;
 /// unit whose parameters or gradient hold a NaN is never clipped (its comparison is false, as in
 /// timm); an infinite gradient norm scales the unit by 0 (its infinities become NaN).
 ///
+/// **Limit:** the sums of squares are `f64` with no rescue pass (unlike the global norm of
+/// [`clip_grad_norm_`](crate::clip_grad_norm_)), so an `F64` unit with elements above about
+/// `1e154` overflows to an infinite norm: the unit is zeroed instead of scaled down, the returned
+/// norm is `inf`, and a fused optimizer with `skip_nonfinite` skips the step. F32, F16 and BF16
+/// gradients cannot overflow it.
+///
 /// `clipping` must be finite and `> 0` (the paper uses 0.01 to 0.16 depending on batch size),
 /// `eps` `>= 0` and not NaN ([`AGC_DEFAULT_EPS`] is the usual value). Vars without a gradient are
 /// skipped, a var listed twice is clipped once. The gradients must have their var's dtype and

@@ -296,11 +296,13 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 (norm, not_clipped)
             }
             ClipSetting::ZClip(zclip) => {
+                // A step without gradients leaves ZClip alone (and is not clipped).
+                let any = self.vars.iter().any(|v| view.get(v.as_tensor()).is_some());
                 let norm = zclip.clip_(&self.vars, &mut view)?;
                 // Not clipped iff the coefficient was 1 (false for NaN), on the device.
                 let not_clipped = match zclip.last_coefficient_tensor()? {
-                    Some(c) => c.ge(1.0)?,
-                    None => Tensor::new(1u8, norm.device())?,
+                    Some(c) if any => c.ge(1.0)?,
+                    _ => Tensor::new(1u8, norm.device())?,
                 };
                 (norm, not_clipped)
             }

@@ -137,10 +137,12 @@ impl FusedCore {
 
     pub(crate) fn set_skip_nonfinite(&mut self, skip: bool) {
         self.skip_nonfinite = skip;
+        self.skip_run = None;
     }
 
     pub(crate) fn set_max_consecutive_skips(&mut self, limit: usize) {
         self.max_consecutive_skips = Some(limit);
+        self.skip_run = None;
     }
 
     pub(crate) fn last_norm(&self) -> Option<&Tensor> {
@@ -198,6 +200,7 @@ impl FusedCore {
     /// counters and the clip's bookkeeping) and reported.
     pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
         let Some(limit) = self.max_consecutive_skips.filter(|_| self.skip_nonfinite) else {
+            self.skip_run = None;
             return self.step_once(grads, rule);
         };
         let (skipped_before, run) = match self.skip_run {

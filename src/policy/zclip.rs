@@ -60,6 +60,19 @@ pub(crate) struct ZClipParams {
 /// The ε of the z-score and of the clip coefficient, as in the reference (and `clip_grad_norm_`).
 const ZCLIP_EPS: f64 = DEFAULT_EPS;
 
+/// The norm ZClip takes for a reduction's exact `norm` (in `f64`) of gradients whose norm tensor
+/// has `dtype`: the norm as returned (rounded to `dtype`, as the reference's `.item()` of a float32
+/// norm), except that a norm of finite gradients that overflows an F32 norm tensor is taken as
+/// `f32::MAX` (a spike, clipped) rather than as a non-finite step. Mirrored in `grad_clip_zclip`.
+pub(crate) fn input(norm: f64, dtype: DType) -> f64 {
+    let returned = crate::backend::returned_norm(norm, dtype);
+    if returned.is_infinite() && norm.is_finite() {
+        f32::MAX as f64
+    } else {
+        returned
+    }
+}
+
 /// One ZClip step on `state` (the layout of [`word`]) for the global L2 `norm`: updates the
 /// statistics and returns the coefficient to multiply the gradients by (1: leave them untouched;
 /// NaN poisons them, as `clip_grad_norm_`). Mirrored by `grad_clip_zclip` in `kernels/grad_clip.cu`:
