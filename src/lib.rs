@@ -65,7 +65,7 @@ pub use clip::{
 };
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
 pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};
-pub use policy::AutoClip;
+pub use policy::{AutoClip, GradScaler};
 pub use stats::{grad_norms, GradNormStats};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]

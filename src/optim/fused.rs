@@ -246,6 +246,15 @@ impl FusedCore {
         Ok(())
     }
 
+    /// [`step`](Self::step) with non-finite steps skipped whatever the setting: the step of
+    /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
+    pub(crate) fn step_skipping_nonfinite(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
+        let setting = std::mem::replace(&mut self.skip_nonfinite, true);
+        let result = self.step(grads, rule);
+        self.skip_nonfinite = setting;
+        result
+    }
+
     // -----------------------------------------------------------------------------------------
     // State.
 

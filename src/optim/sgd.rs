@@ -113,6 +113,15 @@ fn validate(p: &ParamsSgd) -> Result<()> {
     Ok(())
 }
 
+impl FusedSgd {
+    /// A step with non-finite steps skipped on the device whatever
+    /// [`skip_nonfinite`](Self::skip_nonfinite) says ([`GradScaler`](crate::GradScaler)'s step).
+    pub(crate) fn step_skipping_nonfinite(&mut self, grads: &GradStore) -> Result<()> {
+        validate(&self.params)?;
+        self.core.step_skipping_nonfinite(grads, rule(&self.params))
+    }
+}
+
 impl Optimizer for FusedSgd {
     type Config = ParamsSgd;
 

@@ -1,5 +1,7 @@
-//! Clipping policies that decide the threshold from the training run itself: [`AutoClip`].
+//! Clipping policies that decide the threshold from the training run itself: [`AutoClip`]; dynamic loss scaling ([`GradScaler`]).
 
 pub(crate) mod autoclip;
+pub(crate) mod grad_scaler;
 
 pub use autoclip::AutoClip;
+pub use grad_scaler::GradScaler;
