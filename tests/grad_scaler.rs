@@ -126,7 +126,10 @@ fn scaled_values(vars: &[Var], scale: f64, poison: u8, rng: &mut StdRng) -> Vec<
         .collect();
     let bad = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
     if poison > 0 {
-        let i = rng.gen_range(0..values.len());
+        let nonempty: Vec<usize> = (0..values.len())
+            .filter(|&i| !values[i].is_empty())
+            .collect();
+        let i = nonempty[rng.gen_range(0..nonempty.len())];
         let j = rng.gen_range(0..values[i].len());
         values[i][j] = bad[(poison - 1) as usize];
     }
@@ -811,6 +814,147 @@ fn emulated_fused_path_equals_the_cpu() -> Result<()> {
         }
         assert_eq!(emulated.skipped_steps()?, 2);
         assert_eq!(cpu.skipped_steps()?, 2);
+    }
+    Ok(())
+}
+
+/// The fused step's one-read path on the CPU (`step` without `unscale_`: the reduction and the
+/// update unscale each element as they read it) equals `unscale_` then `step` (unscale pass, then
+/// the fused step on unscaled gradients) bit for bit: vars, optimizer state, counters, the norm,
+/// the scale, and the gradients left in the store; for F32, F64 and BF16 vars, every clip kind,
+/// AdamW and SGD with momentum, vars large enough for the parallel passes, and non-finite steps.
+#[test]
+fn one_read_path_equals_unscale_then_step() -> Result<()> {
+    use candle_grad_clip::NormType;
+    let clips: Vec<Option<ClipSetting>> = vec![
+        None,
+        Some(ClipSetting::norm(0.5)),
+        Some(ClipSetting::Norm {
+            max_norm: 0.05,
+            norm_type: NormType::Inf,
+        }),
+        Some(ClipSetting::Norm {
+            max_norm: 1.0,
+            norm_type: NormType::P(3.0),
+        }),
+        Some(ClipSetting::value(0.01)),
+    ];
+    let shapes: [&[usize]; 4] = [&[300, 257], &[257], &[1], &[0]];
+    for (case, dtype) in [DType::F32, DType::F64, DType::BF16]
+        .into_iter()
+        .enumerate()
+    {
+        for (c, clip) in clips.iter().enumerate() {
+            let mut rng = StdRng::seed_from_u64(100 + (case * 10 + c) as u64);
+            let make = |rng: &mut StdRng| -> Result<Vec<Var>> {
+                shapes
+                    .iter()
+                    .map(|s| {
+                        let n: usize = s.iter().product();
+                        let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                        Var::from_tensor(
+                            &Tensor::from_vec(v, s.to_vec(), &Device::Cpu)?.to_dtype(dtype)?,
+                        )
+                    })
+                    .collect()
+            };
+            let a = make(&mut rng)?;
+            let b: Vec<Var> = a
+                .iter()
+                .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
+                .collect::<Result<_>>()?;
+            let adamw = c % 2 == 0;
+            let build = |vars: &[Var]| -> Result<
+                Box<dyn FnMut(&mut GradScaler, &GradStore) -> Result<(Option<Tensor>, [usize; 3])>>,
+            > {
+                if adamw {
+                    let mut opt = FusedAdamW::new(vars.to_vec(), ParamsAdamW::default())?;
+                    if let Some(clip) = clip {
+                        opt = opt.with_clip(clip.clone())?;
+                    }
+                    Ok(Box::new(move |scaler, grads| {
+                        scaler.step(&mut opt, grads)?;
+                        Ok((
+                            opt.last_norm().cloned(),
+                            [opt.steps()?, opt.clipped_steps()?, opt.skipped_steps()?],
+                        ))
+                    }))
+                } else {
+                    let params = ParamsSgd {
+                        lr: 0.1,
+                        momentum: 0.9,
+                        weight_decay: 0.01,
+                        ..Default::default()
+                    };
+                    let mut opt = FusedSgd::new(vars.to_vec(), params)?;
+                    if let Some(clip) = clip {
+                        opt = opt.with_clip(clip.clone())?;
+                    }
+                    Ok(Box::new(move |scaler, grads| {
+                        scaler.step(&mut opt, grads)?;
+                        Ok((
+                            opt.last_norm().cloned(),
+                            [opt.steps()?, opt.clipped_steps()?, opt.skipped_steps()?],
+                        ))
+                    }))
+                }
+            };
+            let (mut one_read, mut two_pass) = (build(&a)?, build(&b)?);
+            let mut scaler_a = GradScaler::new().init_scale(1000.0).growth_interval(2);
+            let mut scaler_b = scaler_a.clone();
+            for step in 0..5 {
+                let poison = [0u8, 0, 2, 0, 1][step];
+                let scaler_b_before = scaler_b.scale_value()? as f32;
+                let values = scaled_values(&a, scaler_a.scale_value()? * 0.3, poison, &mut rng);
+                let ga = store(&a, &values, dtype)?;
+                let mut gb = store(&b, &values, dtype)?;
+                let stored: Vec<Vec<f64>> = a
+                    .iter()
+                    .map(|v| common::vals(ga.get(v).unwrap()))
+                    .collect::<Result<_>>()?;
+                let (norm_a, counts_a) = one_read(&mut scaler_a, &ga)?;
+                scaler_b.unscale_(&b, &mut gb)?;
+                let (norm_b, counts_b) = two_pass(&mut scaler_b, &gb)?;
+                scaler_a.update()?;
+                scaler_b.update()?;
+                let what = format!("{dtype:?} clip {clip:?} adamw {adamw} step {step}");
+                assert_eq!(vars_bits(&a)?, vars_bits(&b)?, "{what}: vars");
+                assert_eq!(counts_a, counts_b, "{what}: steps, clipped, skipped");
+                // The store's gradients: PyTorch's unscaled values (transcribed), on both paths.
+                let torch = TorchScaler::new(scaler_b_before as f64, 2.0, 0.5, 2);
+                for ((va, vb), scaled) in a.iter().zip(&b).zip(&stored) {
+                    let (x, y) = (
+                        common::vals(ga.get(va).unwrap())?,
+                        common::vals(gb.get(vb).unwrap())?,
+                    );
+                    for (k, g) in scaled.iter().enumerate() {
+                        let want = torch.unscale(dtype, *g);
+                        let same =
+                            |v: f64| v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan());
+                        assert!(
+                            same(x[k]),
+                            "{what}: one-read store [{k}] {} vs {want}",
+                            x[k]
+                        );
+                        assert!(
+                            same(y[k]),
+                            "{what}: two-pass store [{k}] {} vs {want}",
+                            y[k]
+                        );
+                    }
+                }
+                match (norm_a, norm_b) {
+                    (Some(x), Some(y)) => assert_eq!(bits(&x)?, bits(&y)?, "{what}: norm"),
+                    (None, None) => {}
+                    other => panic!("{what}: norms {other:?}"),
+                }
+                assert_eq!(
+                    scale_bits(&scaler_a)?,
+                    scale_bits(&scaler_b)?,
+                    "{what}: scale"
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -185,6 +185,11 @@ impl FusedCore {
     /// One step: collect and check the gradients, decide the clip, run the fused update.
     /// Nothing changes when it fails.
     pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
+        self.step_with(grads, rule, None)
+    }
+
+    /// [`step`](Self::step), with GradScaler's `prescale` (see `backend::update::Step`).
+    fn step_with(&mut self, grads: &GradStore, rule: Rule, prescale: Option<f32>) -> Result<()> {
         self.ensure_state(rule.state_count())?;
         let mut targets = Vec::with_capacity(self.vars.len());
         let mut step_grads = Vec::with_capacity(self.vars.len());
@@ -231,6 +236,7 @@ impl FusedCore {
             rule,
             clip,
             skip_nonfinite: self.skip_nonfinite,
+            prescale,
             control: &self.control,
             state: &self.state,
         })?;
@@ -248,11 +254,27 @@ impl FusedCore {
 
     /// [`step`](Self::step) with non-finite steps skipped whatever the setting: the step of
     /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
-    pub(crate) fn step_skipping_nonfinite(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
+    /// With `prescale` (`inv_scale`), the gradients are still scaled: the step unscales them as
+    /// it reads them and writes them back unscaled (GradScaler's one-read path; only where
+    /// `backend::update::runs_prescaled`, without AutoClip, whose norm is taken before the step).
+    pub(crate) fn step_skipping_nonfinite(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        prescale: Option<f32>,
+    ) -> Result<()> {
+        if prescale.is_some() && matches!(self.clip, Some(ClipSetting::AutoClip(_))) {
+            bail!("internal error: a prescaled step with AutoClip")
+        }
         let setting = std::mem::replace(&mut self.skip_nonfinite, true);
-        let result = self.step(grads, rule);
+        let result = self.step_with(grads, rule, prescale);
         self.skip_nonfinite = setting;
         result
+    }
+
+    /// The device of the vars.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
     }
 
     // -----------------------------------------------------------------------------------------

@@ -2,15 +2,16 @@
 //! `torch.amp.GradScaler`, with its state on the gradients' device.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
 use crate::backend;
-use crate::gradients::GradientSet;
-use crate::{FusedAdamW, FusedSgd, NormType};
+use crate::backend::update;
+use crate::gradients::{storage_key, GradientSet};
+use crate::{ClipSetting, FusedAdamW, FusedSgd, NormType};
 
 /// Keys of the state dict.
 const KEY_SCALE: &str = "scale";
@@ -326,49 +327,14 @@ impl GradScaler {
 
     /// Unscales the gradients of `vars` in place and records found-inf (no stage check).
     fn unscale_grads(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
-        let mut targets: Vec<Tensor> = Vec::with_capacity(vars.len());
-        for (i, var) in vars.iter().enumerate() {
-            let Some(grad) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            match grad.dtype() {
-                DType::F32 | DType::F64 | DType::BF16 => {}
-                DType::F16 => bail!(
-                    "GradScaler::unscale_: the gradient of var #{i} is F16; GradScaler expects F32 (master) gradients, as PyTorch's: keep the vars in F32 and run the forward pass in F16 (cast the vars to F16 inside it), so that backward() gives F32 gradients to the vars; nothing was modified"
-                ),
-                other => bail!(
-                    "GradScaler::unscale_: the gradient of var #{i} is {other:?}, not a float dtype; nothing was modified"
-                ),
-            }
-            if !grad.is_contiguous() {
-                bail!(
-                    "GradScaler::unscale_: the gradient of var #{i} (shape {:?}) is not contiguous; it is written in place; nothing was modified",
-                    grad.dims()
-                )
-            }
-            if let Some(first) = targets.first() {
-                if !grad.device().same_device(first.device()) {
-                    bail!(
-                        "GradScaler::unscale_: the gradient of var #{i} is on {:?}, the first one on {:?}; nothing was modified",
-                        grad.device().location(),
-                        first.device().location()
-                    )
-                }
-            }
-            targets.push(grad.clone());
-        }
+        let targets = checked_grads(vars, grads)?;
         let device = match (targets.first(), &self.state) {
             (Some(g), _) => g.device().clone(),
             (None, Some(s)) => s.device().clone(),
             (None, None) => Device::Cpu,
         };
         let state = self.state_on(&device)?;
-        // PyTorch: inv_scale = (f32)(1 / (f64)scale).
-        let inv_scale = state
-            .scale
-            .to_dtype(DType::F64)?
-            .recip()?
-            .to_dtype(DType::F32)?;
+        let inv_scale = inv_scale(&state.scale)?;
         let unscaled: Vec<Tensor> = targets
             .iter()
             .map(|g| unscale(g, &inv_scale))
@@ -390,6 +356,45 @@ impl GradScaler {
             }
         }
         state.found_inf = Some(found_inf);
+        Ok(())
+    }
+
+    /// Before a fused step: unscales the gradients (if not done yet), or, on the CPU when the
+    /// gradients share no storage and the clip is not AutoClip, returns the `inv_scale` for the
+    /// fused step's one-read path (it unscales them itself).
+    fn prepare_fused(
+        &mut self,
+        vars: &[Var],
+        grads: &GradStore,
+        device: &Device,
+        clip: Option<&ClipSetting>,
+    ) -> Result<Option<f32>> {
+        if self.stage != Stage::Ready {
+            return Ok(None);
+        }
+        let targets = checked_grads(vars, grads)?;
+        let mut storages = HashSet::new();
+        let distinct = targets.iter().all(|g| storages.insert(storage_key(g)));
+        let one_read = update::runs_prescaled(device)
+            && distinct
+            && !matches!(clip, Some(ClipSetting::AutoClip(_)));
+        if !one_read {
+            self.unscale_if_needed(vars, grads)?;
+            return Ok(None);
+        }
+        let state = self.state_on(device)?;
+        // On the CPU: reading it costs no synchronisation.
+        Ok(Some(inv_scale(&state.scale)?.to_scalar::<f32>()?))
+    }
+
+    /// After a fused step on the one-read path: found-inf is whether the step was skipped (read
+    /// on the CPU, where that path runs); the gradients are unscaled.
+    fn record_fused(&mut self, skipped_before: usize, skipped_after: usize) -> Result<()> {
+        let Some(state) = self.state.as_mut() else {
+            bail!("internal error: GradScaler has no state after a prescaled step")
+        };
+        let found = (skipped_after > skipped_before) as u8 as f32;
+        state.found_inf = Some(Tensor::new(found, state.device())?);
         Ok(())
     }
 
@@ -425,11 +430,21 @@ impl GradScaler {
         }
         let opt: &mut dyn Any = opt;
         if let Some(opt) = opt.downcast_mut::<FusedAdamW>() {
-            self.unscale_if_needed(opt.vars(), grads)?;
-            opt.step_skipping_nonfinite(grads)?;
+            let core = opt.core();
+            let prescale = self.prepare_fused(opt.vars(), grads, core.device(), core.clip())?;
+            let before = prescale.map(|_| opt.skipped_steps()).transpose()?;
+            opt.step_skipping_nonfinite(grads, prescale)?;
+            if let Some(before) = before {
+                self.record_fused(before, opt.skipped_steps()?)?;
+            }
         } else if let Some(opt) = opt.downcast_mut::<FusedSgd>() {
-            self.unscale_if_needed(opt.vars(), grads)?;
-            opt.step_skipping_nonfinite(grads)?;
+            let core = opt.core();
+            let prescale = self.prepare_fused(opt.vars(), grads, core.device(), core.clip())?;
+            let before = prescale.map(|_| opt.skipped_steps()).transpose()?;
+            opt.step_skipping_nonfinite(grads, prescale)?;
+            if let Some(before) = before {
+                self.record_fused(before, opt.skipped_steps()?)?;
+            }
         } else {
             let Some(opt) = opt.downcast_mut::<O>() else {
                 bail!("internal error: the optimizer is not of its own type")
@@ -636,6 +651,48 @@ impl GradScaler {
         let dict = candle_core::safetensors::load(path.as_ref(), &Device::Cpu)?;
         self.load_state_dict(&dict)
     }
+}
+
+/// The gradients of `vars` (vars without one left out), checked for unscaling: F32, F64 or
+/// BF16, contiguous, on one device. Reads no data.
+fn checked_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Tensor>> {
+    let mut targets: Vec<Tensor> = Vec::with_capacity(vars.len());
+    for (i, var) in vars.iter().enumerate() {
+        let Some(grad) = grads.get(var.as_tensor()) else {
+            continue;
+        };
+        match grad.dtype() {
+                DType::F32 | DType::F64 | DType::BF16 => {}
+                DType::F16 => bail!(
+                    "GradScaler::unscale_: the gradient of var #{i} is F16; GradScaler expects F32 (master) gradients, as PyTorch's: keep the vars in F32 and run the forward pass in F16 (cast the vars to F16 inside it), so that backward() gives F32 gradients to the vars; nothing was modified"
+                ),
+                other => bail!(
+                    "GradScaler::unscale_: the gradient of var #{i} is {other:?}, not a float dtype; nothing was modified"
+                ),
+            }
+        if !grad.is_contiguous() {
+            bail!(
+                    "GradScaler::unscale_: the gradient of var #{i} (shape {:?}) is not contiguous; it is written in place; nothing was modified",
+                    grad.dims()
+                )
+        }
+        if let Some(first) = targets.first() {
+            if !grad.device().same_device(first.device()) {
+                bail!(
+                        "GradScaler::unscale_: the gradient of var #{i} is on {:?}, the first one on {:?}; nothing was modified",
+                        grad.device().location(),
+                        first.device().location()
+                    )
+            }
+        }
+        targets.push(grad.clone());
+    }
+    Ok(targets)
+}
+
+/// PyTorch's `inv_scale = (f32)(1 / (f64)scale)`, on the scale's device.
+fn inv_scale(scale: &Tensor) -> Result<Tensor> {
+    scale.to_dtype(DType::F64)?.recip()?.to_dtype(DType::F32)
 }
 
 /// `g * inv_scale` as PyTorch computes it: F32 in `f32`, F64 in `f64` (the scale widened

@@ -723,6 +723,9 @@ pub(crate) fn norm_tensor(norm: f64, dtype: DType) -> Result<Tensor> {
     }
 }
 
+// After the macros it uses.
+pub(crate) mod prescale;
+
 #[cfg(test)]
 mod tests {
     use super::*;
