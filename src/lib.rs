@@ -66,6 +66,9 @@ pub use clip::{
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
 pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};
 pub use policy::{AutoClip, GradScaler};
+// For benches/scaler_ratios.rs only.
+#[doc(hidden)]
+pub use policy::__unscaled_norm_cpu;
 pub use stats::{grad_norms, GradNormStats};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]

@@ -707,3 +707,22 @@ fn unscale(g: &Tensor, inv_scale: &Tensor) -> Result<Tensor> {
             .to_dtype(g.dtype()),
     }
 }
+
+/// Not part of the API (hidden; may change at any time): the reduction of [`GradScaler`]'s
+/// one-read path on the CPU, alone: the norm of the gradients of `vars`, each element multiplied
+/// by `inv_scale` and rounded as [`GradScaler::unscale_`] rounds it as it is read, nothing
+/// written (a NaN or infinite result is found-inf). For `benches/scaler_ratios.rs`, which
+/// compares it with the plain norm pass.
+#[doc(hidden)]
+pub fn __unscaled_norm_cpu(
+    vars: &[Var],
+    grads: &GradStore,
+    inv_scale: f32,
+    norm_type: NormType,
+) -> Result<f64> {
+    let set = GradientSet::collect(vars, grads)?;
+    if !set.device().is_cpu() {
+        bail!("__unscaled_norm_cpu: CPU gradients only")
+    }
+    backend::cpu::prescale::norm_unscaled(&set, &set.group_by_storage(), norm_type, inv_scale)
+}

@@ -44,10 +44,17 @@ pub(crate) trait Element: Copy + Send + Sync + 'static {
     fn as_f32_slice(_xs: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// The slice itself, writable, when `Self` is `f32`.
+    fn as_f32_slice_mut(_xs: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Element for f32 {
     fn as_f32_slice(xs: &[Self]) -> Option<&[f32]> {
+        Some(xs)
+    }
+    fn as_f32_slice_mut(xs: &mut [Self]) -> Option<&mut [f32]> {
         Some(xs)
     }
     fn next_toward_zero(self) -> Self {
