@@ -5,6 +5,8 @@
 //! (fused on the device, and with any other optimizer), the resume from a state dict, and the
 //! fused path against unscale + clip + candle's optimizer.
 
+use std::slice::from_ref;
+
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
     clip_grad_norm_, ClipSetting, FusedAdamW, FusedSgd, GradScaler, KernelEmulation, ParamsSgd,
@@ -256,7 +258,7 @@ fn growth_is_capped_at_f32_max() -> Result<()> {
     let mut torch = TorchScaler::new(init, 2.0, 0.5, 1);
     let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(0.1))?;
     for _ in 0..3 {
-        let grads = store(&[w.clone()], &[vec![1.0, -1.0]], DType::F32)?;
+        let grads = store(from_ref(&w), &[vec![1.0, -1.0]], DType::F32)?;
         scaler.step(&mut opt, &grads)?;
         scaler.update()?;
         torch.update(false);
@@ -268,7 +270,7 @@ fn growth_is_capped_at_f32_max() -> Result<()> {
     let mut scaler = GradScaler::new()
         .init_scale(f32::MAX as f64 / 2.0)
         .growth_interval(1);
-    let grads = store(&[w.clone()], &[vec![1.0, -1.0]], DType::F32)?;
+    let grads = store(from_ref(&w), &[vec![1.0, -1.0]], DType::F32)?;
     scaler.step(&mut opt, &grads)?;
     scaler.update()?;
     assert_eq!(scaler.scale_value()?, f32::MAX as f64);
@@ -332,8 +334,8 @@ fn unscale_handles_the_nasty_cases() -> Result<()> {
 fn overflow_on_unscaling_counts_as_non_finite() -> Result<()> {
     let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
     let mut scaler = GradScaler::new().init_scale(0.25);
-    let mut grads = store(&[w.clone()], &[vec![f32::MAX as f64, 1.0]], DType::F32)?;
-    scaler.unscale_(&[w.clone()], &mut grads)?;
+    let mut grads = store(from_ref(&w), &[vec![f32::MAX as f64, 1.0]], DType::F32)?;
+    scaler.unscale_(from_ref(&w), &mut grads)?;
     assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?[0], f32::INFINITY);
     let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?;
     scaler.step(&mut opt, &grads)?;
@@ -368,7 +370,7 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
     assert!(err.contains("nothing was modified"), "{err}");
     assert_eq!(grads.get(&w32).unwrap().to_vec1::<f32>()?, [4.0, 8.0, 16.0]);
     // The refusal left the scaler ready: unscaling the F32 ones works.
-    scaler.unscale_(&[w32.clone()], &mut grads)?;
+    scaler.unscale_(from_ref(&w32), &mut grads)?;
     assert_eq!(grads.get(&w32).unwrap().to_vec1::<f32>()?, [1.0, 2.0, 4.0]);
 
     // Through `step` with a fused optimizer over an F16 var: refused, nothing stepped.
@@ -384,7 +386,7 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
         Tensor::new(&[4f32, 8.0, 3.0], &dev)?.to_dtype(DType::BF16)?,
     );
     let mut scaler = GradScaler::new().init_scale(4.0);
-    scaler.unscale_(&[wb.clone()], &mut grads)?;
+    scaler.unscale_(from_ref(&wb), &mut grads)?;
     assert_eq!(
         grads
             .get(&wb)
@@ -405,13 +407,13 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
     assert!(err.contains("not contiguous"), "{err}");
 
     // A candle optimizer needs unscale_ first.
-    let mut grads = store(&[w32.clone()], &[vec![1.0, 2.0, 3.0]], DType::F32)?;
+    let mut grads = store(from_ref(&w32), &[vec![1.0, 2.0, 3.0]], DType::F32)?;
     let mut sgd = SGD::new(vec![w32.clone()], 0.1)?;
     let mut scaler = GradScaler::new();
     let err = scaler.step(&mut sgd, &grads).unwrap_err().to_string();
     assert!(err.contains("call unscale_"), "{err}");
     assert_eq!(w32.to_vec1::<f32>()?, [0.0; 3]);
-    scaler.unscale_(&[w32.clone()], &mut grads)?;
+    scaler.unscale_(from_ref(&w32), &mut grads)?;
     scaler.step(&mut sgd, &grads)?;
     Ok(())
 }
@@ -448,9 +450,9 @@ fn invalid_settings_are_refused_at_first_use() -> Result<()> {
         };
         check(scaler.scale(w.as_tensor()).map(|_| ()), "scale");
         check(scaler.scale_value().map(|_| ()), "scale_value");
-        let mut grads = store(&[w.clone()], &[vec![1.0, 2.0]], DType::F32)?;
+        let mut grads = store(from_ref(&w), &[vec![1.0, 2.0]], DType::F32)?;
         check(
-            scaler.clone().unscale_(&[w.clone()], &mut grads),
+            scaler.clone().unscale_(from_ref(&w), &mut grads),
             "unscale_",
         );
         assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?, [1.0, 2.0]);
@@ -474,7 +476,7 @@ fn invalid_settings_are_refused_at_first_use() -> Result<()> {
 #[test]
 fn state_machine_errors() -> Result<()> {
     let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
-    let fresh = || store(&[w.clone()], &[vec![4.0, 8.0]], DType::F32);
+    let fresh = || store(from_ref(&w), &[vec![4.0, 8.0]], DType::F32);
     let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?;
     let mut scaler = GradScaler::new().init_scale(4.0);
 
@@ -482,9 +484,9 @@ fn state_machine_errors() -> Result<()> {
     assert!(err.contains("no inf checks were recorded"), "{err}");
 
     let mut grads = fresh()?;
-    scaler.unscale_(&[w.clone()], &mut grads)?;
+    scaler.unscale_(from_ref(&w), &mut grads)?;
     let err = scaler
-        .unscale_(&[w.clone()], &mut grads)
+        .unscale_(from_ref(&w), &mut grads)
         .unwrap_err()
         .to_string();
     assert!(err.contains("already been called"), "{err}");
@@ -497,7 +499,7 @@ fn state_machine_errors() -> Result<()> {
     scaler.step(&mut opt, &grads)?;
     assert_eq!(w.to_vec1::<f32>()?, [-1.0, -2.0]);
     let err = scaler
-        .unscale_(&[w.clone()], &mut grads)
+        .unscale_(from_ref(&w), &mut grads)
         .unwrap_err()
         .to_string();
     assert!(err.contains("after step"), "{err}");
@@ -511,7 +513,7 @@ fn state_machine_errors() -> Result<()> {
 
     // After update, a new round works; update after unscale_ alone is allowed (as PyTorch).
     let mut grads = fresh()?;
-    scaler.unscale_(&[w.clone()], &mut grads)?;
+    scaler.unscale_(from_ref(&w), &mut grads)?;
     scaler.update()?;
     scaler.step(&mut opt, &fresh()?)?;
     scaler.update()?;
@@ -681,11 +683,11 @@ fn state_resumes_bitwise() -> Result<()> {
         let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(0.0))?;
         let mut seen = vec![];
         for (k, &p) in poison.iter().enumerate().take(to) {
-            let values = scaled_values(&[w.clone()], 1.0, p, &mut rng);
+            let values = scaled_values(from_ref(&w), 1.0, p, &mut rng);
             if k < from {
                 continue;
             }
-            scaler.step(&mut opt, &store(&[w.clone()], &values, DType::F32)?)?;
+            scaler.step(&mut opt, &store(from_ref(&w), &values, DType::F32)?)?;
             scaler.update()?;
             seen.push(scale_bits(scaler)?);
         }
@@ -818,6 +820,9 @@ fn emulated_fused_path_equals_the_cpu() -> Result<()> {
     Ok(())
 }
 
+/// A fused optimizer's step through a scaler: its last norm and `[steps, clipped, skipped]`.
+type Stepper = Box<dyn FnMut(&mut GradScaler, &GradStore) -> Result<(Option<Tensor>, [usize; 3])>>;
+
 /// The fused step's one-read path on the CPU (`step` without `unscale_`: the reduction and the
 /// update unscale each element as they read it) equals `unscale_` then `step` (unscale pass, then
 /// the fused step on unscaled gradients) bit for bit: vars, optimizer state, counters, the norm,
@@ -864,9 +869,7 @@ fn one_read_path_equals_unscale_then_step() -> Result<()> {
                 .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
                 .collect::<Result<_>>()?;
             let adamw = c % 2 == 0;
-            let build = |vars: &[Var]| -> Result<
-                Box<dyn FnMut(&mut GradScaler, &GradStore) -> Result<(Option<Tensor>, [usize; 3])>>,
-            > {
+            let build = |vars: &[Var]| -> Result<Stepper> {
                 if adamw {
                     let mut opt = FusedAdamW::new(vars.to_vec(), ParamsAdamW::default())?;
                     if let Some(clip) = clip {
