@@ -335,6 +335,18 @@ impl GradScaler {
         };
         let state = self.state_on(&device)?;
         let inv_scale = inv_scale(&state.scale)?;
+        let mut storages = HashSet::new();
+        if update::runs_prescaled(&device)
+            && targets.iter().all(|g| storages.insert(storage_key(g)))
+        {
+            // The CPU: one read and one write of each element, in place (on the CPU reading the
+            // scale costs no synchronisation).
+            let inv = inv_scale.to_scalar::<f32>()?;
+            let found = backend::cpu::prescale::unscale_all_in_place(&targets, inv)?;
+            state.found_inf = Some(Tensor::new(found as u8 as f32, &device)?);
+            return Ok(());
+        }
+        // Elsewhere (and for gradients sharing a storage), candle's ops: the same products.
         let unscaled: Vec<Tensor> = targets
             .iter()
             .map(|g| unscale(g, &inv_scale))

@@ -9,11 +9,12 @@
 
 use std::any::TypeId;
 
-use candle_core::Result;
+use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 use super::{
-    combine_lanes, max_nan, root, Data, Element, LockedGradients, Power, WorkItem, LANES, TINY_SUM,
+    combine_lanes, max_nan, root, Data, Element, LockedGradients, Power, WorkItem, CHUNK, LANES,
+    PARALLEL_MIN_ELEMENTS, TINY_SUM,
 };
 use crate::exact_sum::ExactSum;
 use crate::gradients::{GradientSet, StorageGroups};
@@ -41,6 +42,80 @@ pub(crate) fn unscale_in_place<T: Element>(xs: &mut [T], inv: f32) {
         return;
     }
     xs.iter_mut().for_each(|x| *x = unscale(*x, inv));
+}
+
+/// Unscales a slice in place and tells whether any unscaled value is NaN or infinite.
+fn unscale_and_check<T: Element>(xs: &mut [T], inv: f32) -> bool {
+    if let Some(xs) = T::as_f32_slice_mut(xs) {
+        let mut bad = false;
+        for x in xs.iter_mut() {
+            *x *= inv;
+            bad |= !x.is_finite();
+        }
+        return bad;
+    }
+    let mut bad = false;
+    for x in xs.iter_mut() {
+        *x = unscale(*x, inv);
+        bad |= !x.to_f64().is_finite();
+    }
+    bad
+}
+
+/// `GradScaler::unscale_` on the CPU: every gradient unscaled in place in one read and one write
+/// of each element, the finite check on the way; whether any unscaled value is NaN or infinite.
+/// The gradients must be contiguous and share no storage (the caller checks).
+pub(crate) fn unscale_all_in_place(grads: &[Tensor], inv: f32) -> Result<bool> {
+    struct UnscaleAndCheck {
+        inv: f32,
+        parallel: bool,
+        found: std::cell::Cell<bool>,
+    }
+    impl InplaceOp1 for UnscaleAndCheck {
+        fn name(&self) -> &'static str {
+            "candle-grad-clip-unscale"
+        }
+
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                bail!("internal error: unscaling a non-contiguous gradient in place")
+            };
+            fn run<T: Element>(xs: &mut [T], inv: f32, parallel: bool) -> bool {
+                if parallel && xs.len() > CHUNK {
+                    xs.par_chunks_mut(CHUNK)
+                        .map(|c| unscale_and_check(c, inv))
+                        .reduce(|| false, |a, b| a | b)
+                } else {
+                    unscale_and_check(xs, inv)
+                }
+            }
+            let (inv, parallel) = (self.inv, self.parallel);
+            let bad = match storage {
+                CpuStorage::F32(v) => run(&mut v[start..end], inv, parallel),
+                CpuStorage::F64(v) => run(&mut v[start..end], inv, parallel),
+                CpuStorage::F16(v) => run(&mut v[start..end], inv, parallel),
+                CpuStorage::BF16(v) => run(&mut v[start..end], inv, parallel),
+                _ => bail!("GradScaler: a gradient of a non-float dtype"),
+            };
+            self.found.set(self.found.get() | bad);
+            Ok(())
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, _: &mut candle_core::CudaStorage, _: &Layout) -> Result<()> {
+            bail!("internal error: the CPU unscale was called on CUDA storage")
+        }
+    }
+    let elements: usize = grads.iter().map(|g| g.elem_count()).sum();
+    let op = UnscaleAndCheck {
+        inv,
+        parallel: elements >= PARALLEL_MIN_ELEMENTS && rayon::current_num_threads() > 1,
+        found: std::cell::Cell::new(false),
+    };
+    for grad in grads.iter().filter(|g| g.elem_count() > 0) {
+        grad.inplace_op1(&op)?;
+    }
+    Ok(op.found.get())
 }
 
 /// Sum of `power(unscale(x))` over a slice. With AVX2 and FMA, squares of F32 take a
