@@ -961,3 +961,82 @@ fn one_read_path_equals_unscale_then_step() -> Result<()> {
     }
     Ok(())
 }
+
+/// `step` without `unscale_` where the one-read path does not apply: gradients sharing a storage
+/// (unscaled once, before the step) and AutoClip (whose norm is taken before the step); and vars
+/// without a gradient on the one-read path (left alone, their state too).
+#[test]
+fn step_without_unscale_in_the_other_cases() -> Result<()> {
+    use candle_grad_clip::AutoClip;
+    let dev = Device::Cpu;
+    // Two vars whose gradients are one tensor.
+    let (a, b) = (
+        Var::zeros(4, DType::F32, &dev)?,
+        Var::zeros(4, DType::F32, &dev)?,
+    );
+    let shared = Tensor::new(&[8f32, -16.0, 3.0, 1e-30], &dev)?;
+    let mut grads = GradStore::default();
+    grads.insert(&a, shared.clone());
+    grads.insert(&b, shared.clone());
+    let mut scaler = GradScaler::new().init_scale(8.0);
+    let mut opt = FusedSgd::new(vec![a.clone(), b.clone()], sgd_lr(1.0))?;
+    scaler.step(&mut opt, &grads)?;
+    scaler.update()?;
+    let unscaled: Vec<f32> = [8f32, -16.0, 3.0, 1e-30]
+        .iter()
+        .map(|g| g * 0.125)
+        .collect();
+    assert_eq!(shared.to_vec1::<f32>()?, unscaled, "unscaled once");
+    let stepped: Vec<f32> = unscaled.iter().map(|g| -g).collect();
+    assert_eq!(a.to_vec1::<f32>()?, stepped);
+    assert_eq!(b.to_vec1::<f32>()?, stepped);
+
+    // AutoClip: the same as unscale_ then step.
+    let mut rng = StdRng::seed_from_u64(30);
+    let shapes: [&[usize]; 2] = [&[20, 7], &[7]];
+    let x = f32_vars(&shapes, &mut rng)?;
+    let y: Vec<Var> = x
+        .iter()
+        .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
+        .collect::<Result<_>>()?;
+    let auto = || -> Result<ClipSetting> { Ok(ClipSetting::AutoClip(AutoClip::new(10.0)?)) };
+    let mut ox = FusedAdamW::new(x.clone(), ParamsAdamW::default())?.with_clip(auto()?)?;
+    let mut oy = FusedAdamW::new(y.clone(), ParamsAdamW::default())?.with_clip(auto()?)?;
+    let (mut sx, mut sy) = (GradScaler::new(), GradScaler::new());
+    for step in 0..4 {
+        let values = scaled_values(&x, 65536.0, (step == 2) as u8, &mut rng);
+        let gx = store(&x, &values, DType::F32)?;
+        let mut gy = store(&y, &values, DType::F32)?;
+        sx.step(&mut ox, &gx)?;
+        sy.unscale_(&y, &mut gy)?;
+        sy.step(&mut oy, &gy)?;
+        sx.update()?;
+        sy.update()?;
+        assert_eq!(vars_bits(&x)?, vars_bits(&y)?, "AutoClip step {step}");
+        for (vx, vy) in x.iter().zip(&y) {
+            assert_eq!(bits(gx.get(vx).unwrap())?, bits(gy.get(vy).unwrap())?);
+        }
+    }
+    assert_eq!(ox.skipped_steps()?, 1);
+
+    // A var without a gradient on the one-read path: untouched, its moments too.
+    let z = f32_vars(&shapes, &mut rng)?;
+    let mut oz =
+        FusedAdamW::new(z.clone(), ParamsAdamW::default())?.with_clip(ClipSetting::norm(1.0))?;
+    let mut sz = GradScaler::new();
+    let before = bits(z[1].as_tensor())?;
+    let mut gz = store(&z, &scaled_values(&z, 65536.0, 0, &mut rng), DType::F32)?;
+    gz.remove(&z[1]);
+    let g0 = common::vals(gz.get(&z[0]).unwrap())?;
+    sz.step(&mut oz, &gz)?;
+    sz.update()?;
+    assert_eq!(bits(z[1].as_tensor())?, before);
+    let state = oz.state_dict()?;
+    assert!(common::vals(&state["1.exp_avg"])?.iter().all(|&m| m == 0.0));
+    let torch = TorchScaler::new(65536.0, 2.0, 0.5, 2000);
+    let got = common::vals(gz.get(&z[0]).unwrap())?;
+    for (g, s) in got.iter().zip(&g0) {
+        assert_eq!(g.to_bits(), torch.unscale(DType::F32, *s).to_bits());
+    }
+    Ok(())
+}

@@ -35,6 +35,17 @@ const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// leaves the parameters, the moments and the step count bitwise unchanged when a gradient is not
 /// finite and counts the step in [`skipped_steps`](FusedAdamW::skipped_steps).
 ///
+/// **Passes over the gradients.** On the CPU, [`step`](Self::step) with a fused optimizer and no
+/// [`unscale_`](Self::unscale_) before it reads the scaled gradients once for the clip's norm and
+/// the finite check (each element unscaled as it is read), then once more in the update, which
+/// unscales each element, writes it back and steps with it: bitwise `unscale_` then `step`, one
+/// read of the gradients fewer. (Not with AutoClip, whose norm is taken before the step, nor
+/// when gradients share a storage: then `unscale_` runs first.) `unscale_` itself is one read and
+/// one write of each element. On CUDA (and under the kernel emulation) `unscale_` and the
+/// unscale before a fused step are candle tensor ops (a product into a new tensor, copied back
+/// into the gradient) and the kernels' finite check: the same values, more traffic; the one-read
+/// kernels are not written yet.
+///
 /// **Order of a step**, as PyTorch's: `scale(&loss)?.backward()`, optionally
 /// [`unscale_`](Self::unscale_) (to clip or inspect the true gradients), [`step`](Self::step),
 /// [`update`](Self::update). Calling them out of order is an error: `unscale_` twice before
@@ -415,7 +426,8 @@ impl GradScaler {
     ///
     /// - [`FusedAdamW`] and [`FusedSgd`]: their vars' gradients are unscaled, and the fused step
     ///   runs with its non-finite skip on: the decision is taken on the device, with no host
-    ///   read. A skipped step is counted in their `skipped_steps()`.
+    ///   read. A skipped step is counted in their `skipped_steps()`. On the CPU the unscale is
+    ///   folded into the step's passes (see the type's documentation).
     /// - Any other optimizer: one host read of found-inf per step (one synchronisation on CUDA),
     ///   and `opt.step` is called only when the gradients are finite. A candle `Optimizer` does
     ///   not expose its vars, so [`unscale_`](Self::unscale_) must be called first.
