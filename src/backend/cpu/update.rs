@@ -13,6 +13,11 @@
 //!   parameter once to their dtype;
 //! - SGD with momentum or weight decay follows PyTorch's `torch.optim.SGD`, one rounding per
 //!   operation, in the same compute type.
+//!
+//! With a `prescale` (GradScaler's one-read path, `cpu::prescale`), the gradients hold scaled
+//! values: the reduction unscales each element as it reads it, and the update unscales each chunk
+//! of a gradient in place (written back: the store then holds unscaled gradients) just before
+//! reading it from cache; a skipped step unscales them too.
 
 use std::cell::RefCell;
 use std::ops::{Add, Div, Mul, Sub};
@@ -21,7 +26,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::prescale::{norm_unscaled, unscale_in_place};
+use super::prescale::{norm_unscaled, unscale_all_in_place, unscale_in_place};
 use super::{clamp, norm, norm_tensor, scale, Data, Element, ElementKernel};
 use crate::backend::update::{
     Outcome, Place, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
@@ -132,9 +137,7 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
         control[SKIPPED] += 1;
         // The store holds unscaled gradients after a skipped step too.
         if let Some(inv) = step.prescale {
-            for grad in step.grads.grads() {
-                unscale_tensor(grad, inv)?;
-            }
+            unscale_all_in_place(step.grads.grads(), inv)?;
         }
     } else {
         let t = control[STEPS] + 1;
@@ -594,39 +597,6 @@ impl InplaceOp1 for UnscaleAndUpdate<'_, '_, '_> {
     fn cuda_fwd(&self, _: &mut candle_core::CudaStorage, _: &Layout) -> Result<()> {
         bail!("internal error: the CPU step was called on CUDA storage")
     }
-}
-
-/// Unscales a whole contiguous gradient in place (a prescaled step that is skipped).
-fn unscale_tensor(grad: &Tensor, inv: f32) -> Result<()> {
-    struct Unscale(f32);
-    impl InplaceOp1 for Unscale {
-        fn name(&self) -> &'static str {
-            "candle-grad-clip-unscale"
-        }
-
-        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-            let Some((start, end)) = layout.contiguous_offsets() else {
-                bail!("internal error: a prescaled step with a non-contiguous gradient")
-            };
-            match storage {
-                CpuStorage::F32(v) => unscale_in_place(&mut v[start..end], self.0),
-                CpuStorage::F64(v) => unscale_in_place(&mut v[start..end], self.0),
-                CpuStorage::F16(v) => unscale_in_place(&mut v[start..end], self.0),
-                CpuStorage::BF16(v) => unscale_in_place(&mut v[start..end], self.0),
-                _ => bail!("fused optimizer step: a gradient of a non-float dtype"),
-            }
-            Ok(())
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(&self, _: &mut candle_core::CudaStorage, _: &Layout) -> Result<()> {
-            bail!("internal error: the CPU step was called on CUDA storage")
-        }
-    }
-    if grad.elem_count() == 0 {
-        return Ok(());
-    }
-    grad.inplace_op1(&Unscale(inv))
 }
 
 impl InplaceOp1 for UpdateParam<'_, '_, '_> {
