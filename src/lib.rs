@@ -44,7 +44,8 @@
 //! - `exact_sum`: the order-independent exact summation that makes the norm deterministic;
 //! - `clip`: the public clipping functions and the norm types;
 //! - `optim`: optimizers ([`Clipped`], [`FusedAdamW`], [`FusedSgd`]);
-//! - `policy`: thresholds decided by the run itself ([`AutoClip`]);
+//! - `policy`: thresholds decided by the run itself ([`AutoClip`]), dynamic loss scaling
+//!   ([`GradScaler`]);
 //! - `stats`: per-layer norms and norm statistics.
 //!
 //! Semantics follow PyTorch's `torch.nn.utils.clip_grad_norm_`; see the README for where and why
