@@ -44,7 +44,8 @@
 //! - `exact_sum`: the order-independent exact summation that makes the norm deterministic;
 //! - `clip`: the public clipping functions and the norm types;
 //! - `optim`: optimizers ([`Clipped`], [`FusedAdamW`], [`FusedSgd`]);
-//! - `policy`: thresholds decided by the run itself ([`AutoClip`], [`ZClip`]);
+//! - `policy`: thresholds decided by the run itself ([`AutoClip`], [`ZClip`]), dynamic loss
+//!   scaling ([`GradScaler`]);
 //! - `stats`: per-layer norms and norm statistics.
 //!
 //! Semantics follow PyTorch's `torch.nn.utils.clip_grad_norm_`; see the README for where and why
@@ -66,7 +67,10 @@ pub use clip::{
 };
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
 pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};
-pub use policy::{AutoClip, ZClip, ZClipMode};
+pub use policy::{AutoClip, GradScaler, ZClip, ZClipMode};
+// For benches/scaler_ratios.rs only.
+#[doc(hidden)]
+pub use policy::__unscaled_norm_cpu;
 pub use stats::{grad_norms, GradNormStats};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]

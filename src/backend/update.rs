@@ -151,6 +151,12 @@ pub(crate) struct Step<'a> {
     /// Leave everything unchanged (and count the step as skipped) when the gradients are not all
     /// finite.
     pub(crate) skip_nonfinite: bool,
+    /// GradScaler's one-read path: the gradients hold *scaled* values, and `inv_scale`
+    /// (`(f32)(1 / (f64)scale)`) unscales each element as the reduction and the update read it
+    /// (`cpu::prescale::unscale`); the update writes the unscaled values back into the gradients
+    /// (so does a skipped step). The norm, the finite check and the clip are those of the
+    /// unscaled gradients. Only where [`runs_prescaled`] says so.
+    pub(crate) prescale: Option<f32>,
     /// The control tensor (see the module documentation).
     pub(crate) control: &'a Tensor,
     /// The state (its first [`Rule::state_count`] slots are written).
@@ -166,6 +172,16 @@ pub(crate) struct Outcome {
     pub(crate) policy_state: Option<Tensor>,
 }
 
+/// Whether a step with a [`Step::prescale`] can run on `device`: the CPU twin (not the kernels,
+/// emulated or not, which have no prescaled passes yet).
+pub(crate) fn runs_prescaled(device: &Device) -> bool {
+    #[cfg(feature = "emulation")]
+    if super::emulated::active() {
+        return false;
+    }
+    device.is_cpu()
+}
+
 /// Runs a step on its parameters' device.
 pub(crate) fn fused_step(step: &Step) -> Result<Outcome> {
     let device = step.control.device();
@@ -176,6 +192,9 @@ pub(crate) fn fused_step(step: &Step) -> Result<Outcome> {
     #[cfg(feature = "emulation")]
     if device.is_cpu() && super::emulated::active() {
         return super::kernels::fused_step(&super::emulated::Emulated, step);
+    }
+    if step.prescale.is_some() && !runs_prescaled(device) {
+        bail!("internal error: a prescaled step on a device without prescaled passes")
     }
     match device {
         Device::Cpu => cpu::update::step(step),

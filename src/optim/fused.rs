@@ -199,9 +199,15 @@ impl FusedCore {
     /// count after the step; a skip beyond the limit is undone (a skipped step changed only the
     /// counters and the clip's bookkeeping) and reported.
     pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
+        self.step_limited(grads, rule, None)
+    }
+
+    /// [`step`](Self::step) with GradScaler's `prescale` (see `backend::update::Step`), and
+    /// `max_consecutive_skips` enforced.
+    fn step_limited(&mut self, grads: &GradStore, rule: Rule, prescale: Option<f32>) -> Result<()> {
         let Some(limit) = self.max_consecutive_skips.filter(|_| self.skip_nonfinite) else {
             self.skip_run = None;
-            return self.step_once(grads, rule);
+            return self.step_with(grads, rule, prescale);
         };
         let (skipped_before, run) = match self.skip_run {
             Some(known) => known,
@@ -212,7 +218,7 @@ impl FusedCore {
             self.clip.clone(),
             self.last_norm.clone(),
         );
-        self.step_once(grads, rule)?;
+        self.step_with(grads, rule, prescale)?;
         let skipped = self.skipped_steps()?;
         if skipped == skipped_before {
             self.skip_run = Some((skipped, 0));
@@ -230,7 +236,8 @@ impl FusedCore {
         Ok(())
     }
 
-    fn step_once(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
+    /// One step, with GradScaler's `prescale` (see `backend::update::Step`).
+    fn step_with(&mut self, grads: &GradStore, rule: Rule, prescale: Option<f32>) -> Result<()> {
         self.ensure_state(rule.state_count())?;
         let mut targets = Vec::with_capacity(self.vars.len());
         let mut step_grads = Vec::with_capacity(self.vars.len());
@@ -288,6 +295,7 @@ impl FusedCore {
             rule,
             clip,
             skip_nonfinite: self.skip_nonfinite,
+            prescale,
             control: &self.control,
             state: &self.state,
         })?;
@@ -306,6 +314,31 @@ impl FusedCore {
             zclip.set_state(state);
         }
         Ok(())
+    }
+
+    /// [`step`](Self::step) with non-finite steps skipped whatever the setting: the step of
+    /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
+    /// With `prescale` (`inv_scale`), the gradients are still scaled: the step unscales them as
+    /// it reads them and writes them back unscaled (GradScaler's one-read path; only where
+    /// `backend::update::runs_prescaled`, without AutoClip, whose norm is taken before the step).
+    pub(crate) fn step_skipping_nonfinite(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        prescale: Option<f32>,
+    ) -> Result<()> {
+        if prescale.is_some() && !prescale_supports(self.clip.as_ref()) {
+            bail!("internal error: a prescaled step with a clip that decides before the step")
+        }
+        let setting = std::mem::replace(&mut self.skip_nonfinite, true);
+        let result = self.step_limited(grads, rule, prescale);
+        self.skip_nonfinite = setting;
+        result
+    }
+
+    /// The device of the vars.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
     }
 
     // -----------------------------------------------------------------------------------------
@@ -459,6 +492,17 @@ impl FusedCore {
         let dict = candle_core::safetensors::load(path, &Device::Cpu)?;
         self.load_state_dict(&dict, names, optional)
     }
+}
+
+/// Whether GradScaler's one-read path (the gradients unscaled as the step reads them) can run with
+/// this clip: not with those that decide from the gradients before the step (AutoClip's host
+/// percentile, ZClip's statistics, AGC's per-unit pass), which then see unscaled gradients only
+/// if `unscale_` ran first.
+pub(crate) fn prescale_supports(clip: Option<&ClipSetting>) -> bool {
+    !matches!(
+        clip,
+        Some(ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. })
+    )
 }
 
 /// A gradient the fused step can use for var #`i`: same dtype, shape and device, and not sharing

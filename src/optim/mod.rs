@@ -10,4 +10,5 @@ mod sgd;
 
 pub use adamw::FusedAdamW;
 pub use clipped::{ClipSetting, Clipped, ClippedConfig};
+pub(crate) use fused::prescale_supports;
 pub use sgd::{FusedSgd, ParamsSgd};

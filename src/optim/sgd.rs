@@ -113,6 +113,26 @@ fn validate(p: &ParamsSgd) -> Result<()> {
     Ok(())
 }
 
+impl FusedSgd {
+    /// A step with non-finite steps skipped on the device whatever
+    /// [`skip_nonfinite`](Self::skip_nonfinite) says ([`GradScaler`](crate::GradScaler)'s step).
+    /// With `prescale`, the step unscales the gradients itself (see `FusedCore`).
+    pub(crate) fn step_skipping_nonfinite(
+        &mut self,
+        grads: &GradStore,
+        prescale: Option<f32>,
+    ) -> Result<()> {
+        validate(&self.params)?;
+        self.core
+            .step_skipping_nonfinite(grads, rule(&self.params), prescale)
+    }
+
+    /// The core's device and clip, for GradScaler's choice of path.
+    pub(crate) fn core(&self) -> &FusedCore {
+        &self.core
+    }
+}
+
 impl Optimizer for FusedSgd {
     type Config = ParamsSgd;
 

@@ -45,10 +45,17 @@ pub(crate) trait Element: Copy + Send + Sync + 'static {
     fn as_f32_slice(_xs: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// The slice itself, writable, when `Self` is `f32`.
+    fn as_f32_slice_mut(_xs: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Element for f32 {
     fn as_f32_slice(xs: &[Self]) -> Option<&[f32]> {
+        Some(xs)
+    }
+    fn as_f32_slice_mut(xs: &mut [Self]) -> Option<&mut [f32]> {
         Some(xs)
     }
     fn next_toward_zero(self) -> Self {
@@ -723,6 +730,9 @@ pub(crate) fn norm_tensor(norm: f64, dtype: DType) -> Result<Tensor> {
         _ => Tensor::new(norm as f32, &candle_core::Device::Cpu),
     }
 }
+
+// After the macros it uses.
+pub(crate) mod prescale;
 
 #[cfg(test)]
 mod tests {

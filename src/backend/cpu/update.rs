@@ -13,6 +13,11 @@
 //!   parameter once to their dtype;
 //! - SGD with momentum or weight decay follows PyTorch's `torch.optim.SGD`, one rounding per
 //!   operation, in the same compute type.
+//!
+//! With a `prescale` (GradScaler's one-read path, `cpu::prescale`), the gradients hold scaled
+//! values: the reduction unscales each element as it reads it, and the update unscales each chunk
+//! of a gradient in place (written back: the store then holds unscaled gradients) just before
+//! reading it from cache; a skipped step unscales them too.
 
 use std::cell::RefCell;
 use std::ops::{Add, Div, Mul, Sub};
@@ -21,6 +26,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::prescale::{norm_unscaled, unscale_all_in_place, unscale_in_place};
 use super::{clamp, norm, norm_tensor, scale, Data, Element, ElementKernel};
 use crate::backend::update::{
     Outcome, Place, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
@@ -70,6 +76,11 @@ struct Decision {
 
 fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
     let groups = set.group_by_storage();
+    // The norm of the gradients, or of the unscaled gradients (GradScaler's one read).
+    let norm = |set: &GradientSet, groups: &_, norm_type| match step.prescale {
+        Some(inv) => norm_unscaled(set, groups, norm_type, inv),
+        None => norm(set, groups, norm_type),
+    };
     Ok(match step.clip {
         StepClip::Norm {
             norm_type,
@@ -124,6 +135,9 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
                 units: None,
             }
         }
+        StepClip::GivenNorm { .. } if step.prescale.is_some() => {
+            bail!("internal error: a prescaled step with a given norm")
+        }
         StepClip::GivenNorm {
             norm: given,
             max_norm,
@@ -157,6 +171,10 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
     let mut control = step.control.to_vec1::<i64>()?;
     if step.skip_nonfinite && decision.nonfinite {
         control[SKIPPED] += 1;
+        // The store holds unscaled gradients after a skipped step too.
+        if let Some(inv) = step.prescale {
+            unscale_all_in_place(step.grads.grads(), inv)?;
+        }
     } else {
         let t = control[STEPS] + 1;
         let elements: usize = step.targets.iter().map(|t| t.param.elem_count()).sum();
@@ -206,6 +224,7 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
                     t,
                     has_state,
                     transform: decision.transform,
+                    unscale: step.prescale,
                     parallel,
                     units,
                 };
@@ -531,6 +550,8 @@ struct Update<'a> {
     t: i64,
     has_state: bool,
     transform: Option<ElementwiseOp>,
+    /// GradScaler's `inv_scale`: each gradient element is unscaled in place, then read.
+    unscale: Option<f32>,
     parallel: bool,
     /// AGC: the var's unit coefficients (the unit's gradient scaled as it is read, or untouched).
     units: Option<&'a [Option<f64>]>,
@@ -542,6 +563,12 @@ fn update_target(target: &Target, grad: &Tensor, job: &Update<'_>) -> Result<()>
     if target.param.elem_count() == 0 {
         return Ok(());
     }
+    if job.unscale.is_some() {
+        // Written too: the gradient's storage locked for writing, then the parameter's (distinct
+        // storages: `check_gradient`, and GradScaler takes this path only for gradients that
+        // share no storage).
+        return grad.inplace_op1(&UnscaleAndUpdate { target, job });
+    }
     let grad = if grad.layout().contiguous_offsets().is_some() {
         grad.clone()
     } else {
@@ -552,12 +579,70 @@ fn update_target(target: &Target, grad: &Tensor, job: &Update<'_>) -> Result<()>
         bail!("internal error: a contiguous copy is not contiguous")
     };
     let g = Data::of(&g_storage)?.range(g_start, g_end);
-    target.param.inplace_op1(&UpdateParam { job, g })
+    target.param.inplace_op1(&UpdateParam {
+        job,
+        g: Grad::Read(g),
+    })
 }
 
 struct UpdateParam<'j, 'a, 'g> {
     job: &'j Update<'a>,
-    g: Data<'g>,
+    g: Grad<'g>,
+}
+
+/// The gradient as the update takes it: read, or unscaled in place and then read.
+enum Grad<'g> {
+    Read(Data<'g>),
+    Unscale(RefCell<Option<DataMut<'g>>>),
+}
+
+/// A writable gradient slice, by dtype.
+enum DataMut<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+/// A gradient slice as `run` takes it.
+enum GradSlice<'g, T> {
+    Read(&'g [T]),
+    Unscale(&'g mut [T], f32),
+}
+
+/// Holds a gradient's storage for writing while its parameter is updated (GradScaler's one-read
+/// path).
+struct UnscaleAndUpdate<'t, 'j, 'a> {
+    target: &'t Target,
+    job: &'j Update<'a>,
+}
+
+impl InplaceOp1 for UnscaleAndUpdate<'_, '_, '_> {
+    fn name(&self) -> &'static str {
+        "candle-grad-clip-fused-step-unscale"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("internal error: a prescaled step with a non-contiguous gradient")
+        };
+        let g = match storage {
+            CpuStorage::F32(v) => DataMut::F32(&mut v[start..end]),
+            CpuStorage::F64(v) => DataMut::F64(&mut v[start..end]),
+            CpuStorage::F16(v) => DataMut::F16(&mut v[start..end]),
+            CpuStorage::BF16(v) => DataMut::BF16(&mut v[start..end]),
+            _ => bail!("fused optimizer step: a gradient of a non-float dtype"),
+        };
+        self.target.param.inplace_op1(&UpdateParam {
+            job: self.job,
+            g: Grad::Unscale(RefCell::new(Some(g))),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &mut candle_core::CudaStorage, _: &Layout) -> Result<()> {
+        bail!("internal error: the CPU step was called on CUDA storage")
+    }
 }
 
 impl InplaceOp1 for UpdateParam<'_, '_, '_> {
@@ -573,14 +658,43 @@ impl InplaceOp1 for UpdateParam<'_, '_, '_> {
             bail!("internal error: a var was updated twice")
         };
         let (p, j) = (storage, self.job);
-        match (p, self.g) {
-            (CpuStorage::F32(p), Data::F32(g)) => run::<f32, f32>(&mut p[start..end], g, s0, s1, j),
-            (CpuStorage::F64(p), Data::F64(g)) => run::<f64, f64>(&mut p[start..end], g, s0, s1, j),
-            (CpuStorage::F16(p), Data::F16(g)) => run::<f16, f32>(&mut p[start..end], g, s0, s1, j),
-            (CpuStorage::BF16(p), Data::BF16(g)) => {
-                run::<bf16, f32>(&mut p[start..end], g, s0, s1, j)
+        let mismatch = || bail!("fused optimizer step: a var and its gradient differ in dtype");
+        match &self.g {
+            Grad::Read(g) => match (p, *g) {
+                (CpuStorage::F32(p), Data::F32(g)) => {
+                    run::<f32, f32>(&mut p[start..end], GradSlice::Read(g), s0, s1, j)
+                }
+                (CpuStorage::F64(p), Data::F64(g)) => {
+                    run::<f64, f64>(&mut p[start..end], GradSlice::Read(g), s0, s1, j)
+                }
+                (CpuStorage::F16(p), Data::F16(g)) => {
+                    run::<f16, f32>(&mut p[start..end], GradSlice::Read(g), s0, s1, j)
+                }
+                (CpuStorage::BF16(p), Data::BF16(g)) => {
+                    run::<bf16, f32>(&mut p[start..end], GradSlice::Read(g), s0, s1, j)
+                }
+                _ => mismatch(),
+            },
+            Grad::Unscale(g) => {
+                let (Some(g), Some(inv)) = (g.borrow_mut().take(), j.unscale) else {
+                    bail!("internal error: a gradient was unscaled twice")
+                };
+                match (p, g) {
+                    (CpuStorage::F32(p), DataMut::F32(g)) => {
+                        run::<f32, f32>(&mut p[start..end], GradSlice::Unscale(g, inv), s0, s1, j)
+                    }
+                    (CpuStorage::F64(p), DataMut::F64(g)) => {
+                        run::<f64, f64>(&mut p[start..end], GradSlice::Unscale(g, inv), s0, s1, j)
+                    }
+                    (CpuStorage::F16(p), DataMut::F16(g)) => {
+                        run::<f16, f32>(&mut p[start..end], GradSlice::Unscale(g, inv), s0, s1, j)
+                    }
+                    (CpuStorage::BF16(p), DataMut::BF16(g)) => {
+                        run::<bf16, f32>(&mut p[start..end], GradSlice::Unscale(g, inv), s0, s1, j)
+                    }
+                    _ => mismatch(),
+                }
             }
-            _ => bail!("fused optimizer step: a var and its gradient differ in dtype"),
         }
     }
 
@@ -671,7 +785,7 @@ impl StateType for f64 {
 /// Updates one var's parameter `p` (its state slices `s0`, `s1`) from its gradient `g`.
 fn run<T: Element, C: StateType>(
     p: &mut [T],
-    g: &[T],
+    g: GradSlice<'_, T>,
     s0: Option<StateSlice<'_>>,
     s1: Option<StateSlice<'_>>,
     job: &Update<'_>,
@@ -687,7 +801,11 @@ fn run<T: Element, C: StateType>(
     } = *job;
     let (s0, s1) = (C::slice(s0)?, C::slice(s1)?);
     let n = p.len();
-    if g.len() != n || (!s0.is_empty() && s0.len() != n) || (!s1.is_empty() && s1.len() != n) {
+    let g_len = match &g {
+        GradSlice::Read(g) => g.len(),
+        GradSlice::Unscale(g, _) => g.len(),
+    };
+    if g_len != n || (!s0.is_empty() && s0.len() != n) || (!s1.is_empty() && s1.len() != n) {
         bail!("internal error: a var, its gradient and its state differ in length")
     }
     let consts = Consts::<C>::new(rule, t, has_state);
@@ -697,18 +815,46 @@ fn run<T: Element, C: StateType>(
         update_block(&consts, p, g, s0, s1, kernel);
     };
     if let Some(units) = units {
+        // AGC never runs prescaled (`optim::fused::prescale_supports`).
+        let GradSlice::Read(g) = g else {
+            bail!("internal error: a prescaled AGC step")
+        };
         return run_units(&consts, p, g, s0, s1, units, parallel);
     }
-    if parallel && n > PARALLEL_CHUNK {
-        let s0_chunks: Vec<&mut [C]> = chunks_or_empty(s0, n);
-        let s1_chunks: Vec<&mut [C]> = chunks_or_empty(s1, n);
-        p.par_chunks_mut(PARALLEL_CHUNK)
-            .zip(g.par_chunks(PARALLEL_CHUNK))
-            .zip(s0_chunks.into_par_iter())
-            .zip(s1_chunks.into_par_iter())
-            .for_each(|(((p, g), s0), s1)| work(p, g, s0, s1));
-    } else {
+    // Unscaled chunk by chunk, each chunk updated while it is in cache: one read of the
+    // gradient from memory.
+    let unscale_then_work = |p: &mut [T], g: &mut [T], s0: &mut [C], s1: &mut [C], inv| {
+        unscale_in_place(g, inv);
         work(p, g, s0, s1);
+    };
+    match g {
+        GradSlice::Read(g) if parallel && n > PARALLEL_CHUNK => {
+            let s0_chunks: Vec<&mut [C]> = chunks_or_empty(s0, n);
+            let s1_chunks: Vec<&mut [C]> = chunks_or_empty(s1, n);
+            p.par_chunks_mut(PARALLEL_CHUNK)
+                .zip(g.par_chunks(PARALLEL_CHUNK))
+                .zip(s0_chunks.into_par_iter())
+                .zip(s1_chunks.into_par_iter())
+                .for_each(|(((p, g), s0), s1)| work(p, g, s0, s1));
+        }
+        GradSlice::Read(g) => work(p, g, s0, s1),
+        GradSlice::Unscale(g, inv) => {
+            let s0_chunks: Vec<&mut [C]> = chunks_or_empty(s0, n);
+            let s1_chunks: Vec<&mut [C]> = chunks_or_empty(s1, n);
+            let chunks = p
+                .chunks_mut(PARALLEL_CHUNK)
+                .zip(g.chunks_mut(PARALLEL_CHUNK))
+                .zip(s0_chunks)
+                .zip(s1_chunks);
+            if parallel && n > PARALLEL_CHUNK {
+                let chunks: Vec<_> = chunks.collect();
+                chunks
+                    .into_par_iter()
+                    .for_each(|(((p, g), s0), s1)| unscale_then_work(p, g, s0, s1, inv));
+            } else {
+                chunks.for_each(|(((p, g), s0), s1)| unscale_then_work(p, g, s0, s1, inv));
+            }
+        }
     }
     Ok(())
 }

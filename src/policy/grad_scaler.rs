@@ -1,0 +1,751 @@
+//! [`GradScaler`]: dynamic loss scaling for mixed-precision training, PyTorch's
+//! `torch.amp.GradScaler`, with its state on the gradients' device.
+
+use std::any::Any;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
+use candle_nn::Optimizer;
+
+use crate::backend;
+use crate::backend::update;
+use crate::gradients::{storage_key, GradientSet};
+use crate::{ClipSetting, FusedAdamW, FusedSgd, NormType};
+
+/// Keys of the state dict.
+const KEY_SCALE: &str = "scale";
+const KEY_GROWTH_TRACKER: &str = "growth_tracker";
+
+/// Dynamic loss scaling, as PyTorch's `torch.amp.GradScaler`: multiply the loss by a large factor
+/// before `backward()` so that small gradients of a reduced-precision (F16) forward pass do not
+/// flush to zero, divide the gradients by it before the optimizer step, skip the steps whose
+/// gradients overflowed, and adapt the factor: halve it after an overflow, double it after
+/// `growth_interval` clean steps in a row.
+///
+/// **Where the state lives.** The scale (F32), the growth tracker and the found-inf flag of the
+/// step are small tensors on the gradients' device, updated there by candle tensor ops (the same
+/// code on every back end): nothing is read back to the host, except
+/// - [`scale_value`](Self::scale_value) and the state dict, when asked;
+/// - one read of found-inf per [`step`](Self::step) with an optimizer other than
+///   [`FusedAdamW`] and [`FusedSgd`] (it decides on the host whether to call the optimizer).
+///
+/// With [`FusedAdamW`] and [`FusedSgd`] the skip happens on the device: the fused step runs with
+/// its non-finite skip on (whatever [`skip_nonfinite`](FusedAdamW::skip_nonfinite) says), which
+/// leaves the parameters, the moments and the step count bitwise unchanged when a gradient is not
+/// finite and counts the step in [`skipped_steps`](FusedAdamW::skipped_steps).
+///
+/// **Passes over the gradients.** On the CPU, [`step`](Self::step) with a fused optimizer and no
+/// [`unscale_`](Self::unscale_) before it reads the scaled gradients once for the clip's norm and
+/// the finite check (each element unscaled as it is read), then once more in the update, which
+/// unscales each element, writes it back and steps with it: bitwise `unscale_` then `step`, one
+/// read of the gradients fewer. (Not with AutoClip, whose norm is taken before the step, nor
+/// when gradients share a storage: then `unscale_` runs first.) `unscale_` itself is one read and
+/// one write of each element. On CUDA (and under the kernel emulation) `unscale_` and the
+/// unscale before a fused step are candle tensor ops (a product into a new tensor, copied back
+/// into the gradient) and the kernels' finite check: the same values, more traffic; the one-read
+/// kernels are not written yet.
+///
+/// **Order of a step**, as PyTorch's: `scale(&loss)?.backward()`, optionally
+/// [`unscale_`](Self::unscale_) (to clip or inspect the true gradients), [`step`](Self::step),
+/// [`update`](Self::update). Calling them out of order is an error: `unscale_` twice before
+/// `update`, `unscale_` after `step`, `step` twice before `update`, `update` before any of
+/// `unscale_` / `step`. One optimizer per scaler between two `update` calls.
+///
+/// **Arithmetic** (PyTorch's): the scale is an `f32`; `inv_scale = (f32)(1 / (f64)scale)`; each
+/// F32 gradient becomes `g * inv_scale` in `f32` (F64: in `f64`; BF16: in `f32`, then rounded to
+/// BF16). Found-inf is set when an *unscaled* gradient is NaN or infinite. PyTorch checks the
+/// scaled values instead; the two differ only when the scale is below 1 and a finite scaled
+/// gradient overflows once divided by it: here that step is skipped (its gradients are infinite),
+/// PyTorch would step with infinite gradients.
+///
+/// **Gradients.** Like PyTorch it expects F32 (master) gradients: F16 gradients are refused (see
+/// [`unscale_`](Self::unscale_)); BF16 and F64 ones are accepted. The gradients are written in
+/// place (every tensor holding them sees the unscaled values); they must be contiguous, as
+/// `backward()` makes them.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+/// use candle_grad_clip::{ClipSetting, FusedAdamW, GradScaler};
+/// # fn main() -> candle_core::Result<()> {
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let model = linear(4, 1, vb.pp("fc"))?;
+/// let mut opt = FusedAdamW::from_varmap(&varmap, ParamsAdamW::default())?
+///     .with_clip(ClipSetting::norm(1.0))?;
+/// let mut scaler = GradScaler::new().growth_interval(100);
+///
+/// let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
+/// let loss = (model.forward(&x)? - 10.0)?.sqr()?.mean_all()?;
+/// let grads = scaler.scale(&loss)?.backward()?;
+/// scaler.step(&mut opt, &grads)?; // unscales, then the fused step (skipped on the device on overflow)
+/// scaler.update()?;
+/// assert_eq!(scaler.scale_value()?, 65536.0);
+/// assert_eq!(opt.steps()?, 1);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct GradScaler {
+    init_scale: f64,
+    growth_factor: f64,
+    backoff_factor: f64,
+    growth_interval: usize,
+    /// Created at the first use (or by loading a state), on the gradients' device.
+    state: Option<ScalerState>,
+    stage: Stage,
+}
+
+/// Where the scaler is in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Since the last `update` (or the start): neither `unscale_` nor `step`.
+    Ready,
+    /// The gradients were unscaled, no step yet.
+    Unscaled,
+    /// A step was taken (or skipped).
+    Stepped,
+}
+
+/// The device-resident state.
+#[derive(Debug, Clone)]
+struct ScalerState {
+    /// F32, 0-d.
+    scale: Tensor,
+    /// F64, 0-d: the clean steps in a row since the last change of the scale (an integer, exact
+    /// in `f64` up to 2^53).
+    growth_tracker: Tensor,
+    /// F32, 0-d: 1 when the unscaled gradients of this step held a NaN or an infinity, else 0;
+    /// `None` before the step's unscale.
+    found_inf: Option<Tensor>,
+}
+
+impl ScalerState {
+    fn device(&self) -> &Device {
+        self.scale.device()
+    }
+
+    fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            scale: self.scale.to_device(device)?,
+            growth_tracker: self.growth_tracker.to_device(device)?,
+            found_inf: match &self.found_inf {
+                Some(t) => Some(t.to_device(device)?),
+                None => None,
+            },
+        })
+    }
+}
+
+impl Default for GradScaler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GradScaler {
+    /// PyTorch's defaults: initial scale 2^16, growth factor 2, backoff factor 0.5, growth
+    /// interval 2000.
+    ///
+    /// ```
+    /// let scaler = candle_grad_clip::GradScaler::new();
+    /// assert_eq!(scaler.scale_value()?, 65536.0);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn new() -> Self {
+        Self {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            state: None,
+            stage: Stage::Ready,
+        }
+    }
+
+    /// The scale before the first update, `> 0` and finite as an `f32` (checked at the first
+    /// call that uses it).
+    ///
+    /// ```
+    /// use candle_grad_clip::GradScaler;
+    /// assert_eq!(GradScaler::new().init_scale(1024.0).scale_value()?, 1024.0);
+    /// assert!(GradScaler::new().init_scale(0.0).scale_value().is_err());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn init_scale(mut self, init_scale: f64) -> Self {
+        self.init_scale = init_scale;
+        self
+    }
+
+    /// The factor the scale is multiplied by after `growth_interval` clean steps in a row, `> 1`
+    /// and finite (checked at the first call that uses it).
+    ///
+    /// ```
+    /// use candle_grad_clip::GradScaler;
+    /// let err = GradScaler::new().growth_factor(1.0).scale_value().unwrap_err();
+    /// assert!(err.to_string().contains("growth_factor"));
+    /// ```
+    pub fn growth_factor(mut self, growth_factor: f64) -> Self {
+        self.growth_factor = growth_factor;
+        self
+    }
+
+    /// The factor the scale is multiplied by after a step with a non-finite gradient, in
+    /// `(0, 1)` (checked at the first call that uses it).
+    ///
+    /// ```
+    /// use candle_grad_clip::GradScaler;
+    /// let err = GradScaler::new().backoff_factor(1.0).scale_value().unwrap_err();
+    /// assert!(err.to_string().contains("backoff_factor"));
+    /// ```
+    pub fn backoff_factor(mut self, backoff_factor: f64) -> Self {
+        self.backoff_factor = backoff_factor;
+        self
+    }
+
+    /// How many clean steps in a row grow the scale, `>= 1` (checked at the first call that uses
+    /// it).
+    ///
+    /// ```
+    /// use candle_grad_clip::GradScaler;
+    /// let err = GradScaler::new().growth_interval(0).scale_value().unwrap_err();
+    /// assert!(err.to_string().contains("growth_interval"));
+    /// ```
+    pub fn growth_interval(mut self, growth_interval: usize) -> Self {
+        self.growth_interval = growth_interval;
+        self
+    }
+
+    /// Checks the settings, naming the first bad one.
+    fn validate(&self) -> Result<()> {
+        let init = self.init_scale as f32;
+        if !(init.is_finite() && init > 0.0) || self.init_scale.is_nan() {
+            bail!(
+                "GradScaler: init_scale must be > 0 and finite as an f32, got {}",
+                self.init_scale
+            )
+        }
+        if !(self.growth_factor.is_finite() && self.growth_factor > 1.0) {
+            bail!(
+                "GradScaler: growth_factor must be > 1 and finite, got {}",
+                self.growth_factor
+            )
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+            bail!(
+                "GradScaler: backoff_factor must be in (0, 1), got {}",
+                self.backoff_factor
+            )
+        }
+        if self.growth_interval == 0 || self.growth_interval as u64 > 1 << 53 {
+            bail!(
+                "GradScaler: growth_interval must be in [1, 2^53], got {}",
+                self.growth_interval
+            )
+        }
+        Ok(())
+    }
+
+    /// The state on `device`: created from the settings at the first use, moved when it lives
+    /// on another device (a state loaded before the first use is on the CPU).
+    fn state_on(&mut self, device: &Device) -> Result<&mut ScalerState> {
+        let state = match self.state.take() {
+            None => self.fresh_state(device)?,
+            Some(s) if s.device().same_device(device) => s,
+            Some(s) => s.to_device(device)?,
+        };
+        Ok(self.state.insert(state))
+    }
+
+    fn fresh_state(&self, device: &Device) -> Result<ScalerState> {
+        Ok(ScalerState {
+            scale: Tensor::new(self.init_scale as f32, device)?,
+            growth_tracker: Tensor::new(0f64, device)?,
+            found_inf: None,
+        })
+    }
+
+    /// The scale as a 0-d F32 tensor on `device` (not stored: `scale` takes `&self`).
+    fn scale_tensor(&self, device: &Device) -> Result<Tensor> {
+        match &self.state {
+            Some(s) => s.scale.to_device(device),
+            None => Tensor::new(self.init_scale as f32, device),
+        }
+    }
+
+    /// `loss × scale`, differentiable with respect to `loss`. An F16, BF16 or F32 loss is
+    /// computed in F32 (so the default 2^16 cannot overflow F16's range in the loss itself); an
+    /// F64 loss in F64. The scale stays on the device.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// let scaler = candle_grad_clip::GradScaler::new().init_scale(8.0);
+    /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+    /// let loss = w.as_tensor().to_dtype(DType::F16)?.sum_all()?; // an F16 loss
+    /// let scaled = scaler.scale(&loss)?;
+    /// assert_eq!(scaled.dtype(), DType::F32);
+    /// assert_eq!(scaled.to_scalar::<f32>()?, 24.0);
+    /// let grads = scaled.backward()?;
+    /// assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?, [8.0, 8.0]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn scale(&self, loss: &Tensor) -> Result<Tensor> {
+        self.validate()?;
+        let loss = match loss.dtype() {
+            DType::F64 | DType::F32 => loss.clone(),
+            DType::F16 | DType::BF16 => loss.to_dtype(DType::F32)?,
+            other => bail!("GradScaler::scale: the loss must be a float tensor, got {other:?}"),
+        };
+        let scale = self.scale_tensor(loss.device())?.to_dtype(loss.dtype())?;
+        loss.broadcast_mul(&scale)
+    }
+
+    /// Divides the gradients of `vars` by the scale, in place, and records on the device whether
+    /// any unscaled value is NaN or infinite (the step then skips). Call it before clipping or
+    /// inspecting the gradients; [`step`](Self::step) then does not unscale again. At most once
+    /// between two [`update`](Self::update) calls, and not after `step`.
+    ///
+    /// Vars without a gradient are left out. The gradients must be F32 (master gradients of F32
+    /// vars), F64 or BF16: F16 gradients are refused, as by PyTorch (mixed precision keeps the
+    /// vars in F32 and runs the forward pass in F16, casting the vars inside it; the gradients of
+    /// the vars are then F32). Nothing changes when it fails.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// let mut scaler = candle_grad_clip::GradScaler::new().init_scale(4.0);
+    /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+    /// let mut grads = scaler.scale(&w.as_tensor().sum_all()?)?.backward()?;
+    /// scaler.unscale_(&[w.clone()], &mut grads)?;
+    /// assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?, [1.0, 1.0]);
+    /// assert!(scaler.unscale_(&[w], &mut grads).is_err()); // twice before update
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn unscale_(&mut self, vars: &[Var], grads: &mut GradStore) -> Result<()> {
+        self.validate()?;
+        match self.stage {
+            Stage::Ready => {}
+            Stage::Unscaled => bail!(
+                "GradScaler::unscale_ has already been called since the last update(); the gradients are unscaled"
+            ),
+            Stage::Stepped => bail!(
+                "GradScaler::unscale_ is being called after step(); call update() first (then scale the next loss)"
+            ),
+        }
+        self.unscale_grads(vars, grads)?;
+        self.stage = Stage::Unscaled;
+        Ok(())
+    }
+
+    /// Unscales the gradients of `vars` in place and records found-inf (no stage check).
+    fn unscale_grads(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
+        let targets = checked_grads(vars, grads)?;
+        let device = match (targets.first(), &self.state) {
+            (Some(g), _) => g.device().clone(),
+            (None, Some(s)) => s.device().clone(),
+            (None, None) => Device::Cpu,
+        };
+        let state = self.state_on(&device)?;
+        let inv_scale = inv_scale(&state.scale)?;
+        let mut storages = HashSet::new();
+        if update::runs_prescaled(&device)
+            && targets.iter().all(|g| storages.insert(storage_key(g)))
+        {
+            // The CPU: one read and one write of each element, in place (on the CPU reading the
+            // scale costs no synchronisation).
+            let inv = inv_scale.to_scalar::<f32>()?;
+            let found = backend::cpu::prescale::unscale_all_in_place(&targets, inv)?;
+            state.found_inf = Some(Tensor::new(found as u8 as f32, &device)?);
+            return Ok(());
+        }
+        // Elsewhere (and for gradients sharing a storage), candle's ops: the same products.
+        let unscaled: Vec<Tensor> = targets
+            .iter()
+            .map(|g| unscale(g, &inv_scale))
+            .collect::<Result<_>>()?;
+        let found_inf = if unscaled.is_empty() {
+            Tensor::new(0f32, &device)?
+        } else {
+            // The largest |u| propagates NaN; `x * 0` is 0 when x is finite and NaN otherwise.
+            let max_abs =
+                backend::total_norm(&GradientSet::from_grads(unscaled.clone())?, NormType::Inf)?;
+            let zero_if_finite = max_abs.affine(0.0, 0.0)?;
+            zero_if_finite.ne(&zero_if_finite)?.to_dtype(DType::F32)?
+        };
+        // Every value computed from the scaled gradients before the first write, so that
+        // gradients sharing a storage are unscaled once.
+        for (g, u) in targets.iter().zip(&unscaled) {
+            if g.elem_count() > 0 {
+                g.flatten_all()?.slice_set(&u.flatten_all()?, 0, 0)?;
+            }
+        }
+        state.found_inf = Some(found_inf);
+        Ok(())
+    }
+
+    /// Before a fused step: unscales the gradients (if not done yet), or, on the CPU when the
+    /// gradients share no storage and the clip is not AutoClip, returns the `inv_scale` for the
+    /// fused step's one-read path (it unscales them itself).
+    fn prepare_fused(
+        &mut self,
+        vars: &[Var],
+        grads: &GradStore,
+        device: &Device,
+        clip: Option<&ClipSetting>,
+    ) -> Result<Option<f32>> {
+        if self.stage != Stage::Ready {
+            return Ok(None);
+        }
+        let targets = checked_grads(vars, grads)?;
+        let mut storages = HashSet::new();
+        let distinct = targets.iter().all(|g| storages.insert(storage_key(g)));
+        let one_read =
+            update::runs_prescaled(device) && distinct && crate::optim::prescale_supports(clip);
+        if !one_read {
+            self.unscale_if_needed(vars, grads)?;
+            return Ok(None);
+        }
+        let state = self.state_on(device)?;
+        // On the CPU: reading it costs no synchronisation.
+        Ok(Some(inv_scale(&state.scale)?.to_scalar::<f32>()?))
+    }
+
+    /// After a fused step on the one-read path: found-inf is whether the step was skipped (read
+    /// on the CPU, where that path runs); the gradients are unscaled.
+    fn record_fused(&mut self, skipped_before: usize, skipped_after: usize) -> Result<()> {
+        let Some(state) = self.state.as_mut() else {
+            bail!("internal error: GradScaler has no state after a prescaled step")
+        };
+        let found = (skipped_after > skipped_before) as u8 as f32;
+        state.found_inf = Some(Tensor::new(found, state.device())?);
+        Ok(())
+    }
+
+    /// Unscales the gradients if [`unscale_`](Self::unscale_) was not called (the store then
+    /// holds unscaled gradients), and takes the optimizer's step unless found-inf.
+    ///
+    /// - [`FusedAdamW`] and [`FusedSgd`]: their vars' gradients are unscaled, and the fused step
+    ///   runs with its non-finite skip on: the decision is taken on the device, with no host
+    ///   read. A skipped step is counted in their `skipped_steps()`. On the CPU the unscale is
+    ///   folded into the step's passes (see the type's documentation).
+    /// - Any other optimizer: one host read of found-inf per step (one synchronisation on CUDA),
+    ///   and `opt.step` is called only when the gradients are finite. A candle `Optimizer` does
+    ///   not expose its vars, so [`unscale_`](Self::unscale_) must be called first.
+    ///
+    /// At most once between two [`update`](Self::update) calls.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// use candle_nn::{Optimizer, SGD};
+    /// let mut scaler = candle_grad_clip::GradScaler::new();
+    /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+    /// let mut opt = SGD::new(vec![w.clone()], 0.5)?;
+    /// let mut grads = scaler.scale(&w.as_tensor().sum_all()?)?.backward()?;
+    /// scaler.unscale_(&[w.clone()], &mut grads)?; // needed with a candle optimizer
+    /// scaler.step(&mut opt, &grads)?;
+    /// scaler.update()?;
+    /// assert_eq!(w.to_vec1::<f32>()?, [0.5, 1.5]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn step<O: Optimizer + 'static>(&mut self, opt: &mut O, grads: &GradStore) -> Result<()> {
+        self.validate()?;
+        if self.stage == Stage::Stepped {
+            bail!("GradScaler::step has already been called since the last update()")
+        }
+        let opt: &mut dyn Any = opt;
+        if let Some(opt) = opt.downcast_mut::<FusedAdamW>() {
+            let core = opt.core();
+            let prescale = self.prepare_fused(opt.vars(), grads, core.device(), core.clip())?;
+            let before = prescale.map(|_| opt.skipped_steps()).transpose()?;
+            opt.step_skipping_nonfinite(grads, prescale)?;
+            if let Some(before) = before {
+                self.record_fused(before, opt.skipped_steps()?)?;
+            }
+        } else if let Some(opt) = opt.downcast_mut::<FusedSgd>() {
+            let core = opt.core();
+            let prescale = self.prepare_fused(opt.vars(), grads, core.device(), core.clip())?;
+            let before = prescale.map(|_| opt.skipped_steps()).transpose()?;
+            opt.step_skipping_nonfinite(grads, prescale)?;
+            if let Some(before) = before {
+                self.record_fused(before, opt.skipped_steps()?)?;
+            }
+        } else {
+            let Some(opt) = opt.downcast_mut::<O>() else {
+                bail!("internal error: the optimizer is not of its own type")
+            };
+            if self.stage == Stage::Ready {
+                bail!(
+                    "GradScaler::step: call unscale_(&vars, &mut grads) before step with an optimizer other than FusedAdamW or FusedSgd (a candle Optimizer does not expose its vars); nothing was modified"
+                )
+            }
+            // The one documented host read of the path.
+            if !self.found_inf_on_host()? {
+                opt.step(grads)?;
+            }
+        }
+        self.stage = Stage::Stepped;
+        Ok(())
+    }
+
+    fn unscale_if_needed(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
+        if self.stage == Stage::Ready {
+            self.unscale_grads(vars, grads)?;
+            self.stage = Stage::Unscaled;
+        }
+        Ok(())
+    }
+
+    fn found_inf_on_host(&self) -> Result<bool> {
+        match self.state.as_ref().and_then(|s| s.found_inf.as_ref()) {
+            Some(f) => Ok(f.to_dtype(DType::F32)?.to_scalar::<f32>()? != 0.0),
+            None => bail!("internal error: GradScaler has no found-inf after unscaling"),
+        }
+    }
+
+    /// Adapts the scale to this step, on the device, as PyTorch's `_amp_update_scale_`: after a
+    /// non-finite step the scale is multiplied by `backoff_factor` and the tracker reset; after a
+    /// clean one the tracker counts it, and at `growth_interval` the scale is multiplied by
+    /// `growth_factor` (only if the result is finite in `f32`: the scale never exceeds
+    /// `f32::MAX`) and the tracker reset. Each product is computed in `f64` and rounded to `f32`.
+    /// An error before any [`unscale_`](Self::unscale_) or [`step`](Self::step) since the last
+    /// update.
+    ///
+    /// ```
+    /// let mut scaler = candle_grad_clip::GradScaler::new();
+    /// assert!(scaler.update().is_err()); // no step recorded
+    /// ```
+    pub fn update(&mut self) -> Result<()> {
+        self.validate()?;
+        if self.stage == Stage::Ready {
+            bail!("GradScaler::update: no inf checks were recorded prior to update (call step, or unscale_, first)")
+        }
+        let Some(state) = self.state.as_mut() else {
+            bail!("internal error: GradScaler has no state after a step")
+        };
+        let Some(found_inf) = state.found_inf.as_ref() else {
+            bail!("internal error: GradScaler has no found-inf after a step")
+        };
+        let device = state.device().clone();
+        let scale64 = state.scale.to_dtype(DType::F64)?;
+        let backed_off = scale64
+            .affine(self.backoff_factor, 0.0)?
+            .to_dtype(DType::F32)?;
+        let grown = scale64
+            .affine(self.growth_factor, 0.0)?
+            .to_dtype(DType::F32)?;
+        // The constants, each made on the device (no transfer).
+        let f32_max = Tensor::full(f32::MAX, (), &device)?;
+        let interval = Tensor::full(self.growth_interval as f64, (), &device)?;
+        let zero = Tensor::zeros((), DType::F64, &device)?;
+        let successful = state.growth_tracker.affine(1.0, 1.0)?;
+        let at_interval = successful.eq(&interval)?;
+        // NaN compares false: `|grown| <= f32::MAX` is "finite".
+        let grown_finite = grown.abs()?.le(&f32_max)?;
+        let clean_scale = at_interval
+            .mul(&grown_finite)?
+            .where_cond(&grown, &state.scale)?;
+        let clean_tracker = at_interval.where_cond(&zero, &successful)?;
+        let found = found_inf.ne(&Tensor::zeros((), DType::F32, &device)?)?;
+        let scale = found.where_cond(&backed_off, &clean_scale)?;
+        let growth_tracker = found.where_cond(&zero, &clean_tracker)?;
+        state.scale = scale;
+        state.growth_tracker = growth_tracker;
+        state.found_inf = None;
+        self.stage = Stage::Ready;
+        Ok(())
+    }
+
+    /// The current scale, read back (one transfer on CUDA); the initial scale before the first
+    /// use.
+    ///
+    /// ```
+    /// assert_eq!(candle_grad_clip::GradScaler::new().init_scale(2.0).scale_value()?, 2.0);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn scale_value(&self) -> Result<f64> {
+        self.validate()?;
+        match &self.state {
+            Some(s) => Ok(s.scale.to_scalar::<f32>()? as f64),
+            None => Ok(self.init_scale as f32 as f64),
+        }
+    }
+
+    /// The state as copies on the CPU: `scale` (0-d F32) and `growth_tracker` (0-d I64),
+    /// everything a bitwise resume needs when saved between [`update`](Self::update) and the
+    /// next step. The settings are not state.
+    ///
+    /// ```
+    /// let state = candle_grad_clip::GradScaler::new().state_dict()?;
+    /// assert_eq!(state["scale"].to_scalar::<f32>()?, 65536.0);
+    /// assert_eq!(state["growth_tracker"].to_scalar::<i64>()?, 0);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        self.validate()?;
+        let state = match &self.state {
+            Some(s) => s.to_device(&Device::Cpu)?,
+            None => self.fresh_state(&Device::Cpu)?,
+        };
+        let tracker = state.growth_tracker.to_scalar::<f64>()? as i64;
+        Ok(HashMap::from([
+            (KEY_SCALE.to_string(), state.scale),
+            (
+                KEY_GROWTH_TRACKER.to_string(),
+                Tensor::new(tracker, &Device::Cpu)?,
+            ),
+        ]))
+    }
+
+    /// Loads a state from [`state_dict`](Self::state_dict); a missing, unknown or malformed entry
+    /// (a scale not finite or not positive, a negative tracker) is an error and nothing changes.
+    /// The scaler is then ready for a new step.
+    ///
+    /// ```
+    /// use candle_grad_clip::GradScaler;
+    /// let mut state = GradScaler::new().init_scale(8.0).state_dict()?;
+    /// let mut other = GradScaler::new();
+    /// other.load_state_dict(&state)?;
+    /// assert_eq!(other.scale_value()?, 8.0);
+    /// state.remove("growth_tracker");
+    /// assert!(other.load_state_dict(&state).is_err());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn load_state_dict(&mut self, dict: &HashMap<String, Tensor>) -> Result<()> {
+        let entry = |key: &str, dtype: DType| -> Result<&Tensor> {
+            let Some(t) = dict.get(key) else {
+                bail!("GradScaler::load_state_dict: the state has no `{key}`; nothing was loaded")
+            };
+            if t.rank() != 0 || t.dtype() != dtype {
+                bail!(
+                    "GradScaler::load_state_dict: `{key}` must be a 0-d {dtype:?} tensor, got {:?} {:?}; nothing was loaded",
+                    t.dtype(),
+                    t.dims()
+                )
+            }
+            Ok(t)
+        };
+        let scale = entry(KEY_SCALE, DType::F32)?;
+        let tracker = entry(KEY_GROWTH_TRACKER, DType::I64)?;
+        let scale_value = scale.to_scalar::<f32>()?;
+        if !(scale_value.is_finite() && scale_value > 0.0) {
+            bail!("GradScaler::load_state_dict: `scale` must be > 0 and finite, got {scale_value}; nothing was loaded")
+        }
+        let tracker_value = tracker.to_scalar::<i64>()?;
+        if !(0..=1 << 53).contains(&tracker_value) {
+            bail!("GradScaler::load_state_dict: `growth_tracker` must be in [0, 2^53], got {tracker_value}; nothing was loaded")
+        }
+        if let Some(extra) = dict
+            .keys()
+            .find(|k| *k != KEY_SCALE && *k != KEY_GROWTH_TRACKER)
+        {
+            bail!("GradScaler::load_state_dict: unexpected `{extra}`; nothing was loaded")
+        }
+        let device = self
+            .state
+            .as_ref()
+            .map_or(Device::Cpu, |s| s.device().clone());
+        self.state = Some(ScalerState {
+            scale: Tensor::new(scale_value, &device)?,
+            growth_tracker: Tensor::new(tracker_value as f64, &device)?,
+            found_inf: None,
+        });
+        self.stage = Stage::Ready;
+        Ok(())
+    }
+
+    /// Saves [`state_dict`](Self::state_dict) as a safetensors file.
+    ///
+    /// ```no_run
+    /// candle_grad_clip::GradScaler::new().save_state("scaler.safetensors")?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        candle_core::safetensors::save(&self.state_dict()?, path.as_ref())
+    }
+
+    /// Loads a state saved by [`save_state`](Self::save_state), as
+    /// [`load_state_dict`](Self::load_state_dict).
+    ///
+    /// ```no_run
+    /// let mut scaler = candle_grad_clip::GradScaler::new();
+    /// scaler.load_state("scaler.safetensors")?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let dict = candle_core::safetensors::load(path.as_ref(), &Device::Cpu)?;
+        self.load_state_dict(&dict)
+    }
+}
+
+/// The gradients of `vars` (vars without one left out), checked for unscaling: F32, F64 or
+/// BF16, contiguous, on one device. Reads no data.
+fn checked_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Tensor>> {
+    let mut targets: Vec<Tensor> = Vec::with_capacity(vars.len());
+    for (i, var) in vars.iter().enumerate() {
+        let Some(grad) = grads.get(var.as_tensor()) else {
+            continue;
+        };
+        match grad.dtype() {
+                DType::F32 | DType::F64 | DType::BF16 => {}
+                DType::F16 => bail!(
+                    "GradScaler::unscale_: the gradient of var #{i} is F16; GradScaler expects F32 (master) gradients, as PyTorch's: keep the vars in F32 and run the forward pass in F16 (cast the vars to F16 inside it), so that backward() gives F32 gradients to the vars; nothing was modified"
+                ),
+                other => bail!(
+                    "GradScaler::unscale_: the gradient of var #{i} is {other:?}, not a float dtype; nothing was modified"
+                ),
+            }
+        if !grad.is_contiguous() {
+            bail!(
+                    "GradScaler::unscale_: the gradient of var #{i} (shape {:?}) is not contiguous; it is written in place; nothing was modified",
+                    grad.dims()
+                )
+        }
+        if let Some(first) = targets.first() {
+            if !grad.device().same_device(first.device()) {
+                bail!(
+                        "GradScaler::unscale_: the gradient of var #{i} is on {:?}, the first one on {:?}; nothing was modified",
+                        grad.device().location(),
+                        first.device().location()
+                    )
+            }
+        }
+        targets.push(grad.clone());
+    }
+    Ok(targets)
+}
+
+/// PyTorch's `inv_scale = (f32)(1 / (f64)scale)`, on the scale's device.
+fn inv_scale(scale: &Tensor) -> Result<Tensor> {
+    scale.to_dtype(DType::F64)?.recip()?.to_dtype(DType::F32)
+}
+
+/// `g * inv_scale` as PyTorch computes it: F32 in `f32`, F64 in `f64` (the scale widened
+/// exactly), BF16 in `f32` then rounded to BF16.
+fn unscale(g: &Tensor, inv_scale: &Tensor) -> Result<Tensor> {
+    match g.dtype() {
+        DType::F32 => g.broadcast_mul(inv_scale),
+        DType::F64 => g.broadcast_mul(&inv_scale.to_dtype(DType::F64)?),
+        _ => g
+            .to_dtype(DType::F32)?
+            .broadcast_mul(inv_scale)?
+            .to_dtype(g.dtype()),
+    }
+}
+
+/// Not part of the API (hidden; may change at any time): the reduction of [`GradScaler`]'s
+/// one-read path on the CPU, alone: the norm of the gradients of `vars`, each element multiplied
+/// by `inv_scale` and rounded as [`GradScaler::unscale_`] rounds it as it is read, nothing
+/// written (a NaN or infinite result is found-inf). For `benches/scaler_ratios.rs`, which
+/// compares it with the plain norm pass.
+#[doc(hidden)]
+pub fn __unscaled_norm_cpu(
+    vars: &[Var],
+    grads: &GradStore,
+    inv_scale: f32,
+    norm_type: NormType,
+) -> Result<f64> {
+    let set = GradientSet::collect(vars, grads)?;
+    if !set.device().is_cpu() {
+        bail!("__unscaled_norm_cpu: CPU gradients only")
+    }
+    backend::cpu::prescale::norm_unscaled(&set, &set.group_by_storage(), norm_type, inv_scale)
+}
