@@ -407,15 +407,40 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
         .to_string();
     assert!(err.contains("not contiguous"), "{err}");
 
-    // A candle optimizer needs unscale_ first.
-    let mut grads = store(from_ref(&w32), &[vec![1.0, 2.0, 3.0]], DType::F32)?;
+    // A candle optimizer without unscale_: every F32/F64/BF16 gradient of the store is unscaled
+    // (an F16 one, an intermediate's, is left alone), then the step is taken.
+    let grads = store(
+        from_ref(&w32),
+        &[vec![65536.0, 2.0 * 65536.0, 3.0 * 65536.0]],
+        DType::F32,
+    )?;
+    let mut grads = grads;
+    let intermediate = Tensor::zeros(2, DType::F16, &dev)?;
+    grads.insert(
+        &intermediate,
+        Tensor::new(&[half::f16::from_f32(4.0); 2], &dev)?,
+    );
     let mut sgd = SGD::new(vec![w32.clone()], 0.1)?;
     let mut scaler = GradScaler::new();
-    let err = scaler.step(&mut sgd, &grads).unwrap_err().to_string();
-    assert!(err.contains("call unscale_"), "{err}");
-    assert_eq!(w32.to_vec1::<f32>()?, [0.0; 3]);
+    scaler.step(&mut sgd, &grads)?;
+    assert_eq!(grads.get(&w32).unwrap().to_vec1::<f32>()?, [1.0, 2.0, 3.0]);
+    assert_eq!(
+        grads
+            .get(&intermediate)
+            .unwrap()
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?,
+        [4.0, 4.0]
+    );
+    let want: Vec<f32> = [1.0f32, 2.0, 3.0].iter().map(|g| 0.0 - 0.1 * g).collect();
+    assert_eq!(w32.to_vec1::<f32>()?, want);
+    // With unscale_ first, only the vars' gradients are unscaled.
+    scaler.update()?;
+    let grads = store(from_ref(&w32), &[vec![65536.0; 3]], DType::F32)?;
+    let mut grads = grads;
     scaler.unscale_(from_ref(&w32), &mut grads)?;
     scaler.step(&mut sgd, &grads)?;
+    assert_eq!(grads.get(&w32).unwrap().to_vec1::<f32>()?, [1.0; 3]);
     Ok(())
 }
 

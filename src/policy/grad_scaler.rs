@@ -338,7 +338,12 @@ impl GradScaler {
 
     /// Unscales the gradients of `vars` in place and records found-inf (no stage check).
     fn unscale_grads(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
-        let targets = checked_grads(vars, grads)?;
+        self.unscale_targets(checked_grads(vars, grads)?)
+    }
+
+    /// Unscales `targets` (checked: contiguous, F32/F64/BF16, one device) in place and records
+    /// found-inf.
+    fn unscale_targets(&mut self, targets: Vec<Tensor>) -> Result<()> {
         let device = match (targets.first(), &self.state) {
             (Some(g), _) => g.device().clone(),
             (None, Some(s)) => s.device().clone(),
@@ -429,7 +434,12 @@ impl GradScaler {
     ///   folded into the step's passes (see the type's documentation).
     /// - Any other optimizer: one host read of found-inf per step (one synchronisation on CUDA),
     ///   and `opt.step` is called only when the gradients are finite. A candle `Optimizer` does
-    ///   not expose its vars, so [`unscale_`](Self::unscale_) must be called first.
+    ///   not expose its vars, so without an earlier [`unscale_`](Self::unscale_) every F32, F64
+    ///   and BF16 gradient in the store is unscaled and checked (those of the intermediate
+    ///   tensors of the graph too: `backward()` keeps them; harmless, but more work, and a
+    ///   non-finite intermediate gradient skips the step); F16 gradients are left alone (they
+    ///   cannot be master gradients). Call `unscale_(&vars, &mut grads)` first to unscale just
+    ///   the vars' gradients, with F16 ones refused.
     ///
     /// At most once between two [`update`](Self::update) calls.
     ///
@@ -440,8 +450,8 @@ impl GradScaler {
     /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
     /// let mut opt = SGD::new(vec![w.clone()], 0.5)?;
     /// let mut grads = scaler.scale(&w.as_tensor().sum_all()?)?.backward()?;
-    /// scaler.unscale_(&[w.clone()], &mut grads)?; // needed with a candle optimizer
-    /// scaler.step(&mut opt, &grads)?;
+    /// scaler.step(&mut opt, &grads)?; // unscales the store's gradients, then steps
+    /// assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?, [1.0, 1.0]);
     /// scaler.update()?;
     /// assert_eq!(w.to_vec1::<f32>()?, [0.5, 1.5]);
     /// # Ok::<(), candle_core::Error>(())
@@ -473,9 +483,10 @@ impl GradScaler {
                 bail!("internal error: the optimizer is not of its own type")
             };
             if self.stage == Stage::Ready {
-                bail!(
-                    "GradScaler::step: call unscale_(&vars, &mut grads) before step with an optimizer other than FusedAdamW or FusedSgd (a candle Optimizer does not expose its vars); nothing was modified"
-                )
+                // The optimizer's vars are unknown: unscale every gradient of the store that a
+                // master var can have (F32, F64, BF16).
+                self.unscale_targets(store_grads(grads)?)?;
+                self.stage = Stage::Unscaled;
             }
             // The one documented host read of the path.
             if !self.found_inf_on_host()? {
@@ -706,6 +717,46 @@ fn checked_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Tensor>> {
                         grad.device().location(),
                         first.device().location()
                     )
+            }
+        }
+        targets.push(grad.clone());
+    }
+    Ok(targets)
+}
+
+/// Every gradient of the store a master var can have (F32, F64, BF16; F16 ones, which can only be
+/// an F16 forward pass's intermediates here, are left out), each storage view once, for
+/// [`GradScaler::step`] with an optimizer whose vars are unknown. A non-contiguous one is an
+/// error (it is unscaled in place).
+fn store_grads(grads: &GradStore) -> Result<Vec<Tensor>> {
+    let mut seen = HashSet::new();
+    let mut targets: Vec<Tensor> = Vec::new();
+    for id in grads.get_ids() {
+        let Some(grad) = grads.get_id(*id) else {
+            continue;
+        };
+        if !matches!(grad.dtype(), DType::F32 | DType::F64 | DType::BF16) {
+            continue;
+        }
+        let layout = grad.layout();
+        let view = (
+            storage_key(grad),
+            layout.start_offset(),
+            layout.dims().to_vec(),
+            layout.stride().to_vec(),
+        );
+        if !seen.insert(view) {
+            continue;
+        }
+        if !grad.is_contiguous() {
+            bail!(
+                "GradScaler::step: a gradient in the store (shape {:?}) is not contiguous and cannot be unscaled in place; call unscale_(&vars, &mut grads) with the optimizer's vars first; nothing was modified",
+                grad.dims()
+            )
+        }
+        if let Some(first) = targets.first() {
+            if !grad.device().same_device(first.device()) {
+                bail!("GradScaler::step: the store holds gradients on two devices; call unscale_(&vars, &mut grads) with the optimizer's vars first; nothing was modified")
             }
         }
         targets.push(grad.clone());
