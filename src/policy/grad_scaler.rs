@@ -39,8 +39,8 @@ const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// [`unscale_`](Self::unscale_) before it reads the scaled gradients once for the clip's norm and
 /// the finite check (each element unscaled as it is read), then once more in the update, which
 /// unscales each element, writes it back and steps with it: bitwise `unscale_` then `step`, one
-/// read of the gradients fewer. (Not with AutoClip, whose norm is taken before the step, nor
-/// when gradients share a storage: then `unscale_` runs first.) `unscale_` itself is one read and
+/// read of the gradients fewer. (Not with AutoClip, ZClip or AGC, which decide from the
+/// gradients before the step, nor when gradients share a storage: then `unscale_` runs first.) `unscale_` itself is one read and
 /// one write of each element. On CUDA (and under the kernel emulation) `unscale_` and the
 /// unscale before a fused step are candle tensor ops (a product into a new tensor, copied back
 /// into the gradient) and the kernels' finite check: the same values, more traffic; the one-read
