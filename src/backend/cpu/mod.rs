@@ -517,10 +517,50 @@ impl<'a> LockedGradients<'a> {
 /// `groups` are the set's storage groups ([`GradientSet::group_by_storage`], or the validated
 /// [`GradientSet::storage_groups`] of a call that goes on to write).
 pub(crate) fn norm(set: &GradientSet, groups: &StorageGroups, norm_type: NormType) -> Result<f64> {
+    norm_combined(set, groups, norm_type, &mut OneProcess(set))
+}
+
+/// How the reduction's partial results are combined before the norm is formed: as they are in
+/// one process ([`OneProcess`]), through collectives across a process group (`dist`). The norm
+/// is computed by the same code either way, so a group of processes takes exactly the decisions
+/// (rescue or not) that one process holding all the gradients takes.
+pub(crate) trait Combine {
+    /// The largest `|g|` over everything combined (NaN if any was NaN), from this part's.
+    fn max_abs(&mut self, local: f64) -> Result<f64>;
+    /// The exact sum over everything combined, from this part's.
+    fn sum(&mut self, local: ExactSum) -> Result<ExactSum>;
+    /// [`GradientSet::powers_may_leave_f64_range`] of everything combined.
+    fn powers_may_leave_f64_range(&self, p: f64) -> bool;
+}
+
+/// Combining within one process: the local results are the results.
+pub(crate) struct OneProcess<'a>(pub(crate) &'a GradientSet);
+
+impl Combine for OneProcess<'_> {
+    fn max_abs(&mut self, local: f64) -> Result<f64> {
+        Ok(local)
+    }
+    fn sum(&mut self, local: ExactSum) -> Result<ExactSum> {
+        Ok(local)
+    }
+    fn powers_may_leave_f64_range(&self, p: f64) -> bool {
+        self.0.powers_may_leave_f64_range(p)
+    }
+}
+
+/// [`norm`] with the partial results combined by `combine`: every call of `combine` is made by
+/// every participant in the same order, since the decisions between them depend only on
+/// combined results.
+pub(crate) fn norm_combined(
+    set: &GradientSet,
+    groups: &StorageGroups,
+    norm_type: NormType,
+    combine: &mut dyn Combine,
+) -> Result<f64> {
     let locked = LockedGradients::lock(set, groups);
     let items = locked.work_items()?;
     let p = match norm_type.canonical() {
-        NormType::Inf => return Ok(locked.max_abs(&items)),
+        NormType::Inf => return combine.max_abs(locked.max_abs(&items)),
         NormType::L1 => 1.0,
         NormType::L2 => 2.0,
         NormType::P(p) => p,
@@ -530,17 +570,17 @@ pub(crate) fn norm(set: &GradientSet, groups: &StorageGroups, norm_type: NormTyp
         2.0 => Power::Square,
         _ => Power::Pow { p, divisor: 1.0 },
     };
-    let sum = locked.exact_sum(&items, power).value();
+    let sum = combine.sum(locked.exact_sum(&items, power))?.value();
     let suspicious = sum.is_infinite() || sum < TINY_SUM;
-    if sum.is_nan() || !(suspicious && set.powers_may_leave_f64_range(p)) {
+    if sum.is_nan() || !(suspicious && combine.powers_may_leave_f64_range(p)) {
         return Ok(root(sum, p));
     }
-    let max = locked.max_abs(&items);
+    let max = combine.max_abs(locked.max_abs(&items))?;
     if max == 0.0 || !max.is_finite() {
         return Ok(max);
     }
-    let scaled = locked
-        .exact_sum(&items, Power::Pow { p, divisor: max })
+    let scaled = combine
+        .sum(locked.exact_sum(&items, Power::Pow { p, divisor: max }))?
         .value();
     Ok(root(scaled, p) * max)
 }

@@ -1,0 +1,325 @@
+//! Cases for the norm across ranks, shared by the in-process test (`tests/distributed.rs`, threads
+//! through `LocalGroup`) and the MPI driver (`tests/mpi_driver.rs`, processes under `mpirun`).
+//!
+//! Every rank builds the same random model from the case's seed, computes the one-process
+//! reference (`total_norm` and `ClipGradNorm::clip_` over every gradient: the call whose bits the
+//! norm across ranks promises), then takes its own share of the gradients (split in several ways:
+//! whole tensors, pieces cut at multiples of 2^15 elements, empty ranks, a replicated var) and
+//! checks that the norm across ranks and its clipped gradients are bitwise the reference's.
+#![allow(dead_code)]
+
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_grad_clip::{total_norm, total_norm_across, ClipGradNorm, NormType, ProcessGroup};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// The CPU back end's work-item length: pieces cut at multiples of it keep the bitwise promise.
+pub const CUT: usize = 1 << 15;
+
+pub const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+pub const NORMS: [NormType; 5] = [
+    NormType::L1,
+    NormType::L2,
+    NormType::Inf,
+    NormType::P(3.0),
+    NormType::P(7.0),
+];
+
+/// What the gradient values look like.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Values {
+    /// Uniform in (-1, 1).
+    Normal,
+    /// One +inf, and (odd seeds) one NaN, among normal values.
+    Specials,
+    /// Near the dtype's largest finite value: sums of powers overflow f64 for F64 (and `p = 7`).
+    Huge,
+    /// Near the dtype's smallest values: sums of powers underflow for F64 (and `p = 7`).
+    Tiny,
+}
+
+pub const VALUES: [Values; 4] = [Values::Normal, Values::Specials, Values::Huge, Values::Tiny];
+
+/// How the model's gradients are shared out over the ranks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Split {
+    /// Whole tensors, tensor `i` to rank `i % world`.
+    RoundRobin,
+    /// Whole tensors in contiguous blocks of the list.
+    Blocks,
+    /// Everything on the last rank: the others pass no gradient at all.
+    AllOnLast,
+    /// Whole tensors to random ranks.
+    Random,
+    /// The big tensor cut into pieces at multiples of [`CUT`], each piece its own var on its own
+    /// rank; the other tensors whole, round robin.
+    ChunkCuts,
+    /// Tensor 1 replicated on every rank (`clip_replicated_across_`), the others round robin.
+    Replicated,
+}
+
+pub const SPLITS: [Split; 6] = [
+    Split::RoundRobin,
+    Split::Blocks,
+    Split::AllOnLast,
+    Split::Random,
+    Split::ChunkCuts,
+    Split::Replicated,
+];
+
+/// Shapes of the model: a tensor of more than two work items, small ones, an empty one, and one
+/// whose gradient is a transposed (strided) view.
+const SHAPES: [&[usize]; 6] = [&[70_001], &[7, 5], &[0], &[4, 3], &[1], &[129, 33]];
+const BIG: usize = 0;
+const TRANSPOSED: usize = 3;
+
+fn values(rng: &mut StdRng, n: usize, dtype: DType, kind: Values) -> Vec<f64> {
+    let (max, tiny) = match dtype {
+        DType::F64 => (1e300, 1e-300),
+        DType::F32 => (3e38, 1e-40),
+        DType::F16 => (6e4, 1e-7),
+        _ => (3e38, 1e-40),
+    };
+    (0..n)
+        .map(|_| {
+            let sign = if rng.gen_bool(0.5) { -1.0 } else { 1.0 };
+            sign * match kind {
+                Values::Normal | Values::Specials => rng.gen_range(0.0..1.0),
+                Values::Huge => max * rng.gen_range(0.01..1.0),
+                Values::Tiny => tiny * rng.gen_range(1.0..100.0),
+            }
+        })
+        .collect()
+}
+
+/// The model of one case: vars and their gradients (rank-independent: built from the seed).
+pub struct Model {
+    pub vars: Vec<Var>,
+    pub grads: Vec<Tensor>,
+}
+
+pub fn model(seed: u64, dtype: DType, kind: Values) -> Result<Model> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut vars = Vec::new();
+    let mut grads = Vec::new();
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let mut v = values(&mut rng, n, dtype, kind);
+        if kind == Values::Specials && n > 0 {
+            if i == BIG {
+                v[n / 2] = f64::INFINITY;
+            }
+            if i == 5 && seed % 2 == 1 {
+                v[7] = f64::NAN;
+            }
+        }
+        let grad = if i == TRANSPOSED {
+            let (r, c) = (shape[0], shape[1]);
+            Tensor::from_vec(v, (c, r), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .t()?
+        } else {
+            Tensor::from_vec(v, shape.to_vec(), &Device::Cpu)?.to_dtype(dtype)?
+        };
+        vars.push(Var::zeros(shape.to_vec(), dtype, &Device::Cpu)?);
+        grads.push(grad);
+    }
+    Ok(Model { vars, grads })
+}
+
+fn store(vars: &[Var], grads: &[Tensor]) -> GradStore {
+    let mut store = GradStore::default();
+    for (v, g) in vars.iter().zip(grads) {
+        store.insert(v, g.clone());
+    }
+    store
+}
+
+/// The raw bits of every element, in logical order.
+pub fn bits(t: &Tensor) -> Result<Vec<u64>> {
+    let f = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => f
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::F64 => f.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect(),
+        DType::F16 => f
+            .to_vec1::<half::f16>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::BF16 => f
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        d => panic!("bits: unexpected dtype {d:?}"),
+    })
+}
+
+fn norm_bits(t: &Tensor) -> Result<(DType, u64)> {
+    Ok((t.dtype(), bits(t)?[0]))
+}
+
+/// One rank's share: its vars and their gradients, and for each, where its elements sit in the
+/// reference (tensor index, first element in logical order).
+struct Share {
+    /// Every var this rank holds, its gradient, where its elements sit in the reference, and
+    /// whether it is replicated (on every rank) rather than owned.
+    entries: Vec<(Var, Tensor, (usize, usize), bool)>,
+}
+
+impl Share {
+    fn vars(&self, replicated: bool) -> Vec<Var> {
+        self.entries
+            .iter()
+            .filter(|e| e.3 == replicated)
+            .map(|e| e.0.clone())
+            .collect()
+    }
+}
+
+fn share(model: &Model, split: Split, seed: u64, rank: usize, world: usize) -> Result<Share> {
+    let n = model.vars.len();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let random: Vec<usize> = (0..n).map(|_| rng.gen_range(0..world)).collect();
+    let owner = |i: usize| -> usize {
+        match split {
+            Split::RoundRobin | Split::ChunkCuts | Split::Replicated => i % world,
+            Split::Blocks => i * world / n,
+            Split::AllOnLast => world - 1,
+            Split::Random => random[i],
+        }
+    };
+    let mut s = Share {
+        entries: Vec::new(),
+    };
+    for i in 0..n {
+        if split == Split::Replicated && i == 1 {
+            s.entries
+                .push((model.vars[i].clone(), model.grads[i].clone(), (i, 0), true));
+            continue;
+        }
+        if split == Split::ChunkCuts && i == BIG {
+            let len = model.grads[i].elem_count();
+            for (k, start) in (0..len).step_by(CUT).enumerate() {
+                // Pieces go round the ranks starting from the last one, each a copy of its own.
+                if (world - 1 + k) % world != rank {
+                    continue;
+                }
+                let piece_len = CUT.min(len - start);
+                let g = model.grads[i].narrow(0, start, piece_len)?.copy()?;
+                let v = Var::zeros(piece_len, g.dtype(), &Device::Cpu)?;
+                s.entries.push((v, g, (i, start), false));
+            }
+            continue;
+        }
+        if owner(i) == rank {
+            s.entries
+                .push((model.vars[i].clone(), model.grads[i].clone(), (i, 0), false));
+        }
+    }
+    Ok(s)
+}
+
+/// Runs every case on this rank of `group`; returns how many ran. Panics with the case on a
+/// mismatch. Every rank must call this with the same `cases`.
+pub fn run_cases(
+    group: &dyn ProcessGroup,
+    cases: &[(u64, DType, NormType, Values, Split)],
+) -> usize {
+    for &(seed, dtype, norm_type, kind, split) in cases {
+        let what = format!(
+            "rank {} of {}: seed {seed} {dtype:?} {norm_type:?} {kind:?} {split:?}",
+            group.rank(),
+            group.world_size()
+        );
+        check_case(group, seed, dtype, norm_type, kind, split)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    cases.len()
+}
+
+/// Every combination of dtype, norm, values and split, with a seed each.
+pub fn all_cases() -> Vec<(u64, DType, NormType, Values, Split)> {
+    let mut cases = Vec::new();
+    let mut seed = 1;
+    for dtype in DTYPES {
+        for norm_type in NORMS {
+            for kind in VALUES {
+                for split in SPLITS {
+                    cases.push((seed, dtype, norm_type, kind, split));
+                    seed += 1;
+                }
+            }
+        }
+    }
+    cases
+}
+
+fn check_case(
+    group: &dyn ProcessGroup,
+    seed: u64,
+    dtype: DType,
+    norm_type: NormType,
+    kind: Values,
+    split: Split,
+) -> Result<()> {
+    let model = model(seed, dtype, kind)?;
+    let max_norm = 1.0;
+    let clip = ClipGradNorm::new(max_norm).norm_type(norm_type);
+    // The one-process reference over every gradient.
+    let all = store(&model.vars, &model.grads);
+    let want_norm = norm_bits(&total_norm(&model.vars, &all, norm_type)?)?;
+    let mut clipped = store(
+        &model.vars,
+        &model
+            .grads
+            .iter()
+            .map(|g| g.copy())
+            .collect::<Result<Vec<_>>>()?,
+    );
+    let want_clip_norm = norm_bits(&clip.clip_(&model.vars, &mut clipped)?)?;
+    assert_eq!(want_norm, want_clip_norm, "reference norms disagree");
+    let want: Vec<Vec<u64>> = model
+        .vars
+        .iter()
+        .map(|v| bits(clipped.get(v).expect("a clipped gradient")))
+        .collect::<Result<_>>()?;
+
+    // This rank's share, through the norm across ranks.
+    let share = share(&model, split, seed, group.rank(), group.world_size())?;
+    let (owned, replicated) = (share.vars(false), share.vars(true));
+    let mut grads = GradStore::default();
+    for (v, g, _, _) in &share.entries {
+        grads.insert(v, g.clone());
+    }
+    // Before clipping: total_norm_across, with the replicated var passed on rank 0 only.
+    let mut counted = owned.clone();
+    if group.rank() == 0 {
+        counted.extend(replicated.iter().cloned());
+    }
+    let got = norm_bits(&total_norm_across(&counted, &grads, norm_type, group)?)?;
+    if got != want_norm {
+        candle_core::bail!("total_norm_across {got:?}, one process {want_norm:?}")
+    }
+    let got = norm_bits(&clip.clip_replicated_across_(&owned, &replicated, &mut grads, group)?)?;
+    if got != want_norm {
+        candle_core::bail!("clip_replicated_across_ returned {got:?}, one process {want_norm:?}")
+    }
+    for (var, _, (tensor, start), _) in &share.entries {
+        let (tensor, start) = (*tensor, *start);
+        let got = bits(grads.get(var).expect("a gradient"))?;
+        let want = &want[tensor][start..start + got.len()];
+        if let Some(k) = (0..got.len()).find(|&k| got[k] != want[k]) {
+            candle_core::bail!(
+                "clipped gradient of tensor {tensor} (piece at {start}), element {k}: bits {:#x}, one process {:#x}",
+                got[k],
+                want[k]
+            )
+        }
+    }
+    Ok(())
+}
