@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use candle_core::{bail, Result};
+use candle_core::{bail, Device, Result};
 
 use super::ProcessGroup;
 
@@ -37,6 +37,7 @@ use super::ProcessGroup;
 #[derive(Debug, Clone)]
 pub struct LocalGroup {
     rank: usize,
+    device: Device,
     shared: Arc<Shared>,
 }
 
@@ -73,6 +74,24 @@ impl LocalGroup {
         if world_size == 0 {
             bail!("LocalGroup::new: a group needs at least one rank")
         }
+        Self::on_devices(vec![Device::Cpu; world_size])
+    }
+
+    /// The handles of a group with one rank per device, rank `i` reducing gradients on
+    /// `devices[i]` (several GPUs driven from one process, one thread each).
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use candle_grad_clip::{LocalGroup, ProcessGroup};
+    /// let ranks = LocalGroup::on_devices(vec![Device::Cpu, Device::Cpu]).unwrap();
+    /// assert!(ranks[1].device().is_cpu());
+    /// assert!(LocalGroup::on_devices(vec![]).is_err());
+    /// ```
+    pub fn on_devices(devices: Vec<Device>) -> Result<Vec<LocalGroup>> {
+        let world_size = devices.len();
+        if world_size == 0 {
+            bail!("LocalGroup::on_devices: a group needs at least one rank")
+        }
         let shared = Arc::new(Shared {
             world_size,
             round: Mutex::new(Round {
@@ -85,9 +104,12 @@ impl LocalGroup {
             }),
             done: Condvar::new(),
         });
-        Ok((0..world_size)
-            .map(|rank| LocalGroup {
+        Ok(devices
+            .into_iter()
+            .enumerate()
+            .map(|(rank, device)| LocalGroup {
                 rank,
+                device,
                 shared: shared.clone(),
             })
             .collect())
@@ -183,5 +205,9 @@ impl ProcessGroup for LocalGroup {
 
     fn all_reduce_max_u64(&self, words: &mut [u64]) -> Result<()> {
         self.all_reduce("all_reduce_max_u64", words, u64::max)
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
     }
 }

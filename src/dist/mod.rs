@@ -14,10 +14,20 @@
 //! of the one-process norm runs across the ranks too: a max collective for the global largest
 //! `|g|`, then a second sum of the powers divided by it.
 //!
+//! # Devices
+//! The reduction runs on the host, on the CPU back end's work items: CUDA gradients (with
+//! [`NcclGroup`] or a [`LocalGroup`] on CUDA devices) are copied to the host for it, one copy of
+//! each gradient per norm, and their norm is the CPU norm of those copies (it may differ in the
+//! last bits from the one-process CUDA norm, whose partials cover other elements; a
+//! device-resident accumulator all-reduced by NCCL is future work). The scale pass runs where the
+//! gradients are, as in one process (the CUDA kernels for CUDA gradients). Under an active
+//! [`KernelEmulation`](crate::KernelEmulation), CPU gradients take that same path: reduced on the
+//! CPU, scaled by the emulated kernels.
+//!
 //! # The bitwise condition
-//! The norm equals the one-process norm ([`total_norm`](crate::total_norm) on the CPU) over the
-//! union of every rank's gradients, bit for bit, whenever each CPU work item of that one call lies
-//! on one rank: a contiguous gradient is cut into items of 2^15 elements counted from its first
+//! The norm equals the one-process norm ([`total_norm`](crate::total_norm) on the CPU, without
+//! the kernel emulation) over the union of every rank's gradients, bit for bit, whenever each CPU
+//! work item of that one call lies on one rank: a contiguous gradient is cut into items of 2^15 elements counted from its first
 //! element, a strided gradient is one item. So a partition that keeps whole gradients always
 //! qualifies; a gradient cut into contiguous pieces (one var per piece) qualifies when every cut
 //! lies at a multiple of 2^15 elements from its first element.
@@ -41,7 +51,7 @@ pub use nccl::NcclGroup;
 
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
-use crate::backend::{clip_coefficient, cpu, needs_scaling, nonfinite_error, ElementwiseOp};
+use crate::backend::{self, clip_coefficient, cpu, needs_scaling, nonfinite_error};
 use crate::exact_sum::{ExactSum, WORDS};
 use crate::gradients::GradientSet;
 use crate::NormType;
@@ -105,7 +115,8 @@ pub trait ProcessGroup {
 /// (or see [`ClipGradNorm::clip_replicated_across_`](crate::ClipGradNorm::clip_replicated_across_)).
 ///
 /// One all-reduce of 584 bytes (`Inf`: the max collective, 56 bytes); two more when powers leave
-/// the `f64` range. Gradients must be on the CPU (the CUDA path is not there yet).
+/// the `f64` range. Gradients must be on [`ProcessGroup::device`]; CUDA gradients are reduced on
+/// the host (see the [module documentation](self#devices)).
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
@@ -236,9 +247,12 @@ pub(crate) fn clip_across(
         return Err(nonfinite_error(returned, settings.norm_type));
     }
     let coefficient = clip_coefficient(value, settings.max_norm, settings.eps);
-    if let Some((write_set, groups)) = writes {
+    if let Some((write_set, _)) = writes {
         if needs_scaling(coefficient) && !write_set.grads().is_empty() {
-            cpu::apply_in_place(&write_set, &groups, ElementwiseOp::Scale(coefficient))?;
+            // The one-process scale pass of the gradients' device (the CPU's, or the kernels'),
+            // with the norm unrounded (F64): the coefficient is the one computed above.
+            let norm = Tensor::new(value, write_set.device())?;
+            backend::scale_with_norm(&write_set, settings.max_norm, settings.eps, &norm)?;
         }
     }
     norm.tensor()
@@ -276,13 +290,6 @@ fn check_device(caller: &str, set: &GradientSet, group: &dyn ProcessGroup) -> Re
             theirs.location()
         )
     }
-    if !matches!(ours, Device::Cpu) {
-        bail!(
-            "{caller}: rank {}: the norm across processes takes CPU gradients for now, got gradients on {:?}",
-            group.rank(),
-            ours.location()
-        )
-    }
     Ok(())
 }
 
@@ -302,9 +309,23 @@ fn norm_across(
             group.rank()
         )
     }
-    let (set, failure) = match local {
-        Ok(set) => (set, None),
-        Err(e) => (GradientSet::from_grads(Vec::new())?, Some(e)),
+    // The reduction runs on the host: gradients on a GPU are copied there first (see the module
+    // documentation). A failed copy fails this rank like a refused gradient.
+    let local = local.and_then(|set| {
+        let host = match set.device() {
+            Device::Cpu => None,
+            _ => Some(GradientSet::from_grads(
+                set.grads()
+                    .iter()
+                    .map(|g| g.to_device(&Device::Cpu))
+                    .collect::<Result<Vec<_>>>()?,
+            )?),
+        };
+        Ok((set, host))
+    });
+    let (set, host, failure) = match local {
+        Ok((set, host)) => (set, host, None),
+        Err(e) => (GradientSet::from_grads(Vec::new())?, None, Some(e)),
     };
     let header = Header {
         f64_grads: set
@@ -325,8 +346,9 @@ fn norm_across(
         local: header,
         global: None,
     };
-    let groups = set.group_by_storage();
-    let value = cpu::norm_combined(&set, &groups, norm_type, &mut combine);
+    let reduced = host.as_ref().unwrap_or(&set);
+    let groups = reduced.group_by_storage();
+    let value = cpu::norm_combined(reduced, &groups, norm_type, &mut combine);
     if let Some(e) = failure {
         return Err(e);
     }

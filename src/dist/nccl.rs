@@ -50,12 +50,13 @@ impl NcclGroup {
 
     fn all_reduce(&self, name: &str, words: &mut [u64], op: ReduceOp) -> Result<()> {
         let stream = self.comm.stream();
+        let len = words.len();
         let fail = |what: &str, e: &dyn std::fmt::Debug| -> candle_core::Error {
             candle_core::Error::Msg(format!(
                 "NCCL rank {} of {}: {name} of {} words: {what} failed: {e:?}",
                 self.comm.rank(),
                 self.comm.world_size(),
-                words.len()
+                len
             ))
             .bt()
         };
