@@ -111,8 +111,8 @@ fn a_refusing_rank_fails_every_rank_and_nothing_is_modified() {
         };
         let mut grads = GradStore::default();
         grads.insert(&w, grad);
-        let err =
-            clip_grad_norm_across(&[w.clone()], &mut grads, 1.0, g).expect_err("every rank fails");
+        let err = clip_grad_norm_across(std::slice::from_ref(&w), &mut grads, 1.0, g)
+            .expect_err("every rank fails");
         let after = grads
             .get(&w)
             .expect("grad")
@@ -234,7 +234,7 @@ fn empty_ranks_get_the_norm_with_the_global_dtype() {
         let (w, mut grads) = one_var(&[if g.rank() == 0 { f32::INFINITY } else { 1.0 }])?;
         ClipGradNorm::new(1.0)
             .error_if_nonfinite(true)
-            .clip_across_(&[w.clone()], &mut grads, g)?;
+            .clip_across_(std::slice::from_ref(&w), &mut grads, g)?;
         grads.get(&w).expect("grad").to_vec1::<f32>()
     });
     for r in results {

@@ -82,7 +82,7 @@ fn refusal_fails_every_rank(world: &mpi::topology::SimpleCommunicator) {
     };
     let mut grads = GradStore::default();
     grads.insert(&w, grad);
-    let err = clip_grad_norm_across(&[w.clone()], &mut grads, 1.0, world)
+    let err = clip_grad_norm_across(std::slice::from_ref(&w), &mut grads, 1.0, world)
         .expect_err("a refused rank fails every rank");
     let message = err.to_string();
     if rank == last {
