@@ -241,3 +241,182 @@ fn empty_ranks_get_the_norm_with_the_global_dtype() {
         assert!(r.is_err_and(|e| e.to_string().contains("non-finite")));
     }
 }
+
+/// Gradients of step `step` for var `i` (shape `[7 * i + 3]`), F32; `nan_at` poisons one var.
+fn step_grads(vars: &[(usize, Var)], step: usize, nan_at: Option<usize>) -> Result<GradStore> {
+    let mut grads = GradStore::default();
+    for (i, var) in vars {
+        let n = var.elem_count();
+        let values: Vec<f32> = (0..n)
+            .map(|k| {
+                if nan_at == Some(*i) && k == 0 {
+                    f32::NAN
+                } else {
+                    (((k * 31 + i * 17 + step * 7) as f32) * 0.61).sin() * (1.0 + *i as f32)
+                }
+            })
+            .collect();
+        grads.insert(var, Tensor::from_vec(values, n, &Device::Cpu)?);
+    }
+    Ok(grads)
+}
+
+const VARS: usize = 7;
+
+/// The vars `i` with `i % world == rank` (all of them for `world = 1`), with fixed start values.
+fn owned_vars(rank: usize, world: usize) -> Result<Vec<(usize, Var)>> {
+    (0..VARS)
+        .filter(|i| i % world == rank)
+        .map(|i| {
+            let n = 7 * i + 3;
+            let start: Vec<f32> = (0..n).map(|k| (k as f32 * 0.1).cos()).collect();
+            Ok((
+                i,
+                Var::from_tensor(&Tensor::from_vec(start, n, &Device::Cpu)?)?,
+            ))
+        })
+        .collect()
+}
+
+/// What an optimizer run leaves: each var's bits by index, and the last norm's bits per step.
+type Run = (Vec<(usize, Vec<u64>)>, Vec<Option<u64>>);
+
+/// Three steps of an optimizer over this rank's vars (`group = None`: one process, all vars).
+fn run_steps(
+    rank: usize,
+    world: usize,
+    nan_step: Option<usize>,
+    mut step: impl FnMut(&[Var], &GradStore) -> Result<Option<Tensor>>,
+) -> Result<Run> {
+    let vars = owned_vars(rank, world)?;
+    let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut norms = Vec::new();
+    for s in 0..3 {
+        let grads = step_grads(&vars, s, (nan_step == Some(s)).then_some(5))?;
+        let norm = step(&plain, &grads)?;
+        norms.push(match norm {
+            Some(n) => Some(dist_cases::bits(&n)?[0]),
+            None => None,
+        });
+    }
+    let params = vars
+        .iter()
+        .map(|(i, v)| Ok((*i, dist_cases::bits(v.as_tensor())?)))
+        .collect::<Result<_>>()?;
+    Ok((params, norms))
+}
+
+/// Runs `make_and_step` in one process and over 2 and 3 thread ranks; every rank's vars and
+/// norms must be the one-process run's, bitwise.
+fn assert_optimizer_matches_one_process(
+    what: &str,
+    nan_step: Option<usize>,
+    run: impl Fn(Option<&LocalGroup>, usize, usize, Option<usize>) -> Result<Run> + Sync,
+) {
+    let (want_params, want_norms) = run(None, 0, 1, nan_step).expect("one process");
+    for world in [2, 3] {
+        let results = on_ranks(world, |g| run(Some(g), g.rank(), world, nan_step));
+        for (rank, r) in results.into_iter().enumerate() {
+            let (params, norms) =
+                r.unwrap_or_else(|e| panic!("{what}, rank {rank} of {world}: {e}"));
+            assert_eq!(norms, want_norms, "{what}: norms of rank {rank} of {world}");
+            for (i, bits) in params {
+                let want = &want_params.iter().find(|(j, _)| *j == i).expect("var").1;
+                assert_eq!(&bits, want, "{what}: var {i} on rank {rank} of {world}");
+            }
+        }
+    }
+}
+
+#[test]
+fn clipped_step_across_matches_the_one_process_step() {
+    use candle_grad_clip::{AutoClip, ClipSetting, Clipped};
+    use candle_nn::{Optimizer, SGD};
+    for clip in [
+        ClipSetting::norm(1.0),
+        ClipSetting::Norm {
+            max_norm: 2.0,
+            norm_type: NormType::P(3.0),
+        },
+        ClipSetting::value(0.5),
+        ClipSetting::AutoClip(AutoClip::new(50.0).expect("autoclip")),
+    ] {
+        let what = format!("Clipped<SGD> {clip:?}");
+        assert_optimizer_matches_one_process(&what, None, |group, rank, world, nan_step| {
+            let mut opt: Option<Clipped<SGD>> = None;
+            run_steps(rank, world, nan_step, |vars, grads| {
+                let opt = match &mut opt {
+                    Some(o) => o,
+                    None => opt.insert(Clipped::from_optimizer(
+                        SGD::new(vars.to_vec(), 0.1)?,
+                        vars.to_vec(),
+                        clip.clone(),
+                    )?),
+                };
+                match group {
+                    Some(g) => opt.step_across(grads, g)?,
+                    None => opt.step(grads)?,
+                }
+                Ok(opt.last_norm().cloned())
+            })
+        });
+    }
+}
+
+#[test]
+fn fused_step_across_matches_the_one_process_step() {
+    use candle_grad_clip::{AutoClip, ClipSetting, FusedAdamW};
+    use candle_nn::{Optimizer, ParamsAdamW};
+    for (clip, skip, nan_step) in [
+        (Some(ClipSetting::norm(1.0)), false, None),
+        (
+            Some(ClipSetting::Norm {
+                max_norm: 0.5,
+                norm_type: NormType::Inf,
+            }),
+            false,
+            None,
+        ),
+        (
+            Some(ClipSetting::AutoClip(
+                AutoClip::new(30.0).expect("autoclip"),
+            )),
+            false,
+            None,
+        ),
+        // A NaN on one rank at step 1: every rank skips that step.
+        (None, true, Some(1)),
+        (Some(ClipSetting::norm(1.0)), true, Some(1)),
+    ] {
+        let what = format!("FusedAdamW {clip:?} skip_nonfinite {skip}");
+        assert_optimizer_matches_one_process(&what, nan_step, |group, rank, world, nan_step| {
+            let mut opt: Option<FusedAdamW> = None;
+            let run = run_steps(rank, world, nan_step, |vars, grads| {
+                let opt = match &mut opt {
+                    Some(o) => o,
+                    None => {
+                        let mut o = FusedAdamW::new(vars.to_vec(), ParamsAdamW::default())?
+                            .skip_nonfinite(skip);
+                        if let Some(c) = &clip {
+                            o = o.with_clip(c.clone())?;
+                        }
+                        opt.insert(o)
+                    }
+                };
+                match group {
+                    Some(g) => opt.step_across(grads, g)?,
+                    None => opt.step(grads)?,
+                }
+                Ok(opt.last_norm().cloned())
+            })?;
+            let opt = opt.expect("stepped");
+            let skipped = opt.skipped_steps()?;
+            if nan_step.is_some() && skip {
+                if skipped != 1 {
+                    candle_core::bail!("{skipped} skipped steps, expected 1")
+                }
+            }
+            Ok(run)
+        });
+    }
+}

@@ -198,6 +198,22 @@ pub fn clip_grad_norm_across(
     crate::ClipGradNorm::new(max_norm).clip_across_(vars, grads, group)
 }
 
+/// The norm across ranks of a set of gradients collected by an optimizer: its value (unrounded)
+/// and the tensor to report (in the dtype and on the device of [`total_norm_across`]). `local`
+/// is the set, or the error that refused this rank's gradients: the rank still takes part, so
+/// every rank fails with it.
+pub(crate) fn set_norm_across(
+    caller: &'static str,
+    local: Result<GradientSet>,
+    norm_type: NormType,
+    group: &dyn ProcessGroup,
+) -> Result<(f64, Tensor)> {
+    norm_type.validate()?;
+    let local = local.and_then(|set| check_device(caller, &set, group).map(|()| set));
+    let norm = norm_across(caller, local, norm_type, group)?;
+    Ok((norm.value, norm.tensor()?))
+}
+
 /// Settings of a clip across ranks, validated by the caller.
 pub(crate) struct AcrossSettings {
     pub(crate) norm_type: NormType,

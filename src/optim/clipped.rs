@@ -7,7 +7,10 @@ use candle_nn::Optimizer;
 
 use crate::gradients::check_matches_var;
 use crate::policy::autoclip::{self, AutoClip};
-use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, DEFAULT_EPS};
+use crate::{
+    clip_grad_value_, clip_grads_with_norm_, total_norm, total_norm_across, ClipGradNorm, NormType,
+    ProcessGroup, DEFAULT_EPS,
+};
 
 /// How [`Clipped`] clips the gradients before each step.
 ///
@@ -187,13 +190,76 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(grads, None)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.inner.learning_rate()
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.inner.set_learning_rate(lr)
+    }
+}
+
+impl<O: Optimizer> Clipped<O> {
+    /// [`step`](Optimizer::step) for a sharded model: this rank's vars, clipped with the norm
+    /// over the gradients of every rank of `group` (see
+    /// [`total_norm_across`](crate::total_norm_across)), so that every rank scales by the same
+    /// coefficient. AutoClip's norm and history are the global L2 norm's; value clipping clamps
+    /// each rank's own gradients (its `last_norm` is the global largest `|g|`). Every rank must
+    /// step together with the same setting.
+    ///
+    /// ```
+    /// use candle_core::{backprop::GradStore, Device, Tensor, Var};
+    /// use candle_nn::SGD;
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig, LocalGroup};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let norms = std::thread::scope(|s| {
+    ///     let handles: Vec<_> = LocalGroup::new(2)?
+    ///         .into_iter()
+    ///         .zip([3f32, 4.])
+    ///         .map(|(group, g)| {
+    ///             s.spawn(move || -> candle_core::Result<f32> {
+    ///                 let w = Var::new(&[0f32], &Device::Cpu)?;
+    ///                 let config = ClippedConfig::new(0.1, ClipSetting::norm(1.0));
+    ///                 let mut opt = <Clipped<SGD> as candle_nn::Optimizer>::new(vec![w.clone()], config)?;
+    ///                 let mut grads = GradStore::default();
+    ///                 grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
+    ///                 opt.step_across(&grads, &group)?;
+    ///                 opt.last_norm().unwrap().to_scalar::<f32>()
+    ///             })
+    ///         })
+    ///         .collect();
+    ///     handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<Vec<_>>>()
+    /// })?;
+    /// assert_eq!(norms, [5.0, 5.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn step_across(&mut self, grads: &GradStore, group: &dyn ProcessGroup) -> Result<()> {
+        self.step_with(grads, Some(group))
+    }
+
+    fn step_with(&mut self, grads: &GradStore, group: Option<&dyn ProcessGroup>) -> Result<()> {
         // `GradStore` cannot be cloned or mutated through `&`, but its tensors are shared
         // handles: a new store holding the same tensors, clipped in place, clips the caller's.
         let mut view = GradStore::default();
         for (i, var) in self.vars.iter().enumerate() {
             if let Some(grad) = grads.get(var.as_tensor()) {
-                // What the inner optimizer would refuse after we clipped: refuse it before.
-                check_matches_var("Clipped::step", i, var, grad)?;
+                // What the inner optimizer would refuse after we clipped: refuse it before
+                // (across ranks, after telling the other ranks, which fail with it).
+                if let Err(e) = check_matches_var("Clipped::step", i, var, grad) {
+                    if let Some(group) = group {
+                        let norm_type = match &self.clip {
+                            ClipSetting::Norm { norm_type, .. } => *norm_type,
+                            ClipSetting::Value { .. } => NormType::Inf,
+                            ClipSetting::AutoClip(_) => NormType::L2,
+                        };
+                        crate::dist::set_norm_across("step_across", Err(e), norm_type, group)?;
+                        return unreachable_failure();
+                    }
+                    return Err(e);
+                }
                 view.insert(var.as_tensor(), grad.clone());
             }
         }
@@ -204,20 +270,36 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 max_norm,
                 norm_type,
             } => {
-                let norm = ClipGradNorm::new(*max_norm)
-                    .norm_type(*norm_type)
-                    .clip_(&self.vars, &mut view)?;
+                let clip = ClipGradNorm::new(*max_norm).norm_type(*norm_type);
+                let norm = match group {
+                    Some(group) => clip.clip_across_(&self.vars, &mut view, group)?,
+                    None => clip.clip_(&self.vars, &mut view)?,
+                };
                 (norm, *max_norm, DEFAULT_EPS)
             }
             ClipSetting::Value { clip_value } => {
-                let norm = total_norm(&self.vars, &view, NormType::Inf)?;
+                let norm = match group {
+                    Some(group) => total_norm_across(&self.vars, &view, NormType::Inf, group)?,
+                    None => total_norm(&self.vars, &view, NormType::Inf)?,
+                };
                 clip_grad_value_(&self.vars, &mut view, *clip_value)?;
                 (norm, *clip_value, 0.0)
             }
-            ClipSetting::AutoClip(autoclip) => {
-                let (norm, threshold) = autoclip.clip_with_threshold_(&self.vars, &mut view)?;
-                (norm, threshold, DEFAULT_EPS)
-            }
+            ClipSetting::AutoClip(autoclip) => match group {
+                Some(group) => {
+                    // As `AutoClip::clip_`, with the global norm.
+                    let norm = total_norm_across(&self.vars, &view, NormType::L2, group)?;
+                    let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let threshold = autoclip.threshold_with(value);
+                    clip_grads_with_norm_(&self.vars, &mut view, threshold, &norm)?;
+                    autoclip.record(value);
+                    (norm, threshold, DEFAULT_EPS)
+                }
+                None => {
+                    let (norm, threshold) = autoclip.clip_with_threshold_(&self.vars, &mut view)?;
+                    (norm, threshold, DEFAULT_EPS)
+                }
+            },
         };
         if let Err(e) = self.inner.step(grads) {
             if let Some(clip) = saved_clip {
@@ -230,14 +312,11 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
         self.last_norm = Some(norm);
         Ok(())
     }
+}
 
-    fn learning_rate(&self) -> f64 {
-        self.inner.learning_rate()
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.inner.set_learning_rate(lr)
-    }
+/// `dist::set_norm_across` always fails for a rank that reports a failure.
+fn unreachable_failure() -> Result<()> {
+    bail!("internal error: a refused rank's collective did not fail")
 }
 
 impl<O: Optimizer> Clipped<O> {

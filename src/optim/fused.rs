@@ -13,8 +13,9 @@ use crate::backend::update::{
     self, state_class, state_dtype, FlatState, Place, Rule, Step, StepClip, Target, CLIPPED,
     CONTROL_WORDS, SKIPPED, STEPS,
 };
+use crate::dist;
 use crate::gradients::{check_matches_var, storage_key, GradientSet};
-use crate::{ClipSetting, NormType, DEFAULT_EPS};
+use crate::{ClipSetting, NormType, ProcessGroup, DEFAULT_EPS};
 
 /// Keys of the counters in a state dict.
 const KEY_STEPS: &str = "step";
@@ -183,38 +184,96 @@ impl FusedCore {
     }
 
     /// One step: collect and check the gradients, decide the clip, run the fused update.
-    /// Nothing changes when it fails.
-    pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
+    /// Nothing changes when it fails. With a `group`, the norm of the clip (and the finite check
+    /// of `skip_nonfinite` without a clip) is the one over every rank's gradients (see
+    /// `step_across`).
+    pub(crate) fn step(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        group: Option<&dyn ProcessGroup>,
+    ) -> Result<()> {
         self.ensure_state(rule.state_count())?;
         let mut targets = Vec::with_capacity(self.vars.len());
         let mut step_grads = Vec::with_capacity(self.vars.len());
-        for (i, var) in self.vars.iter().enumerate() {
-            let Some(grad) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            check_gradient(i, var, grad)?;
-            targets.push(Target {
-                param: var.as_tensor().clone(),
-                index: i,
-            });
-            step_grads.push(grad.clone());
-        }
-        let set = GradientSet::from_grads(step_grads)?;
+        let collected = (|| {
+            for (i, var) in self.vars.iter().enumerate() {
+                let Some(grad) = grads.get(var.as_tensor()) else {
+                    continue;
+                };
+                check_gradient(i, var, grad)?;
+                targets.push(Target {
+                    param: var.as_tensor().clone(),
+                    index: i,
+                });
+                step_grads.push(grad.clone());
+            }
+            GradientSet::from_grads(step_grads)
+        })();
+        // Across ranks: the global norm, computed first (a rank whose gradients were refused
+        // still takes part, so that every rank fails with it).
+        let global_norm = match (group, self.across_norm_type()) {
+            (Some(group), Some(norm_type)) => {
+                let local = collected
+                    .as_ref()
+                    .map(|set| GradientSet::from_grads(set.grads().to_vec()))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                    .and_then(|r| r);
+                Some(dist::set_norm_across(
+                    "step_across",
+                    local,
+                    norm_type,
+                    group,
+                )?)
+            }
+            _ => None,
+        };
+        let set = collected?;
+        // The exact global norm (F64) that the step's coefficient is computed from.
+        let given = match &global_norm {
+            Some((value, _)) => Some(Tensor::new(*value, set.device())?),
+            None => None,
+        };
         // AutoClip's norm of this step (kept for `last_norm` and its history), read to the host
         // for its percentile.
         let mut autoclip_norm: Option<(Tensor, f64)> = None;
-        let clip = match &self.clip {
-            None => StepClip::None,
-            Some(ClipSetting::Norm {
-                max_norm,
-                norm_type,
-            }) => StepClip::Norm {
+        let clip = match (&self.clip, &given, &global_norm) {
+            (Some(ClipSetting::Norm { max_norm, .. }), Some(given), _) => StepClip::GivenNorm {
+                norm: given,
+                max_norm: *max_norm,
+                eps: DEFAULT_EPS,
+            },
+            (Some(ClipSetting::AutoClip(autoclip)), Some(given), Some((value, norm))) => {
+                let threshold = autoclip.threshold_with(*value);
+                autoclip_norm = Some((norm.clone(), *value));
+                StepClip::GivenNorm {
+                    norm: given,
+                    max_norm: threshold,
+                    eps: DEFAULT_EPS,
+                }
+            }
+            // skip_nonfinite without a clip: the global max |g| decides; a finite one gives the
+            // coefficient 1 (no write), a non-finite one skips the step on every rank.
+            (None, Some(given), _) => StepClip::GivenNorm {
+                norm: given,
+                max_norm: f64::INFINITY,
+                eps: 0.0,
+            },
+            (None, _, _) => StepClip::None,
+            (
+                Some(ClipSetting::Norm {
+                    max_norm,
+                    norm_type,
+                }),
+                _,
+                _,
+            ) => StepClip::Norm {
                 norm_type: *norm_type,
                 max_norm: *max_norm,
                 eps: DEFAULT_EPS,
             },
-            Some(ClipSetting::Value { clip_value }) => StepClip::Value(*clip_value),
-            Some(ClipSetting::AutoClip(autoclip)) => {
+            (Some(ClipSetting::Value { clip_value }), _, _) => StepClip::Value(*clip_value),
+            (Some(ClipSetting::AutoClip(autoclip)), _, _) => {
                 let norm = backend::total_norm(&set, NormType::L2)?;
                 let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 let threshold = autoclip.threshold_with(value);
@@ -241,9 +300,28 @@ impl FusedCore {
                 }
                 Some(norm)
             }
+            // Across ranks, the clip's norm is the global one (GivenNorm reports none).
+            None if matches!(self.clip, Some(ClipSetting::Norm { .. }))
+                && global_norm.is_some() =>
+            {
+                global_norm.map(|(_, norm)| norm)
+            }
             None => outcome.norm,
         };
         Ok(())
+    }
+
+    /// The norm a step across ranks needs from the group: the clip's norm (AutoClip: L2), or for
+    /// `skip_nonfinite` without a clip the largest `|g|`; none for value clipping (element-wise:
+    /// each rank clamps and checks its own gradients).
+    fn across_norm_type(&self) -> Option<NormType> {
+        match &self.clip {
+            Some(ClipSetting::Norm { norm_type, .. }) => Some(*norm_type),
+            Some(ClipSetting::AutoClip(_)) => Some(NormType::L2),
+            Some(ClipSetting::Value { .. }) => None,
+            None if self.skip_nonfinite => Some(NormType::Inf),
+            None => None,
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -650,6 +728,48 @@ opt.load_state(\"optimizer.safetensors\")?;
 ```")]
             pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
                 self.core.load_state(path.as_ref(), &$state, $optional)
+            }
+
+            #[doc = concat!("One step of a sharded model: this rank's vars, with the clip's norm taken over the gradients
+of every rank of `group` (see [`total_norm_across`](crate::total_norm_across)), so every rank
+scales by the same coefficient; AutoClip's norm and history are the global L2 norm's, and
+`skip_nonfinite` without a clip skips on every rank when any rank's gradients are not finite.
+Value clipping is element-wise and needs no group (each rank clamps, and with `skip_nonfinite`
+checks, its own gradients). Every rank must step together with the same settings.
+
+```
+use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use candle_grad_clip::{ClipSetting, LocalGroup, ", stringify!($ty), "};
+", $import, "
+# fn main() -> candle_core::Result<()> {
+let norms = std::thread::scope(|s| {
+    let handles: Vec<_> = LocalGroup::new(2)?
+        .into_iter()
+        .zip([3f32, 4.])
+        .map(|(group, g)| {
+            s.spawn(move || -> candle_core::Result<f32> {
+                let w = Var::new(&[0f32], &Device::Cpu)?;
+                let mut opt = ", stringify!($ty), "::new(vec![w.clone()], ", stringify!($params), "::default())?
+                    .with_clip(ClipSetting::norm(1.0))?;
+                let mut grads = GradStore::default();
+                grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
+                opt.step_across(&grads, &group)?;
+                opt.last_norm().unwrap().to_scalar::<f32>()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<Vec<_>>>()
+})?;
+assert_eq!(norms, [5.0, 5.0]); // the norm of both ranks' gradients, on both
+# Ok(()) }
+```")]
+            pub fn step_across(
+                &mut self,
+                grads: &GradStore,
+                group: &dyn crate::ProcessGroup,
+            ) -> Result<()> {
+                validate(&self.params)?;
+                self.core.step(grads, rule(&self.params), Some(group))
             }
         }
     };
