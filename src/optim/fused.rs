@@ -739,6 +739,7 @@ checks, its own gradients). Every rank must step together with the same settings
 
 ```
 use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use candle_nn::Optimizer;
 use candle_grad_clip::{ClipSetting, LocalGroup, ", stringify!($ty), "};
 ", $import, "
 # fn main() -> candle_core::Result<()> {
