@@ -114,7 +114,7 @@ pub trait ProcessGroup {
 /// always qualify). A parameter replicated on several ranks must be passed on one of them only
 /// (or see [`ClipGradNorm::clip_replicated_across_`](crate::ClipGradNorm::clip_replicated_across_)).
 ///
-/// One all-reduce of 584 bytes (`Inf`: the max collective, 56 bytes); two more when powers leave
+/// One all-reduce of 584 bytes (`Inf`: the max collective, 32 bytes); two more when powers leave
 /// the `f64` range. Gradients must be on [`ProcessGroup::device`]; CUDA gradients are reduced on
 /// the host (see the [module documentation](self#devices)).
 ///

@@ -30,7 +30,9 @@ pub struct NcclGroup {
 }
 
 impl NcclGroup {
-    /// `comm` with `device`, the CUDA device of its stream (checked by ordinal).
+    /// `comm` with `device`, the CUDA device of its stream (checked by ordinal). Pass the very
+    /// `Device` the gradients live on (a clone of it): candle tells devices apart by identity, and
+    /// gradients on another `Device` value are refused before any communication.
     pub fn new(comm: Comm, device: Device) -> Result<Self> {
         match device.location() {
             candle_core::DeviceLocation::Cuda { gpu_id } if gpu_id == comm.ordinal() => {}
