@@ -3,7 +3,8 @@
 //! (oversubscribed, allowed to run as root), and each rank checks every case of `dist_cases`:
 //! the norm and the clipped gradients bitwise those of the one-process call, for every dtype,
 //! norm and split (whole tensors, pieces at multiples of 2^15 elements, empty ranks, a
-//! replicated var). Then error cases: a rank that refuses its gradients makes every rank fail.
+//! replicated var), and `Clipped` / `FusedAdamW` stepping across ranks like the one-process step.
+//! Then error cases: a rank that refuses its gradients makes every rank fail.
 //!
 //! Set `MPIRUN` to use another launcher binary (default `mpirun`).
 
@@ -58,10 +59,11 @@ fn rank_main() {
     let world = universe.world();
     let cases = dist_cases::all_cases();
     let n = dist_cases::run_cases(&world, &cases);
+    let optimizers = dist_cases::check_optimizers(&world);
     refusal_fails_every_rank(&world);
     if Communicator::rank(&world) == 0 {
         println!(
-            "mpi_driver: {} ranks agree with the one-process call bitwise on {n} cases",
+            "mpi_driver: {} ranks agree with the one-process call bitwise on {n} cases and {optimizers} optimizer runs",
             world.size()
         );
     }

@@ -361,3 +361,177 @@ fn check_case(
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Optimizers stepping across ranks (`Clipped::step_across`, `FusedAdamW::step_across`).
+
+/// Gradients of step `step` for var `i` (shape `[7 * i + 3]`), F32; `nan_at` poisons one var.
+fn step_grads(vars: &[(usize, Var)], step: usize, nan_at: Option<usize>) -> Result<GradStore> {
+    let mut grads = GradStore::default();
+    for (i, var) in vars {
+        let n = var.elem_count();
+        let values: Vec<f32> = (0..n)
+            .map(|k| {
+                if nan_at == Some(*i) && k == 0 {
+                    f32::NAN
+                } else {
+                    (((k * 31 + i * 17 + step * 7) as f32) * 0.61).sin() * (1.0 + *i as f32)
+                }
+            })
+            .collect();
+        grads.insert(var, Tensor::from_vec(values, n, &Device::Cpu)?);
+    }
+    Ok(grads)
+}
+
+const VARS: usize = 7;
+
+/// The vars `i` with `i % world == rank` (all of them for `world = 1`), with fixed start values.
+fn owned_vars(rank: usize, world: usize) -> Result<Vec<(usize, Var)>> {
+    (0..VARS)
+        .filter(|i| i % world == rank)
+        .map(|i| {
+            let n = 7 * i + 3;
+            let start: Vec<f32> = (0..n).map(|k| (k as f32 * 0.1).cos()).collect();
+            Ok((
+                i,
+                Var::from_tensor(&Tensor::from_vec(start, n, &Device::Cpu)?)?,
+            ))
+        })
+        .collect()
+}
+
+/// What an optimizer run leaves: each var's bits by index, the last norm's bits per step, and
+/// the skipped steps.
+type Run = (Vec<(usize, Vec<u64>)>, Vec<Option<u64>>, usize);
+
+/// Three steps over this rank's vars (`group = None`: one process, every var); `step` makes the
+/// optimizer on its first call and steps it, returning its last norm and skipped steps.
+fn run_steps(
+    group: Option<&dyn ProcessGroup>,
+    nan_step: Option<usize>,
+    mut step: impl FnMut(
+        &[Var],
+        &GradStore,
+        Option<&dyn ProcessGroup>,
+    ) -> Result<(Option<Tensor>, usize)>,
+) -> Result<Run> {
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let vars = owned_vars(rank, world)?;
+    let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut norms = Vec::new();
+    let mut skipped = 0;
+    for s in 0..3 {
+        let grads = step_grads(&vars, s, (nan_step == Some(s)).then_some(5))?;
+        let (norm, skips) = step(&plain, &grads, group)?;
+        skipped = skips;
+        norms.push(match norm {
+            Some(n) => Some(bits(&n)?[0]),
+            None => None,
+        });
+    }
+    let params = vars
+        .iter()
+        .map(|(i, v)| Ok((*i, bits(v.as_tensor())?)))
+        .collect::<Result<_>>()?;
+    Ok((params, norms, skipped))
+}
+
+/// Every optimizer case on this rank of `group`, each against the one-process run of the same
+/// case (computed here); returns how many cases ran. Every rank must call it.
+pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
+    use candle_grad_clip::{AutoClip, ClipSetting, Clipped, FusedAdamW};
+    use candle_nn::{Optimizer, ParamsAdamW, SGD};
+    let autoclip = |p| ClipSetting::AutoClip(AutoClip::new(p).expect("autoclip"));
+    let mut cases = 0;
+    let mut check = |what: String,
+                     nan_step: Option<usize>,
+                     run: &dyn Fn(Option<&dyn ProcessGroup>) -> Result<Run>| {
+        let want = run(None).unwrap_or_else(|e| panic!("{what}, one process: {e}"));
+        let (params, norms, skipped) = run(Some(group)).unwrap_or_else(|e| {
+            panic!(
+                "{what}, rank {} of {}: {e}",
+                group.rank(),
+                group.world_size()
+            )
+        });
+        let at = format!("{what}: rank {} of {}", group.rank(), group.world_size());
+        assert_eq!(norms, want.1, "{at}: the norms");
+        assert_eq!(skipped, want.2, "{at}: skipped steps");
+        if nan_step.is_some() {
+            assert_eq!(skipped, 1, "{at}: the NaN step is skipped");
+        }
+        for (i, b) in params {
+            let w = &want.0.iter().find(|(j, _)| *j == i).expect("var").1;
+            assert_eq!(&b, w, "{at}: var {i}");
+        }
+        cases += 1;
+    };
+    for clip in [
+        ClipSetting::norm(1.0),
+        ClipSetting::Norm {
+            max_norm: 2.0,
+            norm_type: NormType::P(3.0),
+        },
+        ClipSetting::value(0.5),
+        autoclip(50.0),
+    ] {
+        check(format!("Clipped<SGD> {clip:?}"), None, &|group| {
+            let mut opt: Option<Clipped<SGD>> = None;
+            run_steps(group, None, |vars, grads, group| {
+                let opt = match &mut opt {
+                    Some(o) => o,
+                    None => opt.insert(Clipped::from_optimizer(
+                        SGD::new(vars.to_vec(), 0.1)?,
+                        vars.to_vec(),
+                        clip.clone(),
+                    )?),
+                };
+                match group {
+                    Some(g) => opt.step_across(grads, g)?,
+                    None => opt.step(grads)?,
+                }
+                Ok((opt.last_norm().cloned(), 0))
+            })
+        });
+    }
+    for (clip, skip, nan_step) in [
+        (Some(ClipSetting::norm(1.0)), false, None),
+        (
+            Some(ClipSetting::Norm {
+                max_norm: 0.5,
+                norm_type: NormType::Inf,
+            }),
+            false,
+            None,
+        ),
+        (Some(autoclip(30.0)), false, None),
+        // A NaN on one rank at step 1: every rank skips that step.
+        (None, true, Some(1)),
+        (Some(ClipSetting::norm(1.0)), true, Some(1)),
+    ] {
+        let what = format!("FusedAdamW {clip:?} skip_nonfinite {skip}");
+        check(what, nan_step, &|group| {
+            let mut opt: Option<FusedAdamW> = None;
+            run_steps(group, nan_step, |vars, grads, group| {
+                let opt = match &mut opt {
+                    Some(o) => o,
+                    None => {
+                        let mut o = FusedAdamW::new(vars.to_vec(), ParamsAdamW::default())?
+                            .skip_nonfinite(skip);
+                        if let Some(c) = &clip {
+                            o = o.with_clip(c.clone())?;
+                        }
+                        opt.insert(o)
+                    }
+                };
+                match group {
+                    Some(g) => opt.step_across(grads, g)?,
+                    None => opt.step(grads)?,
+                }
+                Ok((opt.last_norm().cloned(), opt.skipped_steps()?))
+            })
+        });
+    }
+    cases
+}
