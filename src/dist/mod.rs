@@ -27,8 +27,8 @@
 //! # The bitwise condition
 //! The norm equals the one-process norm ([`total_norm`](crate::total_norm) on the CPU, without
 //! the kernel emulation) over the union of every rank's gradients, bit for bit, whenever each CPU
-//! work item of that one call lies on one rank: a contiguous gradient is cut into items of 2^15 elements counted from its first
-//! element, a strided gradient is one item. So a partition that keeps whole gradients always
+//! work item of that one call lies on one rank: a contiguous gradient is cut into items of 2^15
+//! elements counted from its first element, a strided gradient is one item. So a partition that keeps whole gradients always
 //! qualifies; a gradient cut into contiguous pieces (one var per piece) qualifies when every cut
 //! lies at a multiple of 2^15 elements from its first element.
 //!
@@ -244,11 +244,11 @@ pub(crate) fn clip_across(
         let write_set = GradientSet::collect(&all, grads)?;
         check_device(CALLER, &write_set, group)?;
         // Gradients that cannot be written are refused whether or not this call clips.
-        let write_groups = write_set.storage_groups()?;
-        Ok((norm_set, write_set, write_groups))
+        write_set.storage_groups()?;
+        Ok((norm_set, write_set))
     })();
-    let (local, writes) = match local {
-        Ok((norm_set, write_set, groups)) => (Ok(norm_set), Some((write_set, groups))),
+    let (local, write_set) = match local {
+        Ok((norm_set, write_set)) => (Ok(norm_set), Some(write_set)),
         Err(e) => (Err(e), None),
     };
     let norm = norm_across(CALLER, local, settings.norm_type, group)?;
@@ -263,7 +263,7 @@ pub(crate) fn clip_across(
         return Err(nonfinite_error(returned, settings.norm_type));
     }
     let coefficient = clip_coefficient(value, settings.max_norm, settings.eps);
-    if let Some((write_set, _)) = writes {
+    if let Some(write_set) = write_set {
         if needs_scaling(coefficient) && !write_set.grads().is_empty() {
             // The one-process scale pass of the gradients' device (the CPU's, or the kernels'),
             // with the norm unrounded (F64): the coefficient is the one computed above.
