@@ -262,21 +262,27 @@ mod tests {
                 "{parts} parts"
             );
         }
-        // Worst case for the digits: u32::MAX accumulators whose every digit is 2^32 - 1.
+        // Worst case for the digits: u32::MAX accumulators whose digits are all 2^32 - 1 (the
+        // low 61 digits, so that the total stays finite): no word wraps, and the total is that
+        // accumulator's value times u32::MAX (two roundings against one: within 2 ulps).
         let mut full = ExactSum::new();
-        full.digits = [0xffff_ffff; DIGITS];
-        full.digits[DIGITS - 1] = 0;
+        full.digits[..61].fill(0xffff_ffff);
         let words = full.to_words();
         let summed: [u64; WORDS] = std::array::from_fn(|i| words[i] * u32::MAX as u64);
         let mut total = ExactSum::from_words(&summed);
-        total.add(f64::MAX);
+        let want = full.value() * u32::MAX as f64;
+        assert!(want.is_finite());
+        assert!((total.value() - want).abs() <= want * 2.0 * f64::EPSILON);
+        // Adding to a summed accumulator first normalises it.
+        total.add(1.0);
         total.propagate_carries();
+        assert!(total.digits.iter().all(|&d| d < 1 << 32));
         // Flags count the accumulators that had them.
         let mut with_nan = ExactSum::new();
         with_nan.add(f64::NAN);
         let mut words = with_nan.to_words();
-        words[WORDS - 1] += 0;
-        words[WORDS - 2] += 1;
+        assert_eq!((words[DIGITS], words[DIGITS + 1]), (0, 1));
+        words[DIGITS] += 1; // another accumulator saw an infinity: NaN still wins
         let both = ExactSum::from_words(&words);
         assert!(both.value().is_nan());
         let mut inf_only = [0u64; WORDS];
