@@ -325,23 +325,9 @@ fn norm_across(
             group.rank()
         )
     }
-    // The reduction runs on the host: gradients on a GPU are copied there first (see the module
-    // documentation). A failed copy fails this rank like a refused gradient.
-    let local = local.and_then(|set| {
-        let host = match set.device() {
-            Device::Cpu => None,
-            _ => Some(GradientSet::from_grads(
-                set.grads()
-                    .iter()
-                    .map(|g| g.to_device(&Device::Cpu))
-                    .collect::<Result<Vec<_>>>()?,
-            )?),
-        };
-        Ok((set, host))
-    });
-    let (set, host, failure) = match local {
-        Ok((set, host)) => (set, host, None),
-        Err(e) => (GradientSet::from_grads(Vec::new())?, None, Some(e)),
+    let (set, failure) = match local {
+        Ok(set) => (set, None),
+        Err(e) => (GradientSet::from_grads(Vec::new())?, Some(e)),
     };
     let header = Header {
         f64_grads: set
@@ -362,9 +348,7 @@ fn norm_across(
         local: header,
         global: None,
     };
-    let reduced = host.as_ref().unwrap_or(&set);
-    let groups = reduced.group_by_storage();
-    let value = cpu::norm_combined(reduced, &groups, norm_type, &mut combine);
+    let value = cpu::norm_of_reduction(&DeviceReduction { set: &set }, norm_type, &mut combine);
     if let Some(e) = failure {
         return Err(e);
     }
@@ -385,6 +369,63 @@ fn norm_across(
         dtype,
         device,
     })
+}
+
+/// The local reductions of a rank's gradients where they live: the chunk partials of the kernels
+/// (CUDA, or the emulation when it is active), added exactly on the host, so that the first sum
+/// is the device's own; the CPU back end's work items for plain CPU gradients. The rescue pass
+/// (powers divided by the global largest `|g|`, which no kernel computes) runs on the CPU, on
+/// host copies of the gradients.
+struct DeviceReduction<'a> {
+    set: &'a GradientSet,
+}
+
+impl DeviceReduction<'_> {
+    /// Host copies of the gradients.
+    fn on_host(&self) -> Result<GradientSet> {
+        GradientSet::from_grads(
+            self.set
+                .grads()
+                .iter()
+                .map(|g| g.to_device(&Device::Cpu))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    }
+}
+
+impl cpu::Reduction for DeviceReduction<'_> {
+    fn max_abs(&self) -> Result<f64> {
+        match backend::chunk_partials(self.set, NormType::Inf) {
+            // The largest partial; NaN wins, as in the kernels and on the CPU.
+            Some(partials) => Ok(partials?.into_iter().fold(0.0, |m: f64, x| {
+                if m.is_nan() || x.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(x)
+                }
+            })),
+            None if matches!(self.set.device(), Device::Cpu) => cpu::max_abs_of(self.set),
+            None => cpu::max_abs_of(&self.on_host()?),
+        }
+    }
+
+    fn sum_powers(&self, power: cpu::Power) -> Result<ExactSum> {
+        let norm_type = match power {
+            cpu::Power::Abs => Some(NormType::L1),
+            cpu::Power::Square => Some(NormType::L2),
+            cpu::Power::Pow { p, divisor } if divisor == 1.0 => Some(NormType::P(p)),
+            cpu::Power::Pow { .. } => None,
+        };
+        if let Some(partials) = norm_type.and_then(|n| backend::chunk_partials(self.set, n)) {
+            let mut sum = ExactSum::new();
+            partials?.into_iter().for_each(|x| sum.add(x));
+            return Ok(sum);
+        }
+        match self.set.device() {
+            Device::Cpu => cpu::exact_sum_of(self.set, power),
+            _ => cpu::exact_sum_of(&self.on_host()?, power),
+        }
+    }
 }
 
 /// The three words at the end of every buffer (see the module documentation).

@@ -234,8 +234,8 @@ fn share(model: &Model, split: Split, seed: u64, rank: usize, world: usize) -> R
     Ok(s)
 }
 
-/// Runs the calls across ranks of a case (the reference runs outside it): to run them under the
-/// kernel emulation, say.
+/// Runs the calls of a case (the one-process reference, then the calls across ranks): to run
+/// them under the kernel emulation, say.
 pub type Within<'a> = &'a dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<()>;
 
 /// Runs its argument as it is.
@@ -299,9 +299,8 @@ fn check_case(
     let model = model(seed, dtype, kind)?;
     let max_norm = 1.0;
     let clip = ClipGradNorm::new(max_norm).norm_type(norm_type);
-    // The one-process reference over every gradient.
+    // The one-process reference over every gradient (under `within` too).
     let all = store(&model.vars, &model.grads);
-    let want_norm = norm_bits(&total_norm(&model.vars, &all, norm_type)?)?;
     let mut clipped = store(
         &model.vars,
         &model
@@ -310,7 +309,14 @@ fn check_case(
             .map(|g| g.copy())
             .collect::<Result<Vec<_>>>()?,
     );
-    let want_clip_norm = norm_bits(&clip.clip_(&model.vars, &mut clipped)?)?;
+    let (mut reference, mut reference_clip) = (None, None);
+    within(&mut || {
+        reference = Some(total_norm(&model.vars, &all, norm_type)?);
+        reference_clip = Some(clip.clip_(&model.vars, &mut clipped)?);
+        Ok(())
+    })?;
+    let want_norm = norm_bits(reference.as_ref().expect("ran"))?;
+    let want_clip_norm = norm_bits(reference_clip.as_ref().expect("ran"))?;
     assert_eq!(want_norm, want_clip_norm, "reference norms disagree");
     let want: Vec<Vec<u64>> = model
         .vars
