@@ -15,22 +15,34 @@
 //! `|g|`, then a second sum of the powers divided by it.
 //!
 //! # Devices
-//! The reduction runs on the host, on the CPU back end's work items: CUDA gradients (with
-//! [`NcclGroup`] or a [`LocalGroup`] on CUDA devices) are copied to the host for it, one copy of
-//! each gradient per norm, and their norm is the CPU norm of those copies (it may differ in the
-//! last bits from the one-process CUDA norm, whose partials cover other elements; a
-//! device-resident accumulator all-reduced by NCCL is future work). The scale pass runs where the
-//! gradients are, as in one process (the CUDA kernels for CUDA gradients). Under an active
-//! [`KernelEmulation`](crate::KernelEmulation), CPU gradients take that same path: reduced on the
-//! CPU, scaled by the emulated kernels.
+//! Each rank reduces its gradients where they live, as one process would. On a kernel device
+//! (CUDA, or the CPU under an active [`KernelEmulation`](crate::KernelEmulation)) the reduction
+//! kernel runs as in one process and its chunk partials (one `f64` per 4096 elements) are read
+//! back and added exactly on the host: the very numbers the kernel adds into its own
+//! superaccumulator, so the first sum is the device's. This costs one small device-to-host read
+//! per norm (a host synchronisation); the digits then travel through the group's collectives
+//! (for [`NcclGroup`], a copy of 584 bytes to the device and back). The rescue pass, when it runs,
+//! divides by the global largest `|g|`, which no kernel does: it runs on the CPU, on host copies
+//! of the gradients. The scale pass runs where the gradients are (the CUDA kernels for CUDA
+//! gradients), with the coefficient of the global norm.
 //!
 //! # The bitwise condition
-//! The norm equals the one-process norm ([`total_norm`](crate::total_norm) on the CPU, without
-//! the kernel emulation) over the union of every rank's gradients, bit for bit, whenever each CPU
-//! work item of that one call lies on one rank: a contiguous gradient is cut into items of 2^15
-//! elements counted from its first element, a strided gradient is one item. So a partition that keeps whole gradients always
-//! qualifies; a gradient cut into contiguous pieces (one var per piece) qualifies when every cut
-//! lies at a multiple of 2^15 elements from its first element.
+//! Every rank gets the same bits whatever the partition. They are also the bits of the
+//! one-process call over the union of every rank's gradients, on the same kind of device
+//! ([`total_norm`](crate::total_norm), [`ClipGradNorm::clip_`](crate::ClipGradNorm::clip_)),
+//! whenever each unit of that call's reduction lies on one rank:
+//! - on the CPU, a contiguous gradient is cut into work items of 2^15 elements counted from its
+//!   first element, and a strided gradient is one item;
+//! - on a kernel device, every gradient is cut into chunks of 4096 elements counted from its
+//!   first element.
+//!
+//! So a partition that keeps whole gradients always qualifies; a gradient cut into contiguous
+//! pieces (one var per piece) qualifies when every cut lies at a multiple of 2^15 elements (CPU)
+//! or 4096 elements (kernels) from its first element. Two exceptions on kernel devices: when the
+//! rescue pass runs (sums of powers of F64 gradients, or of `p > 6`, that overflow or nearly
+//! underflow `f64`), its sum is made of CPU work items, not kernel chunks; and for `p` other than
+//! 1, 2 and `inf` the root is taken on the host, whose `pow` may differ from the GPU's by an ulp
+//! (not under the emulation, which uses the host's).
 //!
 //! # Header
 //! Each buffer ends with three words: this rank's count of F64 gradients, of other gradients, and
@@ -109,14 +121,21 @@ pub trait ProcessGroup {
 /// every rank passes the vars it owns and gets the same 0-d tensor (bitwise), the norm of the
 /// union. See [`total_norm`](crate::total_norm) for the dtype (`F64` when every gradient of every
 /// rank is `F64`, else `F32`); the tensor lives on the gradients' device, or on
-/// [`ProcessGroup::device`] for a rank with no gradient. Bitwise the one-process norm of the union
-/// under the condition of the [module documentation](self#the-bitwise-condition) (whole tensors
-/// always qualify). A parameter replicated on several ranks must be passed on one of them only
+/// [`ProcessGroup::device`] for a rank with no gradient.
+///
+/// Every rank gets the same bits, whatever the partition. They are the bits of the one-process
+/// [`total_norm`](crate::total_norm) over the union (on the same kind of device) whenever each
+/// unit of its reduction lies on one rank: CPU work items are 2^15 elements of a contiguous
+/// gradient counted from its first element (a strided gradient is one item), kernel chunks
+/// (CUDA, the emulation) 4096 elements. So whole tensors always qualify, and so do pieces cut at
+/// such multiples; on kernel devices, except when the rescue pass for sums of powers leaving the
+/// `f64` range runs (it runs on the CPU) and, on a GPU, for `p` other than 1, 2 and `inf` (the
+/// root is taken on the host). A parameter replicated on several ranks must be passed on one of them only
 /// (or see [`ClipGradNorm::clip_replicated_across_`](crate::ClipGradNorm::clip_replicated_across_)).
 ///
 /// One all-reduce of 584 bytes (`Inf`: the max collective, 32 bytes); two more when powers leave
-/// the `f64` range. Gradients must be on [`ProcessGroup::device`]; CUDA gradients are reduced on
-/// the host (see the [module documentation](self#devices)).
+/// the `f64` range. Gradients must be on [`ProcessGroup::device`]. On a kernel device the local
+/// sums are the kernels' chunk partials, read back (a host synchronisation) and added exactly.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
