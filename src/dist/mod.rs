@@ -432,7 +432,7 @@ impl cpu::Reduction for DeviceReduction<'_> {
         let norm_type = match power {
             cpu::Power::Abs => Some(NormType::L1),
             cpu::Power::Square => Some(NormType::L2),
-            cpu::Power::Pow { p, divisor } if divisor == 1.0 => Some(NormType::P(p)),
+            cpu::Power::Pow { p, divisor: 1.0 } => Some(NormType::P(p)),
             cpu::Power::Pow { .. } => None,
         };
         if let Some(partials) = norm_type.and_then(|n| backend::chunk_partials(self.set, n)) {
