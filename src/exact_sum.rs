@@ -13,7 +13,9 @@
 const DIGIT_BITS: u32 = 32;
 /// Bit position of the least significant bit of an `f64` subnormal (2^-1074) is position 0; the
 /// largest finite value ends below position 2098. Two spare digits absorb carries.
-const DIGITS: usize = 68;
+pub(crate) const DIGITS: usize = 68;
+/// Words of [`ExactSum::to_words`]: the digits, then the `inf` and `NaN` flags.
+pub(crate) const WORDS: usize = DIGITS + 2;
 
 /// A superaccumulator for non-negative `f64` values; `inf` and `NaN` are tracked as flags.
 #[derive(Clone, Debug)]
@@ -88,6 +90,35 @@ impl ExactSum {
         self.pending = 1;
         self.saw_inf |= other.saw_inf;
         self.saw_nan |= other.saw_nan;
+    }
+
+    /// The accumulator as words that can be added word by word across processes: the digits with
+    /// their carries propagated (each below 2^32), then one word each for "saw inf" and "saw NaN"
+    /// (0 or 1). Adding up to `u32::MAX` such arrays cannot overflow a word:
+    /// `(2^32 - 1) · (2^32 - 1) < 2^64 - 2^33`, and [`from_words`](Self::from_words) takes the sum.
+    pub(crate) fn to_words(&self) -> [u64; WORDS] {
+        let mut normalised = self.clone();
+        normalised.propagate_carries();
+        let mut words = [0u64; WORDS];
+        words[..DIGITS].copy_from_slice(&normalised.digits);
+        words[DIGITS] = self.saw_inf as u64;
+        words[DIGITS + 1] = self.saw_nan as u64;
+        words
+    }
+
+    /// The accumulator whose words are `words`: one [`to_words`](Self::to_words) array, or the
+    /// word-by-word sum of up to `u32::MAX` of them (then it holds the sum of their values; a flag
+    /// word counts the accumulators that had the flag).
+    pub(crate) fn from_words(words: &[u64; WORDS]) -> Self {
+        let mut digits = [0u64; DIGITS];
+        digits.copy_from_slice(&words[..DIGITS]);
+        Self {
+            digits,
+            // Digits may hold up to (2^32 - 1)^2: propagate before any further addition.
+            pending: u32::MAX - 1,
+            saw_inf: words[DIGITS] != 0,
+            saw_nan: words[DIGITS + 1] != 0,
+        }
     }
 
     fn propagate_carries(&mut self) {
@@ -206,5 +237,56 @@ mod tests {
         let mut reversed: Vec<f64> = xs.clone();
         reversed.reverse();
         assert_eq!(sum_of(&reversed).to_bits(), whole.to_bits());
+    }
+
+    #[test]
+    fn summed_words_hold_the_sum_of_the_accumulators() {
+        // Independent reference: the single accumulator over every value (itself checked above
+        // against exact arithmetic); the word-wise sum must give it bitwise, flags included.
+        let xs: Vec<f64> = (0..3000)
+            .map(|i| (i as f64 * 0.61).cos().abs() * 10f64.powi(i % 90 - 45))
+            .collect();
+        for parts in [1, 2, 3, 7] {
+            let mut summed = [0u64; WORDS];
+            for part in xs.chunks(xs.len().div_ceil(parts)) {
+                let mut s = ExactSum::new();
+                part.iter().for_each(|&x| s.add(x));
+                for (w, v) in summed.iter_mut().zip(s.to_words()) {
+                    *w += v;
+                }
+            }
+            let total = ExactSum::from_words(&summed);
+            assert_eq!(
+                total.value().to_bits(),
+                sum_of(&xs).to_bits(),
+                "{parts} parts"
+            );
+        }
+        // Worst case for the digits: u32::MAX accumulators whose digits are all 2^32 - 1 (the
+        // low 61 digits, so that the total stays finite): no word wraps, and the total is that
+        // accumulator's value times u32::MAX (two roundings against one: within 2 ulps).
+        let mut full = ExactSum::new();
+        full.digits[..61].fill(0xffff_ffff);
+        let words = full.to_words();
+        let summed: [u64; WORDS] = std::array::from_fn(|i| words[i] * u32::MAX as u64);
+        let mut total = ExactSum::from_words(&summed);
+        let want = full.value() * u32::MAX as f64;
+        assert!(want.is_finite());
+        assert!((total.value() - want).abs() <= want * 2.0 * f64::EPSILON);
+        // Adding to a summed accumulator first normalises it.
+        total.add(1.0);
+        total.propagate_carries();
+        assert!(total.digits.iter().all(|&d| d < 1 << 32));
+        // Flags count the accumulators that had them.
+        let mut with_nan = ExactSum::new();
+        with_nan.add(f64::NAN);
+        let mut words = with_nan.to_words();
+        assert_eq!((words[DIGITS], words[DIGITS + 1]), (0, 1));
+        words[DIGITS] += 1; // another accumulator saw an infinity: NaN still wins
+        let both = ExactSum::from_words(&words);
+        assert!(both.value().is_nan());
+        let mut inf_only = [0u64; WORDS];
+        inf_only[DIGITS] = 3;
+        assert_eq!(ExactSum::from_words(&inf_only).value(), f64::INFINITY);
     }
 }

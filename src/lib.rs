@@ -46,13 +46,15 @@
 //! - `optim`: optimizers ([`Clipped`], [`FusedAdamW`], [`FusedSgd`]);
 //! - `policy`: thresholds decided by the run itself ([`AutoClip`], [`ZClip`]), dynamic loss
 //!   scaling ([`GradScaler`]);
-//! - `stats`: per-layer norms and norm statistics.
+//! - `stats`: per-layer norms and norm statistics;
+//! - `dist`: the global norm across processes ([`ProcessGroup`], [`total_norm_across`]).
 //!
 //! Semantics follow PyTorch's `torch.nn.utils.clip_grad_norm_`; see the README for where and why
 //! they differ.
 
 mod backend;
 mod clip;
+mod dist;
 mod exact_sum;
 mod gradients;
 mod layout_runs;
@@ -71,6 +73,10 @@ pub use policy::{AutoClip, GradScaler, ZClip, ZClipMode};
 // For benches/scaler_ratios.rs only.
 #[doc(hidden)]
 pub use policy::__unscaled_norm_cpu;
+// The global norm across processes (MPI with feature `mpi`, NCCL with feature `nccl`, threads).
+#[cfg(feature = "nccl")]
+pub use dist::NcclGroup;
+pub use dist::{clip_grad_norm_across, total_norm_across, LocalGroup, ProcessGroup};
 pub use stats::{grad_norms, GradNormStats};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]

@@ -137,6 +137,16 @@ pub(crate) fn tensor_norms(set: &GradientSet, norm_type: NormType) -> Result<Vec
         .collect()
 }
 
+/// The chunk partials of the reduction for `norm_type` on the kernel device of these gradients
+/// (see `kernels::chunk_partials`), or `None` when no kernel device takes them (plain CPU).
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "emulation")),
+    allow(unused_variables)
+)]
+pub(crate) fn chunk_partials(set: &GradientSet, norm_type: NormType) -> Option<Result<Vec<f64>>> {
+    with_kernel_device!(set, |dev| kernels::chunk_partials(&dev, set, norm_type))
+}
+
 pub(crate) fn clip_norm(set: &GradientSet, settings: ClipSettings) -> Result<Tensor> {
     let r: Option<Result<Tensor>> =
         with_kernel_device!(set, |dev| kernels::clip_norm(&dev, set, settings));

@@ -118,6 +118,22 @@ pub fn clip_grads_with_norm_(
     backend::scale_with_norm(&set, max_norm, DEFAULT_EPS, total_norm)
 }
 
+/// [`clip_grads_with_norm_`] with any `eps`, unchecked (for the policies that express their
+/// coefficient as a given norm: ZClip across ranks).
+pub(crate) fn scale_with_given_norm(
+    vars: &[Var],
+    grads: &mut GradStore,
+    max_norm: f64,
+    eps: f64,
+    total_norm: &Tensor,
+) -> Result<()> {
+    let set = GradientSet::collect(vars, grads)?;
+    if set.grads().is_empty() {
+        return Ok(());
+    }
+    backend::scale_with_norm(&set, max_norm, eps, total_norm)
+}
+
 /// Clamps every gradient element of `vars` into `[-clip_value, clip_value]` in place; NaN stays
 /// NaN. For F16 and BF16 gradients the bound is rounded towards zero, so no element ends above
 /// `clip_value`.
@@ -278,6 +294,99 @@ impl ClipGradNorm {
                 eps: self.eps,
                 error_if_nonfinite: self.error_if_nonfinite,
             },
+        )
+    }
+}
+
+impl ClipGradNorm {
+    /// [`clip_`](Self::clip_) with the norm taken over the gradients of every rank of `group`
+    /// (see [`total_norm_across`](crate::total_norm_across)): every rank passes the vars it owns,
+    /// and every rank gets the same norm and scales its own gradients by the same coefficient.
+    /// Every rank must use the same settings. With `error_if_nonfinite`, every rank fails alike.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
+    /// use candle_grad_clip::{ClipGradNorm, LocalGroup, NormType};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let norms = std::thread::scope(|s| {
+    ///     let handles: Vec<_> = LocalGroup::new(2)?
+    ///         .into_iter()
+    ///         .zip([-8f32, 2.])
+    ///         .map(|(group, g)| {
+    ///             s.spawn(move || -> candle_core::Result<f32> {
+    ///                 let w = Var::new(&[0f32], &Device::Cpu)?;
+    ///                 let mut grads = GradStore::default();
+    ///                 grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
+    ///                 let clip = ClipGradNorm::new(4.0).norm_type(NormType::Inf).eps(0.0);
+    ///                 clip.clip_across_(&[w.clone()], &mut grads, &group)?;
+    ///                 grads.get(&w).unwrap().to_vec1::<f32>().map(|v| v[0])
+    ///             })
+    ///         })
+    ///         .collect();
+    ///     handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<Vec<_>>>()
+    /// })?;
+    /// assert_eq!(norms, [-4.0, 1.0]); // the global Inf norm 8 clipped to 4 on both ranks
+    /// # Ok(()) }
+    /// ```
+    pub fn clip_across_(
+        &self,
+        vars: &[Var],
+        grads: &mut GradStore,
+        group: &dyn crate::ProcessGroup,
+    ) -> Result<Tensor> {
+        self.clip_replicated_across_(vars, &[], grads, group)
+    }
+
+    /// [`clip_across_`](Self::clip_across_) with parameters replicated on every rank: `owned` are
+    /// this rank's own vars, `replicated` the vars every rank holds a copy of, with the same
+    /// gradient on every rank (after an all-reduce of the gradients, say). A replicated var is
+    /// counted once in the norm (rank 0 counts it) and scaled on every rank. Every rank must pass
+    /// the same `replicated` vars.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
+    /// use candle_grad_clip::{ClipGradNorm, LocalGroup};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let norms = std::thread::scope(|s| {
+    ///     let handles: Vec<_> = LocalGroup::new(3)?
+    ///         .into_iter()
+    ///         .map(|group| {
+    ///             s.spawn(move || -> candle_core::Result<f32> {
+    ///                 // Each rank owns a 1 and shares a bias whose gradient is 1 everywhere.
+    ///                 let (own, bias) = (Var::new(&[0f32], &Device::Cpu)?, Var::new(&[0f32], &Device::Cpu)?);
+    ///                 let mut grads = GradStore::default();
+    ///                 grads.insert(&own, Tensor::new(&[1f32], &Device::Cpu)?);
+    ///                 grads.insert(&bias, Tensor::new(&[1f32], &Device::Cpu)?);
+    ///                 let norm = ClipGradNorm::new(f64::INFINITY)
+    ///                     .clip_replicated_across_(&[own], &[bias], &mut grads, &group)?;
+    ///                 norm.to_scalar::<f32>()
+    ///             })
+    ///         })
+    ///         .collect();
+    ///     handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<Vec<_>>>()
+    /// })?;
+    /// assert_eq!(norms, [2.0; 3]); // sqrt(1 + 1 + 1 + 1): the bias counted once
+    /// # Ok(()) }
+    /// ```
+    pub fn clip_replicated_across_(
+        &self,
+        owned: &[Var],
+        replicated: &[Var],
+        grads: &mut GradStore,
+        group: &dyn crate::ProcessGroup,
+    ) -> Result<Tensor> {
+        self.validate()?;
+        crate::dist::clip_across(
+            owned,
+            replicated,
+            grads,
+            crate::dist::AcrossSettings {
+                norm_type: self.norm_type,
+                max_norm: self.max_norm,
+                eps: self.eps,
+                error_if_nonfinite: self.error_if_nonfinite,
+            },
+            group,
         )
     }
 }

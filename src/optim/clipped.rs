@@ -8,7 +8,10 @@ use candle_nn::Optimizer;
 use crate::clip::adaptive_clip;
 use crate::gradients::check_matches_var;
 use crate::policy::autoclip::{self, AutoClip};
-use crate::{clip_grad_value_, total_norm, ClipGradNorm, NormType, ZClip, DEFAULT_EPS};
+use crate::{
+    clip_grad_value_, clip_grads_with_norm_, total_norm, total_norm_across, ClipGradNorm, NormType,
+    ProcessGroup, ZClip, DEFAULT_EPS,
+};
 
 /// How [`Clipped`] clips the gradients before each step.
 ///
@@ -235,21 +238,90 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(grads, None)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.inner.learning_rate()
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.inner.set_learning_rate(lr)
+    }
+}
+
+impl<O: Optimizer> Clipped<O> {
+    /// [`step`](Optimizer::step) for a sharded model: this rank's vars, clipped with the norm
+    /// over the gradients of every rank of `group` (see
+    /// [`total_norm_across`](crate::total_norm_across)), so that every rank scales by the same
+    /// coefficient. AutoClip's norm and history are the global L2 norm's; value clipping clamps
+    /// each rank's own gradients (its `last_norm` is the global largest `|g|`). Every rank must
+    /// step together with the same setting.
+    ///
+    /// ```
+    /// use candle_core::{backprop::GradStore, Device, Tensor, Var};
+    /// use candle_nn::SGD;
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig, LocalGroup};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let norms = std::thread::scope(|s| {
+    ///     let handles: Vec<_> = LocalGroup::new(2)?
+    ///         .into_iter()
+    ///         .zip([3f32, 4.])
+    ///         .map(|(group, g)| {
+    ///             s.spawn(move || -> candle_core::Result<f32> {
+    ///                 let w = Var::new(&[0f32], &Device::Cpu)?;
+    ///                 let config = ClippedConfig::new(0.1, ClipSetting::norm(1.0));
+    ///                 let mut opt = <Clipped<SGD> as candle_nn::Optimizer>::new(vec![w.clone()], config)?;
+    ///                 let mut grads = GradStore::default();
+    ///                 grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
+    ///                 opt.step_across(&grads, &group)?;
+    ///                 opt.last_norm().unwrap().to_scalar::<f32>()
+    ///             })
+    ///         })
+    ///         .collect();
+    ///     handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<Vec<_>>>()
+    /// })?;
+    /// assert_eq!(norms, [5.0, 5.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn step_across(&mut self, grads: &GradStore, group: &dyn ProcessGroup) -> Result<()> {
+        self.step_with(grads, Some(group))
+    }
+
+    fn step_with(&mut self, grads: &GradStore, group: Option<&dyn ProcessGroup>) -> Result<()> {
         // `GradStore` cannot be cloned or mutated through `&`, but its tensors are shared
         // handles: a new store holding the same tensors, clipped in place, clips the caller's.
         let mut view = GradStore::default();
         for (i, var) in self.vars.iter().enumerate() {
             if let Some(grad) = grads.get(var.as_tensor()) {
-                // What the inner optimizer would refuse after we clipped: refuse it before.
-                check_matches_var("Clipped::step", i, var, grad)?;
+                // What the inner optimizer would refuse after we clipped: refuse it before
+                // (across ranks, after telling the other ranks, which fail with it).
+                if let Err(e) = check_matches_var("Clipped::step", i, var, grad) {
+                    if let Some(group) = group {
+                        let norm_type = match &self.clip {
+                            ClipSetting::Norm { norm_type, .. } => *norm_type,
+                            ClipSetting::Value { .. } => NormType::Inf,
+                            ClipSetting::AutoClip(_)
+                            | ClipSetting::ZClip(_)
+                            | ClipSetting::Agc { .. } => NormType::L2,
+                        };
+                        crate::dist::set_norm_across("step_across", Err(e), norm_type, group)?;
+                        return unreachable_failure();
+                    }
+                    return Err(e);
+                }
                 view.insert(var.as_tensor(), grad.clone());
             }
         }
         // With skipping on, the largest |g| decides first, before anything is written (one host
-        // read: whether to call the inner optimizer is decided on the host).
+        // read: whether to call the inner optimizer is decided on the host); across ranks, the
+        // largest over every rank's, so that every rank skips together.
         let mut largest = None;
         if self.skip_nonfinite {
-            let norm = total_norm(&self.vars, &view, NormType::Inf)?;
+            let norm = match group {
+                Some(group) => total_norm_across(&self.vars, &view, NormType::Inf, group)?,
+                None => total_norm(&self.vars, &view, NormType::Inf)?,
+            };
             let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 if let Some(limit) = self.max_consecutive_skips {
@@ -275,42 +347,89 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 max_norm,
                 norm_type,
             } => {
-                let norm = ClipGradNorm::new(*max_norm)
-                    .norm_type(*norm_type)
-                    .clip_(&self.vars, &mut view)?;
+                let clip = ClipGradNorm::new(*max_norm).norm_type(*norm_type);
+                let norm = match group {
+                    Some(group) => clip.clip_across_(&self.vars, &mut view, group)?,
+                    None => clip.clip_(&self.vars, &mut view)?,
+                };
                 let not_clipped = not_clipped_by_norm(&norm, *max_norm, DEFAULT_EPS)?;
                 (norm, not_clipped)
             }
             ClipSetting::Value { clip_value } => {
-                let norm = match largest {
-                    Some(norm) => norm,
-                    None => total_norm(&self.vars, &view, NormType::Inf)?,
+                let norm = match (largest, group) {
+                    (Some(norm), _) => norm,
+                    (None, Some(group)) => {
+                        total_norm_across(&self.vars, &view, NormType::Inf, group)?
+                    }
+                    (None, None) => total_norm(&self.vars, &view, NormType::Inf)?,
                 };
                 clip_grad_value_(&self.vars, &mut view, *clip_value)?;
                 let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
                 (norm, not_clipped)
             }
             ClipSetting::AutoClip(autoclip) => {
-                let (norm, threshold) = autoclip.clip_with_threshold_(&self.vars, &mut view)?;
+                let (norm, threshold) = match group {
+                    Some(group) => {
+                        // As `AutoClip::clip_`, with the global norm.
+                        let norm = total_norm_across(&self.vars, &view, NormType::L2, group)?;
+                        let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                        let threshold = autoclip.threshold_with(value);
+                        clip_grads_with_norm_(&self.vars, &mut view, threshold, &norm)?;
+                        autoclip.record(value);
+                        (norm, threshold)
+                    }
+                    None => autoclip.clip_with_threshold_(&self.vars, &mut view)?,
+                };
                 let not_clipped = not_clipped_by_norm(&norm, threshold, DEFAULT_EPS)?;
                 (norm, not_clipped)
             }
             ClipSetting::ZClip(zclip) => {
                 // A step without gradients leaves ZClip alone (and is not clipped).
                 let any = self.vars.iter().any(|v| view.get(v.as_tensor()).is_some());
-                let norm = zclip.clip_(&self.vars, &mut view)?;
-                // Not clipped iff the coefficient was 1 (false for NaN), on the device.
-                let not_clipped = match zclip.last_coefficient_tensor()? {
-                    Some(c) if any => c.ge(1.0)?,
-                    _ => Tensor::new(1u8, norm.device())?,
-                };
-                (norm, not_clipped)
+                match group {
+                    Some(group) => {
+                        // ZClip on the global norm: its statistics updated on the host (the norm
+                        // across ranks is read there anyway), the coefficient applied as a
+                        // given norm.
+                        let norm = total_norm_across(&self.vars, &view, NormType::L2, group)?;
+                        let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                        let (given, max_norm, eps) =
+                            zclip.step_for_norm(value, norm.dtype(), norm.device())?;
+                        let c = zclip.last_coefficient()?.unwrap_or(1.0);
+                        if any {
+                            let given = Tensor::new(given, norm.device())?.to_dtype(DType::F64)?;
+                            crate::clip::scale_with_given_norm(
+                                &self.vars, &mut view, max_norm, eps, &given,
+                            )?;
+                        }
+                        let not_clipped = Tensor::new(u8::from(c >= 1.0), norm.device())?;
+                        (norm, not_clipped)
+                    }
+                    None => {
+                        let norm = zclip.clip_(&self.vars, &mut view)?;
+                        // Not clipped iff the coefficient was 1 (false for NaN), on the device.
+                        let not_clipped = match zclip.last_coefficient_tensor()? {
+                            Some(c) if any => c.ge(1.0)?,
+                            _ => Tensor::new(1u8, norm.device())?,
+                        };
+                        (norm, not_clipped)
+                    }
+                }
             }
             ClipSetting::Agc { clipping, eps } => {
+                // Unit-wise: each rank clips its own units; across ranks `last_norm` is the
+                // global L2 norm before clipping.
+                let global = match group {
+                    Some(group) => Some(total_norm_across(&self.vars, &view, NormType::L2, group)?),
+                    None => None,
+                };
                 let outcome = adaptive_clip(&self.vars, &view, *clipping, *eps)?;
                 // Not clipped iff no unit was, on the device.
                 let clipped = outcome.clipped;
-                (outcome.norm, clipped.eq(&clipped.zeros_like()?)?)
+                (
+                    global.unwrap_or(outcome.norm),
+                    clipped.eq(&clipped.zeros_like()?)?,
+                )
             }
         };
         if let Err(e) = self.inner.step(grads) {
@@ -325,14 +444,11 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
         self.last_norm = Some(norm);
         Ok(())
     }
+}
 
-    fn learning_rate(&self) -> f64 {
-        self.inner.learning_rate()
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.inner.set_learning_rate(lr)
-    }
+/// `dist::set_norm_across` always fails for a rank that reports a failure.
+fn unreachable_failure() -> Result<()> {
+    bail!("internal error: a refused rank's collective did not fail")
 }
 
 /// Whether a step with this `norm` was left unclipped by `threshold` (a 0-d `U8` on the norm's

@@ -13,8 +13,9 @@ use crate::backend::update::{
     self, state_class, state_dtype, FlatState, Place, Rule, Step, StepClip, Target, CLIPPED,
     CONTROL_WORDS, SKIPPED, STEPS,
 };
+use crate::dist;
 use crate::gradients::{check_matches_var, storage_key, GradientSet};
-use crate::{ClipSetting, NormType, DEFAULT_EPS};
+use crate::{ClipSetting, NormType, ProcessGroup, DEFAULT_EPS};
 
 /// Keys of the counters in a state dict.
 const KEY_STEPS: &str = "step";
@@ -195,19 +196,32 @@ impl FusedCore {
     }
 
     /// One step: collect and check the gradients, decide the clip, run the fused update.
-    /// Nothing changes when it fails. With `max_consecutive_skips`, one host read of the skip
-    /// count after the step; a skip beyond the limit is undone (a skipped step changed only the
-    /// counters and the clip's bookkeeping) and reported.
-    pub(crate) fn step(&mut self, grads: &GradStore, rule: Rule) -> Result<()> {
-        self.step_limited(grads, rule, None)
+    /// Nothing changes when it fails. With a `group`, the norm of the clip (and the finite check
+    /// of `skip_nonfinite` without a clip) is the one over every rank's gradients (see
+    /// `step_across`). With `max_consecutive_skips`, one host read of the skip count after the
+    /// step; a skip beyond the limit is undone (a skipped step changed only the counters and the
+    /// clip's bookkeeping) and reported.
+    pub(crate) fn step(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        group: Option<&dyn ProcessGroup>,
+    ) -> Result<()> {
+        self.step_limited(grads, rule, None, group)
     }
 
     /// [`step`](Self::step) with GradScaler's `prescale` (see `backend::update::Step`), and
     /// `max_consecutive_skips` enforced.
-    fn step_limited(&mut self, grads: &GradStore, rule: Rule, prescale: Option<f32>) -> Result<()> {
+    fn step_limited(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        prescale: Option<f32>,
+        group: Option<&dyn ProcessGroup>,
+    ) -> Result<()> {
         let Some(limit) = self.max_consecutive_skips.filter(|_| self.skip_nonfinite) else {
             self.skip_run = None;
-            return self.step_with(grads, rule, prescale);
+            return self.step_with(grads, rule, prescale, group);
         };
         let (skipped_before, run) = match self.skip_run {
             Some(known) => known,
@@ -218,7 +232,7 @@ impl FusedCore {
             self.clip.clone(),
             self.last_norm.clone(),
         );
-        self.step_with(grads, rule, prescale)?;
+        self.step_with(grads, rule, prescale, group)?;
         let skipped = self.skipped_steps()?;
         if skipped == skipped_before {
             self.skip_run = Some((skipped, 0));
@@ -236,49 +250,126 @@ impl FusedCore {
         Ok(())
     }
 
-    /// One step, with GradScaler's `prescale` (see `backend::update::Step`).
-    fn step_with(&mut self, grads: &GradStore, rule: Rule, prescale: Option<f32>) -> Result<()> {
+    /// One step, with GradScaler's `prescale` and a process group.
+    fn step_with(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        prescale: Option<f32>,
+        group: Option<&dyn ProcessGroup>,
+    ) -> Result<()> {
         self.ensure_state(rule.state_count())?;
         let mut targets = Vec::with_capacity(self.vars.len());
         let mut step_grads = Vec::with_capacity(self.vars.len());
-        for (i, var) in self.vars.iter().enumerate() {
-            let Some(grad) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            check_gradient(i, var, grad)?;
-            targets.push(Target {
-                param: var.as_tensor().clone(),
-                index: i,
-            });
-            step_grads.push(grad.clone());
+        let collected = (|| {
+            for (i, var) in self.vars.iter().enumerate() {
+                let Some(grad) = grads.get(var.as_tensor()) else {
+                    continue;
+                };
+                check_gradient(i, var, grad)?;
+                targets.push(Target {
+                    param: var.as_tensor().clone(),
+                    index: i,
+                });
+                step_grads.push(grad.clone());
+            }
+            GradientSet::from_grads(step_grads)
+        })();
+        // Across ranks: the global norm, computed first (a rank whose gradients were refused
+        // still takes part, so that every rank fails with it).
+        let global_norm = match (group, self.across_norm_type()) {
+            (Some(group), Some(norm_type)) => {
+                let local = collected
+                    .as_ref()
+                    .map(|set| GradientSet::from_grads(set.grads().to_vec()))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                    .and_then(|r| r);
+                Some(dist::set_norm_across(
+                    "step_across",
+                    local,
+                    norm_type,
+                    group,
+                )?)
+            }
+            _ => None,
+        };
+        let set = collected?;
+        // The exact global norm (F64) that the step's coefficient is computed from; for ZClip
+        // across ranks, the norm that gives its coefficient (`ZClip::step_for_norm`).
+        let mut given = match &global_norm {
+            Some((value, _)) => Some(Tensor::new(*value, set.device())?),
+            None => None,
+        };
+        let mut zclip_given: Option<(f64, f64)> = None;
+        if let (Some(ClipSetting::ZClip(zclip)), Some((value, norm))) =
+            (&mut self.clip, &global_norm)
+        {
+            let (norm_value, max_norm, eps) =
+                zclip.step_for_norm(*value, norm.dtype(), &self.device)?;
+            given = Some(Tensor::new(norm_value, set.device())?);
+            zclip_given = Some((max_norm, eps));
         }
-        let set = GradientSet::from_grads(step_grads)?;
         // AutoClip's norm of this step (kept for `last_norm` and its history), read to the host
         // for its percentile.
         let mut autoclip_norm: Option<(Tensor, f64)> = None;
         let mut zclip_state: Option<Tensor> = None;
-        let clip = match &self.clip {
-            None => StepClip::None,
-            Some(ClipSetting::Norm {
-                max_norm,
-                norm_type,
-            }) => StepClip::Norm {
+        let clip = match (&self.clip, &given, &global_norm) {
+            (Some(ClipSetting::Norm { max_norm, .. }), Some(given), _) => StepClip::GivenNorm {
+                norm: given,
+                max_norm: *max_norm,
+                eps: DEFAULT_EPS,
+            },
+            (Some(ClipSetting::AutoClip(autoclip)), Some(given), Some((value, norm))) => {
+                let threshold = autoclip.threshold_with(*value);
+                autoclip_norm = Some((norm.clone(), *value));
+                StepClip::GivenNorm {
+                    norm: given,
+                    max_norm: threshold,
+                    eps: DEFAULT_EPS,
+                }
+            }
+            (Some(ClipSetting::ZClip(_)), Some(given), _) => {
+                let Some((max_norm, eps)) = zclip_given else {
+                    bail!("internal error: ZClip across ranks without its clip")
+                };
+                StepClip::GivenNorm {
+                    norm: given,
+                    max_norm,
+                    eps,
+                }
+            }
+            // skip_nonfinite without a clip: the global max |g| decides; a finite one gives the
+            // coefficient 1 (no write), a non-finite one skips the step on every rank.
+            (None, Some(given), _) => StepClip::GivenNorm {
+                norm: given,
+                max_norm: f64::INFINITY,
+                eps: 0.0,
+            },
+            (None, _, _) => StepClip::None,
+            (
+                Some(ClipSetting::Norm {
+                    max_norm,
+                    norm_type,
+                }),
+                _,
+                _,
+            ) => StepClip::Norm {
                 norm_type: *norm_type,
                 max_norm: *max_norm,
                 eps: DEFAULT_EPS,
             },
-            Some(ClipSetting::Value { clip_value }) => StepClip::Value(*clip_value),
+            (Some(ClipSetting::Value { clip_value }), _, _) => StepClip::Value(*clip_value),
             // A step without gradients leaves the statistics alone.
-            Some(ClipSetting::ZClip(_)) if set.grads().is_empty() => StepClip::None,
-            Some(ClipSetting::ZClip(zclip)) => StepClip::ZClip {
+            (Some(ClipSetting::ZClip(_)), _, _) if set.grads().is_empty() => StepClip::None,
+            (Some(ClipSetting::ZClip(zclip)), _, _) => StepClip::ZClip {
                 state: zclip_state.insert(zclip.state_on(&self.device)?),
                 params: zclip.params(),
             },
-            Some(ClipSetting::Agc { clipping, eps }) => StepClip::Agc {
+            (Some(ClipSetting::Agc { clipping, eps }), _, _) => StepClip::Agc {
                 clipping: *clipping,
                 eps: *eps,
             },
-            Some(ClipSetting::AutoClip(autoclip)) => {
+            (Some(ClipSetting::AutoClip(autoclip)), _, _) => {
                 let norm = backend::total_norm(&set, NormType::L2)?;
                 let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 let threshold = autoclip.threshold_with(value);
@@ -306,6 +397,13 @@ impl FusedCore {
                 }
                 Some(norm)
             }
+            // Across ranks, the clip's norm is the global one (GivenNorm reports none; AGC's
+            // own pass measures only this rank's gradients).
+            None if global_norm.is_some()
+                && !matches!(self.clip, Some(ClipSetting::Value { .. }) | None) =>
+            {
+                global_norm.map(|(_, norm)| norm)
+            }
             None => outcome.norm,
         };
         if let (Some(ClipSetting::ZClip(zclip)), Some(state)) =
@@ -316,11 +414,26 @@ impl FusedCore {
         Ok(())
     }
 
+    /// The norm a step across ranks needs from the group: the clip's norm (AutoClip, ZClip and
+    /// AGC, for `last_norm`: L2), or for `skip_nonfinite` without a clip the largest `|g|`; none
+    /// for value clipping (element-wise: each rank clamps and checks its own gradients).
+    fn across_norm_type(&self) -> Option<NormType> {
+        match &self.clip {
+            Some(ClipSetting::Norm { norm_type, .. }) => Some(*norm_type),
+            Some(ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. }) => {
+                Some(NormType::L2)
+            }
+            Some(ClipSetting::Value { .. }) => None,
+            None if self.skip_nonfinite => Some(NormType::Inf),
+            None => None,
+        }
+    }
+
     /// [`step`](Self::step) with non-finite steps skipped whatever the setting: the step of
     /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
     /// With `prescale` (`inv_scale`), the gradients are still scaled: the step unscales them as
     /// it reads them and writes them back unscaled (GradScaler's one-read path; only where
-    /// `backend::update::runs_prescaled`, without AutoClip, whose norm is taken before the step).
+    /// `backend::update::runs_prescaled`, with a clip that `prescale_supports`).
     pub(crate) fn step_skipping_nonfinite(
         &mut self,
         grads: &GradStore,
@@ -331,7 +444,7 @@ impl FusedCore {
             bail!("internal error: a prescaled step with a clip that decides before the step")
         }
         let setting = std::mem::replace(&mut self.skip_nonfinite, true);
-        let result = self.step_limited(grads, rule, prescale);
+        let result = self.step_limited(grads, rule, prescale, None);
         self.skip_nonfinite = setting;
         result
     }
@@ -784,6 +897,49 @@ opt.load_state(\"optimizer.safetensors\")?;
 ```")]
             pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
                 self.core.load_state(path.as_ref(), &$state, $optional)
+            }
+
+            #[doc = concat!("One step of a sharded model: this rank's vars, with the clip's norm taken over the gradients
+of every rank of `group` (see [`total_norm_across`](crate::total_norm_across)), so every rank
+scales by the same coefficient; AutoClip's norm and history are the global L2 norm's, and
+`skip_nonfinite` without a clip skips on every rank when any rank's gradients are not finite.
+Value clipping is element-wise and needs no group (each rank clamps, and with `skip_nonfinite`
+checks, its own gradients). Every rank must step together with the same settings.
+
+```
+use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use candle_nn::Optimizer;
+use candle_grad_clip::{ClipSetting, LocalGroup, ", stringify!($ty), "};
+", $import, "
+# fn main() -> candle_core::Result<()> {
+let norms = std::thread::scope(|s| {
+    let handles: Vec<_> = LocalGroup::new(2)?
+        .into_iter()
+        .zip([3f32, 4.])
+        .map(|(group, g)| {
+            s.spawn(move || -> candle_core::Result<f32> {
+                let w = Var::new(&[0f32], &Device::Cpu)?;
+                let mut opt = ", stringify!($ty), "::new(vec![w.clone()], ", stringify!($params), "::default())?
+                    .with_clip(ClipSetting::norm(1.0))?;
+                let mut grads = GradStore::default();
+                grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
+                opt.step_across(&grads, &group)?;
+                opt.last_norm().unwrap().to_scalar::<f32>()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<Vec<_>>>()
+})?;
+assert_eq!(norms, [5.0, 5.0]); // the norm of both ranks' gradients, on both
+# Ok(()) }
+```")]
+            pub fn step_across(
+                &mut self,
+                grads: &GradStore,
+                group: &dyn crate::ProcessGroup,
+            ) -> Result<()> {
+                validate(&self.params)?;
+                self.core.step(grads, rule(&self.params), Some(group))
             }
         }
     };

@@ -148,7 +148,7 @@ impl Optimizer for FusedSgd {
     /// [`set_learning_rate`](Optimizer::set_learning_rate) is refused here, and nothing changes.
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         validate(&self.params)?;
-        self.core.step(grads, rule(&self.params))
+        self.core.step(grads, rule(&self.params), None)
     }
 
     fn learning_rate(&self) -> f64 {

@@ -388,6 +388,29 @@ impl ZClip {
         self.state = Some(state);
     }
 
+    /// ZClip's step for a norm measured elsewhere (the exact global norm across ranks, of norm
+    /// dtype `dtype`): the statistics are read to the host (one transfer), updated by the CPU
+    /// twin and put back on `device`. Returns the clip as the `(norm, max_norm, eps)` of
+    /// `clip_grads_with_norm_` whose coefficient is ZClip's: `(1, c, 0)` for a finite norm
+    /// (`min(1, c / 1) = c`), `(norm, max_grad_norm or inf, 1e-6)` for a non-finite one (as
+    /// `clip_grad_norm_` treats it).
+    pub(crate) fn step_for_norm(
+        &mut self,
+        norm: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(f64, f64, f64)> {
+        let state = self.state_on(device)?.to_device(&Device::Cpu)?;
+        let (c, state) = crate::backend::zclip_on_host(norm, dtype, &state, &self.params())?;
+        self.state = Some(state.to_device(device)?);
+        let input = input(norm, dtype);
+        Ok(if input.is_finite() {
+            (1.0, c, 0.0)
+        } else {
+            (input, self.params().max_grad_norm, ZCLIP_EPS)
+        })
+    }
+
     /// The statistics as the host sees them (one transfer), `None` before the first step.
     fn words(&self) -> Result<Option<Vec<f64>>> {
         match &self.state {

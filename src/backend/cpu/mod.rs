@@ -209,8 +209,8 @@ enum WorkItem<'a> {
 }
 
 /// How each element enters the norm.
-#[derive(Clone, Copy)]
-enum Power {
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Power {
     Abs,
     Square,
     /// `(|x| / divisor)^p`: the rescue pass divides by the largest `|x|`, which keeps every
@@ -525,10 +525,102 @@ impl<'a> LockedGradients<'a> {
 /// `groups` are the set's storage groups ([`GradientSet::group_by_storage`], or the validated
 /// [`GradientSet::storage_groups`] of a call that goes on to write).
 pub(crate) fn norm(set: &GradientSet, groups: &StorageGroups, norm_type: NormType) -> Result<f64> {
+    norm_combined(set, groups, norm_type, &mut OneProcess(set))
+}
+
+/// How the reduction's partial results are combined before the norm is formed: as they are in
+/// one process ([`OneProcess`]), through collectives across a process group (`dist`). The norm
+/// is computed by the same code either way, so a group of processes takes exactly the decisions
+/// (rescue or not) that one process holding all the gradients takes.
+pub(crate) trait Combine {
+    /// The largest `|g|` over everything combined (NaN if any was NaN), from this part's.
+    fn max_abs(&mut self, local: f64) -> Result<f64>;
+    /// The exact sum over everything combined, from this part's.
+    fn sum(&mut self, local: ExactSum) -> Result<ExactSum>;
+    /// [`GradientSet::powers_may_leave_f64_range`] of everything combined.
+    fn powers_may_leave_f64_range(&self, p: f64) -> bool;
+}
+
+/// Combining within one process: the local results are the results.
+pub(crate) struct OneProcess<'a>(pub(crate) &'a GradientSet);
+
+impl Combine for OneProcess<'_> {
+    fn max_abs(&mut self, local: f64) -> Result<f64> {
+        Ok(local)
+    }
+    fn sum(&mut self, local: ExactSum) -> Result<ExactSum> {
+        Ok(local)
+    }
+    fn powers_may_leave_f64_range(&self, p: f64) -> bool {
+        self.0.powers_may_leave_f64_range(p)
+    }
+}
+
+/// [`norm`] with the partial results combined by `combine`: every call of `combine` is made by
+/// every participant in the same order, since the decisions between them depend only on
+/// combined results.
+pub(crate) fn norm_combined(
+    set: &GradientSet,
+    groups: &StorageGroups,
+    norm_type: NormType,
+    combine: &mut dyn Combine,
+) -> Result<f64> {
     let locked = LockedGradients::lock(set, groups);
     let items = locked.work_items()?;
+    let reduction = CpuReduction {
+        locked: &locked,
+        items: &items,
+    };
+    norm_of_reduction(&reduction, norm_type, combine)
+}
+
+/// The two reductions a norm is made of, over some gradients: the CPU's work items, or, across
+/// processes, a kernel device's chunks (`dist`).
+pub(crate) trait Reduction {
+    /// The largest `|g|` (NaN if any is NaN; 0 when there is none).
+    fn max_abs(&self) -> Result<f64>;
+    /// The exact sum of the per-item partial sums of `power`.
+    fn sum_powers(&self, power: Power) -> Result<ExactSum>;
+}
+
+/// [`Reduction`] over the work items of locked gradients.
+struct CpuReduction<'r, 'a> {
+    locked: &'r LockedGradients<'a>,
+    items: &'r [WorkItem<'r>],
+}
+
+impl Reduction for CpuReduction<'_, '_> {
+    fn max_abs(&self) -> Result<f64> {
+        Ok(self.locked.max_abs(self.items))
+    }
+    fn sum_powers(&self, power: Power) -> Result<ExactSum> {
+        Ok(self.locked.exact_sum(self.items, power))
+    }
+}
+
+/// [`Reduction::max_abs`] over the CPU work items of `set` (read-locked for the call).
+pub(crate) fn max_abs_of(set: &GradientSet) -> Result<f64> {
+    let locked = LockedGradients::lock(set, &set.group_by_storage());
+    let items = locked.work_items()?;
+    Ok(locked.max_abs(&items))
+}
+
+/// [`Reduction::sum_powers`] over the CPU work items of `set` (read-locked for the call).
+pub(crate) fn exact_sum_of(set: &GradientSet, power: Power) -> Result<ExactSum> {
+    let locked = LockedGradients::lock(set, &set.group_by_storage());
+    let items = locked.work_items()?;
+    Ok(locked.exact_sum(&items, power))
+}
+
+/// The norm from a [`Reduction`], its partial results combined by `combine` (see [`norm`] for
+/// the rescue pass).
+pub(crate) fn norm_of_reduction(
+    reduction: &dyn Reduction,
+    norm_type: NormType,
+    combine: &mut dyn Combine,
+) -> Result<f64> {
     let p = match norm_type.canonical() {
-        NormType::Inf => return Ok(locked.max_abs(&items)),
+        NormType::Inf => return combine.max_abs(reduction.max_abs()?),
         NormType::L1 => 1.0,
         NormType::L2 => 2.0,
         NormType::P(p) => p,
@@ -538,17 +630,17 @@ pub(crate) fn norm(set: &GradientSet, groups: &StorageGroups, norm_type: NormTyp
         2.0 => Power::Square,
         _ => Power::Pow { p, divisor: 1.0 },
     };
-    let sum = locked.exact_sum(&items, power).value();
+    let sum = combine.sum(reduction.sum_powers(power)?)?.value();
     let suspicious = sum.is_infinite() || sum < TINY_SUM;
-    if sum.is_nan() || !(suspicious && set.powers_may_leave_f64_range(p)) {
+    if sum.is_nan() || !(suspicious && combine.powers_may_leave_f64_range(p)) {
         return Ok(root(sum, p));
     }
-    let max = locked.max_abs(&items);
+    let max = combine.max_abs(reduction.max_abs()?)?;
     if max == 0.0 || !max.is_finite() {
         return Ok(max);
     }
-    let scaled = locked
-        .exact_sum(&items, Power::Pow { p, divisor: max })
+    let scaled = combine
+        .sum(reduction.sum_powers(Power::Pow { p, divisor: max })?)?
         .value();
     Ok(root(scaled, p) * max)
 }

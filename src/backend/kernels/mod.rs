@@ -412,6 +412,49 @@ pub(crate) fn tensor_norms(
     })
 }
 
+/// Every chunk's partial of the reduction for `norm_type` (`|g|` summed, squared, to the power
+/// `p`, or the largest `|g|` for `Inf`), read back in one transfer: the very values the device
+/// adds into its superaccumulator (or takes the maximum of), so that an exact sum of them on the
+/// host is the device's sum. For the norm across processes. The whole reduction runs (the rescue
+/// launch too, a no-op unless asked for), so the scratch is left as every operation leaves it.
+pub(crate) fn chunk_partials(
+    dev: &impl KernelDevice,
+    set: &GradientSet,
+    norm_type: NormType,
+) -> Result<Vec<f64>> {
+    dev.check_ready()?;
+    let plan = NormPlan::new(norm_type, set);
+    let groups = set.group_by_storage();
+    let copies = contiguous_copies(set)?;
+    let operands = Operands::new(set.grads(), &copies, None);
+    dev.with_session(operands.tensors(), 0..0, |s, bases| {
+        let mut table = Table::default();
+        let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
+        if norm.chunks == 0 {
+            return Ok(Vec::new());
+        }
+        let out_f64 = set.norm_dtype() == DType::F64;
+        let out = s.alloc(set.norm_dtype(), 1)?;
+        let partials = s.alloc(DType::F64, norm.chunks as usize)?;
+        let t = s.upload(&table.words)?;
+        let scratch = s.scratch();
+        launch_all(
+            s,
+            plan.reduce(
+                t,
+                norm,
+                scratch,
+                out.ptr,
+                out_f64,
+                f64::INFINITY,
+                0.0,
+                Some(partials.ptr),
+            ),
+        )?;
+        s.read(partials)
+    })
+}
+
 /// A fused optimizer step (`backend::update`): the reduction the clip (or the finite check)
 /// needs, then `grad_clip_fused_step` over every var, which reads the verdict and the step count
 /// from device memory: no host synchronisation.
