@@ -48,7 +48,7 @@ use crate::NormType;
 use crate::backend::update::{Outcome, Step, StepClip};
 use crate::policy::zclip::ZClipParams;
 use launch::{Coefficient, ElementOp, Launch, NormAt, NormPlan, Transform, Verdict};
-use table::{contiguous_copies, Operands, Table, UpdateEntry};
+use table::{contiguous_copies, Operands, Part, Table, UpdateEntry};
 
 /// Where a tensor's storage starts on the device, and its dtype code (`launch::DT_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,19 +355,16 @@ pub(crate) fn clamp(dev: &impl KernelDevice, set: &GradientSet, clip_value: f64)
     )
 }
 
-/// The norm of each gradient of the set on its own, read back in one transfer: the reduction of
-/// the total also stores every chunk's partial, and one more launch combines them per gradient.
-/// `None` when the norm may need the rescue pass (F64 gradients or `p > 6`): the caller then takes
-/// the gradients one at a time.
-pub(crate) fn tensor_norms(
+/// The reduction for `plan` over `set`, storing every chunk's partial too (in a buffer of at
+/// least one element), then `then` with the session, the table's address, the norm inputs' part
+/// of the table, the partials and each gradient's segment (`None`: empty). Only reads the
+/// gradients.
+fn reduce_with_partials<R>(
     dev: &impl KernelDevice,
     set: &GradientSet,
-    norm_type: NormType,
-) -> Result<Option<Vec<f32>>> {
-    let plan = NormPlan::new(norm_type, set);
-    if plan.rescue {
-        return Ok(None);
-    }
+    plan: &NormPlan,
+    then: impl FnOnce(&mut dyn Session, u64, Part, Buffer, &[Option<u32>]) -> Result<R>,
+) -> Result<R> {
     dev.check_ready()?;
     let groups = set.group_by_storage();
     let copies = contiguous_copies(set)?;
@@ -378,7 +375,6 @@ pub(crate) fn tensor_norms(
         let out_f64 = set.norm_dtype() == DType::F64;
         let out = s.alloc(set.norm_dtype(), 1)?;
         let partials = s.alloc(DType::F64, norm.chunks.max(1) as usize)?;
-        let per_segment = s.alloc(DType::F32, (norm.segments as usize).max(1))?;
         let t = s.upload(&table.words)?;
         let scratch = s.scratch();
         launch_all(
@@ -394,9 +390,28 @@ pub(crate) fn tensor_norms(
                 Some(partials.ptr),
             ),
         )?;
+        then(s, t, norm, partials, &segment_of)
+    })
+}
+
+/// The norm of each gradient of the set on its own, read back in one transfer: the reduction of
+/// the total also stores every chunk's partial, and one more launch combines them per gradient.
+/// `None` when the norm may need the rescue pass (F64 gradients or `p > 6`): the caller then takes
+/// the gradients one at a time.
+pub(crate) fn tensor_norms(
+    dev: &impl KernelDevice,
+    set: &GradientSet,
+    norm_type: NormType,
+) -> Result<Option<Vec<f32>>> {
+    let plan = NormPlan::new(norm_type, set);
+    if plan.rescue {
+        return Ok(None);
+    }
+    reduce_with_partials(dev, set, &plan, |s, t, norm, partials, segment_of| {
         if norm.segments == 0 {
             return Ok(Some(vec![0.0; segment_of.len()]));
         }
+        let per_segment = s.alloc(DType::F32, norm.segments as usize)?;
         launch_all(
             s,
             [plan.segment_norms(t, norm, partials.ptr, per_segment.ptr)],
@@ -422,36 +437,11 @@ pub(crate) fn chunk_partials(
     set: &GradientSet,
     norm_type: NormType,
 ) -> Result<Vec<f64>> {
-    dev.check_ready()?;
     let plan = NormPlan::new(norm_type, set);
-    let groups = set.group_by_storage();
-    let copies = contiguous_copies(set)?;
-    let operands = Operands::new(set.grads(), &copies, None);
-    dev.with_session(operands.tensors(), 0..0, |s, bases| {
-        let mut table = Table::default();
-        let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
-        if norm.chunks == 0 {
-            return Ok(Vec::new());
-        }
-        let out_f64 = set.norm_dtype() == DType::F64;
-        let out = s.alloc(set.norm_dtype(), 1)?;
-        let partials = s.alloc(DType::F64, norm.chunks as usize)?;
-        let t = s.upload(&table.words)?;
-        let scratch = s.scratch();
-        launch_all(
-            s,
-            plan.reduce(
-                t,
-                norm,
-                scratch,
-                out.ptr,
-                out_f64,
-                f64::INFINITY,
-                0.0,
-                Some(partials.ptr),
-            ),
-        )?;
-        s.read(partials)
+    reduce_with_partials(dev, set, &plan, |s, _, norm, partials, _| {
+        let mut values = s.read(partials)?;
+        values.truncate(norm.chunks as usize);
+        Ok(values)
     })
 }
 
