@@ -24,7 +24,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
-use candle_grad_clip::{clip_grad_norm_, total_norm, ClipSetting, FusedAdamW, NormType};
+use candle_grad_clip::{clip_grad_norm_, total_norm, ClipSetting, FusedAdamW, NormType, ZClip};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use common::rekey;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -170,6 +170,18 @@ fn optimizer_cases(
         clipped,
         &rekey(grads, vars, &ps),
     );
+    // The policies folded into the step: ZClip (its statistics updated by a kernel between the
+    // reduction and the step; spikes are clipped after 3 warm-up steps) and AGC (unit-wise).
+    for (name, setting) in [
+        ("adamw_zclip", ClipSetting::ZClip(ZClip::new().warmup_steps(3))),
+        ("adamw_agc", ClipSetting::agc(0.01)),
+    ] {
+        let ps = params();
+        let opt = FusedAdamW::new(ps.clone(), config.clone())
+            .and_then(|o| o.with_clip(setting))
+            .expect("FusedAdamW with a policy");
+        time_steps(group, dev, &id(name), opt, &rekey(grads, vars, &ps));
+    }
     let ps = params();
     let candle = AdamW::new(ps.clone(), config).expect("AdamW");
     time_steps(

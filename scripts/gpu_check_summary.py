@@ -20,7 +20,10 @@ UNIT = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 # reads and writes to scale (3); `noclip` and `norm` read once (1).
 # An AdamW step moves 7 (28 bytes of f32 per parameter: p, m, v read and written, g read), 8 with
 # the clip's read of the gradients.
-MOVED = {"clip": 3.0, "noclip": 1.0, "norm": 1.0, "adamw": 7.0, "adamw_clip": 8.0, "adamw_candle": 7.0}
+# ZClip as the clip (its kernel is one thread); AGC reads the parameters once more for the unit
+# norms (9).
+MOVED = {"clip": 3.0, "noclip": 1.0, "norm": 1.0, "adamw": 7.0, "adamw_clip": 8.0, "adamw_candle": 7.0,
+         "adamw_zclip": 8.0, "adamw_agc": 9.0}
 # Targets (CUDA and fused-optimizer issues): fraction of copy bandwidth, speed-up over PyTorch.
 BANDWIDTH_TARGET = {"clip": 0.85, "noclip": 0.85, "adamw": 0.8}
 TORCH_TARGET = {"clip": 1.3, "noclip": 2.5, "adamw": 1.0, "adamw_clip": 1.0}
@@ -149,6 +152,15 @@ def main():
             if base:
                 ratio = ours[key] / base
                 print(f"{key}: clipped step / unclipped step = {ratio:.2f} (target <= 1.2){' ok' if ratio <= 1.2 else ' HIGH'}")
+        if key.endswith("/adamw_zclip"):
+            clipped = ours.get(key[: -len("_zclip")] + "_clip")
+            if clipped:
+                ratio = ours[key] / clipped
+                print(f"{key}: ZClip step / norm-clipped step = {ratio:.3f} (target <= 1.05){' ok' if ratio <= 1.05 else ' HIGH'}")
+        if key.endswith("/adamw_agc"):
+            base = ours.get(key[: -len("_agc")])
+            if base:
+                print(f"{key}: AGC step / unclipped step = {ours[key] / base:.2f} (9/7 of the bytes: 1.29 at the floor)")
         if key.endswith("/adamw_candle"):
             fused = ours.get(key[: -len("_candle")])
             if fused:
