@@ -10,7 +10,8 @@ use std::slice::from_ref;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
-    clip_grad_norm_, ClipSetting, FusedAdamW, FusedSgd, GradScaler, KernelEmulation, ParamsSgd,
+    clip_grad_norm_, clip_grad_value_, ClipSetting, FusedAdamW, FusedSgd, GradScaler,
+    KernelEmulation, ParamsSgd,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, SGD};
 use half::bf16;
@@ -347,8 +348,9 @@ fn overflow_on_unscaling_counts_as_non_finite() -> Result<()> {
 }
 
 /// F16 gradients are refused with the explanation of mixed precision, and nothing changes; BF16
-/// ones are accepted. Other refusals: non-contiguous gradients, and a candle optimizer without
-/// `unscale_` first.
+/// ones are accepted. Other refusals: non-contiguous gradients, and `step` with a candle
+/// optimizer (vars unknown) without `unscale_` first when the store holds an F16 gradient (an
+/// F16 intermediate's or an F16 var's: the store cannot tell); with `unscale_` first it steps.
 #[test]
 fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
     let dev = Device::Cpu;
@@ -374,10 +376,15 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
     scaler.unscale_(from_ref(&w32), &mut grads)?;
     assert_eq!(grads.get(&w32).unwrap().to_vec1::<f32>()?, [1.0, 2.0, 4.0]);
 
-    // Through `step` with a fused optimizer over an F16 var: refused, nothing stepped.
+    // Through `step` with a fused optimizer over an F16 var: refused (the error names `step`),
+    // nothing stepped.
     let mut scaler = GradScaler::new();
     let mut opt = FusedSgd::new(vec![w16.clone()], sgd_lr(1.0))?;
-    assert!(scaler.step(&mut opt, &grads).is_err());
+    let err = scaler.step(&mut opt, &grads).unwrap_err().to_string();
+    assert!(
+        err.contains("GradScaler::step: the gradient of var #0 is F16"),
+        "{err}"
+    );
     assert_eq!(opt.steps()?, 0);
 
     let wb = Var::zeros(3, DType::BF16, &dev)?;
@@ -407,8 +414,8 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
         .to_string();
     assert!(err.contains("not contiguous"), "{err}");
 
-    // A candle optimizer without unscale_: every F32/F64/BF16 gradient of the store is unscaled
-    // (an F16 one, an intermediate's, is left alone), then the step is taken.
+    // A candle optimizer without unscale_, the store holding an F16 gradient: refused, nothing
+    // changed.
     let grads = store(
         from_ref(&w32),
         &[vec![65536.0, 2.0 * 65536.0, 3.0 * 65536.0]],
@@ -422,6 +429,17 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
     );
     let mut sgd = SGD::new(vec![w32.clone()], 0.1)?;
     let mut scaler = GradScaler::new();
+    let err = scaler.step(&mut sgd, &grads).unwrap_err().to_string();
+    assert!(err.contains("F16 gradient"), "{err}");
+    assert!(err.contains("unscale_(&vars, &mut grads)"), "{err}");
+    assert_eq!(
+        grads.get(&w32).unwrap().to_vec1::<f32>()?,
+        [65536.0, 2.0 * 65536.0, 3.0 * 65536.0]
+    );
+    assert_eq!(w32.to_vec1::<f32>()?, [0.0; 3]);
+    assert!(scaler.update().is_err()); // nothing was recorded
+                                       // With unscale_ first, only the vars' gradients are unscaled (the F16 one left alone).
+    scaler.unscale_(from_ref(&w32), &mut grads)?;
     scaler.step(&mut sgd, &grads)?;
     assert_eq!(grads.get(&w32).unwrap().to_vec1::<f32>()?, [1.0, 2.0, 3.0]);
     assert_eq!(
@@ -434,11 +452,9 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
     );
     let want: Vec<f32> = [1.0f32, 2.0, 3.0].iter().map(|g| 0.0 - 0.1 * g).collect();
     assert_eq!(w32.to_vec1::<f32>()?, want);
-    // With unscale_ first, only the vars' gradients are unscaled.
     scaler.update()?;
+    // Without an F16 gradient in the store, step unscales every gradient of the store.
     let grads = store(from_ref(&w32), &[vec![65536.0; 3]], DType::F32)?;
-    let mut grads = grads;
-    scaler.unscale_(from_ref(&w32), &mut grads)?;
     scaler.step(&mut sgd, &grads)?;
     assert_eq!(grads.get(&w32).unwrap().to_vec1::<f32>()?, [1.0; 3]);
     Ok(())
@@ -854,6 +870,8 @@ type Stepper = Box<dyn FnMut(&mut GradScaler, &GradStore) -> Result<(Option<Tens
 /// the fused step on unscaled gradients) bit for bit: vars, optimizer state, counters, the norm,
 /// the scale, and the gradients left in the store; for F32, F64 and BF16 vars, every clip kind,
 /// AdamW and SGD with momentum, vars large enough for the parallel passes, and non-finite steps.
+/// (The norm of a non-finite step is not compared: after `unscale_` the step is not run, as
+/// PyTorch's, so `last_norm` stays the previous step's; the one-read path runs it and skips.)
 #[test]
 fn one_read_path_equals_unscale_then_step() -> Result<()> {
     use candle_grad_clip::NormType;
@@ -973,6 +991,7 @@ fn one_read_path_equals_unscale_then_step() -> Result<()> {
                     }
                 }
                 match (norm_a, norm_b) {
+                    _ if poison != 0 => {}
                     (Some(x), Some(y)) => assert_eq!(bits(&x)?, bits(&y)?, "{what}: norm"),
                     (None, None) => {}
                     other => panic!("{what}: norms {other:?}"),
@@ -1270,6 +1289,260 @@ fn pytorch_values_step_by_step() -> Result<()> {
                 scaler.update()?;
                 assert_eq!(scale_bits(&scaler)?, scales[k], "{what}: scale");
                 assert_eq!(tracker(&scaler)?, trackers[k], "{what}: tracker");
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Review fixes: skip limits, found-inf after unscale_, partial unscale_, no inf checks, loading
+// mid-step, the unscale on kernel devices.
+
+/// `step` with a fused optimizer whose `max_consecutive_skips` refuses the skip: the error leaves
+/// the scaler unscaled with found-inf recorded, so the gradients are unscaled exactly once (a
+/// retry refuses again without unscaling them again) and `update` backs off; then the next step
+/// goes on. For FusedSgd and FusedAdamW.
+#[test]
+fn refused_skip_leaves_the_scaler_consistent() -> Result<()> {
+    for adamw in [false, true] {
+        let w = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
+        let mut scaler = GradScaler::new().init_scale(4.0);
+        let scaled = [8.0, f64::INFINITY, 4.0];
+        let grads = store(from_ref(&w), &[scaled.to_vec()], DType::F32)?;
+        let mut step = |scaler: &mut GradScaler, grads: &GradStore| -> Result<[usize; 2]> {
+            if adamw {
+                let mut opt = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
+                    .with_clip(ClipSetting::norm(1.0))?
+                    .max_consecutive_skips(0);
+                let r = scaler.step(&mut opt, grads);
+                r.map(|()| [0, 0]).or_else(|e| {
+                    assert!(e.to_string().contains("max_consecutive_skips"), "{e}");
+                    Ok([opt.steps()?, opt.skipped_steps()?])
+                })
+            } else {
+                let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?
+                    .with_clip(ClipSetting::norm(1.0))?
+                    .max_consecutive_skips(0);
+                let r = scaler.step(&mut opt, grads);
+                r.map(|()| [0, 0]).or_else(|e| {
+                    assert!(e.to_string().contains("max_consecutive_skips"), "{e}");
+                    Ok([opt.steps()?, opt.skipped_steps()?])
+                })
+            }
+        };
+        let once: Vec<f32> = vec![2.0, f32::INFINITY, 1.0];
+        for attempt in 0..2 {
+            let counts = step(&mut scaler, &grads)?;
+            assert_eq!(
+                counts,
+                [0, 0],
+                "adamw {adamw} attempt {attempt}: refused, undone"
+            );
+            assert_eq!(
+                grads.get(&w).unwrap().to_vec1::<f32>()?,
+                once,
+                "adamw {adamw} attempt {attempt}: unscaled once"
+            );
+            assert_eq!(w.to_vec1::<f32>()?, [1.0, 2.0, 3.0]);
+        }
+        scaler.update()?;
+        assert_eq!(scaler.scale_value()?, 2.0, "adamw {adamw}: backed off");
+        // The next (finite) step works, on the one-read path or not.
+        let grads = store(from_ref(&w), &[vec![0.5, 0.5, 0.5]], DType::F32)?;
+        let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?.max_consecutive_skips(0);
+        scaler.step(&mut opt, &grads)?;
+        scaler.update()?;
+        assert_eq!(opt.steps()?, 1);
+        assert_eq!(w.to_vec1::<f32>()?, [0.75, 1.75, 2.75]);
+    }
+    Ok(())
+}
+
+/// PyTorch's recipe `unscale_` -> `clip_grad_value_` -> `step` on an overflowed batch: the clip
+/// makes the gradients finite, but the step follows the found-inf `unscale_` recorded: not
+/// taken (vars and state unchanged), counted in `skipped_steps` and towards
+/// `max_consecutive_skips`, and the scale backs off. Without `unscale_` the step decides on the
+/// device as before.
+#[test]
+fn step_after_unscale_follows_its_found_inf() -> Result<()> {
+    let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+    let mut opt = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
+        .skip_nonfinite(true)
+        .max_consecutive_skips(1);
+    let mut scaler = GradScaler::new().init_scale(8.0);
+    let overflowed = |scaler: &mut GradScaler, opt: &mut FusedAdamW| -> Result<()> {
+        let mut grads = store(from_ref(&w), &[vec![f64::INFINITY, 8.0]], DType::F32)?;
+        scaler.unscale_(from_ref(&w), &mut grads)?;
+        clip_grad_value_(from_ref(&w), &mut grads, 0.5)?;
+        assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?, [0.5, 0.5]);
+        scaler.step(opt, &grads)
+    };
+    let before = opt.state_dict()?;
+    overflowed(&mut scaler, &mut opt)?;
+    scaler.update()?;
+    assert_eq!(w.to_vec1::<f32>()?, [1.0, 2.0]);
+    assert_eq!((opt.steps()?, opt.skipped_steps()?), (0, 1));
+    assert_eq!(scaler.scale_value()?, 4.0);
+    let after = opt.state_dict()?;
+    for (k, t) in &before {
+        if k != "skipped_steps" {
+            assert_eq!(bits(t)?, bits(&after[k])?, "{k}");
+        }
+    }
+    // A second one in a row is beyond the limit: refused, nothing changed, and the scaler is
+    // still consistent (update backs off).
+    let err = overflowed(&mut scaler, &mut opt).unwrap_err().to_string();
+    assert!(err.contains("max_consecutive_skips"), "{err}");
+    assert_eq!((opt.steps()?, opt.skipped_steps()?), (0, 1));
+    scaler.update()?;
+    assert_eq!(scaler.scale_value()?, 2.0);
+    // A finite step ends the run (and is not counted as a skip); a skip is allowed again.
+    let mut grads = store(from_ref(&w), &[vec![2.0, 2.0]], DType::F32)?;
+    scaler.unscale_(from_ref(&w), &mut grads)?;
+    scaler.step(&mut opt, &grads)?;
+    scaler.update()?;
+    assert_eq!((opt.steps()?, opt.skipped_steps()?), (1, 1));
+    overflowed(&mut scaler, &mut opt)?;
+    scaler.update()?;
+    assert_eq!((opt.steps()?, opt.skipped_steps()?), (1, 2));
+    Ok(())
+}
+
+/// `unscale_` with part of a fused optimizer's vars, then `step`: refused (the other vars would
+/// step with scaled gradients), nothing changed; with all of them it steps.
+#[test]
+fn step_refuses_gradients_unscale_left_scaled() -> Result<()> {
+    let a = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+    let b = Var::new(&[3f32], &Device::Cpu)?;
+    let mut opt = FusedSgd::new(vec![a.clone(), b.clone()], sgd_lr(1.0))?;
+    let mut scaler = GradScaler::new().init_scale(4.0);
+    let vars = [a.clone(), b.clone()];
+    let mut grads = store(&vars, &[vec![4.0, 4.0], vec![8.0]], DType::F32)?;
+    scaler.unscale_(from_ref(&a), &mut grads)?;
+    let err = scaler.step(&mut opt, &grads).unwrap_err().to_string();
+    assert!(err.contains("var #1 was not unscaled"), "{err}");
+    assert_eq!(opt.steps()?, 0);
+    assert_eq!(a.to_vec1::<f32>()?, [1.0, 2.0]);
+    assert_eq!(b.to_vec1::<f32>()?, [3.0]);
+    assert_eq!(grads.get(&b).unwrap().to_vec1::<f32>()?, [8.0]);
+    scaler.update()?;
+    let mut grads = store(&vars, &[vec![4.0, 4.0], vec![8.0]], DType::F32)?;
+    scaler.unscale_(&vars, &mut grads)?;
+    scaler.step(&mut opt, &grads)?;
+    assert_eq!(a.to_vec1::<f32>()?, [0.0, 1.0]);
+    assert_eq!(b.to_vec1::<f32>()?, [1.0]);
+    Ok(())
+}
+
+/// PyTorch's "No inf checks were recorded": `step` with a fused optimizer none of whose vars has
+/// a gradient (nothing changes; `update` after it fails too), `step` with a candle optimizer
+/// and an empty store, and `unscale_` that found no gradient (the following `step` and `update`
+/// fail; the scaler is then ready, its scale unchanged).
+#[test]
+fn no_inf_checks_are_errors() -> Result<()> {
+    let w = Var::new(&[1f32], &Device::Cpu)?;
+    let other = Var::new(&[1f32], &Device::Cpu)?;
+    let grads = store(from_ref(&other), &[vec![64.0]], DType::F32)?;
+    let mut scaler = GradScaler::new().init_scale(4.0);
+    let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?;
+    let err = scaler.step(&mut opt, &grads).unwrap_err().to_string();
+    assert!(err.contains("no inf checks were recorded"), "{err}");
+    assert_eq!(grads.get(&other).unwrap().to_vec1::<f32>()?, [64.0]);
+    assert_eq!((opt.steps()?, opt.skipped_steps()?), (0, 0));
+    assert!(scaler.update().is_err());
+    // A candle optimizer with an empty store.
+    let mut sgd = SGD::new(vec![w.clone()], 0.1)?;
+    let err = scaler
+        .step(&mut sgd, &GradStore::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no inf checks were recorded"), "{err}");
+    assert!(scaler.update().is_err());
+    // unscale_ with no gradient records nothing.
+    let mut grads = grads;
+    scaler.unscale_(from_ref(&w), &mut grads)?;
+    let err = scaler.step(&mut opt, &grads).unwrap_err().to_string();
+    assert!(err.contains("no inf checks were recorded"), "{err}");
+    let err = scaler.update().unwrap_err().to_string();
+    assert!(err.contains("no inf checks were recorded"), "{err}");
+    assert_eq!((opt.steps()?, opt.skipped_steps()?), (0, 0));
+    assert_eq!(scaler.scale_value()?, 4.0);
+    // Ready again.
+    let grads = store(from_ref(&w), &[vec![4.0]], DType::F32)?;
+    scaler.step(&mut opt, &grads)?;
+    scaler.update()?;
+    assert_eq!(w.to_vec1::<f32>()?, [0.0]);
+    Ok(())
+}
+
+/// `load_state_dict` in the middle of a step (after `unscale_` or `step`) is refused and
+/// changes nothing; after `update` it loads.
+#[test]
+fn load_state_dict_mid_step_is_refused() -> Result<()> {
+    let w = Var::new(&[1f32], &Device::Cpu)?;
+    let saved = GradScaler::new().init_scale(2.0).state_dict()?;
+    let mut scaler = GradScaler::new().init_scale(8.0);
+    let mut grads = store(from_ref(&w), &[vec![8.0]], DType::F32)?;
+    scaler.unscale_(from_ref(&w), &mut grads)?;
+    let err = scaler.load_state_dict(&saved).unwrap_err().to_string();
+    assert!(err.contains("in progress"), "{err}");
+    let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?;
+    scaler.step(&mut opt, &grads)?;
+    assert!(scaler.load_state_dict(&saved).is_err());
+    assert_eq!(scaler.scale_value()?, 8.0);
+    scaler.update()?;
+    scaler.load_state_dict(&saved)?;
+    assert_eq!(scaler.scale_value()?, 2.0);
+    Ok(())
+}
+
+/// Under the kernel emulation (the path of CUDA: each gradient unscaled and written back in
+/// turn when no two share a storage, all at once otherwise), `unscale_` gives the CPU's values
+/// and found-inf bit for bit, for F32, F64 and BF16, with NaN, infinities, empty gradients and
+/// gradients sharing a storage. (The memory saved is not observable here.)
+#[test]
+fn emulated_unscale_equals_the_cpu() -> Result<()> {
+    for (case, order) in ORDERS.iter().enumerate() {
+        let emulation = KernelEmulation::new()
+            .grid([1, 3, 7, 64][case])
+            .block_order(*order);
+        for (d, dtype) in [DType::F32, DType::F64, DType::BF16]
+            .into_iter()
+            .enumerate()
+        {
+            let mut rng = StdRng::seed_from_u64(300 + (case * 3 + d) as u64);
+            let shapes: [&[usize]; 4] = [&[40, 33], &[0], &[33], &[4099]];
+            for poison in 0..3u8 {
+                for shared in [false, true] {
+                    let vars = f32_vars(&shapes, &mut rng)?;
+                    let values = scaled_values(&vars, 1000.0, poison, &mut rng);
+                    let (mut ge, mut gc) =
+                        (store(&vars, &values, dtype)?, store(&vars, &values, dtype)?);
+                    if shared {
+                        // The second and third var share the first one's storage.
+                        for g in [&mut ge, &mut gc] {
+                            let first = g.get(&vars[0]).unwrap().clone();
+                            g.insert(&vars[1], first.flatten_all()?.narrow(0, 0, 0)?);
+                            g.insert(&vars[2], first.flatten_all()?.narrow(0, 0, 33)?);
+                        }
+                    }
+                    let mut scaler_e = GradScaler::new().init_scale(1000.0);
+                    let mut scaler_c = scaler_e.clone();
+                    let ((), _) = emulation.run(|| scaler_e.unscale_(&vars, &mut ge))?;
+                    scaler_c.unscale_(&vars, &mut gc)?;
+                    let what = format!("case {case} {dtype:?} poison {poison} shared {shared}");
+                    for v in &vars {
+                        assert_eq!(
+                            bits(ge.get(v).unwrap())?,
+                            bits(gc.get(v).unwrap())?,
+                            "{what}"
+                        );
+                    }
+                    scaler_e.update()?;
+                    scaler_c.update()?;
+                    assert_eq!(scale_bits(&scaler_e)?, scale_bits(&scaler_c)?, "{what}");
+                }
             }
         }
     }

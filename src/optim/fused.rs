@@ -150,6 +150,47 @@ impl FusedCore {
         self.last_norm.as_ref()
     }
 
+    /// Whether `max_consecutive_skips` is set (GradScaler then keeps off the one-read path,
+    /// whose gradients a refused skip would leave unscaled).
+    pub(crate) fn has_skip_limit(&self) -> bool {
+        self.max_consecutive_skips.is_some()
+    }
+
+    /// A step skipped without running ([`GradScaler`](crate::GradScaler)'s step after an
+    /// `unscale_` that found a non-finite gradient): adds 1 to the skipped-step count on the
+    /// device (no host read), and counts towards `max_consecutive_skips` as a skip of
+    /// `step_skipping_nonfinite` does (with a limit, a skip beyond it is refused and changes
+    /// nothing).
+    pub(crate) fn record_skip(&mut self) -> Result<()> {
+        let run = match self.max_consecutive_skips {
+            Some(limit) => {
+                let (skipped_before, run) = match self.skip_run {
+                    Some(known) => known,
+                    None => (self.skipped_steps()?, 0),
+                };
+                if run >= limit {
+                    self.skip_run = Some((skipped_before, run));
+                    bail!(
+                        "fused optimizer step: {} non-finite steps in a row, more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
+                        run + 1
+                    )
+                }
+                Some((skipped_before + 1, run + 1))
+            }
+            None => None,
+        };
+        let words = self.control.dim(0)?;
+        let skipped = self.control.narrow(0, SKIPPED, 1)?;
+        let one = Tensor::ones(1, DType::I64, &self.device)?;
+        let mut pieces = vec![self.control.narrow(0, 0, SKIPPED)?, (skipped + one)?];
+        if words > SKIPPED + 1 {
+            pieces.push(self.control.narrow(0, SKIPPED + 1, words - SKIPPED - 1)?);
+        }
+        self.control = Tensor::cat(&pieces, 0)?;
+        self.skip_run = run;
+        Ok(())
+    }
+
     fn counter(&self, index: usize) -> Result<usize> {
         Ok(self.control.narrow(0, index, 1)?.to_vec1::<i64>()?[0] as usize)
     }
@@ -433,7 +474,8 @@ impl FusedCore {
     /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
     /// With `prescale` (`inv_scale`), the gradients are still scaled: the step unscales them as
     /// it reads them and writes them back unscaled (GradScaler's one-read path; only where
-    /// `backend::update::runs_prescaled`, with a clip that `prescale_supports`).
+    /// `backend::update::runs_prescaled`, with a clip that `prescale_supports`: not AutoClip,
+    /// ZClip or AGC, which decide from the gradients before the step).
     pub(crate) fn step_skipping_nonfinite(
         &mut self,
         grads: &GradStore,

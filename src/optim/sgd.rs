@@ -131,6 +131,12 @@ impl FusedSgd {
     pub(crate) fn core(&self) -> &FusedCore {
         &self.core
     }
+
+    /// A step skipped without running, counted in `skipped_steps` (GradScaler's step after an
+    /// `unscale_` that found a non-finite gradient).
+    pub(crate) fn record_skip(&mut self) -> Result<()> {
+        self.core.record_skip()
+    }
 }
 
 impl Optimizer for FusedSgd {

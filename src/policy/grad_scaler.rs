@@ -28,7 +28,10 @@ const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// code on every back end): nothing is read back to the host, except
 /// - [`scale_value`](Self::scale_value) and the state dict, when asked;
 /// - one read of found-inf per [`step`](Self::step) with an optimizer other than
-///   [`FusedAdamW`] and [`FusedSgd`] (it decides on the host whether to call the optimizer).
+///   [`FusedAdamW`] and [`FusedSgd`] (it decides on the host whether to call the optimizer),
+///   and per `step` after an explicit [`unscale_`](Self::unscale_) with any optimizer (as
+///   PyTorch's step, which reads the found-inf `unscale_` recorded: the gradients may have been
+///   clipped since, so the step cannot decide from them again).
 ///
 /// With [`FusedAdamW`] and [`FusedSgd`] the skip happens on the device: the fused step runs with
 /// its non-finite skip on (whatever [`skip_nonfinite`](FusedAdamW::skip_nonfinite) says), which
@@ -40,17 +43,24 @@ const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// the finite check (each element unscaled as it is read), then once more in the update, which
 /// unscales each element, writes it back and steps with it: bitwise `unscale_` then `step`, one
 /// read of the gradients fewer. (Not with AutoClip, ZClip or AGC, which decide from the
-/// gradients before the step, nor when gradients share a storage: then `unscale_` runs first.) `unscale_` itself is one read and
-/// one write of each element. On CUDA (and under the kernel emulation) `unscale_` and the
-/// unscale before a fused step are candle tensor ops (a product into a new tensor, copied back
-/// into the gradient) and the kernels' finite check: the same values, more traffic; the one-read
-/// kernels are not written yet.
+/// gradients before the step, nor when gradients share a storage, nor when the optimizer has a
+/// [`max_consecutive_skips`](FusedAdamW::max_consecutive_skips), whose refused skip must leave
+/// the scaler consistent: then the gradients are unscaled first.) `unscale_` itself is one read
+/// and one write of each element. On CUDA (and under the kernel emulation) `unscale_` and the
+/// unscale before a fused step are candle tensor ops (each gradient's product into a new tensor,
+/// copied back into the gradient before the next one is computed; all of them first when
+/// gradients share a storage) and the kernels' finite check: the same values, more traffic; the
+/// one-read kernels are not written yet.
 ///
 /// **Order of a step**, as PyTorch's: `scale(&loss)?.backward()`, optionally
 /// [`unscale_`](Self::unscale_) (to clip or inspect the true gradients), [`step`](Self::step),
 /// [`update`](Self::update). Calling them out of order is an error: `unscale_` twice before
 /// `update`, `unscale_` after `step`, `step` twice before `update`, `update` before any of
-/// `unscale_` / `step`. One optimizer per scaler between two `update` calls.
+/// `unscale_` / `step`. One optimizer per scaler between two `update` calls. As PyTorch's "no
+/// inf checks were recorded": `step` with a fused optimizer none of whose vars has a gradient
+/// is an error (nothing changes; `update` after it is an error too), and an `unscale_` that
+/// found no gradient records nothing (the following `step` and `update` are errors; that
+/// `update` leaves the scale as it was and the scaler ready for the next step).
 ///
 /// **Arithmetic** (PyTorch's): the scale is an `f32`; `inv_scale = (f32)(1 / (f64)scale)`; each
 /// F32 gradient becomes `g * inv_scale` in `f32` (F64: in `f64`; BF16: in `f32`, then rounded to
@@ -94,6 +104,9 @@ pub struct GradScaler {
     /// Created at the first use (or by loading a state), on the gradients' device.
     state: Option<ScalerState>,
     stage: Stage,
+    /// The storages of the gradients unscaled since the last `update` (`storage_key`), for
+    /// `step`'s check that a fused optimizer's gradients were all unscaled.
+    unscaled: HashSet<usize>,
 }
 
 /// Where the scaler is in a step.
@@ -160,6 +173,7 @@ impl GradScaler {
             growth_interval: 2000,
             state: None,
             stage: Stage::Ready,
+            unscaled: HashSet::new(),
         }
     }
 
@@ -331,87 +345,126 @@ impl GradScaler {
                 "GradScaler::unscale_ is being called after step(); call update() first (then scale the next loss)"
             ),
         }
-        self.unscale_grads(vars, grads)?;
+        let targets = checked_grads("GradScaler::unscale_", vars, grads)?;
+        self.unscale_targets(targets)?;
         self.stage = Stage::Unscaled;
         Ok(())
     }
 
-    /// Unscales the gradients of `vars` in place and records found-inf (no stage check).
-    fn unscale_grads(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
-        self.unscale_targets(checked_grads(vars, grads)?)
-    }
-
-    /// Unscales `targets` (checked: contiguous, F32/F64/BF16, one device) in place and records
-    /// found-inf.
+    /// Unscales `targets` (checked: contiguous, F32/F64/BF16, one device) in place, records
+    /// found-inf and their storages. With no targets nothing is recorded (PyTorch's "no inf
+    /// checks": the following `step` or `update` is an error).
     fn unscale_targets(&mut self, targets: Vec<Tensor>) -> Result<()> {
-        let device = match (targets.first(), &self.state) {
-            (Some(g), _) => g.device().clone(),
-            (None, Some(s)) => s.device().clone(),
-            (None, None) => Device::Cpu,
+        let Some(first) = targets.first() else {
+            return Ok(());
         };
+        let device = first.device().clone();
+        let keys: Vec<usize> = targets.iter().map(storage_key).collect();
+        let distinct = keys.iter().collect::<HashSet<_>>().len() == keys.len();
         let state = self.state_on(&device)?;
         let inv_scale = inv_scale(&state.scale)?;
-        let mut storages = HashSet::new();
-        if update::runs_prescaled(&device)
-            && targets.iter().all(|g| storages.insert(storage_key(g)))
-        {
+        if update::runs_prescaled(&device) && distinct {
             // The CPU: one read and one write of each element, in place (on the CPU reading the
             // scale costs no synchronisation).
             let inv = inv_scale.to_scalar::<f32>()?;
             let found = backend::cpu::prescale::unscale_all_in_place(&targets, inv)?;
             state.found_inf = Some(Tensor::new(found as u8 as f32, &device)?);
+            self.unscaled.extend(keys);
             return Ok(());
         }
-        // Elsewhere (and for gradients sharing a storage), candle's ops: the same products.
+        if distinct {
+            // Elsewhere, candle's ops: each gradient unscaled and written back before the next
+            // one is computed (one gradient's worth of extra memory at a time), then the finite
+            // check over the written values, which are the unscaled ones.
+            for g in targets.iter().filter(|g| g.elem_count() > 0) {
+                let u = unscale(g, &inv_scale)?;
+                g.flatten_all()?.slice_set(&u.flatten_all()?, 0, 0)?;
+            }
+            state.found_inf = Some(found_inf_of(&targets)?);
+            self.unscaled.extend(keys);
+            return Ok(());
+        }
+        // Gradients sharing a storage: every value computed from the scaled gradients before the
+        // first write, so that each is unscaled once.
         let unscaled: Vec<Tensor> = targets
             .iter()
             .map(|g| unscale(g, &inv_scale))
             .collect::<Result<_>>()?;
-        let found_inf = if unscaled.is_empty() {
-            Tensor::new(0f32, &device)?
-        } else {
-            // The largest |u| propagates NaN; `x * 0` is 0 when x is finite and NaN otherwise.
-            let max_abs =
-                backend::total_norm(&GradientSet::from_grads(unscaled.clone())?, NormType::Inf)?;
-            let zero_if_finite = max_abs.affine(0.0, 0.0)?;
-            zero_if_finite.ne(&zero_if_finite)?.to_dtype(DType::F32)?
-        };
-        // Every value computed from the scaled gradients before the first write, so that
-        // gradients sharing a storage are unscaled once.
+        let found_inf = found_inf_of(&unscaled)?;
         for (g, u) in targets.iter().zip(&unscaled) {
             if g.elem_count() > 0 {
                 g.flatten_all()?.slice_set(&u.flatten_all()?, 0, 0)?;
             }
         }
         state.found_inf = Some(found_inf);
+        self.unscaled.extend(keys);
         Ok(())
     }
 
-    /// Before a fused step: unscales the gradients (if not done yet), or, on the CPU when the
-    /// gradients share no storage and the clip is not AutoClip, returns the `inv_scale` for the
-    /// fused step's one-read path (it unscales them itself).
-    fn prepare_fused(
-        &mut self,
-        vars: &[Var],
-        grads: &GradStore,
-        device: &Device,
-        clip: Option<&ClipSetting>,
-    ) -> Result<Option<f32>> {
-        if self.stage != Stage::Ready {
-            return Ok(None);
+    /// `step` with a fused optimizer (see [`step`](Self::step)).
+    fn step_fused(&mut self, opt: &mut dyn FusedStep, grads: &GradStore) -> Result<()> {
+        match self.stage {
+            Stage::Ready => {
+                let targets = checked_grads("GradScaler::step", opt.vars(), grads)?;
+                if targets.is_empty() {
+                    bail!("GradScaler::step: no inf checks were recorded for this optimizer: none of its vars has a gradient in the store; nothing was changed")
+                }
+                let device = opt.device().clone();
+                let distinct = targets
+                    .iter()
+                    .map(storage_key)
+                    .collect::<HashSet<_>>()
+                    .len()
+                    == targets.len();
+                let one_read = update::runs_prescaled(&device)
+                    && distinct
+                    && crate::optim::prescale_supports(opt.clip())
+                    && !opt.has_skip_limit();
+                if one_read {
+                    // On the CPU: reading the scale costs no synchronisation.
+                    let state = self.state_on(&device)?;
+                    let inv = inv_scale(&state.scale)?.to_scalar::<f32>()?;
+                    let before = opt.skipped_steps()?;
+                    // Without a skip limit, a failed step changes nothing (the gradients stay
+                    // scaled, the scaler ready).
+                    opt.step_skipping(grads, Some(inv))?;
+                    self.record_fused(before, opt.skipped_steps()?)?;
+                } else {
+                    self.unscale_targets(targets)?;
+                    // From here on a failed step (max_consecutive_skips) leaves the scaler
+                    // unscaled with found-inf recorded: `update` works, and a retry of `step`
+                    // reads found-inf instead of unscaling again.
+                    self.stage = Stage::Unscaled;
+                    opt.step_skipping(grads, None)?;
+                }
+            }
+            Stage::Unscaled => {
+                // After `unscale_`: every gradient the step reads must have been unscaled.
+                for (i, var) in opt.vars().iter().enumerate() {
+                    if let Some(grad) = grads.get(var.as_tensor()) {
+                        if !self.unscaled.contains(&storage_key(grad)) {
+                            bail!("GradScaler::step: the gradient of the optimizer's var #{i} was not unscaled: unscale_ was called without it (pass all the optimizer's vars to unscale_); nothing was changed")
+                        }
+                    }
+                }
+                let has_found_inf = self.state.as_ref().is_some_and(|s| s.found_inf.is_some());
+                if !has_found_inf {
+                    bail!("GradScaler::step: no inf checks were recorded for this optimizer: unscale_ found no gradient; nothing was changed")
+                }
+                // Found-inf as unscale_ recorded it (the gradients may have been clipped since):
+                // one host read, as PyTorch's step after unscale_.
+                if self.found_inf_on_host()? {
+                    opt.record_skip()?;
+                } else {
+                    opt.step_skipping(grads, None)?;
+                }
+            }
+            Stage::Stepped => {
+                bail!("GradScaler::step has already been called since the last update()")
+            }
         }
-        let targets = checked_grads(vars, grads)?;
-        let mut storages = HashSet::new();
-        let distinct = targets.iter().all(|g| storages.insert(storage_key(g)));
-        let one_read =
-            update::runs_prescaled(device) && distinct && crate::optim::prescale_supports(clip);
-        if !one_read {
-            self.unscale_if_needed(vars, grads)?;
-            return Ok(None);
-        }
-        let state = self.state_on(device)?;
-        // On the CPU: reading it costs no synchronisation.
-        Ok(Some(inv_scale(&state.scale)?.to_scalar::<f32>()?))
+        self.stage = Stage::Stepped;
+        Ok(())
     }
 
     /// After a fused step on the one-read path: found-inf is whether the step was skipped (read
@@ -428,18 +481,27 @@ impl GradScaler {
     /// Unscales the gradients if [`unscale_`](Self::unscale_) was not called (the store then
     /// holds unscaled gradients), and takes the optimizer's step unless found-inf.
     ///
-    /// - [`FusedAdamW`] and [`FusedSgd`]: their vars' gradients are unscaled, and the fused step
-    ///   runs with its non-finite skip on: the decision is taken on the device, with no host
-    ///   read. A skipped step is counted in their `skipped_steps()`. On the CPU the unscale is
-    ///   folded into the step's passes (see the type's documentation).
+    /// - [`FusedAdamW`] and [`FusedSgd`] without an earlier `unscale_`: their vars' gradients
+    ///   are unscaled, and the fused step runs with its non-finite skip on: the decision is taken
+    ///   on the device, with no host read. A skipped step is counted in their `skipped_steps()`.
+    ///   On the CPU the unscale is folded into the step's passes (see the type's documentation).
+    ///   None of their vars having a gradient is an error, and nothing changes. When the step
+    ///   fails after the unscale (a skip beyond `max_consecutive_skips`), the scaler stays
+    ///   unscaled with found-inf recorded: [`update`](Self::update) backs off, and a retry of
+    ///   `step` does not unscale again.
+    /// - [`FusedAdamW`] and [`FusedSgd`] after [`unscale_`](Self::unscale_): each of their vars'
+    ///   gradients must have been unscaled by it (an error otherwise, nothing changed); the
+    ///   found-inf it recorded decides, read on the host (one synchronisation on CUDA, as
+    ///   PyTorch's `step`): when set, the step is not taken and is counted in `skipped_steps()`
+    ///   (and towards `max_consecutive_skips`).
     /// - Any other optimizer: one host read of found-inf per step (one synchronisation on CUDA),
     ///   and `opt.step` is called only when the gradients are finite. A candle `Optimizer` does
-    ///   not expose its vars, so without an earlier [`unscale_`](Self::unscale_) every F32, F64
-    ///   and BF16 gradient in the store is unscaled and checked (those of the intermediate
-    ///   tensors of the graph too: `backward()` keeps them; harmless, but more work, and a
-    ///   non-finite intermediate gradient skips the step); F16 gradients are left alone (they
-    ///   cannot be master gradients). Call `unscale_(&vars, &mut grads)` first to unscale just
-    ///   the vars' gradients, with F16 ones refused.
+    ///   not expose its vars, so without an earlier [`unscale_`](Self::unscale_) every gradient
+    ///   in the store is unscaled and checked (those of the intermediate tensors of the graph
+    ///   too: `backward()` keeps them; harmless, but more work, and a non-finite intermediate
+    ///   gradient skips the step). A store holding an F16 gradient is refused (an F16 forward
+    ///   pass leaves F16 intermediates' gradients the scaler cannot tell from an F16 var's):
+    ///   call `unscale_(&vars, &mut grads)` first, which unscales just the vars' gradients.
     ///
     /// At most once between two [`update`](Self::update) calls.
     ///
@@ -463,45 +525,32 @@ impl GradScaler {
         }
         let opt: &mut dyn Any = opt;
         if let Some(opt) = opt.downcast_mut::<FusedAdamW>() {
-            let core = opt.core();
-            let prescale = self.prepare_fused(opt.vars(), grads, core.device(), core.clip())?;
-            let before = prescale.map(|_| opt.skipped_steps()).transpose()?;
-            opt.step_skipping_nonfinite(grads, prescale)?;
-            if let Some(before) = before {
-                self.record_fused(before, opt.skipped_steps()?)?;
-            }
-        } else if let Some(opt) = opt.downcast_mut::<FusedSgd>() {
-            let core = opt.core();
-            let prescale = self.prepare_fused(opt.vars(), grads, core.device(), core.clip())?;
-            let before = prescale.map(|_| opt.skipped_steps()).transpose()?;
-            opt.step_skipping_nonfinite(grads, prescale)?;
-            if let Some(before) = before {
-                self.record_fused(before, opt.skipped_steps()?)?;
-            }
-        } else {
-            let Some(opt) = opt.downcast_mut::<O>() else {
-                bail!("internal error: the optimizer is not of its own type")
-            };
-            if self.stage == Stage::Ready {
-                // The optimizer's vars are unknown: unscale every gradient of the store that a
-                // master var can have (F32, F64, BF16).
-                self.unscale_targets(store_grads(grads)?)?;
-                self.stage = Stage::Unscaled;
-            }
-            // The one documented host read of the path.
-            if !self.found_inf_on_host()? {
-                opt.step(grads)?;
-            }
+            return self.step_fused(opt, grads);
         }
-        self.stage = Stage::Stepped;
-        Ok(())
-    }
-
-    fn unscale_if_needed(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
+        if let Some(opt) = opt.downcast_mut::<FusedSgd>() {
+            return self.step_fused(opt, grads);
+        }
+        let Some(opt) = opt.downcast_mut::<O>() else {
+            bail!("internal error: the optimizer is not of its own type")
+        };
         if self.stage == Stage::Ready {
-            self.unscale_grads(vars, grads)?;
+            // The optimizer's vars are unknown: unscale every gradient of the store (refused
+            // when one is F16: see above).
+            let targets = store_grads(grads)?;
+            if targets.is_empty() {
+                bail!("GradScaler::step: no inf checks were recorded for this optimizer: the store holds no gradient; nothing was changed")
+            }
+            self.unscale_targets(targets)?;
             self.stage = Stage::Unscaled;
         }
+        if !self.state.as_ref().is_some_and(|s| s.found_inf.is_some()) {
+            bail!("GradScaler::step: no inf checks were recorded for this optimizer: unscale_ found no gradient; nothing was changed")
+        }
+        // The one documented host read of the path.
+        if !self.found_inf_on_host()? {
+            opt.step(grads)?;
+        }
+        self.stage = Stage::Stepped;
         Ok(())
     }
 
@@ -529,11 +578,15 @@ impl GradScaler {
         if self.stage == Stage::Ready {
             bail!("GradScaler::update: no inf checks were recorded prior to update (call step, or unscale_, first)")
         }
+        let Some(found_inf) = self.state.as_ref().and_then(|s| s.found_inf.as_ref()) else {
+            // `unscale_` found no gradient: the step is dropped, the scale kept.
+            self.stage = Stage::Ready;
+            self.unscaled.clear();
+            bail!("GradScaler::update: no inf checks were recorded prior to update (unscale_ found no gradient); the scale is unchanged and the scaler ready for the next step")
+        };
+        let found_inf = found_inf.clone();
         let Some(state) = self.state.as_mut() else {
             bail!("internal error: GradScaler has no state after a step")
-        };
-        let Some(found_inf) = state.found_inf.as_ref() else {
-            bail!("internal error: GradScaler has no found-inf after a step")
         };
         let device = state.device().clone();
         let scale64 = state.scale.to_dtype(DType::F64)?;
@@ -562,6 +615,7 @@ impl GradScaler {
         state.growth_tracker = growth_tracker;
         state.found_inf = None;
         self.stage = Stage::Ready;
+        self.unscaled.clear();
         Ok(())
     }
 
@@ -607,7 +661,8 @@ impl GradScaler {
     }
 
     /// Loads a state from [`state_dict`](Self::state_dict); a missing, unknown or malformed entry
-    /// (a scale not finite or not positive, a negative tracker) is an error and nothing changes.
+    /// (a scale not finite or not positive, a negative tracker) is an error and nothing changes,
+    /// and so is a load in the middle of a step (after `unscale_` or `step`, before `update`).
     /// The scaler is then ready for a new step.
     ///
     /// ```
@@ -621,6 +676,9 @@ impl GradScaler {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn load_state_dict(&mut self, dict: &HashMap<String, Tensor>) -> Result<()> {
+        if self.stage != Stage::Ready {
+            bail!("GradScaler::load_state_dict: a step is in progress (unscale_ or step since the last update()); call update() first; nothing was loaded")
+        }
         let entry = |key: &str, dtype: DType| -> Result<&Tensor> {
             let Some(t) = dict.get(key) else {
                 bail!("GradScaler::load_state_dict: the state has no `{key}`; nothing was loaded")
@@ -689,7 +747,8 @@ impl GradScaler {
 
 /// The gradients of `vars` (vars without one left out), checked for unscaling: F32, F64 or
 /// BF16, contiguous, on one device. Reads no data.
-fn checked_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Tensor>> {
+/// `caller` names the public method in the errors.
+fn checked_grads(caller: &str, vars: &[Var], grads: &GradStore) -> Result<Vec<Tensor>> {
     let mut targets: Vec<Tensor> = Vec::with_capacity(vars.len());
     for (i, var) in vars.iter().enumerate() {
         let Some(grad) = grads.get(var.as_tensor()) else {
@@ -698,22 +757,22 @@ fn checked_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Tensor>> {
         match grad.dtype() {
                 DType::F32 | DType::F64 | DType::BF16 => {}
                 DType::F16 => bail!(
-                    "GradScaler::unscale_: the gradient of var #{i} is F16; GradScaler expects F32 (master) gradients, as PyTorch's: keep the vars in F32 and run the forward pass in F16 (cast the vars to F16 inside it), so that backward() gives F32 gradients to the vars; nothing was modified"
+                    "{caller}: the gradient of var #{i} is F16; GradScaler expects F32 (master) gradients, as PyTorch's: keep the vars in F32 and run the forward pass in F16 (cast the vars to F16 inside it), so that backward() gives F32 gradients to the vars; nothing was modified"
                 ),
                 other => bail!(
-                    "GradScaler::unscale_: the gradient of var #{i} is {other:?}, not a float dtype; nothing was modified"
+                    "{caller}: the gradient of var #{i} is {other:?}, not a float dtype; nothing was modified"
                 ),
             }
         if !grad.is_contiguous() {
             bail!(
-                    "GradScaler::unscale_: the gradient of var #{i} (shape {:?}) is not contiguous; it is written in place; nothing was modified",
+                    "{caller}: the gradient of var #{i} (shape {:?}) is not contiguous; it is written in place; nothing was modified",
                     grad.dims()
                 )
         }
         if let Some(first) = targets.first() {
             if !grad.device().same_device(first.device()) {
                 bail!(
-                        "GradScaler::unscale_: the gradient of var #{i} is on {:?}, the first one on {:?}; nothing was modified",
+                        "{caller}: the gradient of var #{i} is on {:?}, the first one on {:?}; nothing was modified",
                         grad.device().location(),
                         first.device().location()
                     )
@@ -724,10 +783,10 @@ fn checked_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Tensor>> {
     Ok(targets)
 }
 
-/// Every gradient of the store a master var can have (F32, F64, BF16; F16 ones, which can only be
-/// an F16 forward pass's intermediates here, are left out), each storage view once, for
-/// [`GradScaler::step`] with an optimizer whose vars are unknown. A non-contiguous one is an
-/// error (it is unscaled in place).
+/// Every gradient of the store (F32, F64, BF16), each storage view once, for
+/// [`GradScaler::step`] with an optimizer whose vars are unknown. An F16 one is an error: it may
+/// be a var's (to be unscaled and checked) or an F16 intermediate's (to be left alone), which the
+/// store cannot tell; so is a non-contiguous one (it is unscaled in place).
 fn store_grads(grads: &GradStore) -> Result<Vec<Tensor>> {
     let mut seen = HashSet::new();
     let mut targets: Vec<Tensor> = Vec::new();
@@ -735,8 +794,13 @@ fn store_grads(grads: &GradStore) -> Result<Vec<Tensor>> {
         let Some(grad) = grads.get_id(*id) else {
             continue;
         };
-        if !matches!(grad.dtype(), DType::F32 | DType::F64 | DType::BF16) {
-            continue;
+        match grad.dtype() {
+            DType::F32 | DType::F64 | DType::BF16 => {}
+            DType::F16 => bail!(
+                "GradScaler::step: the store holds an F16 gradient (shape {:?}) and the optimizer's vars are unknown: it may be a var's or an intermediate's of an F16 forward pass; call unscale_(&vars, &mut grads) with the optimizer's vars first; nothing was modified",
+                grad.dims()
+            ),
+            _ => continue,
         }
         let layout = grad.layout();
         let view = (
@@ -763,6 +827,55 @@ fn store_grads(grads: &GradStore) -> Result<Vec<Tensor>> {
     }
     Ok(targets)
 }
+
+/// Found-inf (0-d F32, 1 or 0) of unscaled gradients, on their device: the largest `|u|`
+/// propagates NaN; `x * 0` is 0 when x is finite and NaN otherwise.
+fn found_inf_of(unscaled: &[Tensor]) -> Result<Tensor> {
+    let max_abs = backend::total_norm(&GradientSet::from_grads(unscaled.to_vec())?, NormType::Inf)?;
+    let zero_if_finite = max_abs.affine(0.0, 0.0)?;
+    zero_if_finite.ne(&zero_if_finite)?.to_dtype(DType::F32)
+}
+
+/// What [`GradScaler::step`] needs of [`FusedAdamW`] and [`FusedSgd`].
+trait FusedStep {
+    fn vars(&self) -> &[Var];
+    fn device(&self) -> &Device;
+    fn clip(&self) -> Option<&ClipSetting>;
+    fn has_skip_limit(&self) -> bool;
+    fn skipped_steps(&self) -> Result<usize>;
+    fn step_skipping(&mut self, grads: &GradStore, prescale: Option<f32>) -> Result<()>;
+    fn record_skip(&mut self) -> Result<()>;
+}
+
+macro_rules! impl_fused_step {
+    ($ty:ty) => {
+        impl FusedStep for $ty {
+            fn vars(&self) -> &[Var] {
+                self.core().vars()
+            }
+            fn device(&self) -> &Device {
+                self.core().device()
+            }
+            fn clip(&self) -> Option<&ClipSetting> {
+                self.core().clip()
+            }
+            fn has_skip_limit(&self) -> bool {
+                self.core().has_skip_limit()
+            }
+            fn skipped_steps(&self) -> Result<usize> {
+                self.core().skipped_steps()
+            }
+            fn step_skipping(&mut self, grads: &GradStore, prescale: Option<f32>) -> Result<()> {
+                self.step_skipping_nonfinite(grads, prescale)
+            }
+            fn record_skip(&mut self) -> Result<()> {
+                <$ty>::record_skip(self)
+            }
+        }
+    };
+}
+impl_fused_step!(FusedAdamW);
+impl_fused_step!(FusedSgd);
 
 /// PyTorch's `inv_scale = (f32)(1 / (f64)scale)`, on the scale's device.
 fn inv_scale(scale: &Tensor) -> Result<Tensor> {
