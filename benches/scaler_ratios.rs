@@ -45,7 +45,7 @@ fn main() -> Result<()> {
         // unscale does the same arithmetic whatever the scale).
         let copy = |vars: &[Var]| -> Result<Vec<Var>> {
             vars.iter()
-                .map(|v| Var::from_tensor(v.as_tensor()))
+                .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
                 .collect()
         };
         let sgd = |vars: &[Var]| -> Result<FusedSgd> {
