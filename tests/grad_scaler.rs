@@ -1310,7 +1310,7 @@ fn refused_skip_leaves_the_scaler_consistent() -> Result<()> {
         let mut scaler = GradScaler::new().init_scale(4.0);
         let scaled = [8.0, f64::INFINITY, 4.0];
         let grads = store(from_ref(&w), &[scaled.to_vec()], DType::F32)?;
-        let mut step = |scaler: &mut GradScaler, grads: &GradStore| -> Result<[usize; 2]> {
+        let step = |scaler: &mut GradScaler, grads: &GradStore| -> Result<[usize; 2]> {
             if adamw {
                 let mut opt = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
                     .with_clip(ClipSetting::norm(1.0))?

@@ -443,12 +443,11 @@ impl GradScaler {
                 for (i, var) in opt.vars().iter().enumerate() {
                     if let Some(grad) = grads.get(var.as_tensor()) {
                         if !self.unscaled.contains(&storage_key(grad)) {
-                            bail!("GradScaler::step: the gradient of the optimizer's var #{i} was not unscaled: unscale_ was called without it (pass all the optimizer's vars to unscale_); nothing was changed")
+                            bail!("GradScaler::step: the gradient of the optimizer's var #{i} was not unscaled: unscale_ was called without it (pass all the optimizer's vars to unscale_), or the gradient was replaced in the store after unscale_ (modify it in place, as the crate's clips do); nothing was changed")
                         }
                     }
                 }
-                let has_found_inf = self.state.as_ref().is_some_and(|s| s.found_inf.is_some());
-                if !has_found_inf {
+                if !self.has_found_inf() {
                     bail!("GradScaler::step: no inf checks were recorded for this optimizer: unscale_ found no gradient; nothing was changed")
                 }
                 // Found-inf as unscale_ recorded it (the gradients may have been clipped since):
@@ -490,7 +489,8 @@ impl GradScaler {
     ///   unscaled with found-inf recorded: [`update`](Self::update) backs off, and a retry of
     ///   `step` does not unscale again.
     /// - [`FusedAdamW`] and [`FusedSgd`] after [`unscale_`](Self::unscale_): each of their vars'
-    ///   gradients must have been unscaled by it (an error otherwise, nothing changed); the
+    ///   gradients must have been unscaled by it, in their storage (an error otherwise, nothing
+    ///   changed: a gradient replaced in the store after `unscale_` is refused too); the
     ///   found-inf it recorded decides, read on the host (one synchronisation on CUDA, as
     ///   PyTorch's `step`): when set, the step is not taken and is counted in `skipped_steps()`
     ///   (and towards `max_consecutive_skips`).
@@ -543,7 +543,7 @@ impl GradScaler {
             self.unscale_targets(targets)?;
             self.stage = Stage::Unscaled;
         }
-        if !self.state.as_ref().is_some_and(|s| s.found_inf.is_some()) {
+        if !self.has_found_inf() {
             bail!("GradScaler::step: no inf checks were recorded for this optimizer: unscale_ found no gradient; nothing was changed")
         }
         // The one documented host read of the path.
@@ -552,6 +552,11 @@ impl GradScaler {
         }
         self.stage = Stage::Stepped;
         Ok(())
+    }
+
+    /// Whether found-inf was recorded since the last update.
+    fn has_found_inf(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| s.found_inf.is_some())
     }
 
     fn found_inf_on_host(&self) -> Result<bool> {
