@@ -173,7 +173,10 @@ fn optimizer_cases(
     // The policies folded into the step: ZClip (its statistics updated by a kernel between the
     // reduction and the step; spikes are clipped after 3 warm-up steps) and AGC (unit-wise).
     for (name, setting) in [
-        ("adamw_zclip", ClipSetting::ZClip(ZClip::new().warmup_steps(3))),
+        (
+            "adamw_zclip",
+            ClipSetting::ZClip(ZClip::new().warmup_steps(3)),
+        ),
         ("adamw_agc", ClipSetting::agc(0.01)),
     ] {
         let ps = params();
