@@ -95,7 +95,7 @@ impl ExactSum {
     /// The accumulator as words that can be added word by word across processes: the digits with
     /// their carries propagated (each below 2^32), then one word each for "saw inf" and "saw NaN"
     /// (0 or 1). Adding up to `u32::MAX` such arrays cannot overflow a word:
-    /// `(2^32 - 1) · (2^32 - 1) < 2^64 - 2^33`, and [`from_words`](Self::from_words) takes the sum.
+    /// `(2^32 - 1) · (2^32 - 1) = 2^64 - 2^33 + 1 < 2^64`, and [`from_words`](Self::from_words) takes the sum.
     pub(crate) fn to_words(&self) -> [u64; WORDS] {
         let mut normalised = self.clone();
         normalised.propagate_carries();

@@ -187,6 +187,70 @@ fn a_refusing_rank_fails_every_rank_and_nothing_is_modified() {
     }
 }
 
+/// `Clipped::step_across` with `skip_nonfinite` (whose first collective is the max |g|) and each
+/// clip setting: a rank whose gradient is refused (a broadcast view, which cannot be written)
+/// joins that same collective, so every rank fails with "refused" (not a mismatch), and no rank
+/// changes its var, its gradient or its counts.
+#[test]
+fn a_refusing_rank_fails_every_clipped_step_across() {
+    use candle_grad_clip::{AutoClip, ClipSetting, Clipped, ZClip};
+    use candle_nn::{Optimizer, SGD};
+    for skip in [true, false] {
+        for clip in [
+            ClipSetting::norm(1.0),
+            ClipSetting::value(0.5),
+            ClipSetting::AutoClip(AutoClip::default()),
+            ClipSetting::ZClip(ZClip::new()),
+            ClipSetting::agc(0.01),
+        ] {
+            let what = format!("skip {skip} {clip:?}");
+            let results = on_ranks(2, |g| -> (String, Vec<f32>, Vec<f32>, usize) {
+                let w = Var::zeros(4, DType::F32, &Device::Cpu).expect("var");
+                let grad = if g.rank() == 1 {
+                    Tensor::new(&[50f32], &Device::Cpu)
+                        .and_then(|t| t.broadcast_as(4))
+                        .expect("broadcast")
+                } else {
+                    Tensor::new(&[50f32; 4], &Device::Cpu).expect("tensor")
+                };
+                let mut grads = GradStore::default();
+                grads.insert(&w, grad);
+                let mut opt = Clipped::from_optimizer(
+                    SGD::new(vec![w.clone()], 0.1).expect("sgd"),
+                    vec![w.clone()],
+                    clip.clone(),
+                )
+                .expect("clipped")
+                .skip_nonfinite(skip);
+                let err = opt.step_across(&grads, g).expect_err("every rank fails");
+                let after = grads
+                    .get(&w)
+                    .expect("grad")
+                    .to_vec1::<f32>()
+                    .expect("values");
+                let var = w.to_vec1::<f32>().expect("var");
+                (
+                    err.to_string(),
+                    after,
+                    var,
+                    opt.steps() + opt.skipped_steps(),
+                )
+            });
+            for (rank, (message, after, var, counted)) in results.iter().enumerate() {
+                assert_eq!(
+                    after, &[50f32; 4],
+                    "{what}: rank {rank}'s gradient was modified"
+                );
+                assert_eq!(var, &[0f32; 4], "{what}: rank {rank}'s var was modified");
+                assert_eq!(*counted, 0, "{what}: rank {rank} counted a step");
+                if rank == 0 {
+                    assert!(message.contains("of 2 ranks refused"), "{what}: {message}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn mismatched_calls_are_errors_that_name_ranks_and_collectives() {
     // Rank 0 asks for the Inf norm (max collective), rank 1 for L2 (sum): both fail, no hang.

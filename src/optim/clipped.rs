@@ -6,7 +6,7 @@ use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
 use crate::clip::adaptive_clip;
-use crate::gradients::check_matches_var;
+use crate::gradients::{check_matches_var, GradientSet};
 use crate::policy::autoclip::{self, AutoClip};
 use crate::{
     clip_grad_value_, clip_grads_with_norm_, total_norm, total_norm_across, ClipGradNorm, NormType,
@@ -292,26 +292,32 @@ impl<O: Optimizer> Clipped<O> {
         // `GradStore` cannot be cloned or mutated through `&`, but its tensors are shared
         // handles: a new store holding the same tensors, clipped in place, clips the caller's.
         let mut view = GradStore::default();
+        let mut refused = None;
         for (i, var) in self.vars.iter().enumerate() {
             if let Some(grad) = grads.get(var.as_tensor()) {
-                // What the inner optimizer would refuse after we clipped: refuse it before
-                // (across ranks, after telling the other ranks, which fail with it).
+                // What the inner optimizer would refuse after we clipped: refuse it before.
                 if let Err(e) = check_matches_var("Clipped::step", i, var, grad) {
-                    if let Some(group) = group {
-                        let norm_type = match &self.clip {
-                            ClipSetting::Norm { norm_type, .. } => *norm_type,
-                            ClipSetting::Value { .. } => NormType::Inf,
-                            ClipSetting::AutoClip(_)
-                            | ClipSetting::ZClip(_)
-                            | ClipSetting::Agc { .. } => NormType::L2,
-                        };
-                        crate::dist::set_norm_across("step_across", Err(e), norm_type, group)?;
-                        return unreachable_failure();
-                    }
-                    return Err(e);
+                    refused = Some(e);
+                    break;
                 }
                 view.insert(var.as_tensor(), grad.clone());
             }
+        }
+        if let Some(group) = group {
+            // Across ranks, everything that can refuse this rank's gradients (the checks above,
+            // gradients that cannot be written) is decided before the first collective, which a
+            // refusing rank still joins with a failure flag so that every rank fails with it.
+            let local = match refused {
+                Some(e) => Err(e),
+                None => GradientSet::collect(&self.vars, &view)
+                    .and_then(|set| set.storage_groups().map(|_| set)),
+            };
+            if let Err(e) = local {
+                crate::dist::set_norm_across("step_across", Err(e), self.first_norm_type(), group)?;
+                return unreachable_failure();
+            }
+        } else if let Some(e) = refused {
+            return Err(e);
         }
         // With skipping on, the largest |g| decides first, before anything is written (one host
         // read: whether to call the inner optimizer is decided on the host); across ranks, the
@@ -342,94 +348,114 @@ impl<O: Optimizer> Clipped<O> {
         // The policies' state changes with the clip; put it back if the inner step fails.
         let saved_clip = matches!(self.clip, ClipSetting::AutoClip(_) | ClipSetting::ZClip(_))
             .then(|| self.clip.clone());
-        let (norm, not_clipped) = match &mut self.clip {
-            ClipSetting::Norm {
-                max_norm,
-                norm_type,
-            } => {
-                let clip = ClipGradNorm::new(*max_norm).norm_type(*norm_type);
-                let norm = match group {
-                    Some(group) => clip.clip_across_(&self.vars, &mut view, group)?,
-                    None => clip.clip_(&self.vars, &mut view)?,
-                };
-                let not_clipped = not_clipped_by_norm(&norm, *max_norm, DEFAULT_EPS)?;
-                (norm, not_clipped)
-            }
-            ClipSetting::Value { clip_value } => {
-                let norm = match (largest, group) {
-                    (Some(norm), _) => norm,
-                    (None, Some(group)) => {
-                        total_norm_across(&self.vars, &view, NormType::Inf, group)?
-                    }
-                    (None, None) => total_norm(&self.vars, &view, NormType::Inf)?,
-                };
-                clip_grad_value_(&self.vars, &mut view, *clip_value)?;
-                let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
-                (norm, not_clipped)
-            }
-            ClipSetting::AutoClip(autoclip) => {
-                let (norm, threshold) = match group {
-                    Some(group) => {
-                        // As `AutoClip::clip_`, with the global norm.
-                        let norm = total_norm_across(&self.vars, &view, NormType::L2, group)?;
-                        let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                        let threshold = autoclip.threshold_with(value);
-                        clip_grads_with_norm_(&self.vars, &mut view, threshold, &norm)?;
-                        autoclip.record(value);
-                        (norm, threshold)
-                    }
-                    None => autoclip.clip_with_threshold_(&self.vars, &mut view)?,
-                };
-                let not_clipped = not_clipped_by_norm(&norm, threshold, DEFAULT_EPS)?;
-                (norm, not_clipped)
-            }
-            ClipSetting::ZClip(zclip) => {
-                // A step without gradients leaves ZClip alone (and is not clipped).
-                let any = self.vars.iter().any(|v| view.get(v.as_tensor()).is_some());
-                match group {
-                    Some(group) => {
-                        // ZClip on the global norm: its statistics updated on the host (the norm
-                        // across ranks is read there anyway), the coefficient applied as a
-                        // given norm.
-                        let norm = total_norm_across(&self.vars, &view, NormType::L2, group)?;
-                        let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                        let (given, max_norm, eps) =
-                            zclip.step_for_norm(value, norm.dtype(), norm.device())?;
-                        let c = zclip.last_coefficient()?.unwrap_or(1.0);
-                        if any {
-                            let given = Tensor::new(given, norm.device())?.to_dtype(DType::F64)?;
-                            crate::clip::scale_with_given_norm(
-                                &self.vars, &mut view, max_norm, eps, &given,
-                            )?;
+        let vars = &self.vars;
+        let clipped = (|| -> Result<(Tensor, Tensor)> {
+            Ok(match &mut self.clip {
+                ClipSetting::Norm {
+                    max_norm,
+                    norm_type,
+                } => {
+                    let clip = ClipGradNorm::new(*max_norm).norm_type(*norm_type);
+                    let norm = match group {
+                        Some(group) => clip.clip_across_(vars, &mut view, group)?,
+                        None => clip.clip_(vars, &mut view)?,
+                    };
+                    let not_clipped = not_clipped_by_norm(&norm, *max_norm, DEFAULT_EPS)?;
+                    (norm, not_clipped)
+                }
+                ClipSetting::Value { clip_value } => {
+                    let norm = match (largest, group) {
+                        (Some(norm), _) => norm,
+                        (None, Some(group)) => {
+                            total_norm_across(vars, &view, NormType::Inf, group)?
                         }
-                        let not_clipped = Tensor::new(u8::from(c >= 1.0), norm.device())?;
-                        (norm, not_clipped)
-                    }
-                    None => {
-                        let norm = zclip.clip_(&self.vars, &mut view)?;
-                        // Not clipped iff the coefficient was 1 (false for NaN), on the device.
-                        let not_clipped = match zclip.last_coefficient_tensor()? {
-                            Some(c) if any => c.ge(1.0)?,
-                            _ => Tensor::new(1u8, norm.device())?,
-                        };
-                        (norm, not_clipped)
+                        (None, None) => total_norm(vars, &view, NormType::Inf)?,
+                    };
+                    clip_grad_value_(vars, &mut view, *clip_value)?;
+                    let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
+                    (norm, not_clipped)
+                }
+                ClipSetting::AutoClip(autoclip) => {
+                    let (norm, threshold) = match group {
+                        Some(group) => {
+                            // As `AutoClip::clip_`, with the global norm.
+                            let norm = total_norm_across(vars, &view, NormType::L2, group)?;
+                            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                            let threshold = autoclip.threshold_with(value);
+                            clip_grads_with_norm_(vars, &mut view, threshold, &norm)?;
+                            autoclip.record(value);
+                            (norm, threshold)
+                        }
+                        None => autoclip.clip_with_threshold_(vars, &mut view)?,
+                    };
+                    let not_clipped = not_clipped_by_norm(&norm, threshold, DEFAULT_EPS)?;
+                    (norm, not_clipped)
+                }
+                ClipSetting::ZClip(zclip) => {
+                    // A step without gradients leaves ZClip alone (and is not clipped).
+                    let any = self.vars.iter().any(|v| view.get(v.as_tensor()).is_some());
+                    match group {
+                        Some(group) => {
+                            // ZClip on the global norm: its statistics updated on the host (the norm
+                            // across ranks is read there anyway), the coefficient applied as a
+                            // given norm.
+                            // The exact global norm (not its F32 rounding): ZClip's input rule
+                            // (`zclip::input`) needs it, as in one process.
+                            let (value, norm) = crate::dist::set_norm_across(
+                                "step_across",
+                                GradientSet::collect(vars, &view),
+                                NormType::L2,
+                                group,
+                            )?;
+                            let (given, max_norm, eps) =
+                                zclip.step_for_norm(value, norm.dtype(), norm.device())?;
+                            let c = zclip.last_coefficient()?.unwrap_or(1.0);
+                            if any {
+                                let given =
+                                    Tensor::new(given, norm.device())?.to_dtype(DType::F64)?;
+                                crate::clip::scale_with_given_norm(
+                                    vars, &mut view, max_norm, eps, &given,
+                                )?;
+                            }
+                            let not_clipped = Tensor::new(u8::from(c >= 1.0), norm.device())?;
+                            (norm, not_clipped)
+                        }
+                        None => {
+                            let norm = zclip.clip_(vars, &mut view)?;
+                            // Not clipped iff the coefficient was 1 (false for NaN), on the device.
+                            let not_clipped = match zclip.last_coefficient_tensor()? {
+                                Some(c) if any => c.ge(1.0)?,
+                                _ => Tensor::new(1u8, norm.device())?,
+                            };
+                            (norm, not_clipped)
+                        }
                     }
                 }
-            }
-            ClipSetting::Agc { clipping, eps } => {
-                // Unit-wise: each rank clips its own units; across ranks `last_norm` is the
-                // global L2 norm before clipping.
-                let global = match group {
-                    Some(group) => Some(total_norm_across(&self.vars, &view, NormType::L2, group)?),
-                    None => None,
-                };
-                let outcome = adaptive_clip(&self.vars, &view, *clipping, *eps)?;
-                // Not clipped iff no unit was, on the device.
-                let clipped = outcome.clipped;
-                (
-                    global.unwrap_or(outcome.norm),
-                    clipped.eq(&clipped.zeros_like()?)?,
-                )
+                ClipSetting::Agc { clipping, eps } => {
+                    // Unit-wise: each rank clips its own units; across ranks `last_norm` is the
+                    // global L2 norm before clipping.
+                    let global = match group {
+                        Some(group) => Some(total_norm_across(vars, &view, NormType::L2, group)?),
+                        None => None,
+                    };
+                    let outcome = adaptive_clip(vars, &view, *clipping, *eps)?;
+                    // Not clipped iff no unit was, on the device.
+                    let clipped = outcome.clipped;
+                    (
+                        global.unwrap_or(outcome.norm),
+                        clipped.eq(&clipped.zeros_like()?)?,
+                    )
+                }
+            })
+        })();
+        // A failed clip leaves the policies as they were (nothing was written then either).
+        let (norm, not_clipped) = match clipped {
+            Ok(done) => done,
+            Err(e) => {
+                if let Some(clip) = saved_clip {
+                    self.clip = clip;
+                }
+                return Err(e);
             }
         };
         if let Err(e) = self.inner.step(grads) {
@@ -487,6 +513,21 @@ impl<O: Optimizer> Clipped<O> {
 }
 
 impl<O> Clipped<O> {
+    /// The norm of a step's first collective across ranks: the largest `|g|` with skipping on
+    /// (it decides first), else the norm of the clip.
+    fn first_norm_type(&self) -> NormType {
+        if self.skip_nonfinite {
+            return NormType::Inf;
+        }
+        match &self.clip {
+            ClipSetting::Norm { norm_type, .. } => *norm_type,
+            ClipSetting::Value { .. } => NormType::Inf,
+            ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. } => {
+                NormType::L2
+            }
+        }
+    }
+
     fn assemble(inner: O, vars: Vec<Var>, clip: ClipSetting) -> Self {
         // Like candle's optimizers, skip non-float vars; list each var once.
         let mut seen = HashSet::new();

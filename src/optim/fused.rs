@@ -337,17 +337,29 @@ impl FusedCore {
         let set = collected?;
         // The exact global norm (F64) that the step's coefficient is computed from; for ZClip
         // across ranks, the norm that gives its coefficient (`ZClip::step_for_norm`).
+        // AutoClip takes the norm as returned (rounded to its dtype), as in one process. On the
+        // vars' device (a rank without gradients has a CPU `set`).
         let mut given = match &global_norm {
-            Some((value, _)) => Some(Tensor::new(*value, set.device())?),
+            Some((value, norm)) => {
+                let value = if matches!(self.clip, Some(ClipSetting::AutoClip(_))) {
+                    backend::returned_norm(*value, norm.dtype())
+                } else {
+                    *value
+                };
+                Some(Tensor::new(value, &self.device)?)
+            }
             None => None,
         };
+        // ZClip's state changes before the step: put it back if the step fails.
+        let saved_zclip =
+            matches!(self.clip, Some(ClipSetting::ZClip(_))).then(|| self.clip.clone());
         let mut zclip_given: Option<(f64, f64)> = None;
         if let (Some(ClipSetting::ZClip(zclip)), Some((value, norm))) =
             (&mut self.clip, &global_norm)
         {
             let (norm_value, max_norm, eps) =
                 zclip.step_for_norm(*value, norm.dtype(), &self.device)?;
-            given = Some(Tensor::new(norm_value, set.device())?);
+            given = Some(Tensor::new(norm_value, &self.device)?);
             zclip_given = Some((max_norm, eps));
         }
         // AutoClip's norm of this step (kept for `last_norm` and its history), read to the host
@@ -361,8 +373,9 @@ impl FusedCore {
                 eps: DEFAULT_EPS,
             },
             (Some(ClipSetting::AutoClip(autoclip)), Some(given), Some((value, norm))) => {
-                let threshold = autoclip.threshold_with(*value);
-                autoclip_norm = Some((norm.clone(), *value));
+                let value = backend::returned_norm(*value, norm.dtype());
+                let threshold = autoclip.threshold_with(value);
+                autoclip_norm = Some((norm.clone(), value));
                 StepClip::GivenNorm {
                     norm: given,
                     max_norm: threshold,
@@ -421,7 +434,7 @@ impl FusedCore {
                 }
             }
         };
-        let outcome = update::fused_step(&Step {
+        let outcome = match update::fused_step(&Step {
             targets,
             grads: &set,
             rule,
@@ -430,7 +443,15 @@ impl FusedCore {
             prescale,
             control: &self.control,
             state: &self.state,
-        })?;
+        }) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                if let Some(clip) = saved_zclip {
+                    self.clip = clip;
+                }
+                return Err(e);
+            }
+        };
         self.last_norm = match autoclip_norm {
             Some((norm, value)) => {
                 if let Some(ClipSetting::AutoClip(autoclip)) = &mut self.clip {

@@ -446,7 +446,9 @@ fn run_steps(
 /// Every optimizer case on this rank of `group`, each against the one-process run of the same
 /// case (computed here); returns how many cases ran. Every rank must call it.
 pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
-    use candle_grad_clip::{AutoClip, ClipSetting, Clipped, FusedAdamW};
+    use candle_grad_clip::{
+        AutoClip, ClipSetting, Clipped, FusedAdamW, FusedSgd, ParamsSgd, ZClip,
+    };
     use candle_nn::{Optimizer, ParamsAdamW, SGD};
     let autoclip = |p| ClipSetting::AutoClip(AutoClip::new(p).expect("autoclip"));
     let mut cases = 0;
@@ -481,6 +483,9 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
         },
         ClipSetting::value(0.5),
         autoclip(50.0),
+        // ZClip on the global norm (statistics on the host across ranks); AGC per rank.
+        ClipSetting::ZClip(ZClip::new().warmup_steps(2).z_threshold(0.5)),
+        ClipSetting::agc(0.01),
     ] {
         check(format!("Clipped<SGD> {clip:?}"), None, &|group| {
             let mut opt: Option<Clipped<SGD>> = None;
@@ -512,6 +517,14 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
             None,
         ),
         (Some(autoclip(30.0)), false, None),
+        (
+            Some(ClipSetting::ZClip(
+                ZClip::new().warmup_steps(2).z_threshold(0.5),
+            )),
+            false,
+            None,
+        ),
+        (Some(ClipSetting::agc(0.01)), false, None),
         // A NaN on one rank at step 1: every rank skips that step.
         (None, true, Some(1)),
         (Some(ClipSetting::norm(1.0)), true, Some(1)),
@@ -530,6 +543,32 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
                         }
                         opt.insert(o)
                     }
+                };
+                match group {
+                    Some(g) => opt.step_across(grads, g)?,
+                    None => opt.step(grads)?,
+                }
+                Ok((opt.last_norm().cloned(), opt.skipped_steps()?))
+            })
+        });
+    }
+    // SGD is not scale-invariant as AdamW nearly is: the coefficient's bits show in the vars.
+    for clip in [autoclip(30.0), ClipSetting::norm(1.0)] {
+        check(format!("FusedSgd {clip:?}"), None, &|group| {
+            let mut opt: Option<FusedSgd> = None;
+            run_steps(group, None, |vars, grads, group| {
+                let opt = match &mut opt {
+                    Some(o) => o,
+                    None => opt.insert(
+                        FusedSgd::new(
+                            vars.to_vec(),
+                            ParamsSgd {
+                                lr: 0.1,
+                                ..Default::default()
+                            },
+                        )?
+                        .with_clip(clip.clone())?,
+                    ),
                 };
                 match group {
                     Some(g) => opt.step_across(grads, g)?,
