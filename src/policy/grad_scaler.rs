@@ -363,7 +363,7 @@ impl GradScaler {
         let distinct = keys.iter().collect::<HashSet<_>>().len() == keys.len();
         let state = self.state_on(&device)?;
         let inv_scale = inv_scale(&state.scale)?;
-        if update::runs_prescaled(&device) && distinct {
+        if update::runs_cpu_twin(&device) && distinct {
             // The CPU: one read and one write of each element, in place (on the CPU reading the
             // scale costs no synchronisation).
             let inv = inv_scale.to_scalar::<f32>()?;
@@ -421,14 +421,15 @@ impl GradScaler {
                     && crate::optim::prescale_supports(opt.clip())
                     && !opt.has_skip_limit();
                 if one_read {
-                    // On the CPU: reading the scale costs no synchronisation.
+                    // inv_scale stays on the device: the kernels read it there (the CPU twin
+                    // reads it, which costs nothing there).
                     let state = self.state_on(&device)?;
-                    let inv = inv_scale(&state.scale)?.to_scalar::<f32>()?;
-                    let before = opt.skipped_steps()?;
+                    let inv = inv_scale(&state.scale)?;
+                    let before = opt.skipped_steps_on_device()?;
                     // Without a skip limit, a failed step changes nothing (the gradients stay
                     // scaled, the scaler ready).
-                    opt.step_skipping(grads, Some(inv))?;
-                    self.record_fused(before, opt.skipped_steps()?)?;
+                    opt.step_skipping(grads, Some(&inv))?;
+                    self.record_fused(&before, &opt.skipped_steps_on_device()?)?;
                 } else {
                     self.unscale_targets(targets)?;
                     // From here on a failed step (max_consecutive_skips) leaves the scaler
@@ -466,14 +467,17 @@ impl GradScaler {
         Ok(())
     }
 
-    /// After a fused step on the one-read path: found-inf is whether the step was skipped (read
-    /// on the CPU, where that path runs); the gradients are unscaled.
-    fn record_fused(&mut self, skipped_before: usize, skipped_after: usize) -> Result<()> {
+    /// After a fused step on the one-read path: found-inf is whether the step was skipped, the
+    /// skipped-step counts after minus before (1-element `I64` tensors), computed on the device
+    /// (no host read); the gradients are unscaled.
+    fn record_fused(&mut self, skipped_before: &Tensor, skipped_after: &Tensor) -> Result<()> {
         let Some(state) = self.state.as_mut() else {
             bail!("internal error: GradScaler has no state after a prescaled step")
         };
-        let found = (skipped_after > skipped_before) as u8 as f32;
-        state.found_inf = Some(Tensor::new(found, state.device())?);
+        let found = (skipped_after - skipped_before)?
+            .to_dtype(DType::F32)?
+            .squeeze(0)?;
+        state.found_inf = Some(found);
         Ok(())
     }
 
@@ -847,8 +851,8 @@ trait FusedStep {
     fn device(&self) -> &Device;
     fn clip(&self) -> Option<&ClipSetting>;
     fn has_skip_limit(&self) -> bool;
-    fn skipped_steps(&self) -> Result<usize>;
-    fn step_skipping(&mut self, grads: &GradStore, prescale: Option<f32>) -> Result<()>;
+    fn skipped_steps_on_device(&self) -> Result<Tensor>;
+    fn step_skipping(&mut self, grads: &GradStore, prescale: Option<&Tensor>) -> Result<()>;
     fn record_skip(&mut self) -> Result<()>;
 }
 
@@ -867,10 +871,14 @@ macro_rules! impl_fused_step {
             fn has_skip_limit(&self) -> bool {
                 self.core().has_skip_limit()
             }
-            fn skipped_steps(&self) -> Result<usize> {
-                self.core().skipped_steps()
+            fn skipped_steps_on_device(&self) -> Result<Tensor> {
+                self.core().skipped_steps_on_device()
             }
-            fn step_skipping(&mut self, grads: &GradStore, prescale: Option<f32>) -> Result<()> {
+            fn step_skipping(
+                &mut self,
+                grads: &GradStore,
+                prescale: Option<&Tensor>,
+            ) -> Result<()> {
                 self.step_skipping_nonfinite(grads, prescale)
             }
             fn record_skip(&mut self) -> Result<()> {

@@ -477,8 +477,34 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         StepClip::ZClip { state, .. } => Some(state),
         _ => None,
     };
-    let mut operands = Operands::new(set.grads(), &copies, given.as_ref().or(policy_state));
-    let first_written = operands.tensors().len();
+    // GradScaler's one-read path: the 0-d F32 inv_scale, read by the kernels from device memory
+    // (never by the host); the gradients are written too (unscaled), so they must be contiguous.
+    let inv_scale = match step.prescale {
+        Some(inv) => {
+            if given.is_some() || policy_state.is_some() {
+                bail!("internal error: a prescaled step with a clip that decides before the step")
+            }
+            if copies.iter().any(Option::is_some) {
+                bail!("internal error: a prescaled step with a non-contiguous gradient")
+            }
+            Some(if inv.dtype() == DType::F32 {
+                inv.clone()
+            } else {
+                inv.to_dtype(DType::F32)?
+            })
+        }
+        None => None,
+    };
+    let mut operands = Operands::new(
+        set.grads(),
+        &copies,
+        given.as_ref().or(policy_state).or(inv_scale.as_ref()),
+    );
+    // The prescaled step writes the gradients back: they are writable too.
+    let first_written = match inv_scale {
+        Some(_) => 0,
+        None => operands.tensors().len(),
+    };
     let params: Vec<usize> = step
         .targets
         .iter()
@@ -499,6 +525,13 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         Ok(bases[index].at(start))
     };
     dev.with_session(operands.tensors(), written, |s, bases| {
+        let inv_scale_address = match &inv_scale {
+            Some(inv) => {
+                let index = operands.extra().expect("inv_scale was passed");
+                Some(bases[index].at(inv.layout().start_offset()))
+            }
+            None => None,
+        };
         let mut table = Table::default();
         let norm_part = reduce
             .as_ref()
@@ -575,7 +608,16 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         if let (Some((plan, max_norm, eps)), Some(out), Some(part)) = (&reduce, out, norm_part) {
             launch_all(
                 s,
-                plan.reduce(t, part, scratch, out.ptr, out_f64, *max_norm, *eps, None),
+                plan.prescaled(inv_scale_address).reduce(
+                    t,
+                    part,
+                    scratch,
+                    out.ptr,
+                    out_f64,
+                    *max_norm,
+                    *eps,
+                    None,
+                ),
             )?;
         }
         let out_verdict = |max_norm: f64, eps: f64| match out {
@@ -635,6 +677,7 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
                 step.skip_nonfinite,
                 scratch,
                 control_address,
+                inv_scale_address,
             )],
         )?;
         let norm = match (step.clip, out) {
