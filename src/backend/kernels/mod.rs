@@ -608,16 +608,8 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         if let (Some((plan, max_norm, eps)), Some(out), Some(part)) = (&reduce, out, norm_part) {
             launch_all(
                 s,
-                plan.prescaled(inv_scale_address).reduce(
-                    t,
-                    part,
-                    scratch,
-                    out.ptr,
-                    out_f64,
-                    *max_norm,
-                    *eps,
-                    None,
-                ),
+                plan.prescaled(inv_scale_address)
+                    .reduce(t, part, scratch, out.ptr, out_f64, *max_norm, *eps, None),
             )?;
         }
         let out_verdict = |max_norm: f64, eps: f64| match out {
