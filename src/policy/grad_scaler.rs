@@ -38,19 +38,21 @@ const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// leaves the parameters, the moments and the step count bitwise unchanged when a gradient is not
 /// finite and counts the step in [`skipped_steps`](FusedAdamW::skipped_steps).
 ///
-/// **Passes over the gradients.** On the CPU, [`step`](Self::step) with a fused optimizer and no
+/// **Passes over the gradients.** [`step`](Self::step) with a fused optimizer and no
 /// [`unscale_`](Self::unscale_) before it reads the scaled gradients once for the clip's norm and
 /// the finite check (each element unscaled as it is read), then once more in the update, which
 /// unscales each element, writes it back and steps with it: bitwise `unscale_` then `step`, one
-/// read of the gradients fewer. (Not with AutoClip, ZClip or AGC, which decide from the
-/// gradients before the step, nor when gradients share a storage, nor when the optimizer has a
-/// [`max_consecutive_skips`](FusedAdamW::max_consecutive_skips), whose refused skip must leave
+/// read of the gradients fewer. On CUDA (and under the kernel emulation) these are the reduction
+/// kernel and the fused-step kernel, two launches: `inv_scale` is computed on the device and read
+/// by the kernels from device memory, and found-inf is the fused step's skipped-step count after
+/// minus before, as tensor ops: no host read. (Not with AutoClip, ZClip or AGC, which decide from
+/// the gradients before the step, nor when gradients share a storage, nor when the optimizer has
+/// a [`max_consecutive_skips`](FusedAdamW::max_consecutive_skips), whose refused skip must leave
 /// the scaler consistent: then the gradients are unscaled first.) `unscale_` itself is one read
-/// and one write of each element. On CUDA (and under the kernel emulation) `unscale_` and the
-/// unscale before a fused step are candle tensor ops (each gradient's product into a new tensor,
-/// copied back into the gradient before the next one is computed; all of them first when
-/// gradients share a storage) and the kernels' finite check: the same values, more traffic; the
-/// one-read kernels are not written yet.
+/// and one write of each element on the CPU; on CUDA (and under the kernel emulation) it is
+/// candle tensor ops (each gradient's product into a new tensor, copied back into the gradient
+/// before the next one is computed; all of them first when gradients share a storage) and a
+/// finite check: the same values, more traffic.
 ///
 /// **Order of a step**, as PyTorch's: `scale(&loss)?.backward()`, optionally
 /// [`unscale_`](Self::unscale_) (to clip or inspect the true gradients), [`step`](Self::step),
@@ -487,7 +489,7 @@ impl GradScaler {
     /// - [`FusedAdamW`] and [`FusedSgd`] without an earlier `unscale_`: their vars' gradients
     ///   are unscaled, and the fused step runs with its non-finite skip on: the decision is taken
     ///   on the device, with no host read. A skipped step is counted in their `skipped_steps()`.
-    ///   On the CPU the unscale is folded into the step's passes (see the type's documentation).
+    ///   The unscale is folded into the step's passes (see the type's documentation).
     ///   None of their vars having a gradient is an error, and nothing changes. When the step
     ///   fails after the unscale (a skip beyond `max_consecutive_skips`), the scaler stays
     ///   unscaled with found-inf recorded: [`update`](Self::update) backs off, and a retry of

@@ -19,7 +19,10 @@
 //!   `grad_clip_segment_norms` combines them per tensor;
 //! - adaptive clipping (`adaptive_clip_grad_`): `grad_clip_agc`, one warp per unit, reads the
 //!   parameters and gradients once and scales the clipped units in place (plus
-//!   `grad_clip_agc_strided` per non-contiguous gradient); see [`agc`].
+//!   `grad_clip_agc_strided` per non-contiguous gradient); see [`agc`];
+//! - fused optimizer step (`fused_step`): the reduction the clip or the finite check needs, then
+//!   `grad_clip_fused_step`; with GradScaler's prescale (the address of the `f32` `inv_scale`) both
+//!   unscale each gradient element as they read it, and the step writes it back unscaled.
 //!
 //! So `clip_grad_norm_` is 2 launches (3 for F64 gradients or `p > 6`) and one copy of the table,
 //! for 1 or 10,000 gradients. Slow paths, each an extra launch per tensor: a non-contiguous
