@@ -133,6 +133,18 @@ template <int DT> union Vec16 {
     typename Tr<DT>::raw r[Tr<DT>::V];
 };
 
+// GradScaler's one-read path (src/backend/cpu/prescale.rs `unscale`, the reference): an element
+// multiplied by inv_scale as it is read. F64: the f64 product with inv widened; the others: the
+// f32 product, rounded once to their dtype (exact for F32). Spelled as intrinsics: no contraction.
+template <int DT, bool PRE>
+__device__ __forceinline__ double read_elem(typename Tr<DT>::raw r, float inv) {
+    if (!PRE) return Tr<DT>::to_f64(r);
+    if (DT == DT_F64) return __dmul_rn(Tr<DT>::to_f64(r), (double)inv);
+    const float u = __fmul_rn((float)Tr<DT>::to_f64(r), inv);
+    if (DT == DT_F32) return (double)u;
+    return Tr<DT>::to_f64(Tr<DT>::from_f64((double)u));
+}
+
 // The general power is rare and large: one out-of-line copy keeps the PTX (JIT-compiled by the
 // driver on first use) small.
 __device__ __noinline__ double pow_outlined(double a, double p) { return pow(a, p); }
@@ -171,19 +183,20 @@ template <int MODE, bool WANT_MAX> struct Acc {
 };
 
 // Adds the V elements of one 16-byte vector.
-template <int DT, int MODE, bool WANT_MAX>
-__device__ __forceinline__ void add_vector(Acc<MODE, WANT_MAX>& acc, const Vec16<DT>& r) {
+template <int DT, int MODE, bool WANT_MAX, bool PRE>
+__device__ __forceinline__ void add_vector(Acc<MODE, WANT_MAX>& acc, const Vec16<DT>& r, float inv) {
 #pragma unroll
-    for (int j = 0; j < Tr<DT>::V; ++j) acc.add(j, Tr<DT>::to_f64(r.r[j]));
+    for (int j = 0; j < Tr<DT>::V; ++j) acc.add(j, read_elem<DT, PRE>(r.r[j], inv));
 }
 
 // Reduces `n` (<= CHUNK_ELEMS) elements at `base` with one warp. Lane `lane` takes the 16-byte
 // vectors lane, lane + 32, lane + 64, ... (vector index vi covers elements vi*V .. vi*V+V-1), in
 // that order. Misaligned data and the partial last vector are read element by element with the
-// same mapping, so the result only depends on the values, never on the address.
-template <int DT, int MODE, bool WANT_MAX>
+// same mapping, so the result only depends on the values, never on the address. With PRE, each
+// element is first unscaled by `inv` (read_elem).
+template <int DT, int MODE, bool WANT_MAX, bool PRE>
 __device__ __forceinline__ void warp_reduce_chunk(const void* base, u64 n, int lane, double p,
-                                                  double scale, double* out_sum, u64* out_max) {
+                                                  double scale, float inv, double* out_sum, u64* out_max) {
     typedef typename Tr<DT>::raw raw;
     const int V = Tr<DT>::V;
     const raw* xs = (const raw*)base;
@@ -201,19 +214,19 @@ __device__ __forceinline__ void warp_reduce_chunk(const void* base, u64 n, int l
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) r[u].v = __ldg(vs + (k + u) * WARP + lane);
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) add_vector<DT, MODE, WANT_MAX>(acc, r[u]);
+        for (int u = 0; u < UNROLL; ++u) add_vector<DT, MODE, WANT_MAX, PRE>(acc, r[u], inv);
     }
     for (; k < rounds; ++k) {
         Vec16<DT> r;
         r.v = __ldg(vs + k * WARP + lane);
-        add_vector<DT, MODE, WANT_MAX>(acc, r);
+        add_vector<DT, MODE, WANT_MAX, PRE>(acc, r, inv);
     }
     if (MODE == MODE_POW) {
         for (u64 vi = lane; vi * V < n; vi += WARP) {
             const u64 e = vi * V;
 #pragma unroll 1
             for (int j = 0; j < V; ++j) {
-                if (e + j < n) acc.add(j, Tr<DT>::to_f64(xs[e + j]));
+                if (e + j < n) acc.add(j, read_elem<DT, PRE>(xs[e + j], inv));
             }
         }
     } else {
@@ -222,11 +235,11 @@ __device__ __forceinline__ void warp_reduce_chunk(const void* base, u64 n, int l
             if (aligned && e + V <= n) {
                 Vec16<DT> r;
                 r.v = __ldg(vs + vi);
-                add_vector<DT, MODE, WANT_MAX>(acc, r);
+                add_vector<DT, MODE, WANT_MAX, PRE>(acc, r, inv);
             } else {
 #pragma unroll
                 for (int j = 0; j < V; ++j) {
-                    if (e + j < n) acc.add(j, Tr<DT>::to_f64(xs[e + j]));
+                    if (e + j < n) acc.add(j, read_elem<DT, PRE>(xs[e + j], inv));
                 }
             }
         }
@@ -244,15 +257,23 @@ __device__ __forceinline__ void warp_reduce_chunk(const void* base, u64 n, int l
     *out_max = m;
 }
 
-template <int MODE, bool WANT_MAX>
+template <int MODE, bool WANT_MAX, bool PRE>
 __device__ __forceinline__ void reduce_chunk_dt(u64 dtype, const void* base, u64 n, int lane, double p,
-                                                double scale, double* s, u64* m) {
+                                                double scale, float inv, double* s, u64* m) {
     switch (dtype) {
-    case DT_F32: warp_reduce_chunk<DT_F32, MODE, WANT_MAX>(base, n, lane, p, scale, s, m); break;
-    case DT_F64: warp_reduce_chunk<DT_F64, MODE, WANT_MAX>(base, n, lane, p, scale, s, m); break;
-    case DT_F16: warp_reduce_chunk<DT_F16, MODE, WANT_MAX>(base, n, lane, p, scale, s, m); break;
-    default: warp_reduce_chunk<DT_BF16, MODE, WANT_MAX>(base, n, lane, p, scale, s, m); break;
+    case DT_F32: warp_reduce_chunk<DT_F32, MODE, WANT_MAX, PRE>(base, n, lane, p, scale, inv, s, m); break;
+    case DT_F64: warp_reduce_chunk<DT_F64, MODE, WANT_MAX, PRE>(base, n, lane, p, scale, inv, s, m); break;
+    case DT_F16: warp_reduce_chunk<DT_F16, MODE, WANT_MAX, PRE>(base, n, lane, p, scale, inv, s, m); break;
+    default: warp_reduce_chunk<DT_BF16, MODE, WANT_MAX, PRE>(base, n, lane, p, scale, inv, s, m); break;
     }
+}
+
+// The reduction of one chunk, on the elements as read or (`prescale`) unscaled as read.
+template <int MODE, bool WANT_MAX>
+__device__ __forceinline__ void reduce_chunk_any(u64 dtype, const void* base, u64 n, int lane, double p,
+                                                 double scale, bool pre, float inv, double* s, u64* m) {
+    if (pre) reduce_chunk_dt<MODE, WANT_MAX, true>(dtype, base, n, lane, p, scale, inv, s, m);
+    else reduce_chunk_dt<MODE, WANT_MAX, false>(dtype, base, n, lane, p, scale, inv, s, m);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,11 +460,15 @@ __device__ __forceinline__ bool last_block(u64* counter) {
 // The last block writes the norm to `out` (f32 when out_f64 == 0, else f64) and the coefficient
 // to scratch, unless it asked for the rescue pass, which then does it. When `partials` is not
 // null (pass 0 only), every chunk's partial (its sum, or its max |x| for MODE_INF) is also stored
-// at partials[chunk], for grad_clip_segment_norms.
+// at partials[chunk], for grad_clip_segment_norms. When `prescale` is not null (GradScaler's
+// one-read path), it is the address of the f32 inv_scale: every element is unscaled as it is read
+// (read_elem), so the norm and the non-finite flag are those of the unscaled gradients; nothing is
+// written to them.
 template <int MODE>
 __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u32 n_segs, u64 n_chunks,
                                             Scratch* scratch, void* out, u32 out_f64, double p, u32 pass,
-                                            u32 rescue, double max_norm, double eps, double* partials) {
+                                            u32 rescue, double max_norm, double eps, double* partials,
+                                            const float* prescale) {
     __shared__ u64 s_digits[DIGITS];
     __shared__ u64 s_max;
     __shared__ u32 s_flags;
@@ -454,6 +479,8 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
         rescue = 0;
     }
     const double scale = pass == 1 ? scratch->scale : 1.0;
+    const bool pre = prescale != nullptr;
+    const float inv = pre ? *prescale : 1.0f;
     const int tid = threadIdx.x;
     for (int i = tid; i < DIGITS; i += blockDim.x) s_digits[i] = 0;
     if (tid == 0) {
@@ -472,9 +499,9 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
         double s = 0.0;
         u64 m = 0;
         if (MODE == MODE_INF || want_max) {
-            reduce_chunk_dt<MODE, true>(seg.dtype, base, n, lane, p, scale, &s, &m);
+            reduce_chunk_any<MODE, true>(seg.dtype, base, n, lane, p, scale, pre, inv, &s, &m);
         } else {
-            reduce_chunk_dt<MODE, false>(seg.dtype, base, n, lane, p, scale, &s, &m);
+            reduce_chunk_any<MODE, false>(seg.dtype, base, n, lane, p, scale, pre, inv, &s, &m);
         }
         if (lane == 0) {
             if (MODE != MODE_INF) exact_add(s_digits, &s_flags, s);
@@ -540,9 +567,10 @@ __device__ __forceinline__ void reduce_body(const Segment* __restrict__ segs, u3
     extern "C" __global__ void NAME(const Segment* __restrict__ segs, u32 n_segs,      \
                                                            u64 n_chunks, Scratch* scratch, void* out,        \
                                                            u32 out_f64, double p, u32 pass, u32 rescue,      \
-                                                           double max_norm, double eps, double* partials) { \
+                                                           double max_norm, double eps, double* partials,   \
+                                                           const float* prescale) {                         \
         reduce_body<MODE>(segs, n_segs, n_chunks, scratch, out, out_f64, p, pass, rescue, max_norm, eps,     \
-                          partials);                                                                       \
+                          partials, prescale);                                                             \
     }
 REDUCE_ENTRY(grad_clip_reduce_inf, MODE_INF)
 REDUCE_ENTRY(grad_clip_reduce_abs, MODE_ABS)
@@ -859,22 +887,27 @@ template <typename C> struct StepConsts {
     }
 };
 
-// One chunk of one var, element by element (lane, lane + 32, ...); when `change`, each gradient
-// goes through the clip (`op`, `c`, the bound for DT).
+// One chunk of one var, element by element (lane, lane + 32, ...); with `pre` (GradScaler's
+// one-read path) each gradient is first unscaled by `inv` (read_elem) and written back; when
+// `change`, each gradient goes through the clip (`op`, `c`, the bound for DT).
 template <int DT, typename C, bool FUSED>
 __device__ __forceinline__ void step_chunk(const UpdateSegment& seg, u64 start, u64 n, int lane, u32 rule,
                                            const StepParams& hp, const StepConsts<C>& k, bool change, u32 op,
                                            double c, const Bounds& bounds, bool has_state,
-                                           const double* unit_coefs, u64 unit_len) {
+                                           const double* unit_coefs, u64 unit_len, bool pre, float inv) {
     typedef typename Tr<DT>::raw raw;
     typedef Arith<C> A;
     const ElemOp<DT> clip(op, c, bounds.b[DT]);
     raw* p = (raw*)seg.param + start;
-    const raw* g = (const raw*)seg.grad + start;
+    raw* g = (raw*)seg.grad + start;
     C* s0 = seg.state0 ? (C*)seg.state0 + start : (C*)0;
     C* s1 = seg.state1 ? (C*)seg.state1 + start : (C*)0;
     for (u64 e = lane; e < n; e += WARP) {
         raw gr = g[e];
+        if (pre) {
+            gr = Tr<DT>::from_f64(read_elem<DT, true>(gr, inv)); // exact: already in DT
+            g[e] = gr;
+        }
         if (change) gr = clip(gr);
         if (unit_coefs) { // TRANSFORM_AGC: the coefficient of the element's unit, when it clips
             const u64 i = start + e;
@@ -912,15 +945,26 @@ __device__ __forceinline__ void step_chunk(const UpdateSegment& seg, u64 start, 
     }
 }
 
+// GradScaler's one-read path on a skipped step: one chunk of a gradient unscaled in place.
+template <int DT> __device__ __forceinline__ void unscale_chunk(u64 grad, u64 start, u64 n, int lane, float inv) {
+    typedef typename Tr<DT>::raw raw;
+    raw* g = (raw*)grad + start;
+    for (u64 e = lane; e < n; e += WARP) g[e] = Tr<DT>::from_f64(read_elem<DT, true>(g[e], inv));
+}
+
 // One step over the table: `rule` with `hp`; the gradients clipped by `transform` according to
 // the verdict; nothing changes (but the skipped-step count) when `skip_nonfinite` and the verdict
-// saw a non-finite norm. The step count t (bias corrections) and SGD's "state exists" flags come
+// saw a non-finite norm. With `prescale` (GradScaler's one-read path: the address of the f32
+// inv_scale), every gradient element is unscaled as it is read and written back, on a skipped step
+// too. The step count t (bias corrections) and SGD's "state exists" flags come
 // from the control tensor; the last block to finish updates it, after every block has read it.
 extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict__ segs, u32 n_segs, u64 n_chunks,
                                                 u32 rule, StepParams hp, u32 transform, u32 verdict,
                                                 const void* verdict_src, u32 verdict_kind, double max_norm,
                                                 double eps, Bounds bounds, u32 skip_nonfinite, Scratch* scratch,
-                                                long long* control) {
+                                                long long* control, const float* prescale) {
+    const bool pre = prescale != nullptr;
+    const float inv = pre ? *prescale : 1.0f;
     double c = 1.0, norm = 0.0;
     bool nonfinite = false;
     if (verdict == VERDICT_SCRATCH) {
@@ -957,10 +1001,23 @@ extern "C" __global__ void grad_clip_fused_step(const UpdateSegment* __restrict_
                 unit_coefs = (const double*)units[0] + units[2 + 2 * w.s];
             }
             switch (seg.dtype) {
-            case DT_F32: step_chunk<DT_F32, float, true>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len); break;
-            case DT_F64: step_chunk<DT_F64, double, true>(seg, start, n, lane, rule, hp, kd, change, op, c, bounds, has_state, unit_coefs, unit_len); break;
-            case DT_F16: step_chunk<DT_F16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len); break;
-            default: step_chunk<DT_BF16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len); break;
+            case DT_F32: step_chunk<DT_F32, float, true>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len, pre, inv); break;
+            case DT_F64: step_chunk<DT_F64, double, true>(seg, start, n, lane, rule, hp, kd, change, op, c, bounds, has_state, unit_coefs, unit_len, pre, inv); break;
+            case DT_F16: step_chunk<DT_F16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len, pre, inv); break;
+            default: step_chunk<DT_BF16, float, false>(seg, start, n, lane, rule, hp, kf, change, op, c, bounds, has_state, unit_coefs, unit_len, pre, inv); break;
+            }
+        }
+    } else if (pre) {
+        // A skipped step leaves the store unscaled too (as the CPU twin), and nothing else changed.
+        const int lane = threadIdx.x % WARP;
+        for (WarpChunks<UpdateSegment> w(segs, n_segs, n_chunks); w.more(); w.next()) {
+            u64 start, n;
+            const UpdateSegment seg = w.current(&start, &n);
+            switch (seg.dtype) {
+            case DT_F32: unscale_chunk<DT_F32>(seg.grad, start, n, lane, inv); break;
+            case DT_F64: unscale_chunk<DT_F64>(seg.grad, start, n, lane, inv); break;
+            case DT_F16: unscale_chunk<DT_F16>(seg.grad, start, n, lane, inv); break;
+            default: unscale_chunk<DT_BF16>(seg.grad, start, n, lane, inv); break;
             }
         }
     }

@@ -4,10 +4,11 @@
 # caught by the emulation tests (`cargo test --release --test emulation --test emulation_optim`), or
 # in the emulation's
 # own shim (emulation/), caught by its self-tests (`cargo test --release --lib emulated`); a bug in
-# a policy kernel (`zclip-*`, `agc-*`) by that policy's tests (`--test zclip`, `--test agc`). Each run
+# a policy kernel (`zclip-*`, `agc-*`) by that policy's tests (`--test zclip`, `--test agc`), one in
+# GradScaler's one-read path (`scaler-*`) by `--test grad_scaler`. Each run
 # must FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
 #
-#   scripts/plant-kernel-bugs.sh            # every bug below (21 bugs: about 5 minutes in all on 2 cores)
+#   scripts/plant-kernel-bugs.sh            # every bug below (23 bugs: about 6 minutes in all on 2 cores)
 #   scripts/plant-kernel-bugs.sh carry      # only the bugs whose name contains "carry"
 #
 # The copies build into this checkout's target directory, so only the crate itself rebuilds; each
@@ -37,6 +38,8 @@ BUGS=(
   "zclip-ema|kernels/grad_clip.cu|ZClip's variance EMA uses the mean before this step's update|s.replace('const double d = __dsub_rn(x, new_mean);', 'const double d = __dsub_rn(x, mean);', 1)"
   "agc-write|kernels/grad_clip.cu|AGC writes the clipped units of read-only gradients (the fused optimizers' store)|s.replace('if (clipped && seg.write) {', 'if (clipped) {', 1)"
   "agc-flag|kernels/grad_clip.cu|AGC's 'some unit clipped' flag is never raised|s.replace('if (s_clipped != 0) atomicOr(&scratch->max_bits, 1ull);', '', 1)"
+  "scaler-skip-unscale|kernels/grad_clip.cu|a prescaled step that is skipped leaves the gradients scaled|s.replace('    } else if (pre) {\n        // A skipped step leaves the store unscaled too', '    } else if (false) {\n        // A skipped step leaves the store unscaled too', 1)"
+  "scaler-bf16-round|kernels/grad_clip.cu|the reduction unscales BF16 without rounding the product to BF16|s.replace('    return Tr<DT>::to_f64(Tr<DT>::from_f64((double)u));\n}', '    return (double)u;\n}', 1)"
   "agc-unit-index|kernels/grad_clip.cu|the fused step indexes AGC units from the chunk, not the var|s.replace('const u64 i = start + e;', 'const u64 i = e;', 1)"
   "shfl-own|emulation/include/cuda_emu.h|a shuffle returns the lane's own value|s.replace('    if (use_own) return var;', '    return var;', 1)"
   "one-slot|emulation/runtime.cpp|warp exchanges use one buffer (a fast lane overwrites values not yet read)|s.replace('(unsigned)(f->warp_calls++ & 1)', '(unsigned)(f->warp_calls++ & 0)', 1)"
@@ -78,6 +81,7 @@ EOF
     *:emulation/*) tests=(--lib emulated) ;;
     zclip-*) tests=(--test zclip) ;;
     agc-*) tests=(--test agc) ;;
+    scaler-*) tests=(--test grad_scaler) ;;
     *) tests=(--test emulation --test emulation_optim) ;;
   esac
   if (cd "$copy" && cargo test --release "${tests[@]}" >"$copy.log" 2>&1); then

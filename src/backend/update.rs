@@ -152,11 +152,12 @@ pub(crate) struct Step<'a> {
     /// finite.
     pub(crate) skip_nonfinite: bool,
     /// GradScaler's one-read path: the gradients hold *scaled* values, and `inv_scale`
-    /// (`(f32)(1 / (f64)scale)`) unscales each element as the reduction and the update read it
+    /// (`(f32)(1 / (f64)scale)`, a 0-d `F32` tensor on the step's device, never read back on a
+    /// GPU) unscales each element as the reduction and the update read it
     /// (`cpu::prescale::unscale`); the update writes the unscaled values back into the gradients
     /// (so does a skipped step). The norm, the finite check and the clip are those of the
     /// unscaled gradients. Only where [`runs_prescaled`] says so.
-    pub(crate) prescale: Option<f32>,
+    pub(crate) prescale: Option<&'a Tensor>,
     /// The control tensor (see the module documentation).
     pub(crate) control: &'a Tensor,
     /// The state (its first [`Rule::state_count`] slots are written).
@@ -172,9 +173,23 @@ pub(crate) struct Outcome {
     pub(crate) policy_state: Option<Tensor>,
 }
 
-/// Whether a step with a [`Step::prescale`] can run on `device`: the CPU twin (not the kernels,
-/// emulated or not, which have no prescaled passes yet).
+impl Step<'_> {
+    /// [`prescale`](Self::prescale) read back, for the CPU twin (where reading it is free).
+    pub(crate) fn inv_scale_on_host(&self) -> Result<Option<f32>> {
+        self.prescale
+            .map(|inv| inv.to_dtype(DType::F32)?.to_scalar::<f32>())
+            .transpose()
+    }
+}
+
+/// Whether a step with a [`Step::prescale`] can run on `device`: the CPU twin and the kernels
+/// (CUDA, and the host emulation of the kernels on the CPU).
 pub(crate) fn runs_prescaled(device: &Device) -> bool {
+    device.is_cpu() || device.is_cuda()
+}
+
+/// Whether work on `device` runs on the CPU twin: the CPU, unless the kernel emulation is active.
+pub(crate) fn runs_cpu_twin(device: &Device) -> bool {
     #[cfg(feature = "emulation")]
     if super::emulated::active() {
         return false;

@@ -106,7 +106,7 @@ impl FusedAdamW {
     pub(crate) fn step_skipping_nonfinite(
         &mut self,
         grads: &GradStore,
-        prescale: Option<f32>,
+        prescale: Option<&Tensor>,
     ) -> Result<()> {
         validate(&self.params)?;
         self.core

@@ -207,6 +207,12 @@ impl FusedCore {
         self.counter(SKIPPED)
     }
 
+    /// The skipped-step count as a 1-element `I64` tensor on the device: a copy, not read back
+    /// (GradScaler's found-inf after a step on the one-read path, with no host read).
+    pub(crate) fn skipped_steps_on_device(&self) -> Result<Tensor> {
+        self.control.narrow(0, SKIPPED, 1)?.copy()
+    }
+
     /// Total elements of each state dtype's buffers.
     fn totals(&self) -> [usize; 2] {
         let mut totals = [0; 2];
@@ -257,7 +263,7 @@ impl FusedCore {
         &mut self,
         grads: &GradStore,
         rule: Rule,
-        prescale: Option<f32>,
+        prescale: Option<&Tensor>,
         group: Option<&dyn ProcessGroup>,
     ) -> Result<()> {
         let Some(limit) = self.max_consecutive_skips.filter(|_| self.skip_nonfinite) else {
@@ -296,7 +302,7 @@ impl FusedCore {
         &mut self,
         grads: &GradStore,
         rule: Rule,
-        prescale: Option<f32>,
+        prescale: Option<&Tensor>,
         group: Option<&dyn ProcessGroup>,
     ) -> Result<()> {
         self.ensure_state(rule.state_count())?;
@@ -493,15 +499,15 @@ impl FusedCore {
 
     /// [`step`](Self::step) with non-finite steps skipped whatever the setting: the step of
     /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
-    /// With `prescale` (`inv_scale`), the gradients are still scaled: the step unscales them as
-    /// it reads them and writes them back unscaled (GradScaler's one-read path; only where
-    /// `backend::update::runs_prescaled`, with a clip that `prescale_supports`: not AutoClip,
-    /// ZClip or AGC, which decide from the gradients before the step).
+    /// With `prescale` (`inv_scale`, 0-d F32 on the device), the gradients are still scaled: the
+    /// step unscales them as it reads them and writes them back unscaled (GradScaler's one-read
+    /// path; only where `backend::update::runs_prescaled`, with a clip that `prescale_supports`:
+    /// not AutoClip, ZClip or AGC, which decide from the gradients before the step).
     pub(crate) fn step_skipping_nonfinite(
         &mut self,
         grads: &GradStore,
         rule: Rule,
-        prescale: Option<f32>,
+        prescale: Option<&Tensor>,
     ) -> Result<()> {
         if prescale.is_some() && !prescale_supports(self.clip.as_ref()) {
             bail!("internal error: a prescaled step with a clip that decides before the step")

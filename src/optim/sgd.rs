@@ -120,7 +120,7 @@ impl FusedSgd {
     pub(crate) fn step_skipping_nonfinite(
         &mut self,
         grads: &GradStore,
-        prescale: Option<f32>,
+        prescale: Option<&Tensor>,
     ) -> Result<()> {
         validate(&self.params)?;
         self.core

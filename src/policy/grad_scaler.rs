@@ -38,19 +38,21 @@ const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// leaves the parameters, the moments and the step count bitwise unchanged when a gradient is not
 /// finite and counts the step in [`skipped_steps`](FusedAdamW::skipped_steps).
 ///
-/// **Passes over the gradients.** On the CPU, [`step`](Self::step) with a fused optimizer and no
+/// **Passes over the gradients.** [`step`](Self::step) with a fused optimizer and no
 /// [`unscale_`](Self::unscale_) before it reads the scaled gradients once for the clip's norm and
 /// the finite check (each element unscaled as it is read), then once more in the update, which
 /// unscales each element, writes it back and steps with it: bitwise `unscale_` then `step`, one
-/// read of the gradients fewer. (Not with AutoClip, ZClip or AGC, which decide from the
-/// gradients before the step, nor when gradients share a storage, nor when the optimizer has a
-/// [`max_consecutive_skips`](FusedAdamW::max_consecutive_skips), whose refused skip must leave
+/// read of the gradients fewer. On CUDA (and under the kernel emulation) these are the reduction
+/// kernel and the fused-step kernel, two launches: `inv_scale` is computed on the device and read
+/// by the kernels from device memory, and found-inf is the fused step's skipped-step count after
+/// minus before, as tensor ops: no host read. (Not with AutoClip, ZClip or AGC, which decide from
+/// the gradients before the step, nor when gradients share a storage, nor when the optimizer has
+/// a [`max_consecutive_skips`](FusedAdamW::max_consecutive_skips), whose refused skip must leave
 /// the scaler consistent: then the gradients are unscaled first.) `unscale_` itself is one read
-/// and one write of each element. On CUDA (and under the kernel emulation) `unscale_` and the
-/// unscale before a fused step are candle tensor ops (each gradient's product into a new tensor,
-/// copied back into the gradient before the next one is computed; all of them first when
-/// gradients share a storage) and the kernels' finite check: the same values, more traffic; the
-/// one-read kernels are not written yet.
+/// and one write of each element on the CPU; on CUDA (and under the kernel emulation) it is
+/// candle tensor ops (each gradient's product into a new tensor, copied back into the gradient
+/// before the next one is computed; all of them first when gradients share a storage) and a
+/// finite check: the same values, more traffic.
 ///
 /// **Order of a step**, as PyTorch's: `scale(&loss)?.backward()`, optionally
 /// [`unscale_`](Self::unscale_) (to clip or inspect the true gradients), [`step`](Self::step),
@@ -363,7 +365,7 @@ impl GradScaler {
         let distinct = keys.iter().collect::<HashSet<_>>().len() == keys.len();
         let state = self.state_on(&device)?;
         let inv_scale = inv_scale(&state.scale)?;
-        if update::runs_prescaled(&device) && distinct {
+        if update::runs_cpu_twin(&device) && distinct {
             // The CPU: one read and one write of each element, in place (on the CPU reading the
             // scale costs no synchronisation).
             let inv = inv_scale.to_scalar::<f32>()?;
@@ -421,14 +423,15 @@ impl GradScaler {
                     && crate::optim::prescale_supports(opt.clip())
                     && !opt.has_skip_limit();
                 if one_read {
-                    // On the CPU: reading the scale costs no synchronisation.
+                    // inv_scale stays on the device: the kernels read it there (the CPU twin
+                    // reads it, which costs nothing there).
                     let state = self.state_on(&device)?;
-                    let inv = inv_scale(&state.scale)?.to_scalar::<f32>()?;
-                    let before = opt.skipped_steps()?;
+                    let inv = inv_scale(&state.scale)?;
+                    let before = opt.skipped_steps_on_device()?;
                     // Without a skip limit, a failed step changes nothing (the gradients stay
                     // scaled, the scaler ready).
-                    opt.step_skipping(grads, Some(inv))?;
-                    self.record_fused(before, opt.skipped_steps()?)?;
+                    opt.step_skipping(grads, Some(&inv))?;
+                    self.record_fused(&before, &opt.skipped_steps_on_device()?)?;
                 } else {
                     self.unscale_targets(targets)?;
                     // From here on a failed step (max_consecutive_skips) leaves the scaler
@@ -466,14 +469,17 @@ impl GradScaler {
         Ok(())
     }
 
-    /// After a fused step on the one-read path: found-inf is whether the step was skipped (read
-    /// on the CPU, where that path runs); the gradients are unscaled.
-    fn record_fused(&mut self, skipped_before: usize, skipped_after: usize) -> Result<()> {
+    /// After a fused step on the one-read path: found-inf is whether the step was skipped, the
+    /// skipped-step counts after minus before (1-element `I64` tensors), computed on the device
+    /// (no host read); the gradients are unscaled.
+    fn record_fused(&mut self, skipped_before: &Tensor, skipped_after: &Tensor) -> Result<()> {
         let Some(state) = self.state.as_mut() else {
             bail!("internal error: GradScaler has no state after a prescaled step")
         };
-        let found = (skipped_after > skipped_before) as u8 as f32;
-        state.found_inf = Some(Tensor::new(found, state.device())?);
+        let found = (skipped_after - skipped_before)?
+            .to_dtype(DType::F32)?
+            .squeeze(0)?;
+        state.found_inf = Some(found);
         Ok(())
     }
 
@@ -483,7 +489,7 @@ impl GradScaler {
     /// - [`FusedAdamW`] and [`FusedSgd`] without an earlier `unscale_`: their vars' gradients
     ///   are unscaled, and the fused step runs with its non-finite skip on: the decision is taken
     ///   on the device, with no host read. A skipped step is counted in their `skipped_steps()`.
-    ///   On the CPU the unscale is folded into the step's passes (see the type's documentation).
+    ///   The unscale is folded into the step's passes (see the type's documentation).
     ///   None of their vars having a gradient is an error, and nothing changes. When the step
     ///   fails after the unscale (a skip beyond `max_consecutive_skips`), the scaler stays
     ///   unscaled with found-inf recorded: [`update`](Self::update) backs off, and a retry of
@@ -847,8 +853,8 @@ trait FusedStep {
     fn device(&self) -> &Device;
     fn clip(&self) -> Option<&ClipSetting>;
     fn has_skip_limit(&self) -> bool;
-    fn skipped_steps(&self) -> Result<usize>;
-    fn step_skipping(&mut self, grads: &GradStore, prescale: Option<f32>) -> Result<()>;
+    fn skipped_steps_on_device(&self) -> Result<Tensor>;
+    fn step_skipping(&mut self, grads: &GradStore, prescale: Option<&Tensor>) -> Result<()>;
     fn record_skip(&mut self) -> Result<()>;
 }
 
@@ -867,10 +873,14 @@ macro_rules! impl_fused_step {
             fn has_skip_limit(&self) -> bool {
                 self.core().has_skip_limit()
             }
-            fn skipped_steps(&self) -> Result<usize> {
-                self.core().skipped_steps()
+            fn skipped_steps_on_device(&self) -> Result<Tensor> {
+                self.core().skipped_steps_on_device()
             }
-            fn step_skipping(&mut self, grads: &GradStore, prescale: Option<f32>) -> Result<()> {
+            fn step_skipping(
+                &mut self,
+                grads: &GradStore,
+                prescale: Option<&Tensor>,
+            ) -> Result<()> {
                 self.step_skipping_nonfinite(grads, prescale)
             }
             fn record_skip(&mut self) -> Result<()> {

@@ -74,10 +74,10 @@ struct Decision {
     units: Option<Vec<Vec<Option<f64>>>>,
 }
 
-fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
+fn decide(step: &Step, set: &GradientSet, prescale: Option<f32>) -> Result<Decision> {
     let groups = set.group_by_storage();
     // The norm of the gradients, or of the unscaled gradients (GradScaler's one read).
-    let norm = |set: &GradientSet, groups: &_, norm_type| match step.prescale {
+    let norm = |set: &GradientSet, groups: &_, norm_type| match prescale {
         Some(inv) => norm_unscaled(set, groups, norm_type, inv),
         None => norm(set, groups, norm_type),
     };
@@ -167,12 +167,13 @@ fn decide(step: &Step, set: &GradientSet) -> Result<Decision> {
 
 /// Runs the step on the CPU.
 pub(crate) fn step(step: &Step) -> Result<Outcome> {
-    let decision = decide(step, step.grads)?;
+    let prescale = step.inv_scale_on_host()?;
+    let decision = decide(step, step.grads, prescale)?;
     let mut control = step.control.to_vec1::<i64>()?;
     if step.skip_nonfinite && decision.nonfinite {
         control[SKIPPED] += 1;
         // The store holds unscaled gradients after a skipped step too.
-        if let Some(inv) = step.prescale {
+        if let Some(inv) = prescale {
             unscale_all_in_place(step.grads.grads(), inv)?;
         }
     } else {
@@ -224,7 +225,7 @@ pub(crate) fn step(step: &Step) -> Result<Outcome> {
                     t,
                     has_state,
                     transform: decision.transform,
-                    unscale: step.prescale,
+                    unscale: prescale,
                     parallel,
                     units,
                 };

@@ -163,12 +163,16 @@ pub(crate) struct Launch {
 // The norm.
 
 /// Which reduction kernel, which power, whether the overflow rescue may be needed.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct NormPlan {
     kernel: Kernel,
     p: f64,
     /// Mirrors `cpu::norm`: sums of powers of F64 gradients, or powers above 6, may overflow or
     /// underflow `f64`; then a second pass divides every element by `max|g|`.
     pub(crate) rescue: bool,
+    /// GradScaler's one-read path: the device address of the `f32` `inv_scale` by which every
+    /// element is unscaled as it is read (`cpu::prescale::unscale`'s rounding); 0: none.
+    prescale: u64,
 }
 
 /// Reduction modes (`MODE_*`), as `grad_clip_segment_norms` takes them.
@@ -185,6 +189,7 @@ impl NormPlan {
                     kernel: Kernel::ReduceInf,
                     p: f64::INFINITY,
                     rescue: false,
+                    prescale: 0,
                 }
             }
             NormType::L1 => (Kernel::ReduceAbs, 1.0),
@@ -195,6 +200,17 @@ impl NormPlan {
             kernel,
             p,
             rescue: set.powers_may_leave_f64_range(p),
+            prescale: 0,
+        }
+    }
+
+    /// The same reduction over the gradients unscaled as they are read by the `f32` `inv_scale` at
+    /// device address `inv_scale` (GradScaler's one-read path: the norm and the non-finite flag of
+    /// the unscaled gradients, which are not written), or as they are when `None`.
+    pub(crate) fn prescaled(self, inv_scale: Option<u64>) -> Self {
+        Self {
+            prescale: inv_scale.unwrap_or(0),
+            ..self
         }
     }
 
@@ -229,6 +245,7 @@ impl NormPlan {
                 Arg::F64(max_norm),
                 Arg::F64(eps),
                 Arg::Ptr(partials.unwrap_or(0)),
+                Arg::Ptr(self.prescale),
             ]
         };
         let mut launches = vec![Launch {
@@ -417,7 +434,9 @@ pub(crate) enum Transform {
     Agc(u64),
 }
 
-/// `grad_clip_fused_step` over the update `part` of the table at `table`.
+/// `grad_clip_fused_step` over the update `part` of the table at `table`. With `prescale`
+/// (GradScaler's one-read path: the device address of the `f32` `inv_scale`), each gradient
+/// element is unscaled as it is read and written back, on a skipped step too.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fused_step(
     table: u64,
@@ -428,6 +447,7 @@ pub(crate) fn fused_step(
     skip_nonfinite: bool,
     scratch: u64,
     control: u64,
+    prescale: Option<u64>,
 ) -> Launch {
     const RULE_ADAMW: u32 = 0;
     const RULE_SGD: u32 = 1;
@@ -510,6 +530,7 @@ pub(crate) fn fused_step(
             Arg::U32(skip_nonfinite as u32),
             Arg::Ptr(scratch),
             Arg::Ptr(control),
+            Arg::Ptr(prescale.unwrap_or(0)),
         ],
     }
 }

@@ -19,7 +19,10 @@
 //!   `grad_clip_segment_norms` combines them per tensor;
 //! - adaptive clipping (`adaptive_clip_grad_`): `grad_clip_agc`, one warp per unit, reads the
 //!   parameters and gradients once and scales the clipped units in place (plus
-//!   `grad_clip_agc_strided` per non-contiguous gradient); see [`agc`].
+//!   `grad_clip_agc_strided` per non-contiguous gradient); see [`agc`];
+//! - fused optimizer step (`fused_step`): the reduction the clip or the finite check needs, then
+//!   `grad_clip_fused_step`; with GradScaler's prescale (the address of the `f32` `inv_scale`) both
+//!   unscale each gradient element as they read it, and the step writes it back unscaled.
 //!
 //! So `clip_grad_norm_` is 2 launches (3 for F64 gradients or `p > 6`) and one copy of the table,
 //! for 1 or 10,000 gradients. Slow paths, each an extra launch per tensor: a non-contiguous
@@ -477,8 +480,34 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         StepClip::ZClip { state, .. } => Some(state),
         _ => None,
     };
-    let mut operands = Operands::new(set.grads(), &copies, given.as_ref().or(policy_state));
-    let first_written = operands.tensors().len();
+    // GradScaler's one-read path: the 0-d F32 inv_scale, read by the kernels from device memory
+    // (never by the host); the gradients are written too (unscaled), so they must be contiguous.
+    let inv_scale = match step.prescale {
+        Some(inv) => {
+            if given.is_some() || policy_state.is_some() {
+                bail!("internal error: a prescaled step with a clip that decides before the step")
+            }
+            if copies.iter().any(Option::is_some) {
+                bail!("internal error: a prescaled step with a non-contiguous gradient")
+            }
+            Some(if inv.dtype() == DType::F32 {
+                inv.clone()
+            } else {
+                inv.to_dtype(DType::F32)?
+            })
+        }
+        None => None,
+    };
+    let mut operands = Operands::new(
+        set.grads(),
+        &copies,
+        given.as_ref().or(policy_state).or(inv_scale.as_ref()),
+    );
+    // The prescaled step writes the gradients back: they are writable too.
+    let first_written = match inv_scale {
+        Some(_) => 0,
+        None => operands.tensors().len(),
+    };
     let params: Vec<usize> = step
         .targets
         .iter()
@@ -499,6 +528,13 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         Ok(bases[index].at(start))
     };
     dev.with_session(operands.tensors(), written, |s, bases| {
+        let inv_scale_address = match &inv_scale {
+            Some(inv) => {
+                let index = operands.extra().expect("inv_scale was passed");
+                Some(bases[index].at(inv.layout().start_offset()))
+            }
+            None => None,
+        };
         let mut table = Table::default();
         let norm_part = reduce
             .as_ref()
@@ -575,7 +611,8 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         if let (Some((plan, max_norm, eps)), Some(out), Some(part)) = (&reduce, out, norm_part) {
             launch_all(
                 s,
-                plan.reduce(t, part, scratch, out.ptr, out_f64, *max_norm, *eps, None),
+                plan.prescaled(inv_scale_address)
+                    .reduce(t, part, scratch, out.ptr, out_f64, *max_norm, *eps, None),
             )?;
         }
         let out_verdict = |max_norm: f64, eps: f64| match out {
@@ -635,6 +672,7 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
                 step.skip_nonfinite,
                 scratch,
                 control_address,
+                inv_scale_address,
             )],
         )?;
         let norm = match (step.clip, out) {
