@@ -711,6 +711,30 @@ fn check_gradient(i: usize, var: &Var, grad: &Tensor) -> Result<()> {
 macro_rules! fused_optimizer_api {
     ($ty:ident, $params:ident, $import:literal, $state:expr, $optional:expr, $state_doc:literal) => {
         impl $ty {
+            /// A step with non-finite steps skipped on the device whatever
+            /// [`skip_nonfinite`](Self::skip_nonfinite) says ([`GradScaler`](crate::GradScaler)'s
+            /// step). With `prescale`, the step unscales the gradients itself (see `FusedCore`).
+            pub(crate) fn step_skipping_nonfinite(
+                &mut self,
+                grads: &GradStore,
+                prescale: Option<&Tensor>,
+            ) -> Result<()> {
+                validate(&self.params)?;
+                self.core
+                    .step_skipping_nonfinite(grads, rule(&self.params), prescale)
+            }
+
+            /// The core's device and clip, for GradScaler's choice of path.
+            pub(crate) fn core(&self) -> &crate::optim::fused::FusedCore {
+                &self.core
+            }
+
+            /// A step skipped without running, counted in `skipped_steps` (GradScaler's step
+            /// after an `unscale_` that found a non-finite gradient).
+            pub(crate) fn record_skip(&mut self) -> Result<()> {
+                self.core.record_skip()
+            }
+
             #[doc = concat!("The optimizer for every var of `varmap`, ordered by name, its state keyed by name: the way
 to save in one process and resume in another (`varmap.all_vars()` comes in a `HashMap`'s
 order, which differs between processes).

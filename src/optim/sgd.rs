@@ -113,32 +113,6 @@ fn validate(p: &ParamsSgd) -> Result<()> {
     Ok(())
 }
 
-impl FusedSgd {
-    /// A step with non-finite steps skipped on the device whatever
-    /// [`skip_nonfinite`](Self::skip_nonfinite) says ([`GradScaler`](crate::GradScaler)'s step).
-    /// With `prescale`, the step unscales the gradients itself (see `FusedCore`).
-    pub(crate) fn step_skipping_nonfinite(
-        &mut self,
-        grads: &GradStore,
-        prescale: Option<&Tensor>,
-    ) -> Result<()> {
-        validate(&self.params)?;
-        self.core
-            .step_skipping_nonfinite(grads, rule(&self.params), prescale)
-    }
-
-    /// The core's device and clip, for GradScaler's choice of path.
-    pub(crate) fn core(&self) -> &FusedCore {
-        &self.core
-    }
-
-    /// A step skipped without running, counted in `skipped_steps` (GradScaler's step after an
-    /// `unscale_` that found a non-finite gradient).
-    pub(crate) fn record_skip(&mut self) -> Result<()> {
-        self.core.record_skip()
-    }
-}
-
 impl Optimizer for FusedSgd {
     type Config = ParamsSgd;
 
