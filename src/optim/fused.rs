@@ -994,7 +994,9 @@ opt.load_state(\"optimizer.safetensors\")?;
 
             #[doc = concat!("One step of a sharded model: this rank's vars, with the clip's norm taken over the gradients
 of every rank of `group` (see [`total_norm_across`](crate::total_norm_across)), so every rank
-scales by the same coefficient; AutoClip's norm and history are the global L2 norm's, and
+scales by the same coefficient; AutoClip's norm and history are the global L2 norm's; ZClip
+runs on the global L2 norm (its statistics updated on the host, where that norm is); AGC is
+unit-wise (each rank clips its own units; `last_norm` is the global L2 norm); and
 `skip_nonfinite` without a clip skips on every rank when any rank's gradients are not finite.
 Value clipping is element-wise and needs no group (each rank clamps, and with `skip_nonfinite`
 checks, its own gradients). Every rank must step together with the same settings.
