@@ -18,7 +18,9 @@ fn on_ranks<T: Send>(world: usize, f: impl Fn(&LocalGroup) -> T + Sync) -> Vec<T
     let ranks = LocalGroup::new(world).expect("a group");
     std::thread::scope(|s| {
         let f = &f;
-        let handles: Vec<_> = ranks.iter().map(|g| s.spawn(move || f(g))).collect();
+        // Each rank owns its handle: a rank that panics drops it as it unwinds, which fails the
+        // others' collectives instead of leaving them waiting (`LocalGroup`'s Drop).
+        let handles: Vec<_> = ranks.into_iter().map(|g| s.spawn(move || f(&g))).collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("a rank panicked"))
@@ -248,6 +250,39 @@ fn a_refusing_rank_fails_every_clipped_step_across() {
                 }
             }
         }
+    }
+}
+
+/// A rank whose thread panics (a failing assertion in a test) breaks its `LocalGroup`: the other
+/// ranks' collectives fail, naming it, instead of waiting for it forever.
+#[test]
+fn a_panicking_rank_fails_the_others_instead_of_hanging() {
+    use candle_grad_clip::ProcessGroup;
+    let ranks = LocalGroup::new(3).expect("group");
+    let results: Vec<std::thread::Result<candle_core::Result<()>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|g| {
+                s.spawn(move || -> candle_core::Result<()> {
+                    if g.rank() == 2 {
+                        panic!("rank 2 fails its assertion");
+                    }
+                    let mut words = [1u64];
+                    g.all_reduce_sum_u64(&mut words)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    assert!(results[2].is_err(), "rank 2 panicked");
+    for r in &results[..2] {
+        let message = r
+            .as_ref()
+            .expect("no panic")
+            .as_ref()
+            .expect_err("the collective fails")
+            .to_string();
+        assert!(message.contains("rank 2 panicked"), "{message}");
     }
 }
 

@@ -10,7 +10,8 @@ use super::ProcessGroup;
 /// for tests without MPI, and for a process that drives several devices' worth of CPU gradients
 /// from one thread each. Each rank's handle goes to its own thread, and every rank must call the
 /// same collectives in the same order (a rank that never arrives leaves the others waiting, as in
-/// MPI).
+/// MPI; but a rank whose thread panics, dropping its handle as it unwinds, makes the others'
+/// collectives fail instead of waiting for it).
 ///
 /// ```
 /// use candle_grad_clip::{LocalGroup, ProcessGroup};
@@ -62,6 +63,8 @@ struct Round {
     mismatch: Option<String>,
     /// The result of the last completed round.
     result: Arc<std::result::Result<Vec<u64>, String>>,
+    /// A rank whose thread panicked (its handle dropped while unwinding): no round can complete.
+    broken: Option<usize>,
 }
 
 impl LocalGroup {
@@ -101,6 +104,7 @@ impl LocalGroup {
                 accumulator: Vec::new(),
                 mismatch: None,
                 result: Arc::new(Ok(Vec::new())),
+                broken: None,
             }),
             done: Condvar::new(),
         });
@@ -131,6 +135,13 @@ impl LocalGroup {
         combine: fn(u64, u64) -> u64,
     ) -> Result<()> {
         let mut round = self.lock();
+        if let Some(rank) = round.broken {
+            bail!(
+                "LocalGroup rank {} of {}: {name}: rank {rank} panicked; the group cannot complete a collective",
+                self.rank,
+                self.shared.world_size
+            )
+        }
         match round.opened_by {
             None => {
                 round.opened_by = Some((name, self.rank));
@@ -165,12 +176,20 @@ impl LocalGroup {
             round.generation += 1;
             self.shared.done.notify_all();
         } else {
-            while round.generation == generation {
+            while round.generation == generation && round.broken.is_none() {
                 round = self
                     .shared
                     .done
                     .wait(round)
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            if round.generation == generation {
+                let rank = round.broken.unwrap_or(usize::MAX);
+                bail!(
+                    "LocalGroup rank {} of {}: {name}: rank {rank} panicked before the collective completed",
+                    self.rank,
+                    self.shared.world_size
+                )
             }
         }
         // The next round cannot complete before this rank joins it, so `result` is this round's.
@@ -186,6 +205,18 @@ impl LocalGroup {
                 self.rank,
                 self.shared.world_size
             ),
+        }
+    }
+}
+
+impl Drop for LocalGroup {
+    /// A handle dropped while its thread unwinds from a panic breaks the group: the other ranks'
+    /// collectives (waiting or to come) fail instead of waiting for this rank forever.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut round = self.lock();
+            round.broken.get_or_insert(self.rank);
+            self.shared.done.notify_all();
         }
     }
 }
