@@ -179,6 +179,13 @@ impl FusedCore {
             }
             None => None,
         };
+        self.bump_skipped()?;
+        self.skip_run = run;
+        Ok(())
+    }
+
+    /// Adds 1 to the skipped-step count, on the device (a new control tensor).
+    fn bump_skipped(&mut self) -> Result<()> {
         let words = self.control.dim(0)?;
         let skipped = self.control.narrow(0, SKIPPED, 1)?;
         let one = Tensor::ones(1, DType::I64, &self.device)?;
@@ -187,7 +194,6 @@ impl FusedCore {
             pieces.push(self.control.narrow(0, SKIPPED + 1, words - SKIPPED - 1)?);
         }
         self.control = Tensor::cat(&pieces, 0)?;
-        self.skip_run = run;
         Ok(())
     }
 
@@ -341,6 +347,15 @@ impl FusedCore {
             _ => None,
         };
         let set = collected?;
+        // Value clipping across ranks with skipping on: the largest |g| over every rank decides
+        // the skip (known on the host: the collective returned it), so every rank skips together.
+        if let (Some(ClipSetting::Value { .. }), Some((value, norm))) = (&self.clip, &global_norm) {
+            if !value.is_finite() {
+                self.bump_skipped()?;
+                self.last_norm = Some(norm.clone());
+                return Ok(());
+            }
+        }
         // The exact global norm (F64) that the step's coefficient is computed from; for ZClip
         // across ranks, the norm that gives its coefficient (`ZClip::step_for_norm`).
         // AutoClip takes the norm as returned (rounded to its dtype), as in one process. On the
@@ -467,9 +482,7 @@ impl FusedCore {
             }
             // Across ranks, the clip's norm is the global one (GivenNorm reports none; AGC's
             // own pass measures only this rank's gradients).
-            None if global_norm.is_some()
-                && !matches!(self.clip, Some(ClipSetting::Value { .. }) | None) =>
-            {
+            None if global_norm.is_some() && self.clip.is_some() => {
                 global_norm.map(|(_, norm)| norm)
             }
             None => outcome.norm,
@@ -491,6 +504,8 @@ impl FusedCore {
             Some(ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. }) => {
                 Some(NormType::L2)
             }
+            // Element-wise; with skipping on, the global largest |g| decides the skip.
+            Some(ClipSetting::Value { .. }) if self.skip_nonfinite => Some(NormType::Inf),
             Some(ClipSetting::Value { .. }) => None,
             None if self.skip_nonfinite => Some(NormType::Inf),
             None => None,
@@ -998,8 +1013,9 @@ scales by the same coefficient; AutoClip's norm and history are the global L2 no
 runs on the global L2 norm (its statistics updated on the host, where that norm is); AGC is
 unit-wise (each rank clips its own units; `last_norm` is the global L2 norm); and
 `skip_nonfinite` without a clip skips on every rank when any rank's gradients are not finite.
-Value clipping is element-wise and needs no group (each rank clamps, and with `skip_nonfinite`
-checks, its own gradients). Every rank must step together with the same settings.
+Value clipping is element-wise (each rank clamps its own gradients); with `skip_nonfinite` the
+largest `|g|` over every rank decides the skip (so every rank skips together) and is `last_norm`.
+Every rank must step together with the same settings.
 
 ```
 use candle_core::{backprop::GradStore, Device, Tensor, Var};

@@ -528,6 +528,7 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
         // A NaN on one rank at step 1: every rank skips that step.
         (None, true, Some(1)),
         (Some(ClipSetting::norm(1.0)), true, Some(1)),
+        (Some(ClipSetting::value(0.5)), true, Some(1)),
     ] {
         let what = format!("FusedAdamW {clip:?} skip_nonfinite {skip}");
         check(what, nan_step, &|group| {
