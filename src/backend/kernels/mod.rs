@@ -163,50 +163,26 @@ pub(crate) fn clip_norm(
     set: &GradientSet,
     settings: ClipSettings,
 ) -> Result<Tensor> {
-    dev.check_ready()?;
     let plan = NormPlan::new(settings.norm_type, set);
-    // Validation first (it fails on gradients that cannot be written), before anything is enqueued.
-    let groups = set.storage_groups()?;
-    let copies = contiguous_copies(set)?;
-    let operands = Operands::new(set.grads(), &copies, None);
-    dev.with_session(
-        operands.tensors(),
-        0..operands.gradient_count(),
-        |s, bases| {
-            let mut table = Table::default();
-            let (norm, _) = table.push_norm_inputs(&groups, &operands, bases);
-            let (write, strided) =
-                table.push_write_targets(set.grads(), &groups, bases, Some(norm));
-            let out_f64 = set.norm_dtype() == DType::F64;
-            let out = s.alloc(set.norm_dtype(), 1)?;
-            let t = s.upload(&table.words)?;
-            let scratch = s.scratch();
-            launch_all(
-                s,
-                plan.reduce(
-                    t,
-                    norm,
-                    scratch,
-                    out.ptr,
-                    out_f64,
-                    settings.max_norm,
-                    settings.eps,
-                    None,
-                ),
-            )?;
+    let (norm, ()) = reduce_then_scale(
+        dev,
+        set,
+        &plan,
+        (settings.max_norm, settings.eps),
+        None,
+        |s, reduced| {
             if settings.error_if_nonfinite {
-                // The one documented host synchronisation: the norm must be known before any write.
-                let norm = s.read(out)?[0];
+                // The one documented host synchronisation: the norm must be known before any
+                // write.
+                let norm = s.read(reduced.out)?[0];
                 if !norm.is_finite() {
                     return Err(nonfinite_error(norm, settings.norm_type));
                 }
             }
-            let op = ElementOp::Scale(Coefficient::Scratch(scratch));
-            launch_all(s, op.apply(t, write))?;
-            launch_all(s, strided.iter().map(|target| op.apply_strided(target)))?;
-            s.take_tensor(out, &[])
+            Ok(())
         },
-    )
+    )?;
+    Ok(norm)
 }
 
 /// The 0-d norm a reduction wrote to `out` (f64 when `out_f64`, else f32), as the kernels read it.
@@ -232,12 +208,79 @@ pub(crate) fn clip_zclip(
     state: &Tensor,
     params: &ZClipParams,
 ) -> Result<(Tensor, Tensor)> {
-    dev.check_ready()?;
     let plan = NormPlan::new(NormType::L2, set);
+    reduce_then_scale(
+        dev,
+        set,
+        &plan,
+        (f64::INFINITY, 0.0),
+        Some(state),
+        |s, reduced| {
+            let Some(base) = reduced.extra else {
+                bail!("internal error: ZClip's statistics were not passed to the session")
+            };
+            let norm = out_norm(reduced.out, reduced.out_f64);
+            zclip_step(s, base, state, norm, reduced.scratch, params)
+        },
+    )
+}
+
+/// Enqueues `grad_clip_zclip` for the norm at `norm`: the statistics `state` (an operand whose
+/// storage starts at `base`, only read) updated into a new buffer, returned as a tensor; the
+/// coefficient goes to the scratch for the pass that follows.
+fn zclip_step(
+    s: &mut dyn Session,
+    base: Base,
+    state: &Tensor,
+    norm: NormAt,
+    scratch: u64,
+    params: &ZClipParams,
+) -> Result<Tensor> {
+    let words = state.elem_count();
+    let state_out = s.alloc(DType::F64, words)?;
+    launch_all(
+        s,
+        [launch::zclip(
+            base.at(state.layout().start_offset()),
+            state_out.ptr,
+            words,
+            norm,
+            scratch,
+            params,
+        )],
+    )?;
+    s.take_tensor(state_out, &[words])
+}
+
+/// What [`reduce_then_scale`] hands to the work between the reduction and the scaling pass.
+struct Reduced {
+    /// The norm's buffer (f64 when `out_f64`, else f32).
+    out: Buffer,
+    out_f64: bool,
+    /// The scratch, holding the reduction's coefficient (which the work may replace).
+    scratch: u64,
+    /// The base of the session's extra operand, when one was passed.
+    extra: Option<Base>,
+}
+
+/// The shared sequence of the clips that scale by a coefficient of the global norm: reduce
+/// (`plan`, the coefficient `min(1, max_norm / (norm + eps))` of `bounds` to the scratch), run
+/// `between` (a policy's kernel that replaces the coefficient, a check that refuses before any
+/// write), then scale every gradient in place by the scratch's coefficient. Gradients that cannot
+/// be written are refused before anything is enqueued. Returns the norm (0-d) and what `between`
+/// returned.
+fn reduce_then_scale<R>(
+    dev: &impl KernelDevice,
+    set: &GradientSet,
+    plan: &NormPlan,
+    bounds: (f64, f64),
+    extra: Option<&Tensor>,
+    between: impl FnOnce(&mut dyn Session, &Reduced) -> Result<R>,
+) -> Result<(Tensor, R)> {
+    dev.check_ready()?;
     let groups = set.storage_groups()?;
     let copies = contiguous_copies(set)?;
-    let operands = Operands::new(set.grads(), &copies, Some(state));
-    let words = state.elem_count();
+    let operands = Operands::new(set.grads(), &copies, extra);
     dev.with_session(
         operands.tensors(),
         0..operands.gradient_count(),
@@ -248,29 +291,24 @@ pub(crate) fn clip_zclip(
                 table.push_write_targets(set.grads(), &groups, bases, Some(norm));
             let out_f64 = set.norm_dtype() == DType::F64;
             let out = s.alloc(set.norm_dtype(), 1)?;
-            let state_out = s.alloc(DType::F64, words)?;
-            let state_in = bases[operands.extra().expect("the state was passed")]
-                .at(state.layout().start_offset());
             let t = s.upload(&table.words)?;
             let scratch = s.scratch();
-            let mut launches =
-                plan.reduce(t, norm, scratch, out.ptr, out_f64, f64::INFINITY, 0.0, None);
-            launches.push(launch::zclip(
-                state_in,
-                state_out.ptr,
-                words,
-                out_norm(out, out_f64),
+            let (max_norm, eps) = bounds;
+            launch_all(
+                s,
+                plan.reduce(t, norm, scratch, out.ptr, out_f64, max_norm, eps, None),
+            )?;
+            let reduced = Reduced {
+                out,
+                out_f64,
                 scratch,
-                params,
-            ));
-            launch_all(s, launches)?;
+                extra: operands.extra().map(|i| bases[i]),
+            };
+            let done = between(s, &reduced)?;
             let op = ElementOp::Scale(Coefficient::Scratch(scratch));
             launch_all(s, op.apply(t, write))?;
             launch_all(s, strided.iter().map(|target| op.apply_strided(target)))?;
-            Ok((
-                s.take_tensor(out, &[])?,
-                s.take_tensor(state_out, &[words])?,
-            ))
+            Ok((s.take_tensor(out, &[])?, done))
         },
     )
 }
@@ -624,24 +662,11 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
             None => Verdict::None,
         };
         // A policy's new statistics, written by its kernel after the reduction.
-        let mut policy_out = None;
+        let mut policy_state = None;
         if let (StepClip::ZClip { state, params }, Some(out)) = (step.clip, out) {
-            let words = state.elem_count();
-            let state_out = s.alloc(DType::F64, words)?;
             let index = operands.extra().expect("the statistics were passed");
-            let state_in = bases[index].at(state.layout().start_offset());
-            launch_all(
-                s,
-                [launch::zclip(
-                    state_in,
-                    state_out.ptr,
-                    words,
-                    out_norm(out, out_f64),
-                    scratch,
-                    &params,
-                )],
-            )?;
-            policy_out = Some((state_out, words));
+            let norm = out_norm(out, out_f64);
+            policy_state = Some(zclip_step(s, bases[index], state, norm, scratch, &params)?);
         }
         let (transform, verdict) = match step.clip {
             StepClip::Norm { .. } | StepClip::ZClip { .. } => (Transform::Scale, Verdict::Scratch),
@@ -680,10 +705,6 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
                 Some(s.take_tensor(out, &[])?)
             }
             _ => None,
-        };
-        let policy_state = match policy_out {
-            Some((buffer, words)) => Some(s.take_tensor(buffer, &[words])?),
-            None => None,
         };
         let norm = match agc_plan {
             Some((part, _, _, _, _, _)) if part.segments == 0 => {
