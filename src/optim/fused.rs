@@ -164,16 +164,10 @@ impl FusedCore {
     pub(crate) fn record_skip(&mut self) -> Result<()> {
         let run = match self.max_consecutive_skips {
             Some(limit) => {
-                let (skipped_before, run) = match self.skip_run {
-                    Some(known) => known,
-                    None => (self.skipped_steps()?, 0),
-                };
+                let (skipped_before, run) = self.skip_run_so_far()?;
                 if run >= limit {
                     self.skip_run = Some((skipped_before, run));
-                    bail!(
-                        "fused optimizer step: {} non-finite steps in a row, more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
-                        run + 1
-                    )
+                    return Err(too_many_skips(run, limit));
                 }
                 Some((skipped_before + 1, run + 1))
             }
@@ -182,6 +176,15 @@ impl FusedCore {
         self.bump_skipped()?;
         self.skip_run = run;
         Ok(())
+    }
+
+    /// The skipped-step count after the last step and the non-finite steps skipped in a row up to
+    /// it: kept on the host, read once (the count) when unknown.
+    fn skip_run_so_far(&self) -> Result<(usize, usize)> {
+        match self.skip_run {
+            Some(known) => Ok(known),
+            None => Ok((self.skipped_steps()?, 0)),
+        }
     }
 
     /// Adds 1 to the skipped-step count, on the device (a new control tensor).
@@ -276,10 +279,7 @@ impl FusedCore {
             self.skip_run = None;
             return self.step_with(grads, rule, prescale, group);
         };
-        let (skipped_before, run) = match self.skip_run {
-            Some(known) => known,
-            None => (self.skipped_steps()?, 0),
-        };
+        let (skipped_before, run) = self.skip_run_so_far()?;
         let saved = (
             self.control.copy()?,
             self.clip.clone(),
@@ -294,10 +294,7 @@ impl FusedCore {
         if run >= limit {
             (self.control, self.clip, self.last_norm) = saved;
             self.skip_run = Some((skipped_before, run));
-            bail!(
-                "fused optimizer step: {} non-finite steps in a row, more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
-                run + 1
-            )
+            return Err(too_many_skips(run, limit));
         }
         self.skip_run = Some((skipped, run + 1));
         Ok(())
@@ -700,6 +697,15 @@ pub(crate) fn prescale_supports(clip: Option<&ClipSetting>) -> bool {
         clip,
         Some(ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. })
     )
+}
+
+/// The error of a non-finite step past `max_consecutive_skips = limit`, `run` skipped before it.
+fn too_many_skips(run: usize, limit: usize) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "fused optimizer step: {} non-finite steps in a row, more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
+        run + 1
+    ))
+    .bt()
 }
 
 /// A gradient the fused step can use for var #`i`: same dtype, shape and device, and not sharing
