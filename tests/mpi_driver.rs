@@ -8,6 +8,7 @@
 //!
 //! Set `MPIRUN` to use another launcher binary (default `mpirun`).
 
+mod common;
 mod dist_cases;
 
 use std::process::Command;

@@ -135,29 +135,8 @@ fn store(vars: &[Var], grads: &[Tensor]) -> GradStore {
     store
 }
 
-/// The raw bits of every element, in logical order.
-pub fn bits(t: &Tensor) -> Result<Vec<u64>> {
-    let f = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => f
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::F64 => f.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect(),
-        DType::F16 => f
-            .to_vec1::<half::f16>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::BF16 => f
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        d => panic!("bits: unexpected dtype {d:?}"),
-    })
-}
+/// The raw bits of every element, in logical order (the suites' shared helper).
+pub use crate::common::bits;
 
 /// Whether `bits` are a NaN of `dtype`.
 fn is_nan(dtype: DType, bits: u64) -> bool {
