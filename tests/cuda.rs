@@ -1531,40 +1531,6 @@ fn norm_across_ranks_of_cuda_gradients_is_the_one_process_cuda_norm() -> Result<
 // ---------------------------------------------------------------------------------------------
 // GradScaler's one-read path on the GPU.
 
-/// Scaled gradients for `vars` of their dtype on their device: `scale` times small dyadic numbers
-/// (`k / 1024`, `|k| < 256`: exact in every dtype, every sum of their powers exact in `f64`, so
-/// that a norm clip is bitwise the CPU's) or, without `dyadic`, uniform in (-0.7, 0.7); a NaN,
-/// +inf or -inf planted when `poison` is 1, 2 or 3.
-fn scaled_store(
-    rng: &mut StdRng,
-    vars: &[Var],
-    scale: f64,
-    dyadic: bool,
-    poison: u8,
-) -> Result<Vec<Vec<f64>>> {
-    let mut all: Vec<Vec<f64>> = vars
-        .iter()
-        .map(|v| {
-            (0..v.elem_count())
-                .map(|_| {
-                    let g = if dyadic {
-                        rng.gen_range(-255i32..=255) as f64 / 1024.0
-                    } else {
-                        rng.gen_range(-0.7..0.7)
-                    };
-                    g * scale
-                })
-                .collect()
-        })
-        .collect();
-    if poison > 0 {
-        let i = rng.gen_range(0..all.len());
-        let j = rng.gen_range(0..all[i].len());
-        all[i][j] = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY][(poison - 1) as usize];
-    }
-    Ok(all)
-}
-
 /// The same values bit for bit, any NaN matching any NaN (BF16 NaN payloads differ).
 fn same_or_both_nan(a: &[f64], b: &[f64]) -> bool {
     a.len() == b.len()
@@ -1651,7 +1617,13 @@ fn grad_scaler_one_read_path_on_the_gpu_is_the_cpus() -> Result<()> {
                 let mut scaler_h = scaler_g.clone();
                 for step in 0..5 {
                     let poison = [0u8, 1, 0, 2, 3][(step + c) % 5];
-                    let all = scaled_store(&mut rng, &g, scaler_h.scale_value()?, *dyadic, poison)?;
+                    let all = common::scaled_values(
+                        &g,
+                        scaler_h.scale_value()?,
+                        *dyadic,
+                        poison,
+                        &mut rng,
+                    );
                     let (mut gg, mut gh) = (GradStore::default(), GradStore::default());
                     for ((vg, vh), vals) in g.iter().zip(&h).zip(&all) {
                         gg.insert(vg, tensor(vals, vg.dims(), dtype, &dev)?);

@@ -1549,46 +1549,6 @@ fn emulated_unscale_equals_the_cpu() -> Result<()> {
     Ok(())
 }
 
-/// Scaled gradients for `vars` (`scale` times the unscaled values) with a NaN, +inf or -inf
-/// planted when `poison` is 1, 2 or 3. With `dyadic`, the unscaled values are `k / 1024` for
-/// integers `|k| < 256` (8 significant bits: exact in BF16, and every sum of their squares, their
-/// absolute values or their cubes over a few thousand elements is exact in `f64`, whatever the
-/// order); otherwise uniform in (-0.7, 0.7) (the largest `|g|` away from a power of two, so that
-/// its rounding shows in a max norm).
-fn scaled_values_of(
-    vars: &[Var],
-    scale: f64,
-    dyadic: bool,
-    poison: u8,
-    rng: &mut StdRng,
-) -> Vec<Vec<f64>> {
-    let mut values: Vec<Vec<f64>> = vars
-        .iter()
-        .map(|v| {
-            (0..v.elem_count())
-                .map(|_| {
-                    let g = if dyadic {
-                        rng.gen_range(-255i32..=255) as f64 / 1024.0
-                    } else {
-                        rng.gen_range(-0.7..0.7)
-                    };
-                    g * scale
-                })
-                .collect()
-        })
-        .collect();
-    if poison > 0 {
-        let bad = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
-        let nonempty: Vec<usize> = (0..values.len())
-            .filter(|&i| !values[i].is_empty())
-            .collect();
-        let i = nonempty[rng.gen_range(0..nonempty.len())];
-        let j = rng.gen_range(0..values[i].len());
-        values[i][j] = bad[(poison - 1) as usize];
-    }
-    values
-}
-
 /// `x` and `y` hold the same values bit for bit, but that any NaN may be any NaN (the payload of a
 /// NaN rounded to BF16 differs between `half` on the CPU and `__double2bfloat16` on the GPU).
 fn assert_same_values(x: &Tensor, y: &Tensor, what: &str) -> Result<()> {
@@ -1730,7 +1690,7 @@ fn emulated_one_read_path_equals_the_cpus() -> Result<()> {
             for step in 0..6 {
                 let poison = [0u8, 1, 0, 0, 2, 3][step];
                 let values =
-                    scaled_values_of(&a, scaler_e.scale_value()?, *dyadic, poison, &mut rng);
+                    common::scaled_values(&a, scaler_e.scale_value()?, *dyadic, poison, &mut rng);
                 let ge = store(&a, &values, dtype)?;
                 let gc = store(&b, &values, dtype)?;
                 let ((), log) = emulation.run(|| emulated.scaled_step(&mut scaler_e, &ge))?;
@@ -1801,7 +1761,7 @@ fn a_scaled_step_is_the_reduction_and_the_fused_step() -> Result<()> {
     for (clip, want) in cases {
         for adamw in [true, false] {
             let mut scaler = GradScaler::new().init_scale(1000.0);
-            let values = scaled_values_of(&vars, 1000.0, false, 0, &mut rng);
+            let values = common::scaled_values(&vars, 1000.0, false, 0, &mut rng);
             let grads = store(&vars, &values, DType::F32)?;
             let ((), log) = if adamw {
                 let mut opt = FusedAdamW::new(vars.clone(), ParamsAdamW::default())?;

@@ -518,3 +518,43 @@ pub fn assert_named_norms(got: &[(String, f32)], want: &[(String, f32)], exact: 
         );
     }
 }
+
+/// Scaled gradients for `vars` (`scale` times the unscaled values) with a NaN, +inf or -inf
+/// planted when `poison` is 1, 2 or 3. With `dyadic`, the unscaled values are `k / 1024` for
+/// integers `|k| < 256` (8 significant bits: exact in BF16, and every sum of their squares, their
+/// absolute values or their cubes over a few thousand elements is exact in `f64`, whatever the
+/// order); otherwise uniform in (-0.7, 0.7) (the largest `|g|` away from a power of two, so that
+/// its rounding shows in a max norm).
+pub fn scaled_values(
+    vars: &[Var],
+    scale: f64,
+    dyadic: bool,
+    poison: u8,
+    rng: &mut StdRng,
+) -> Vec<Vec<f64>> {
+    let mut values: Vec<Vec<f64>> = vars
+        .iter()
+        .map(|v| {
+            (0..v.elem_count())
+                .map(|_| {
+                    let g = if dyadic {
+                        rng.gen_range(-255i32..=255) as f64 / 1024.0
+                    } else {
+                        rng.gen_range(-0.7..0.7)
+                    };
+                    g * scale
+                })
+                .collect()
+        })
+        .collect();
+    if poison > 0 {
+        let bad = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
+        let nonempty: Vec<usize> = (0..values.len())
+            .filter(|&i| !values[i].is_empty())
+            .collect();
+        let i = nonempty[rng.gen_range(0..nonempty.len())];
+        let j = rng.gen_range(0..values[i].len());
+        values[i][j] = bad[(poison - 1) as usize];
+    }
+    values
+}
