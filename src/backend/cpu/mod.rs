@@ -483,8 +483,17 @@ impl<'a> LockedGradients<'a> {
     }
 
     fn exact_sum(&self, items: &[WorkItem<'_>], power: Power) -> ExactSum {
+        self.exact_sum_by(items, |item| item.sum_powers(power))
+    }
+
+    /// The exact sum of `partial` over the work items (in parallel for large sets).
+    fn exact_sum_by(
+        &self,
+        items: &[WorkItem<'_>],
+        partial: impl Fn(&WorkItem<'_>) -> f64 + Sync,
+    ) -> ExactSum {
         let add = |mut acc: ExactSum, item: &WorkItem<'_>| {
-            acc.add(item.sum_powers(power));
+            acc.add(partial(item));
             acc
         };
         if self.parallel() {
@@ -496,22 +505,24 @@ impl<'a> LockedGradients<'a> {
                     a
                 })
         } else {
-            let mut acc = ExactSum::new();
-            for item in items {
-                acc.add(item.sum_powers(power));
-            }
-            acc
+            items.iter().fold(ExactSum::new(), add)
         }
     }
 
     fn max_abs(&self, items: &[WorkItem<'_>]) -> f64 {
+        self.max_abs_by(items, |item| item.max_abs())
+    }
+
+    /// The largest of `largest` over the work items, NaN winning (in parallel for large sets).
+    fn max_abs_by(
+        &self,
+        items: &[WorkItem<'_>],
+        largest: impl Fn(&WorkItem<'_>) -> f64 + Sync + Send,
+    ) -> f64 {
         if self.parallel() {
-            items
-                .par_iter()
-                .map(|i| i.max_abs())
-                .reduce(|| 0.0, max_nan)
+            items.par_iter().map(&largest).reduce(|| 0.0, max_nan)
         } else {
-            items.iter().map(|i| i.max_abs()).fold(0.0, max_nan)
+            items.iter().map(largest).fold(0.0, max_nan)
         }
     }
 }

@@ -285,35 +285,11 @@ impl WorkItem<'_> {
 
 impl LockedGradients<'_> {
     fn exact_sum_unscaled(&self, items: &[WorkItem<'_>], power: Power, inv: f32) -> ExactSum {
-        let add = |mut acc: ExactSum, item: &WorkItem<'_>| {
-            acc.add(item.sum_powers_unscaled(power, inv));
-            acc
-        };
-        if self.parallel() {
-            items
-                .par_iter()
-                .fold(ExactSum::new, add)
-                .reduce(ExactSum::new, |mut a, b| {
-                    a.merge(&b);
-                    a
-                })
-        } else {
-            items.iter().fold(ExactSum::new(), add)
-        }
+        self.exact_sum_by(items, |item| item.sum_powers_unscaled(power, inv))
     }
 
     fn max_abs_unscaled(&self, items: &[WorkItem<'_>], inv: f32) -> f64 {
-        if self.parallel() {
-            items
-                .par_iter()
-                .map(|i| i.max_abs_unscaled(inv))
-                .reduce(|| 0.0, max_nan)
-        } else {
-            items
-                .iter()
-                .map(|i| i.max_abs_unscaled(inv))
-                .fold(0.0, max_nan)
-        }
+        self.max_abs_by(items, |item| item.max_abs_unscaled(inv))
     }
 }
 
