@@ -55,18 +55,16 @@
 mod backend;
 mod clip;
 mod dist;
-mod exact_sum;
-mod gradients;
-mod layout_runs;
+mod ops;
 mod optim;
 mod policy;
 mod stats;
 
-pub use clip::NormType;
 pub use clip::{
     adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm,
     ClipGradNorm, AGC_DEFAULT_EPS, DEFAULT_EPS,
 };
+pub use ops::norm_type::NormType;
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
 pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};
 pub use policy::{AutoClip, GradScaler, ZClip, ZClipMode};

@@ -5,8 +5,8 @@ use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 
 use crate::backend;
-use crate::gradients::GradientSet;
-use crate::NormType;
+use crate::ops::gradients::GradientSet;
+use crate::ops::norm_type::NormType;
 
 /// The norm of the gradient of every named var of `varmap`, sorted by name, so that you can see
 /// which layer's gradient explodes. Vars without a gradient in `grads` are left out.

@@ -14,13 +14,13 @@
 //! sums of squares of a unit are taken in [`LANES`] lanes, element `i` of the unit going to lane
 //! `i % 32`, each lane adding `x * x` (one rounding each) in element order, then the lanes combined
 //! by the fixed tree `lane[l] += lane[l + w]` for `w = 16, 8, 4, 2, 1` (a warp's shuffle-down
-//! reduction). The global L2 norm is the exact ([`ExactSum`](crate::exact_sum::ExactSum)) sum of
+//! reduction). The global L2 norm is the exact ([`ExactSum`](crate::ops::exact_sum::ExactSum)) sum of
 //! the units' gradient sums, rounded once, then its square root.
 
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 
 use crate::backend::cpu;
-use crate::gradients::{check_matches_var, repeats_elements, storage_key};
+use crate::ops::gradients::{check_matches_var, repeats_elements, storage_key};
 
 /// Lanes of a unit's sums: a warp.
 pub(crate) const LANES: usize = 32;

@@ -54,7 +54,7 @@ use super::kernels::launch::{
     Arg, Grid, Kernel, Launch, BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, DT_I64, STATE_WORDS,
 };
 use super::kernels::{Base, Buffer, KernelDevice, RecentlyUsed, Session};
-use crate::gradients::storage_key;
+use crate::ops::gradients::storage_key;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/grad_clip.ptx"));
 /// Module name in candle's per-device cache of custom modules.

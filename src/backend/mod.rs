@@ -24,9 +24,9 @@ pub(crate) mod update;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::gradients::GradientSet;
+use crate::ops::gradients::GradientSet;
+use crate::ops::norm_type::NormType;
 use crate::policy::zclip::{self, ZClipParams};
-use crate::NormType;
 
 /// An in-place element-wise update.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -12,9 +12,9 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::backend::cpu;
-use crate::gradients::GradientSet;
+use crate::ops::gradients::GradientSet;
+use crate::ops::norm_type::NormType;
 use crate::policy::zclip::ZClipParams;
-use crate::NormType;
 
 /// Words of the control tensor before the per-var flags.
 pub(crate) const CONTROL_WORDS: usize = 3;

@@ -1,17 +1,15 @@
 //! The public clipping functions and the [`ClipGradNorm`] builder.
 
 mod agc;
-mod norm_type;
 
 pub(crate) use agc::adaptive_clip;
 pub use agc::{adaptive_clip_grad_, AGC_DEFAULT_EPS};
 
-pub use norm_type::NormType;
-
 use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 
 use crate::backend::{self, ClipSettings};
-use crate::gradients::GradientSet;
+use crate::ops::gradients::GradientSet;
+use crate::ops::norm_type::NormType;
 
 /// Default `eps` added to the norm before dividing, as in PyTorch.
 ///

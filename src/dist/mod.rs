@@ -64,9 +64,9 @@ pub use nccl::NcclGroup;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
 use crate::backend::{self, clip_coefficient, cpu, needs_scaling, nonfinite_error};
-use crate::exact_sum::{ExactSum, WORDS};
-use crate::gradients::GradientSet;
-use crate::NormType;
+use crate::ops::exact_sum::{ExactSum, WORDS};
+use crate::ops::gradients::GradientSet;
+use crate::ops::norm_type::NormType;
 
 /// A group of processes (or threads) that compute one global norm together: the two collectives
 /// the norm needs, on a buffer of a few hundred bytes.

@@ -6,7 +6,7 @@ use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
 use crate::clip::adaptive_clip;
-use crate::gradients::{check_matches_var, GradientSet};
+use crate::ops::gradients::{check_matches_var, GradientSet};
 use crate::policy::autoclip::{self, AutoClip};
 use crate::{
     clip_grad_value_, clip_grads_with_norm_, total_norm, total_norm_across, ClipGradNorm, NormType,

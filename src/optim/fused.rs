@@ -14,7 +14,7 @@ use crate::backend::update::{
     CONTROL_WORDS, SKIPPED, STEPS,
 };
 use crate::dist;
-use crate::gradients::{check_matches_var, storage_key, GradientSet};
+use crate::ops::gradients::{check_matches_var, storage_key, GradientSet};
 use crate::{ClipSetting, NormType, ProcessGroup, DEFAULT_EPS};
 
 /// Keys of the counters in a state dict.

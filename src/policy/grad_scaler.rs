@@ -10,7 +10,7 @@ use candle_nn::Optimizer;
 
 use crate::backend;
 use crate::backend::update;
-use crate::gradients::{storage_key, GradientSet};
+use crate::ops::gradients::{storage_key, GradientSet};
 use crate::{ClipSetting, FusedAdamW, FusedSgd, NormType};
 
 /// Keys of the state dict.

@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
 use crate::backend::clip_coefficient;
-use crate::gradients::GradientSet;
+use crate::ops::gradients::GradientSet;
 use crate::DEFAULT_EPS;
 
 /// What ZClip clips a spike to (the reference's `clip_option`).

@@ -7,8 +7,8 @@ use rayon::prelude::*;
 
 use super::{scale, Data, Element};
 use crate::backend::agc::{unit_coefficient, units_of, LANES};
-use crate::exact_sum::ExactSum;
-use crate::layout_runs::for_each_run;
+use crate::ops::exact_sum::ExactSum;
+use crate::ops::layout_runs::for_each_run;
 
 /// Elements of a var above which its units are summed (and scaled) in parallel.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 18;

@@ -13,10 +13,10 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::backend::ElementwiseOp;
-use crate::exact_sum::ExactSum;
-use crate::gradients::{repeats_elements, GradientSet, StorageGroups};
-use crate::layout_runs::{for_each_run, union_of_runs};
-use crate::NormType;
+use crate::ops::exact_sum::ExactSum;
+use crate::ops::gradients::{repeats_elements, GradientSet, StorageGroups};
+use crate::ops::layout_runs::{for_each_run, union_of_runs};
+use crate::ops::norm_type::NormType;
 
 pub(crate) mod agc;
 pub(crate) mod update;

@@ -16,10 +16,10 @@ use super::{
     combine_lanes, max_nan, root, Data, Element, LockedGradients, Power, WorkItem, CHUNK, LANES,
     PARALLEL_MIN_ELEMENTS, TINY_SUM,
 };
-use crate::exact_sum::ExactSum;
-use crate::gradients::{GradientSet, StorageGroups};
-use crate::layout_runs::for_each_run;
-use crate::NormType;
+use crate::ops::exact_sum::ExactSum;
+use crate::ops::gradients::{GradientSet, StorageGroups};
+use crate::ops::layout_runs::for_each_run;
+use crate::ops::norm_type::NormType;
 
 /// One element unscaled as `GradScaler::unscale_` computes it (PyTorch's arithmetic): F64 as
 /// `x * (f64)inv` in `f64`; the others as the `f32` product `(f32)x * inv`, then rounded to

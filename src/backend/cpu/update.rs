@@ -32,8 +32,8 @@ use crate::backend::update::{
     Outcome, Place, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
 };
 use crate::backend::{clip_coefficient, needs_scaling, zclip_on_host, ElementwiseOp};
-use crate::gradients::GradientSet;
-use crate::NormType;
+use crate::ops::gradients::GradientSet;
+use crate::ops::norm_type::NormType;
 
 /// Elements per parallel work item within one large var.
 const PARALLEL_CHUNK: usize = 1 << 15;

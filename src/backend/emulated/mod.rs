@@ -25,7 +25,7 @@ use super::kernels::launch::{
     Launch, BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, DT_I64, STATE_WORDS, STATE_ZERO_WORDS,
 };
 use super::kernels::{Base, Buffer, KernelDevice, Session};
-use crate::gradients::{repeats_elements, storage_key};
+use crate::ops::gradients::{repeats_elements, storage_key};
 
 /// The order in which the blocks of each emulated launch run.
 ///

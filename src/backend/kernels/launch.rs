@@ -6,9 +6,9 @@ use half::{bf16, f16};
 
 use crate::backend::cpu::round_toward_zero;
 use crate::backend::update::Rule;
-use crate::gradients::GradientSet;
+use crate::ops::gradients::GradientSet;
+use crate::ops::norm_type::NormType;
 use crate::policy::zclip::ZClipParams;
-use crate::NormType;
 
 use super::table::{Part, StridedTarget};
 

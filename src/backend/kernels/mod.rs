@@ -45,8 +45,8 @@ pub(crate) mod table;
 use candle_core::{bail, DType, Result, Tensor};
 
 use crate::backend::{nonfinite_error, ClipSettings};
-use crate::gradients::{storage_key, GradientSet};
-use crate::NormType;
+use crate::ops::gradients::{storage_key, GradientSet};
+use crate::ops::norm_type::NormType;
 
 use crate::backend::update::{Outcome, Step, StepClip};
 use crate::policy::zclip::ZClipParams;

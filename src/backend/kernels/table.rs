@@ -3,8 +3,8 @@
 
 use candle_core::{Layout, Result, Tensor};
 
-use crate::gradients::{GradientSet, StorageGroups};
-use crate::layout_runs::union_of_runs;
+use crate::ops::gradients::{GradientSet, StorageGroups};
+use crate::ops::layout_runs::union_of_runs;
 
 use super::launch::{CHUNK, MAX_RANK, SEGMENT_WORDS};
 use super::Base;

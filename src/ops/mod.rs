@@ -1,0 +1,11 @@
+//! The bottom layer: what every operation is, independent of the device that runs it.
+//!
+//! Each module here defines one operation or one shared notion: its parameters, its constants and
+//! the host arithmetic (the "twin") that every back end reproduces bitwise. Nothing here imports
+//! from the layers above (`backend`, `dispatch`, the public modules): those layers import from
+//! here. See `docs/ARCHITECTURE.md`.
+
+pub(crate) mod exact_sum;
+pub(crate) mod gradients;
+pub(crate) mod layout_runs;
+pub(crate) mod norm_type;
