@@ -54,6 +54,7 @@
 
 mod backend;
 mod clip;
+mod dispatch;
 mod dist;
 mod ops;
 mod optim;
@@ -62,8 +63,9 @@ mod stats;
 
 pub use clip::{
     adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm,
-    ClipGradNorm, AGC_DEFAULT_EPS, DEFAULT_EPS,
+    ClipGradNorm, AGC_DEFAULT_EPS,
 };
+pub use ops::clip::DEFAULT_EPS;
 pub use ops::norm_type::NormType;
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
 pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};

@@ -4,7 +4,7 @@
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 
-use crate::backend;
+use crate::dispatch;
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
 
@@ -53,7 +53,7 @@ pub fn grad_norms(
     named.retain(|(_, var)| grads.get(var.as_tensor()).is_some());
     let vars: Vec<Var> = named.iter().map(|(_, var)| var.clone()).collect();
     let set = GradientSet::collect(&vars, grads)?;
-    let norms = backend::tensor_norms(&set, norm_type)?;
+    let norms = dispatch::norm::tensor_norms(&set, norm_type)?;
     Ok(named.into_iter().map(|(name, _)| name).zip(norms).collect())
 }
 

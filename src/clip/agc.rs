@@ -2,7 +2,8 @@
 
 use candle_core::{backprop::GradStore, Result, Tensor, Var};
 
-use crate::backend::agc::{self, AgcSet};
+use crate::dispatch;
+use crate::ops::agc::{self, AgcSet};
 
 /// The default `eps` of adaptive gradient clipping (as in the paper and timm): the smallest
 /// parameter norm a unit is measured against, so that zero-initialised units can still move.
@@ -87,5 +88,5 @@ pub(crate) fn adaptive_clip(
             norm: zero,
         });
     }
-    agc::clip(&set, clipping, eps)
+    dispatch::agc::clip(&set, clipping, eps)
 }

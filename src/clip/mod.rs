@@ -7,16 +7,10 @@ pub use agc::{adaptive_clip_grad_, AGC_DEFAULT_EPS};
 
 use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 
-use crate::backend::{self, ClipSettings};
+use crate::dispatch;
+use crate::ops::clip::{ClipSettings, DEFAULT_EPS};
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
-
-/// Default `eps` added to the norm before dividing, as in PyTorch.
-///
-/// ```
-/// assert_eq!(candle_grad_clip::DEFAULT_EPS, 1e-6);
-/// ```
-pub const DEFAULT_EPS: f64 = 1e-6;
 
 /// The norm of all gradients of `vars` viewed as one vector, without modifying them.
 ///
@@ -38,7 +32,7 @@ pub const DEFAULT_EPS: f64 = 1e-6;
 pub fn total_norm(vars: &[Var], grads: &GradStore, norm_type: NormType) -> Result<Tensor> {
     norm_type.validate()?;
     let set = GradientSet::collect(vars, grads)?;
-    backend::total_norm(&set, norm_type)
+    dispatch::norm::total_norm(&set, norm_type)
 }
 
 /// Rescales the gradients of `vars` in place so that their global L2 norm is at most `max_norm`,
@@ -113,7 +107,7 @@ pub fn clip_grads_with_norm_(
             set.device().location()
         )
     }
-    backend::scale_with_norm(&set, max_norm, DEFAULT_EPS, total_norm)
+    dispatch::clip::scale_with_norm(&set, max_norm, DEFAULT_EPS, total_norm)
 }
 
 /// [`clip_grads_with_norm_`] with any `eps`, unchecked (for the policies that express their
@@ -129,7 +123,7 @@ pub(crate) fn scale_with_given_norm(
     if set.grads().is_empty() {
         return Ok(());
     }
-    backend::scale_with_norm(&set, max_norm, eps, total_norm)
+    dispatch::clip::scale_with_norm(&set, max_norm, eps, total_norm)
 }
 
 /// Clamps every gradient element of `vars` into `[-clip_value, clip_value]` in place; NaN stays
@@ -152,7 +146,7 @@ pub fn clip_grad_value_(vars: &[Var], grads: &mut GradStore, clip_value: f64) ->
         bail!("clip_grad_value_: clip_value must be >= 0, got {clip_value}")
     }
     let set = GradientSet::collect(vars, grads)?;
-    backend::clamp(&set, clip_value)
+    dispatch::clip::clamp(&set, clip_value)
 }
 
 /// Global-norm clipping with every option, builder style.
@@ -284,7 +278,7 @@ impl ClipGradNorm {
         if set.grads().is_empty() {
             return Tensor::new(0f32, &candle_core::Device::Cpu);
         }
-        backend::clip_norm(
+        dispatch::clip::clip_norm(
             &set,
             ClipSettings {
                 norm_type: self.norm_type,

@@ -63,9 +63,12 @@ pub use nccl::NcclGroup;
 
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
-use crate::backend::{self, clip_coefficient, cpu, needs_scaling, nonfinite_error};
+use crate::dispatch;
+use crate::dispatch::norm::DeviceReduction;
+use crate::ops::clip::{clip_coefficient, needs_scaling, nonfinite_error};
 use crate::ops::exact_sum::{ExactSum, WORDS};
 use crate::ops::gradients::GradientSet;
+use crate::ops::norm::{norm_of_reduction, Combine};
 use crate::ops::norm_type::NormType;
 
 /// A group of processes (or threads) that compute one global norm together: the two collectives
@@ -287,7 +290,7 @@ pub(crate) fn clip_across(
             // The one-process scale pass of the gradients' device (the CPU's, or the kernels'),
             // with the norm unrounded (F64): the coefficient is the one computed above.
             let norm = Tensor::new(value, write_set.device())?;
-            backend::scale_with_norm(&write_set, settings.max_norm, settings.eps, &norm)?;
+            dispatch::clip::scale_with_norm(&write_set, settings.max_norm, settings.eps, &norm)?;
         }
     }
     norm.tensor()
@@ -367,7 +370,7 @@ fn norm_across(
         local: header,
         global: None,
     };
-    let value = cpu::norm_of_reduction(&DeviceReduction { set: &set }, norm_type, &mut combine);
+    let value = norm_of_reduction(&DeviceReduction { set: &set }, norm_type, &mut combine);
     if let Some(e) = failure {
         return Err(e);
     }
@@ -388,63 +391,6 @@ fn norm_across(
         dtype,
         device,
     })
-}
-
-/// The local reductions of a rank's gradients where they live: the chunk partials of the kernels
-/// (CUDA, or the emulation when it is active), added exactly on the host, so that the first sum
-/// is the device's own; the CPU back end's work items for plain CPU gradients. The rescue pass
-/// (powers divided by the global largest `|g|`, which no kernel computes) runs on the CPU, on
-/// host copies of the gradients.
-struct DeviceReduction<'a> {
-    set: &'a GradientSet,
-}
-
-impl DeviceReduction<'_> {
-    /// Host copies of the gradients.
-    fn on_host(&self) -> Result<GradientSet> {
-        GradientSet::from_grads(
-            self.set
-                .grads()
-                .iter()
-                .map(|g| g.to_device(&Device::Cpu))
-                .collect::<Result<Vec<_>>>()?,
-        )
-    }
-}
-
-impl cpu::Reduction for DeviceReduction<'_> {
-    fn max_abs(&self) -> Result<f64> {
-        match backend::chunk_partials(self.set, NormType::Inf) {
-            // The largest partial; NaN wins, as in the kernels and on the CPU.
-            Some(partials) => Ok(partials?.into_iter().fold(0.0, |m: f64, x| {
-                if m.is_nan() || x.is_nan() {
-                    f64::NAN
-                } else {
-                    m.max(x)
-                }
-            })),
-            None if matches!(self.set.device(), Device::Cpu) => cpu::max_abs_of(self.set),
-            None => cpu::max_abs_of(&self.on_host()?),
-        }
-    }
-
-    fn sum_powers(&self, power: cpu::Power) -> Result<ExactSum> {
-        let norm_type = match power {
-            cpu::Power::Abs => Some(NormType::L1),
-            cpu::Power::Square => Some(NormType::L2),
-            cpu::Power::Pow { p, divisor: 1.0 } => Some(NormType::P(p)),
-            cpu::Power::Pow { .. } => None,
-        };
-        if let Some(partials) = norm_type.and_then(|n| backend::chunk_partials(self.set, n)) {
-            let mut sum = ExactSum::new();
-            partials?.into_iter().for_each(|x| sum.add(x));
-            return Ok(sum);
-        }
-        match self.set.device() {
-            Device::Cpu => cpu::exact_sum_of(self.set, power),
-            _ => cpu::exact_sum_of(&self.on_host()?, power),
-        }
-    }
 }
 
 /// The three words at the end of every buffer (see the module documentation).
@@ -548,7 +494,7 @@ fn ordered_bits(x: f64) -> u64 {
     }
 }
 
-impl cpu::Combine for Across<'_> {
+impl Combine for Across<'_> {
     fn max_abs(&mut self, local: f64) -> Result<f64> {
         let [bits] = self.exchange([ordered_bits(local)], Collective::Max)?;
         Ok(f64::from_bits(bits))

@@ -5,7 +5,14 @@
 //! from the layers above (`backend`, `dispatch`, the public modules): those layers import from
 //! here. See `docs/ARCHITECTURE.md`.
 
+pub(crate) mod agc;
+pub(crate) mod clip;
+pub(crate) mod element;
 pub(crate) mod exact_sum;
+pub(crate) mod fused_step;
+pub(crate) mod grad_scaler;
 pub(crate) mod gradients;
 pub(crate) mod layout_runs;
+pub(crate) mod norm;
 pub(crate) mod norm_type;
+pub(crate) mod zclip;

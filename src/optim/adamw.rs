@@ -8,7 +8,7 @@ use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarMap};
 
 use super::fused::{fused_optimizer_api, FusedCore};
-use crate::backend::update::Rule;
+use crate::ops::fused_step::Rule;
 use crate::ClipSetting;
 
 /// Names of the state tensors of each var (PyTorch's).

@@ -132,7 +132,7 @@ impl ClipSetting {
             }
             ClipSetting::AutoClip(autoclip) => autoclip::validate_percentile(autoclip.percentile()),
             ClipSetting::ZClip(zclip) => zclip.validate(),
-            ClipSetting::Agc { clipping, eps } => crate::backend::agc::validate(*clipping, *eps),
+            ClipSetting::Agc { clipping, eps } => crate::ops::agc::validate(*clipping, *eps),
         }
     }
 }

@@ -8,12 +8,13 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 
-use crate::backend;
-use crate::backend::update::{
-    self, state_class, state_dtype, FlatState, Place, Rule, Step, StepClip, Target, CLIPPED,
+use crate::dispatch;
+use crate::dist;
+use crate::ops::clip::returned_norm;
+use crate::ops::fused_step::{
+    state_class, state_dtype, FlatState, Place, Rule, Step, StepClip, Target, CLIPPED,
     CONTROL_WORDS, SKIPPED, STEPS,
 };
-use crate::dist;
 use crate::ops::gradients::{check_matches_var, storage_key, GradientSet};
 use crate::{ClipSetting, NormType, ProcessGroup, DEFAULT_EPS};
 
@@ -360,7 +361,7 @@ impl FusedCore {
         let mut given = match &global_norm {
             Some((value, norm)) => {
                 let value = if matches!(self.clip, Some(ClipSetting::AutoClip(_))) {
-                    backend::returned_norm(*value, norm.dtype())
+                    returned_norm(*value, norm.dtype())
                 } else {
                     *value
                 };
@@ -391,7 +392,7 @@ impl FusedCore {
                 eps: DEFAULT_EPS,
             },
             (Some(ClipSetting::AutoClip(autoclip)), Some(given), Some((value, norm))) => {
-                let value = backend::returned_norm(*value, norm.dtype());
+                let value = returned_norm(*value, norm.dtype());
                 let threshold = autoclip.threshold_with(value);
                 autoclip_norm = Some((norm.clone(), value));
                 StepClip::GivenNorm {
@@ -442,7 +443,7 @@ impl FusedCore {
                 eps: *eps,
             },
             (Some(ClipSetting::AutoClip(autoclip)), _, _) => {
-                let norm = backend::total_norm(&set, NormType::L2)?;
+                let norm = dispatch::norm::total_norm(&set, NormType::L2)?;
                 let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 let threshold = autoclip.threshold_with(value);
                 StepClip::GivenNorm {
@@ -452,7 +453,7 @@ impl FusedCore {
                 }
             }
         };
-        let outcome = match update::fused_step(&Step {
+        let outcome = match dispatch::fused_step::fused_step(&Step {
             targets,
             grads: &set,
             rule,

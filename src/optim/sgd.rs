@@ -9,7 +9,7 @@ use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
 use super::fused::{fused_optimizer_api, FusedCore};
-use crate::backend::update::Rule;
+use crate::ops::fused_step::Rule;
 use crate::ClipSetting;
 
 /// Name of the state tensor of each var (PyTorch's); it exists once momentum is on and the var has

@@ -8,8 +8,7 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
-use crate::backend;
-use crate::backend::update;
+use crate::dispatch;
 use crate::ops::gradients::{storage_key, GradientSet};
 use crate::{ClipSetting, FusedAdamW, FusedSgd, NormType};
 
@@ -365,16 +364,13 @@ impl GradScaler {
         let distinct = keys.iter().collect::<HashSet<_>>().len() == keys.len();
         let state = self.state_on(&device)?;
         let inv_scale = inv_scale(&state.scale)?;
-        if update::runs_cpu_twin(&device) && distinct {
-            // The CPU: one read and one write of each element, in place (on the CPU reading the
-            // scale costs no synchronisation).
-            let inv = inv_scale.to_scalar::<f32>()?;
-            let found = backend::cpu::prescale::unscale_all_in_place(&targets, inv)?;
-            state.found_inf = Some(Tensor::new(found as u8 as f32, &device)?);
-            self.unscaled.extend(keys);
-            return Ok(());
-        }
         if distinct {
+            // The CPU twin: one read and one write of each element, in place.
+            if let Some(found) = dispatch::grad_scaler::unscale_in_place(&targets, &inv_scale)? {
+                state.found_inf = Some(Tensor::new(found as u8 as f32, &device)?);
+                self.unscaled.extend(keys);
+                return Ok(());
+            }
             // Elsewhere, candle's ops: each gradient unscaled and written back before the next
             // one is computed (one gradient's worth of extra memory at a time), then the finite
             // check over the written values, which are the unscaled ones.
@@ -418,7 +414,7 @@ impl GradScaler {
                     .collect::<HashSet<_>>()
                     .len()
                     == targets.len();
-                let one_read = update::runs_prescaled(&device)
+                let one_read = dispatch::fused_step::runs_prescaled(&device)
                     && distinct
                     && crate::optim::prescale_supports(opt.clip())
                     && !opt.has_skip_limit();
@@ -842,7 +838,8 @@ fn store_grads(grads: &GradStore) -> Result<Vec<Tensor>> {
 /// Found-inf (0-d F32, 1 or 0) of unscaled gradients, on their device: the largest `|u|`
 /// propagates NaN; `x * 0` is 0 when x is finite and NaN otherwise.
 fn found_inf_of(unscaled: &[Tensor]) -> Result<Tensor> {
-    let max_abs = backend::total_norm(&GradientSet::from_grads(unscaled.to_vec())?, NormType::Inf)?;
+    let max_abs =
+        dispatch::norm::total_norm(&GradientSet::from_grads(unscaled.to_vec())?, NormType::Inf)?;
     let zero_if_finite = max_abs.affine(0.0, 0.0)?;
     zero_if_finite.ne(&zero_if_finite)?.to_dtype(DType::F32)
 }
@@ -926,5 +923,5 @@ pub fn __unscaled_norm_cpu(
     if !set.device().is_cpu() {
         bail!("__unscaled_norm_cpu: CPU gradients only")
     }
-    backend::cpu::prescale::norm_unscaled(&set, &set.group_by_storage(), norm_type, inv_scale)
+    dispatch::grad_scaler::norm_unscaled_on_cpu(&set, norm_type, inv_scale)
 }

@@ -1,12 +1,13 @@
-//! The CPU twin of adaptive gradient clipping (`backend::agc`): each unit's sums of squares in the
+//! The CPU twin of adaptive gradient clipping (`ops::agc`): each unit's sums of squares in the
 //! lane order that a warp of `grad_clip_agc` uses, rayon over the units of large vars, then an
 //! in-place pass over the clipped units only.
 
 use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{scale, Data, Element};
-use crate::backend::agc::{unit_coefficient, units_of, LANES};
+use super::Data;
+use crate::ops::agc::{unit_coefficient, units_of, LANES};
+use crate::ops::element::{scale, Element};
 use crate::ops::exact_sum::ExactSum;
 use crate::ops::layout_runs::for_each_run;
 

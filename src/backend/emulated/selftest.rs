@@ -5,10 +5,10 @@
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::super::cpu::Element;
 use super::super::kernels::launch::Arg;
 use super::ffi::launch_named;
 use super::BlockOrder;
+use crate::ops::element::Element;
 use candle_core::Result;
 
 const ORDERS: [BlockOrder; 4] = [

@@ -10,7 +10,7 @@ use candle_core::{DType, Result, Tensor};
 use super::launch::{self, MAX_RANK};
 use super::table::{StridedTarget, Table};
 use super::{launch_all, Base, KernelDevice};
-use crate::backend::agc::{units_of, AgcOutcome, AgcSet};
+use crate::ops::agc::{units_of, AgcOutcome, AgcSet};
 
 /// Words per `AgcSegment`.
 const AGC_SEGMENT_WORDS: usize = 8;

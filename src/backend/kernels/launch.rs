@@ -4,11 +4,11 @@
 
 use half::{bf16, f16};
 
-use crate::backend::cpu::round_toward_zero;
-use crate::backend::update::Rule;
+use crate::ops::element::round_toward_zero;
+use crate::ops::fused_step::Rule;
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
-use crate::policy::zclip::ZClipParams;
+use crate::ops::zclip::ZClipParams;
 
 use super::table::{Part, StridedTarget};
 

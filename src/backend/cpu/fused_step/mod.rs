@@ -1,4 +1,4 @@
-//! The CPU twin of the fused optimizer step (`backend::update`): the clip's norm through this
+//! The CPU twin of the fused optimizer step (`ops::fused_step`): the clip's norm through this
 //! back end's reduction, then one pass over every var that reads the gradient, forms the clipped
 //! gradient exactly as the clip's own element pass does (the same `scale` / `clamp` functions, on
 //! the value read: the `GradStore` is never written), and updates the parameter and its state in
@@ -26,14 +26,18 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::prescale::{norm_unscaled, unscale_all_in_place, unscale_in_place};
-use super::{clamp, norm, norm_tensor, scale, Data, Element, ElementKernel};
-use crate::backend::update::{
+use super::apply::ElementKernel;
+use super::grad_scaler::{norm_unscaled, unscale_all_in_place, unscale_in_place};
+use super::reduce::{norm, norm_tensor};
+use super::Data;
+use crate::ops::clip::{clip_coefficient, needs_scaling, ElementwiseOp};
+use crate::ops::element::{clamp, scale, Element};
+use crate::ops::fused_step::{
     Outcome, Place, Rule, Step, StepClip, Target, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
 };
-use crate::backend::{clip_coefficient, needs_scaling, zclip_on_host, ElementwiseOp};
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
+use crate::ops::zclip::update_on_host;
 
 /// Elements per parallel work item within one large var.
 const PARALLEL_CHUNK: usize = 1 << 15;
@@ -100,7 +104,7 @@ fn decide(step: &Step, set: &GradientSet, prescale: Option<f32>) -> Result<Decis
         }
         StepClip::ZClip { state, params } => {
             let n = norm(set, &groups, NormType::L2)?;
-            let (c, state) = zclip_on_host(n, set.norm_dtype(), state, &params)?;
+            let (c, state) = update_on_host(n, set.norm_dtype(), state, &params)?;
             Decision {
                 transform: needs_scaling(c).then_some(ElementwiseOp::Scale(c)),
                 clipped: needs_scaling(c),

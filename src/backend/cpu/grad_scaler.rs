@@ -1,4 +1,4 @@
-//! [`GradScaler`](crate::GradScaler)'s one-read path on the CPU: the reduction reads the *scaled*
+//! [`GradScaler`](crate::GradScaler)'s passes on the CPU: `unscale_` in one read and one write, and the one-read path: the reduction reads the *scaled*
 //! gradients and multiplies each element by `inv_scale` as it reads it ([`unscale`], rounded to
 //! the gradient's dtype exactly as `GradScaler::unscale_` rounds it), so that one read-only pass
 //! gives the norm and the finiteness of the unscaled gradients; the fused step then unscales each
@@ -7,33 +7,18 @@
 //! [`norm_unscaled`] is bitwise [`norm`](super::norm) of the unscaled gradients: the same work
 //! items, the same lanes, the same combining order and the same exact sum, on the unscaled values.
 
-use std::any::TypeId;
-
 use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{
-    combine_lanes, max_nan, root, Data, Element, LockedGradients, Power, WorkItem, CHUNK, LANES,
-    PARALLEL_MIN_ELEMENTS, TINY_SUM,
-};
+use super::reduce::{combine_lanes, max_nan, LockedGradients, WorkItem};
+use super::{Data, CHUNK, LANES, PARALLEL_MIN_ELEMENTS};
+use crate::ops::element::Element;
 use crate::ops::exact_sum::ExactSum;
+use crate::ops::grad_scaler::unscale;
 use crate::ops::gradients::{GradientSet, StorageGroups};
 use crate::ops::layout_runs::for_each_run;
+use crate::ops::norm::{root, Power, TINY_SUM};
 use crate::ops::norm_type::NormType;
-
-/// One element unscaled as `GradScaler::unscale_` computes it (PyTorch's arithmetic): F64 as
-/// `x * (f64)inv` in `f64`; the others as the `f32` product `(f32)x * inv`, then rounded to
-/// their dtype (exact for F32).
-#[inline(always)]
-pub(crate) fn unscale<T: Element>(x: T, inv: f32) -> T {
-    if TypeId::of::<T>() == TypeId::of::<f64>() {
-        T::from_f64(x.to_f64() * inv as f64)
-    } else {
-        // The f64 product of a value with at most 24 significant bits and an f32 is exact, so
-        // rounding it to f32 is the f32 product.
-        T::from_f64(((x.to_f64() * inv as f64) as f32) as f64)
-    }
-}
 
 /// Unscales a slice in place (F32: the `f32` product itself, which vectorises).
 pub(crate) fn unscale_in_place<T: Element>(xs: &mut [T], inv: f32) {
@@ -137,7 +122,8 @@ fn sum_powers_unscaled<T: Element>(xs: &[T], power: Power, inv: f32) -> f64 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::{combine_lanes, LANES};
+    use super::super::reduce::combine_lanes;
+    use super::super::LANES;
 
     /// `Σ (x · inv)²` over F32 in f64, `x · inv` the `f32` product (`unscale` for F32): the
     /// generic loop's lanes as 4-wide registers and a fused multiply-add per four elements. The
@@ -332,7 +318,7 @@ pub(crate) fn norm_unscaled(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::norm;
+    use crate::backend::cpu::reduce::norm;
     use candle_core::{DType, Device, Tensor};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 

@@ -19,7 +19,6 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 
-use crate::backend::cpu;
 use crate::ops::gradients::{check_matches_var, repeats_elements, storage_key};
 
 /// Lanes of a unit's sums: a warp.
@@ -186,30 +185,4 @@ pub(crate) struct AgcOutcome {
     pub(crate) norm: Tensor,
     /// A 0-d `U32` on the device: 1 when some unit was clipped.
     pub(crate) clipped: Tensor,
-}
-
-/// Clips the gradients of the set in place, unit by unit.
-pub(crate) fn clip(set: &AgcSet, clipping: f64, eps: f64) -> Result<AgcOutcome> {
-    match set.device() {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => {
-            return super::kernels::agc::clip(&super::cuda::Cuda(cuda), set, clipping, eps)
-        }
-        #[cfg(feature = "emulation")]
-        Device::Cpu if super::emulated::active() => {
-            return super::kernels::agc::clip(&super::emulated::Emulated, set, clipping, eps)
-        }
-        Device::Cpu => {}
-        other => bail!(
-            "adaptive gradient clipping supports CPU and CUDA gradients (CUDA with the `cuda` feature); got gradients on {:?}",
-            other.location()
-        ),
-    }
-    let (norm, coefficients) = cpu::agc::coefficients(&set.params, &set.grads, clipping, eps)?;
-    let clipped = coefficients.iter().any(|c| c.iter().any(Option::is_some));
-    cpu::agc::scale_units(&set.grads, &coefficients)?;
-    Ok(AgcOutcome {
-        norm: cpu::norm_tensor(norm, set.norm_dtype())?,
-        clipped: Tensor::new(clipped as u32, &Device::Cpu)?,
-    })
 }

@@ -9,12 +9,11 @@
 //! buffer) has updated that var's state]`. SGD uses it to start a momentum buffer with the first
 //! gradient, as PyTorch does.
 
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use crate::backend::cpu;
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
-use crate::policy::zclip::ZClipParams;
+use crate::ops::zclip::ZClipParams;
 
 /// Words of the control tensor before the per-var flags.
 pub(crate) const CONTROL_WORDS: usize = 3;
@@ -179,43 +178,5 @@ impl Step<'_> {
         self.prescale
             .map(|inv| inv.to_dtype(DType::F32)?.to_scalar::<f32>())
             .transpose()
-    }
-}
-
-/// Whether a step with a [`Step::prescale`] can run on `device`: the CPU twin and the kernels
-/// (CUDA, and the host emulation of the kernels on the CPU).
-pub(crate) fn runs_prescaled(device: &Device) -> bool {
-    device.is_cpu() || device.is_cuda()
-}
-
-/// Whether work on `device` runs on the CPU twin: the CPU, unless the kernel emulation is active.
-pub(crate) fn runs_cpu_twin(device: &Device) -> bool {
-    #[cfg(feature = "emulation")]
-    if super::emulated::active() {
-        return false;
-    }
-    device.is_cpu()
-}
-
-/// Runs a step on its parameters' device.
-pub(crate) fn fused_step(step: &Step) -> Result<Outcome> {
-    let device = step.control.device();
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = device {
-        return super::kernels::fused_step(&super::cuda::Cuda(cuda), step);
-    }
-    #[cfg(feature = "emulation")]
-    if device.is_cpu() && super::emulated::active() {
-        return super::kernels::fused_step(&super::emulated::Emulated, step);
-    }
-    if step.prescale.is_some() && !runs_prescaled(device) {
-        bail!("internal error: a prescaled step on a device without prescaled passes")
-    }
-    match device {
-        Device::Cpu => cpu::update::step(step),
-        other => bail!(
-            "fused optimizer steps run on the CPU and on CUDA (with the `cuda` feature); got {:?}",
-            other.location()
-        ),
     }
 }
