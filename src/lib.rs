@@ -52,6 +52,8 @@
 //! Semantics follow PyTorch's `torch.nn.utils.clip_grad_norm_`; see the README for where and why
 //! they differ.
 
+// The layers, bottom first (docs/ARCHITECTURE.md; `scripts/check-layers.py` checks them).
+mod amp;
 mod backend;
 mod clip;
 mod dispatch;
@@ -61,23 +63,30 @@ mod optim;
 mod policy;
 mod stats;
 
-pub use clip::{
-    adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, total_norm,
-    ClipGradNorm, AGC_DEFAULT_EPS,
-};
+// Clipping functions.
+pub use clip::across::clip_grad_norm_across;
+pub use clip::agc::{adaptive_clip_grad_, AGC_DEFAULT_EPS};
+pub use clip::norm::{clip_grad_norm_, clip_grads_with_norm_, total_norm, ClipGradNorm};
+pub use clip::value::clip_grad_value_;
 pub use ops::clip::DEFAULT_EPS;
 pub use ops::norm_type::NormType;
-// Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
-pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};
-pub use policy::{AutoClip, GradScaler, ZClip, ZClipMode};
+// Training-loop integration: optimizers, policies, loss scaling, statistics.
+pub use amp::grad_scaler::GradScaler;
+pub use optim::adamw::FusedAdamW;
+pub use optim::clip_setting::ClipSetting;
+pub use optim::clipped::{Clipped, ClippedConfig};
+pub use optim::sgd::{FusedSgd, ParamsSgd};
+pub use policy::autoclip::AutoClip;
+pub use policy::zclip::{ZClip, ZClipMode};
+pub use stats::{grad_norms, GradNormStats};
 // For benches/scaler_ratios.rs only.
 #[doc(hidden)]
-pub use policy::__unscaled_norm_cpu;
+pub use amp::grad_scaler::__unscaled_norm_cpu;
 // The global norm across processes (MPI with feature `mpi`, NCCL with feature `nccl`, threads).
+pub use dist::local::LocalGroup;
 #[cfg(feature = "nccl")]
-pub use dist::NcclGroup;
-pub use dist::{clip_grad_norm_across, total_norm_across, LocalGroup, ProcessGroup};
-pub use stats::{grad_norms, GradNormStats};
+pub use dist::nccl::NcclGroup;
+pub use dist::{total_norm_across, ProcessGroup};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]
 pub use backend::emulated::{BlockOrder, EmulatedLaunch, EmulationLog, KernelEmulation};

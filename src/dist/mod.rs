@@ -51,21 +51,17 @@
 //! failure word lets a rank whose own gradients were refused (wrong device, broadcast view, …)
 //! still take part, so that the other ranks fail with it instead of waiting forever.
 
-mod local;
+pub(crate) mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "nccl")]
-mod nccl;
-
-pub use local::LocalGroup;
-#[cfg(feature = "nccl")]
-pub use nccl::NcclGroup;
+pub(crate) mod nccl;
 
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
 use crate::dispatch;
 use crate::dispatch::norm::DeviceReduction;
-use crate::ops::clip::{clip_coefficient, needs_scaling, nonfinite_error};
+use crate::ops::clip::{clip_coefficient, needs_scaling, nonfinite_error, ClipSettings};
 use crate::ops::exact_sum::{ExactSum, WORDS};
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm::{norm_of_reduction, Combine};
@@ -176,50 +172,6 @@ pub fn total_norm_across(
     norm.tensor()
 }
 
-/// Rescales the gradients of `vars` on every rank of `group` so that their global L2 norm (over
-/// all ranks) is at most `max_norm`, and returns that norm before clipping, the same on every
-/// rank: [`clip_grad_norm_`](crate::clip_grad_norm_) for gradients spread over processes. Every
-/// rank scales its own gradients by the same coefficient, so the gradients are bitwise those of
-/// the one-process call whenever the norm is (see [`total_norm_across`]).
-///
-/// The same as `ClipGradNorm::new(max_norm).clip_across_(vars, grads, group)`; use
-/// [`ClipGradNorm`](crate::ClipGradNorm) for the other options and for replicated parameters.
-///
-/// ```
-/// use candle_core::{Device, Tensor, Var, backprop::GradStore};
-/// use candle_grad_clip::{clip_grad_norm_across, LocalGroup};
-/// # fn main() -> candle_core::Result<()> {
-/// let results = std::thread::scope(|s| {
-///     let handles: Vec<_> = LocalGroup::new(2)?
-///         .into_iter()
-///         .zip([30f32, 40.])
-///         .map(|(group, g)| {
-///             s.spawn(move || -> candle_core::Result<(f32, f32)> {
-///                 let w = Var::new(&[0f32], &Device::Cpu)?;
-///                 let mut grads = GradStore::default();
-///                 grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
-///                 let norm = clip_grad_norm_across(&[w.clone()], &mut grads, 1.0, &group)?;
-///                 let clipped = grads.get(&w).unwrap().to_vec1::<f32>()?[0];
-///                 Ok((norm.to_scalar::<f32>()?, clipped))
-///             })
-///         })
-///         .collect();
-///     handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<Vec<_>>>()
-/// })?;
-/// // Norm 50 on both ranks; the gradients become 0.6 and 0.8 (up to the 1e-6 of eps).
-/// assert_eq!((results[0].0, results[1].0), (50.0, 50.0));
-/// assert!((results[0].1 - 0.6).abs() < 1e-6 && (results[1].1 - 0.8).abs() < 1e-6);
-/// # Ok(()) }
-/// ```
-pub fn clip_grad_norm_across(
-    vars: &[Var],
-    grads: &mut GradStore,
-    max_norm: f64,
-    group: &dyn ProcessGroup,
-) -> Result<Tensor> {
-    crate::ClipGradNorm::new(max_norm).clip_across_(vars, grads, group)
-}
-
 /// The norm across ranks of a set of gradients collected by an optimizer: its value (unrounded)
 /// and the tensor to report (in the dtype and on the device of [`total_norm_across`]). `local`
 /// is the set, or the error that refused this rank's gradients: the rank still takes part, so
@@ -236,21 +188,13 @@ pub(crate) fn set_norm_across(
     Ok((norm.value, norm.tensor()?))
 }
 
-/// Settings of a clip across ranks, validated by the caller.
-pub(crate) struct AcrossSettings {
-    pub(crate) norm_type: NormType,
-    pub(crate) max_norm: f64,
-    pub(crate) eps: f64,
-    pub(crate) error_if_nonfinite: bool,
-}
-
 /// `ClipGradNorm::clip_replicated_across_` and `clip_across_` (with no replicated var): the norm
 /// counts `owned` and, on rank 0 only, `replicated`; both are scaled.
 pub(crate) fn clip_across(
     owned: &[Var],
     replicated: &[Var],
     grads: &GradStore,
-    settings: AcrossSettings,
+    settings: ClipSettings,
     group: &dyn ProcessGroup,
 ) -> Result<Tensor> {
     const CALLER: &str = "clip_grad_norm_across";

@@ -7,9 +7,9 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarMap};
 
+use super::clip_setting::ClipSetting;
 use super::fused::{fused_optimizer_api, FusedCore};
 use crate::ops::fused_step::Rule;
-use crate::ClipSetting;
 
 /// Names of the state tensors of each var (PyTorch's).
 const STATE: [&str; 2] = ["exp_avg", "exp_avg_sq"];

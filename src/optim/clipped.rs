@@ -5,137 +5,14 @@ use std::collections::HashSet;
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
-use crate::clip::adaptive_clip;
+use super::clip_setting::ClipSetting;
+use crate::clip::agc::adaptive_clip;
+use crate::clip::norm::{clip_grads_with_norm_, total_norm, ClipGradNorm};
+use crate::clip::value::clip_grad_value_;
+use crate::dist::{total_norm_across, ProcessGroup};
+use crate::ops::clip::DEFAULT_EPS;
 use crate::ops::gradients::{check_matches_var, GradientSet};
-use crate::policy::autoclip::{self, AutoClip};
-use crate::{
-    clip_grad_value_, clip_grads_with_norm_, total_norm, total_norm_across, ClipGradNorm, NormType,
-    ProcessGroup, ZClip, DEFAULT_EPS,
-};
-
-/// How [`Clipped`] clips the gradients before each step.
-///
-/// ```
-/// use candle_grad_clip::{AutoClip, ClipSetting, NormType};
-/// let by_norm = ClipSetting::norm(1.0); // global L2 norm at most 1
-/// let by_inf_norm = ClipSetting::Norm { max_norm: 0.5, norm_type: NormType::Inf };
-/// let by_value = ClipSetting::value(0.1); // every element in [-0.1, 0.1]
-/// let adaptive = ClipSetting::AutoClip(AutoClip::default()); // 10th percentile of the history
-/// let spikes = ClipSetting::ZClip(candle_grad_clip::ZClip::new()); // z-scores of an EMA
-/// let unit_wise = ClipSetting::agc(0.01); // each unit's ‖g‖ at most 0.01 · max(‖w‖, 1e-3)
-/// assert!(ClipSetting::norm(-1.0).validate().is_err());
-/// # let _ = (by_norm, by_inf_norm, by_value, adaptive, spikes, unit_wise);
-/// ```
-#[derive(Debug, Clone)]
-pub enum ClipSetting {
-    /// Scale all gradients together so that their global norm is at most `max_norm`, as
-    /// [`ClipGradNorm`] does (with its default `eps = 1e-6`).
-    Norm {
-        /// Largest allowed global norm, `>= 0` (`f64::INFINITY` never clips).
-        max_norm: f64,
-        /// The norm to measure and bound.
-        norm_type: NormType,
-    },
-    /// Clamp every gradient element into `[-clip_value, clip_value]`, as [`clip_grad_value_`].
-    Value {
-        /// The bound, `>= 0`.
-        clip_value: f64,
-    },
-    /// Clip the global L2 norm to a percentile of the norms seen so far (see [`AutoClip`]).
-    AutoClip(AutoClip),
-    /// Clip spikes of the global L2 norm detected by their z-score against an EMA (see
-    /// [`ZClip`]); its statistics stay on the device.
-    ZClip(ZClip),
-    /// Adaptive gradient clipping, unit-wise, as [`adaptive_clip_grad_`](crate::adaptive_clip_grad_):
-    /// each unit's gradient norm is bounded by `clipping * max(‖w_unit‖, eps)` (a unit: a slice
-    /// along dim 0 of a var of rank >= 2, a whole var of rank <= 1). `last_norm` is the global L2
-    /// norm of the gradients before clipping; a step counts as clipped when some unit was (a unit
-    /// whose norm is NaN is not clipped, so a NaN gradient alone does not count).
-    Agc {
-        /// The ratio of gradient norm to parameter norm allowed per unit, finite and `> 0`.
-        clipping: f64,
-        /// The smallest parameter norm a unit is measured against, `>= 0` (usually 1e-3).
-        eps: f64,
-    },
-}
-
-impl ClipSetting {
-    /// Global L2-norm clipping to `max_norm`.
-    ///
-    /// ```
-    /// use candle_grad_clip::{ClipSetting, NormType};
-    /// assert!(matches!(
-    ///     ClipSetting::norm(1.0),
-    ///     ClipSetting::Norm { max_norm, norm_type: NormType::L2 } if max_norm == 1.0
-    /// ));
-    /// ```
-    pub fn norm(max_norm: f64) -> Self {
-        ClipSetting::Norm {
-            max_norm,
-            norm_type: NormType::L2,
-        }
-    }
-
-    /// Value clipping to `[-clip_value, clip_value]`.
-    ///
-    /// ```
-    /// assert!(candle_grad_clip::ClipSetting::value(0.5).validate().is_ok());
-    /// ```
-    pub fn value(clip_value: f64) -> Self {
-        ClipSetting::Value { clip_value }
-    }
-
-    /// Adaptive gradient clipping with ratio `clipping` and the default `eps`
-    /// ([`AGC_DEFAULT_EPS`](crate::AGC_DEFAULT_EPS), 1e-3).
-    ///
-    /// ```
-    /// use candle_grad_clip::ClipSetting;
-    /// assert!(matches!(
-    ///     ClipSetting::agc(0.01),
-    ///     ClipSetting::Agc { clipping, eps } if clipping == 0.01 && eps == 1e-3
-    /// ));
-    /// ```
-    pub fn agc(clipping: f64) -> Self {
-        ClipSetting::Agc {
-            clipping,
-            eps: crate::AGC_DEFAULT_EPS,
-        }
-    }
-
-    /// Checks the setting: `max_norm` and `clip_value` must be `>= 0` (not NaN), the norm type
-    /// valid, the AutoClip percentile in `(0, 100]`, the ZClip settings as
-    /// [`ZClip::validate`] checks them.
-    /// valid, the AutoClip percentile in `(0, 100]`, AGC's `clipping` finite and `> 0` and its
-    /// `eps` `>= 0` (not NaN).
-    ///
-    /// ```
-    /// use candle_grad_clip::{ClipSetting, NormType};
-    /// assert!(ClipSetting::value(f64::NAN).validate().is_err());
-    /// let bad_p = ClipSetting::Norm { max_norm: 1.0, norm_type: NormType::P(0.0) };
-    /// assert!(bad_p.validate().is_err());
-    /// assert!(ClipSetting::agc(0.0).validate().is_err());
-    /// assert!(ClipSetting::Agc { clipping: 0.01, eps: f64::NAN }.validate().is_err());
-    /// ```
-    pub fn validate(&self) -> Result<()> {
-        match self {
-            ClipSetting::Norm {
-                max_norm,
-                norm_type,
-            } => ClipGradNorm::new(*max_norm)
-                .norm_type(*norm_type)
-                .validate(),
-            ClipSetting::Value { clip_value } => {
-                if clip_value.is_nan() || *clip_value < 0.0 {
-                    bail!("clip_value must be >= 0, got {clip_value}")
-                }
-                Ok(())
-            }
-            ClipSetting::AutoClip(autoclip) => autoclip::validate_percentile(autoclip.percentile()),
-            ClipSetting::ZClip(zclip) => zclip.validate(),
-            ClipSetting::Agc { clipping, eps } => crate::ops::agc::validate(*clipping, *eps),
-        }
-    }
-}
+use crate::ops::norm_type::NormType;
 
 /// The [`Optimizer::Config`] of [`Clipped`]: the inner optimizer's config and the clip setting.
 ///
@@ -413,7 +290,7 @@ impl<O: Optimizer> Clipped<O> {
                             if any {
                                 let given =
                                     Tensor::new(given, norm.device())?.to_dtype(DType::F64)?;
-                                crate::clip::scale_with_given_norm(
+                                crate::clip::norm::scale_with_given_norm(
                                     vars, &mut view, max_norm, eps, &given,
                                 )?;
                             }

@@ -8,15 +8,18 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 
+use super::clip_setting::ClipSetting;
 use crate::dispatch;
 use crate::dist;
+use crate::dist::ProcessGroup;
 use crate::ops::clip::returned_norm;
+use crate::ops::clip::DEFAULT_EPS;
 use crate::ops::fused_step::{
     state_class, state_dtype, FlatState, Place, Rule, Step, StepClip, Target, CLIPPED,
     CONTROL_WORDS, SKIPPED, STEPS,
 };
 use crate::ops::gradients::{check_matches_var, storage_key, GradientSet};
-use crate::{ClipSetting, NormType, ProcessGroup, DEFAULT_EPS};
+use crate::ops::norm_type::NormType;
 
 /// Keys of the counters in a state dict.
 const KEY_STEPS: &str = "step";
@@ -1054,7 +1057,7 @@ assert_eq!(norms, [5.0, 5.0]); // the norm of both ranks' gradients, on both
             pub fn step_across(
                 &mut self,
                 grads: &GradStore,
-                group: &dyn crate::ProcessGroup,
+                group: &dyn crate::dist::ProcessGroup,
             ) -> Result<()> {
                 validate(&self.params)?;
                 self.core.step(grads, rule(&self.params), Some(group))

@@ -1,14 +1,11 @@
 //! Optimizers: [`Clipped`] (any candle optimizer, clipping before each step), and the fused
 //! optimizers [`FusedAdamW`] and [`FusedSgd`] (one pass over all parameters, the clip folded in).
-//! A new fused optimizer is an update [`Rule`](crate::backend::update::Rule) (with its CPU twin in
-//! `backend/cpu/update.rs` and its kernel in `kernels/`) and a thin type over `fused::FusedCore`.
+//! A new fused optimizer is an update rule (`ops::fused_step::Rule`, with its CPU twin in
+//! `backend/cpu/fused_step/` and its kernel in `kernels/grad_clip.cu`) and a thin type over
+//! `fused::FusedCore`.
 
-mod adamw;
-mod clipped;
-mod fused;
-mod sgd;
-
-pub use adamw::FusedAdamW;
-pub use clipped::{ClipSetting, Clipped, ClippedConfig};
-pub(crate) use fused::prescale_supports;
-pub use sgd::{FusedSgd, ParamsSgd};
+pub(crate) mod adamw;
+pub(crate) mod clip_setting;
+pub(crate) mod clipped;
+pub(crate) mod fused;
+pub(crate) mod sgd;

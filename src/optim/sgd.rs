@@ -8,9 +8,9 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
+use super::clip_setting::ClipSetting;
 use super::fused::{fused_optimizer_api, FusedCore};
 use crate::ops::fused_step::Rule;
-use crate::ClipSetting;
 
 /// Name of the state tensor of each var (PyTorch's); it exists once momentum is on and the var has
 /// had a gradient.

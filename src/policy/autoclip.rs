@@ -2,8 +2,9 @@
 
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 
+use crate::clip::norm::{clip_grads_with_norm_, total_norm};
+use crate::ops::norm_type::NormType;
 use crate::stats::quantile_linear;
-use crate::{clip_grads_with_norm_, total_norm, NormType};
 
 /// Adaptive gradient clipping (Seetharaman, Wichern, Pardo & Le Roux, 2020, "AutoClip: Adaptive
 /// Gradient Clipping for Source Separation Networks"): before each step, clip the global L2 norm

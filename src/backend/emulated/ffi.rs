@@ -4,8 +4,8 @@ use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr, CString};
 
 use candle_core::{bail, Result};
 
-use super::super::kernels::launch::{Arg, Launch};
 use super::BlockOrder;
+use crate::backend::kernels::launch::{Arg, Launch};
 
 unsafe extern "C" {
     fn cge_launch(

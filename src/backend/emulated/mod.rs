@@ -21,9 +21,10 @@ use std::collections::HashMap;
 use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::kernels::launch::{
-    Launch, BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, DT_I64, STATE_WORDS, STATE_ZERO_WORDS,
+use super::kernels::abi::{
+    BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, DT_I64, STATE_WORDS, STATE_ZERO_WORDS,
 };
+use super::kernels::launch::Launch;
 use super::kernels::{Base, Buffer, KernelDevice, Session};
 use crate::ops::gradients::{repeats_elements, storage_key};
 
@@ -665,8 +666,8 @@ impl Session for EmulatedSession {
 
 #[cfg(test)]
 mod tests {
-    use super::super::kernels::launch::Kernel;
     use super::*;
+    use crate::backend::kernels::launch::Kernel;
 
     /// Every kernel defined in `kernels/*.cu` is compiled into the emulation, and every kernel the
     /// host launches is one of them.

@@ -5,9 +5,9 @@
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::super::kernels::launch::Arg;
 use super::ffi::launch_named;
 use super::BlockOrder;
+use crate::backend::kernels::launch::Arg;
 use crate::ops::element::Element;
 use candle_core::Result;
 

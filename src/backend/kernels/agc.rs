@@ -7,7 +7,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::launch::{self, MAX_RANK};
+use super::abi::MAX_RANK;
+use super::launch;
 use super::table::{StridedTarget, Table};
 use super::{launch_all, Base, KernelDevice};
 use crate::ops::agc::{units_of, AgcOutcome, AgcSet};

@@ -31,7 +31,7 @@
 //! `grad_clip_apply_strided`.
 //!
 //! # Determinism
-//! Each segment is cut into chunks of [`CHUNK`](launch::CHUNK) elements counted from its first
+//! Each segment is cut into chunks of [`CHUNK`](abi::CHUNK) elements counted from its first
 //! element, and one warp reduces one chunk into an `f64` partial in an order fixed by the element
 //! indices only. The partials are added on the device into the superaccumulator of `exact_sum.rs`
 //! with integer atomics (exact, so order-independent), and the last block rounds the sum once like
@@ -39,6 +39,7 @@
 //! of `vars` and address alignment (the emulation's tests check each). It is not bitwise the CPU's
 //! norm (the CPU's partials cover other element sets).
 
+pub(crate) mod abi;
 pub(crate) mod agc;
 pub(crate) mod clip;
 pub(crate) mod fused_step;
@@ -53,7 +54,7 @@ use candle_core::{DType, Result, Tensor};
 
 use launch::Launch;
 
-/// Where a tensor's storage starts on the device, and its dtype code (`launch::DT_*`).
+/// Where a tensor's storage starts on the device, and its dtype code (`abi::DT_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Base {
     pub(crate) ptr: u64,
@@ -63,7 +64,7 @@ pub(crate) struct Base {
 impl Base {
     /// Device address of the storage's element `index`.
     pub(crate) fn at(self, index: usize) -> u64 {
-        self.ptr + index as u64 * launch::elem_size(self.dtype)
+        self.ptr + index as u64 * abi::elem_size(self.dtype)
     }
 }
 

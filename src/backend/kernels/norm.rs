@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::launch::{self, NormAt, NormPlan};
+use super::abi;
+use super::launch::{NormAt, NormPlan};
 use super::table::{contiguous_copies, Operands, Part, Table};
 use super::{launch_all, Base, Buffer, KernelDevice, Session};
 use crate::ops::gradients::GradientSet;
@@ -40,11 +41,7 @@ pub(crate) fn total_norm(
 pub(super) fn out_norm(out: Buffer, out_f64: bool) -> NormAt {
     NormAt {
         ptr: out.ptr,
-        dtype: if out_f64 {
-            launch::DT_F64
-        } else {
-            launch::DT_F32
-        },
+        dtype: if out_f64 { abi::DT_F64 } else { abi::DT_F32 },
         max_norm: f64::INFINITY,
         eps: 0.0,
     }

@@ -6,7 +6,7 @@ use candle_core::{Layout, Result, Tensor};
 use crate::ops::gradients::{GradientSet, StorageGroups};
 use crate::ops::layout_runs::union_of_runs;
 
-use super::launch::{CHUNK, MAX_RANK, SEGMENT_WORDS};
+use super::abi::{CHUNK, MAX_RANK, SEGMENT_WORDS};
 use super::Base;
 
 /// The tensors a call hands to the device, in one list: the gradients, then the contiguous

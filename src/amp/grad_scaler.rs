@@ -10,7 +10,11 @@ use candle_nn::Optimizer;
 
 use crate::dispatch;
 use crate::ops::gradients::{storage_key, GradientSet};
-use crate::{ClipSetting, FusedAdamW, FusedSgd, NormType};
+use crate::ops::norm_type::NormType;
+use crate::optim::adamw::FusedAdamW;
+use crate::optim::clip_setting::ClipSetting;
+use crate::optim::fused::prescale_supports;
+use crate::optim::sgd::FusedSgd;
 
 /// Keys of the state dict.
 const KEY_SCALE: &str = "scale";
@@ -416,7 +420,7 @@ impl GradScaler {
                     == targets.len();
                 let one_read = dispatch::fused_step::runs_prescaled(&device)
                     && distinct
-                    && crate::optim::prescale_supports(opt.clip())
+                    && prescale_supports(opt.clip())
                     && !opt.has_skip_limit();
                 if one_read {
                     // inv_scale stays on the device: the kernels read it there (the CPU twin
