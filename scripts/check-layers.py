@@ -184,7 +184,8 @@ def main():
                 if parts[0] == "super":
                     base = base[:-1]
                 parts = parts[1:]
-        else:
+        elif tuple(base + [parts[0]]) not in modules:
+            # A path from another crate (or a local item), not one of this crate's modules.
             return None, False
         full = base + [p for p in parts if p != "*"]
         for k in range(len(full), -1, -1):
@@ -220,7 +221,7 @@ def main():
             current = file_module + per_line[line_of(m.start())]
             for p in expand_use_tree(m.group(1)):
                 targets.append((current, p, line_of(m.start()) + 1))
-        for m in re.finditer(r"\b(?:crate|super|self)(?:::\w+)+", code):
+        for m in re.finditer(r"(?<![\w:])\w+(?:::\w+)+", code):
             if any(a <= m.start() < b for a, b in use_spans):
                 continue
             current = file_module + per_line[line_of(m.start())]

@@ -53,7 +53,8 @@ use candle_core::{bail, CudaStorage, DType, Result, Storage, StorageRef, Tensor}
 use super::kernels::abi::{BLOCK, DT_BF16, DT_F16, DT_F32, DT_F64, DT_I64, STATE_WORDS};
 use super::kernels::launch::{Arg, Grid, Kernel, Launch};
 use super::kernels::recently_used::RecentlyUsed;
-use super::kernels::{Base, Buffer, KernelDevice, Session};
+use super::kernels::table::Base;
+use super::kernels::{Buffer, KernelDevice, Session};
 use crate::ops::gradients::storage_key;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/grad_clip.ptx"));

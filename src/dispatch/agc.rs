@@ -15,7 +15,7 @@ pub(crate) fn clip(set: &AgcSet, clipping: f64, eps: f64) -> Result<AgcOutcome> 
         }
         #[cfg(feature = "emulation")]
         Device::Cpu if crate::backend::emulated::active() => {
-            return kernels::agc::clip(&crate::backend::emulated::Emulated, set, clipping, eps)
+            return kernels::agc::clip(&crate::backend::emulated::device::Emulated, set, clipping, eps)
         }
         Device::Cpu => {}
         other => bail!(

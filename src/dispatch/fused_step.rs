@@ -31,7 +31,7 @@ pub(crate) fn fused_step(step: &Step) -> Result<Outcome> {
     }
     #[cfg(feature = "emulation")]
     if device.is_cpu() && crate::backend::emulated::active() {
-        return kernels::fused_step::fused_step(&crate::backend::emulated::Emulated, step);
+        return kernels::fused_step::fused_step(&crate::backend::emulated::device::Emulated, step);
     }
     if step.prescale.is_some() && !runs_prescaled(device) {
         bail!("internal error: a prescaled step on a device without prescaled passes")

@@ -35,7 +35,7 @@ macro_rules! with_kernel_device {
             }
             #[cfg(feature = "emulation")]
             Device::Cpu if crate::backend::emulated::active() => {
-                let $dev = crate::backend::emulated::Emulated;
+                let $dev = crate::backend::emulated::device::Emulated;
                 Some($body)
             }
             _ => None,

@@ -8,7 +8,8 @@ use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarMap};
 
 use super::clip_setting::ClipSetting;
-use super::fused::{fused_optimizer_api, FusedCore};
+use super::fused::api::fused_optimizer_api;
+use super::fused::FusedCore;
 use crate::ops::fused_step::Rule;
 
 /// Names of the state tensors of each var (PyTorch's).

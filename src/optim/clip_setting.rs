@@ -130,3 +130,14 @@ impl ClipSetting {
         }
     }
 }
+
+/// Whether GradScaler's one-read path (the gradients unscaled as the step reads them) can run with
+/// this clip: not with those that decide from the gradients before the step (AutoClip's host
+/// percentile, ZClip's statistics, AGC's per-unit pass), which then see unscaled gradients only
+/// if `unscale_` ran first.
+pub(crate) fn prescale_supports(clip: Option<&ClipSetting>) -> bool {
+    !matches!(
+        clip,
+        Some(ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. })
+    )
+}

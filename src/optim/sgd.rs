@@ -9,7 +9,8 @@ use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
 use super::clip_setting::ClipSetting;
-use super::fused::{fused_optimizer_api, FusedCore};
+use super::fused::api::fused_optimizer_api;
+use super::fused::FusedCore;
 use crate::ops::fused_step::Rule;
 
 /// Name of the state tensor of each var (PyTorch's); it exists once momentum is on and the var has

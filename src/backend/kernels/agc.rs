@@ -9,8 +9,9 @@ use candle_core::{DType, Result, Tensor};
 
 use super::abi::MAX_RANK;
 use super::launch;
+use super::table::Base;
 use super::table::{StridedTarget, Table};
-use super::{launch_all, Base, KernelDevice};
+use super::{launch_all, KernelDevice};
 use crate::ops::agc::{units_of, AgcOutcome, AgcSet};
 
 /// Words per `AgcSegment`.

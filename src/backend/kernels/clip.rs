@@ -6,8 +6,9 @@ use candle_core::{bail, DType, Result, Tensor};
 
 use super::launch::{Coefficient, ElementOp, NormPlan};
 use super::norm::{norm_at, readable_norm};
+use super::table::Base;
 use super::table::{contiguous_copies, Operands, Table};
-use super::{launch_all, Base, Buffer, KernelDevice, Session};
+use super::{launch_all, Buffer, KernelDevice, Session};
 use crate::ops::clip::{nonfinite_error, ClipSettings};
 use crate::ops::gradients::{storage_key, GradientSet};
 

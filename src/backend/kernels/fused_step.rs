@@ -8,9 +8,10 @@ use candle_core::{bail, DType, Result, Tensor};
 use super::agc;
 use super::launch::{self, NormAt, NormPlan, Transform, Verdict};
 use super::norm::{norm_at, out_norm, readable_norm};
+use super::table::Base;
 use super::table::{contiguous_copies, Operands, Table, UpdateEntry};
 use super::zclip::zclip_step;
-use super::{launch_all, Base, KernelDevice};
+use super::{launch_all, KernelDevice};
 use crate::ops::fused_step::{Outcome, Step, StepClip};
 use crate::ops::norm_type::NormType;
 

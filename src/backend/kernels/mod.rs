@@ -53,20 +53,7 @@ pub(crate) mod zclip;
 use candle_core::{DType, Result, Tensor};
 
 use launch::Launch;
-
-/// Where a tensor's storage starts on the device, and its dtype code (`abi::DT_*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Base {
-    pub(crate) ptr: u64,
-    pub(crate) dtype: u64,
-}
-
-impl Base {
-    /// Device address of the storage's element `index`.
-    pub(crate) fn at(self, index: usize) -> u64 {
-        self.ptr + index as u64 * abi::elem_size(self.dtype)
-    }
-}
+use table::Base;
 
 /// A device buffer allocated through a [`Session`]: its address, and a handle for reading it back
 /// or turning it into a tensor.

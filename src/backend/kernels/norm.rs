@@ -6,8 +6,9 @@ use candle_core::{DType, Result, Tensor};
 
 use super::abi;
 use super::launch::{NormAt, NormPlan};
+use super::table::Base;
 use super::table::{contiguous_copies, Operands, Part, Table};
-use super::{launch_all, Base, Buffer, KernelDevice, Session};
+use super::{launch_all, Buffer, KernelDevice, Session};
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
 

@@ -6,8 +6,22 @@ use candle_core::{Layout, Result, Tensor};
 use crate::ops::gradients::{GradientSet, StorageGroups};
 use crate::ops::layout_runs::union_of_runs;
 
+use super::abi;
 use super::abi::{CHUNK, MAX_RANK, SEGMENT_WORDS};
-use super::Base;
+
+/// Where a tensor's storage starts on the device, and its dtype code (`abi::DT_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Base {
+    pub(crate) ptr: u64,
+    pub(crate) dtype: u64,
+}
+
+impl Base {
+    /// Device address of the storage's element `index`.
+    pub(crate) fn at(self, index: usize) -> u64 {
+        self.ptr + index as u64 * abi::elem_size(self.dtype)
+    }
+}
 
 /// The tensors a call hands to the device, in one list: the gradients, then the contiguous
 /// copies made for the norm (one per non-contiguous gradient), then an extra tensor (the norm

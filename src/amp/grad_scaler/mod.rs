@@ -2,23 +2,25 @@
 //! `torch.amp.GradScaler`, with its state on the gradients' device.
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::collections::HashSet;
 
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 use candle_nn::Optimizer;
+
+mod fused;
+mod grads;
+mod state_dict;
 
 use crate::dispatch;
 use crate::ops::gradients::{storage_key, GradientSet};
 use crate::ops::norm_type::NormType;
 use crate::optim::adamw::FusedAdamW;
-use crate::optim::clip_setting::ClipSetting;
-use crate::optim::fused::prescale_supports;
 use crate::optim::sgd::FusedSgd;
+use grads::{checked_grads, found_inf_of, inv_scale, store_grads, unscale};
 
 /// Keys of the state dict.
-const KEY_SCALE: &str = "scale";
-const KEY_GROWTH_TRACKER: &str = "growth_tracker";
+pub(super) const KEY_SCALE: &str = "scale";
+pub(super) const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 
 /// Dynamic loss scaling, as PyTorch's `torch.amp.GradScaler`: multiply the loss by a large factor
 /// before `backward()` so that small gradients of a reduced-precision (F16) forward pass do not
@@ -403,86 +405,6 @@ impl GradScaler {
         Ok(())
     }
 
-    /// `step` with a fused optimizer (see [`step`](Self::step)).
-    fn step_fused(&mut self, opt: &mut dyn FusedStep, grads: &GradStore) -> Result<()> {
-        match self.stage {
-            Stage::Ready => {
-                let targets = checked_grads("GradScaler::step", opt.vars(), grads)?;
-                if targets.is_empty() {
-                    bail!("GradScaler::step: no inf checks were recorded for this optimizer: none of its vars has a gradient in the store; nothing was changed")
-                }
-                let device = opt.device().clone();
-                let distinct = targets
-                    .iter()
-                    .map(storage_key)
-                    .collect::<HashSet<_>>()
-                    .len()
-                    == targets.len();
-                let one_read = dispatch::fused_step::runs_prescaled(&device)
-                    && distinct
-                    && prescale_supports(opt.clip())
-                    && !opt.has_skip_limit();
-                if one_read {
-                    // inv_scale stays on the device: the kernels read it there (the CPU twin
-                    // reads it, which costs nothing there).
-                    let state = self.state_on(&device)?;
-                    let inv = inv_scale(&state.scale)?;
-                    let before = opt.skipped_steps_on_device()?;
-                    // Without a skip limit, a failed step changes nothing (the gradients stay
-                    // scaled, the scaler ready).
-                    opt.step_skipping(grads, Some(&inv))?;
-                    self.record_fused(&before, &opt.skipped_steps_on_device()?)?;
-                } else {
-                    self.unscale_targets(targets)?;
-                    // From here on a failed step (max_consecutive_skips) leaves the scaler
-                    // unscaled with found-inf recorded: `update` works, and a retry of `step`
-                    // reads found-inf instead of unscaling again.
-                    self.stage = Stage::Unscaled;
-                    opt.step_skipping(grads, None)?;
-                }
-            }
-            Stage::Unscaled => {
-                // After `unscale_`: every gradient the step reads must have been unscaled.
-                for (i, var) in opt.vars().iter().enumerate() {
-                    if let Some(grad) = grads.get(var.as_tensor()) {
-                        if !self.unscaled.contains(&storage_key(grad)) {
-                            bail!("GradScaler::step: the gradient of the optimizer's var #{i} was not unscaled: unscale_ was called without it (pass all the optimizer's vars to unscale_), or the gradient was replaced in the store after unscale_ (modify it in place, as the crate's clips do); nothing was changed")
-                        }
-                    }
-                }
-                if !self.has_found_inf() {
-                    bail!("GradScaler::step: no inf checks were recorded for this optimizer: unscale_ found no gradient; nothing was changed")
-                }
-                // Found-inf as unscale_ recorded it (the gradients may have been clipped since):
-                // one host read, as PyTorch's step after unscale_.
-                if self.found_inf_on_host()? {
-                    opt.record_skip()?;
-                } else {
-                    opt.step_skipping(grads, None)?;
-                }
-            }
-            Stage::Stepped => {
-                bail!("GradScaler::step has already been called since the last update()")
-            }
-        }
-        self.stage = Stage::Stepped;
-        Ok(())
-    }
-
-    /// After a fused step on the one-read path: found-inf is whether the step was skipped, the
-    /// skipped-step counts after minus before (1-element `I64` tensors), computed on the device
-    /// (no host read); the gradients are unscaled.
-    fn record_fused(&mut self, skipped_before: &Tensor, skipped_after: &Tensor) -> Result<()> {
-        let Some(state) = self.state.as_mut() else {
-            bail!("internal error: GradScaler has no state after a prescaled step")
-        };
-        let found = (skipped_after - skipped_before)?
-            .to_dtype(DType::F32)?
-            .squeeze(0)?;
-        state.found_inf = Some(found);
-        Ok(())
-    }
-
     /// Unscales the gradients if [`unscale_`](Self::unscale_) was not called (the store then
     /// holds unscaled gradients), and takes the optimizer's step unless found-inf.
     ///
@@ -643,271 +565,6 @@ impl GradScaler {
             Some(s) => Ok(s.scale.to_scalar::<f32>()? as f64),
             None => Ok(self.init_scale as f32 as f64),
         }
-    }
-
-    /// The state as copies on the CPU: `scale` (0-d F32) and `growth_tracker` (0-d I64),
-    /// everything a bitwise resume needs when saved between [`update`](Self::update) and the
-    /// next step. The settings are not state.
-    ///
-    /// ```
-    /// let state = candle_grad_clip::GradScaler::new().state_dict()?;
-    /// assert_eq!(state["scale"].to_scalar::<f32>()?, 65536.0);
-    /// assert_eq!(state["growth_tracker"].to_scalar::<i64>()?, 0);
-    /// # Ok::<(), candle_core::Error>(())
-    /// ```
-    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
-        self.validate()?;
-        let state = match &self.state {
-            Some(s) => s.to_device(&Device::Cpu)?,
-            None => self.fresh_state(&Device::Cpu)?,
-        };
-        let tracker = state.growth_tracker.to_scalar::<f64>()? as i64;
-        Ok(HashMap::from([
-            (KEY_SCALE.to_string(), state.scale),
-            (
-                KEY_GROWTH_TRACKER.to_string(),
-                Tensor::new(tracker, &Device::Cpu)?,
-            ),
-        ]))
-    }
-
-    /// Loads a state from [`state_dict`](Self::state_dict); a missing, unknown or malformed entry
-    /// (a scale not finite or not positive, a negative tracker) is an error and nothing changes,
-    /// and so is a load in the middle of a step (after `unscale_` or `step`, before `update`).
-    /// The scaler is then ready for a new step.
-    ///
-    /// ```
-    /// use candle_grad_clip::GradScaler;
-    /// let mut state = GradScaler::new().init_scale(8.0).state_dict()?;
-    /// let mut other = GradScaler::new();
-    /// other.load_state_dict(&state)?;
-    /// assert_eq!(other.scale_value()?, 8.0);
-    /// state.remove("growth_tracker");
-    /// assert!(other.load_state_dict(&state).is_err());
-    /// # Ok::<(), candle_core::Error>(())
-    /// ```
-    pub fn load_state_dict(&mut self, dict: &HashMap<String, Tensor>) -> Result<()> {
-        if self.stage != Stage::Ready {
-            bail!("GradScaler::load_state_dict: a step is in progress (unscale_ or step since the last update()); call update() first; nothing was loaded")
-        }
-        let entry = |key: &str, dtype: DType| -> Result<&Tensor> {
-            let Some(t) = dict.get(key) else {
-                bail!("GradScaler::load_state_dict: the state has no `{key}`; nothing was loaded")
-            };
-            if t.rank() != 0 || t.dtype() != dtype {
-                bail!(
-                    "GradScaler::load_state_dict: `{key}` must be a 0-d {dtype:?} tensor, got {:?} {:?}; nothing was loaded",
-                    t.dtype(),
-                    t.dims()
-                )
-            }
-            Ok(t)
-        };
-        let scale = entry(KEY_SCALE, DType::F32)?;
-        let tracker = entry(KEY_GROWTH_TRACKER, DType::I64)?;
-        let scale_value = scale.to_scalar::<f32>()?;
-        if !(scale_value.is_finite() && scale_value > 0.0) {
-            bail!("GradScaler::load_state_dict: `scale` must be > 0 and finite, got {scale_value}; nothing was loaded")
-        }
-        let tracker_value = tracker.to_scalar::<i64>()?;
-        if !(0..=1 << 53).contains(&tracker_value) {
-            bail!("GradScaler::load_state_dict: `growth_tracker` must be in [0, 2^53], got {tracker_value}; nothing was loaded")
-        }
-        if let Some(extra) = dict
-            .keys()
-            .find(|k| *k != KEY_SCALE && *k != KEY_GROWTH_TRACKER)
-        {
-            bail!("GradScaler::load_state_dict: unexpected `{extra}`; nothing was loaded")
-        }
-        let device = self
-            .state
-            .as_ref()
-            .map_or(Device::Cpu, |s| s.device().clone());
-        self.state = Some(ScalerState {
-            scale: Tensor::new(scale_value, &device)?,
-            growth_tracker: Tensor::new(tracker_value as f64, &device)?,
-            found_inf: None,
-        });
-        self.stage = Stage::Ready;
-        Ok(())
-    }
-
-    /// Saves [`state_dict`](Self::state_dict) as a safetensors file.
-    ///
-    /// ```no_run
-    /// candle_grad_clip::GradScaler::new().save_state("scaler.safetensors")?;
-    /// # Ok::<(), candle_core::Error>(())
-    /// ```
-    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        candle_core::safetensors::save(&self.state_dict()?, path.as_ref())
-    }
-
-    /// Loads a state saved by [`save_state`](Self::save_state), as
-    /// [`load_state_dict`](Self::load_state_dict).
-    ///
-    /// ```no_run
-    /// let mut scaler = candle_grad_clip::GradScaler::new();
-    /// scaler.load_state("scaler.safetensors")?;
-    /// # Ok::<(), candle_core::Error>(())
-    /// ```
-    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let dict = candle_core::safetensors::load(path.as_ref(), &Device::Cpu)?;
-        self.load_state_dict(&dict)
-    }
-}
-
-/// The gradients of `vars` (vars without one left out), checked for unscaling: F32, F64 or
-/// BF16, contiguous, on one device. Reads no data.
-/// `caller` names the public method in the errors.
-fn checked_grads(caller: &str, vars: &[Var], grads: &GradStore) -> Result<Vec<Tensor>> {
-    let mut targets: Vec<Tensor> = Vec::with_capacity(vars.len());
-    for (i, var) in vars.iter().enumerate() {
-        let Some(grad) = grads.get(var.as_tensor()) else {
-            continue;
-        };
-        match grad.dtype() {
-                DType::F32 | DType::F64 | DType::BF16 => {}
-                DType::F16 => bail!(
-                    "{caller}: the gradient of var #{i} is F16; GradScaler expects F32 (master) gradients, as PyTorch's: keep the vars in F32 and run the forward pass in F16 (cast the vars to F16 inside it), so that backward() gives F32 gradients to the vars; nothing was modified"
-                ),
-                other => bail!(
-                    "{caller}: the gradient of var #{i} is {other:?}, not a float dtype; nothing was modified"
-                ),
-            }
-        if !grad.is_contiguous() {
-            bail!(
-                    "{caller}: the gradient of var #{i} (shape {:?}) is not contiguous; it is written in place; nothing was modified",
-                    grad.dims()
-                )
-        }
-        if let Some(first) = targets.first() {
-            if !grad.device().same_device(first.device()) {
-                bail!(
-                        "{caller}: the gradient of var #{i} is on {:?}, the first one on {:?}; nothing was modified",
-                        grad.device().location(),
-                        first.device().location()
-                    )
-            }
-        }
-        targets.push(grad.clone());
-    }
-    Ok(targets)
-}
-
-/// Every gradient of the store (F32, F64, BF16), each storage view once, for
-/// [`GradScaler::step`] with an optimizer whose vars are unknown. An F16 one is an error: it may
-/// be a var's (to be unscaled and checked) or an F16 intermediate's (to be left alone), which the
-/// store cannot tell; so is a non-contiguous one (it is unscaled in place).
-fn store_grads(grads: &GradStore) -> Result<Vec<Tensor>> {
-    let mut seen = HashSet::new();
-    let mut targets: Vec<Tensor> = Vec::new();
-    for id in grads.get_ids() {
-        let Some(grad) = grads.get_id(*id) else {
-            continue;
-        };
-        match grad.dtype() {
-            DType::F32 | DType::F64 | DType::BF16 => {}
-            DType::F16 => bail!(
-                "GradScaler::step: the store holds an F16 gradient (shape {:?}) and the optimizer's vars are unknown: it may be a var's or an intermediate's of an F16 forward pass; call unscale_(&vars, &mut grads) with the optimizer's vars first; nothing was modified",
-                grad.dims()
-            ),
-            _ => continue,
-        }
-        let layout = grad.layout();
-        let view = (
-            storage_key(grad),
-            layout.start_offset(),
-            layout.dims().to_vec(),
-            layout.stride().to_vec(),
-        );
-        if !seen.insert(view) {
-            continue;
-        }
-        if !grad.is_contiguous() {
-            bail!(
-                "GradScaler::step: a gradient in the store (shape {:?}) is not contiguous and cannot be unscaled in place; call unscale_(&vars, &mut grads) with the optimizer's vars first; nothing was modified",
-                grad.dims()
-            )
-        }
-        if let Some(first) = targets.first() {
-            if !grad.device().same_device(first.device()) {
-                bail!("GradScaler::step: the store holds gradients on two devices; call unscale_(&vars, &mut grads) with the optimizer's vars first; nothing was modified")
-            }
-        }
-        targets.push(grad.clone());
-    }
-    Ok(targets)
-}
-
-/// Found-inf (0-d F32, 1 or 0) of unscaled gradients, on their device: the largest `|u|`
-/// propagates NaN; `x * 0` is 0 when x is finite and NaN otherwise.
-fn found_inf_of(unscaled: &[Tensor]) -> Result<Tensor> {
-    let max_abs =
-        dispatch::norm::total_norm(&GradientSet::from_grads(unscaled.to_vec())?, NormType::Inf)?;
-    let zero_if_finite = max_abs.affine(0.0, 0.0)?;
-    zero_if_finite.ne(&zero_if_finite)?.to_dtype(DType::F32)
-}
-
-/// What [`GradScaler::step`] needs of [`FusedAdamW`] and [`FusedSgd`].
-trait FusedStep {
-    fn vars(&self) -> &[Var];
-    fn device(&self) -> &Device;
-    fn clip(&self) -> Option<&ClipSetting>;
-    fn has_skip_limit(&self) -> bool;
-    fn skipped_steps_on_device(&self) -> Result<Tensor>;
-    fn step_skipping(&mut self, grads: &GradStore, prescale: Option<&Tensor>) -> Result<()>;
-    fn record_skip(&mut self) -> Result<()>;
-}
-
-macro_rules! impl_fused_step {
-    ($ty:ty) => {
-        impl FusedStep for $ty {
-            fn vars(&self) -> &[Var] {
-                self.core().vars()
-            }
-            fn device(&self) -> &Device {
-                self.core().device()
-            }
-            fn clip(&self) -> Option<&ClipSetting> {
-                self.core().clip()
-            }
-            fn has_skip_limit(&self) -> bool {
-                self.core().has_skip_limit()
-            }
-            fn skipped_steps_on_device(&self) -> Result<Tensor> {
-                self.core().skipped_steps_on_device()
-            }
-            fn step_skipping(
-                &mut self,
-                grads: &GradStore,
-                prescale: Option<&Tensor>,
-            ) -> Result<()> {
-                self.step_skipping_nonfinite(grads, prescale)
-            }
-            fn record_skip(&mut self) -> Result<()> {
-                <$ty>::record_skip(self)
-            }
-        }
-    };
-}
-impl_fused_step!(FusedAdamW);
-impl_fused_step!(FusedSgd);
-
-/// PyTorch's `inv_scale = (f32)(1 / (f64)scale)`, on the scale's device.
-fn inv_scale(scale: &Tensor) -> Result<Tensor> {
-    scale.to_dtype(DType::F64)?.recip()?.to_dtype(DType::F32)
-}
-
-/// `g * inv_scale` as PyTorch computes it: F32 in `f32`, F64 in `f64` (the scale widened
-/// exactly), BF16 in `f32` then rounded to BF16.
-fn unscale(g: &Tensor, inv_scale: &Tensor) -> Result<Tensor> {
-    match g.dtype() {
-        DType::F32 => g.broadcast_mul(inv_scale),
-        DType::F64 => g.broadcast_mul(&inv_scale.to_dtype(DType::F64)?),
-        _ => g
-            .to_dtype(DType::F32)?
-            .broadcast_mul(inv_scale)?
-            .to_dtype(g.dtype()),
     }
 }
 

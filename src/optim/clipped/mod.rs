@@ -1,18 +1,15 @@
-//! [`Clipped`]: any candle optimizer, with gradient clipping before every step.
+//! [`Clipped`]: any candle optimizer, with gradient clipping before every step (the step itself
+//! is in [`step`]).
 
 use std::collections::HashSet;
 
-use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
+mod step;
+
 use super::clip_setting::ClipSetting;
-use crate::clip::agc::adaptive_clip;
-use crate::clip::norm::{clip_grads_with_norm_, total_norm, ClipGradNorm};
-use crate::clip::value::clip_grad_value_;
-use crate::dist::{total_norm_across, ProcessGroup};
-use crate::ops::clip::DEFAULT_EPS;
-use crate::ops::gradients::{check_matches_var, GradientSet};
-use crate::ops::norm_type::NormType;
+use crate::dist::ProcessGroup;
 
 /// The [`Optimizer::Config`] of [`Clipped`]: the inner optimizer's config and the clip setting.
 ///
@@ -89,20 +86,20 @@ impl<C> ClippedConfig<C> {
 /// ```
 #[derive(Debug)]
 pub struct Clipped<O> {
-    inner: O,
+    pub(super) inner: O,
     /// The vars to clip: the float vars given to `new`, each once.
-    vars: Vec<Var>,
-    clip: ClipSetting,
+    pub(super) vars: Vec<Var>,
+    pub(super) clip: ClipSetting,
     /// Steps taken (skipped ones not counted).
-    steps: usize,
-    last_norm: Option<Tensor>,
+    pub(super) steps: usize,
+    pub(super) last_norm: Option<Tensor>,
     /// 0-d `U32` on the gradients' device: steps that were *not* clipped.
-    unclipped: Option<Tensor>,
-    skip_nonfinite: bool,
-    max_consecutive_skips: Option<usize>,
-    skipped: usize,
+    pub(super) unclipped: Option<Tensor>,
+    pub(super) skip_nonfinite: bool,
+    pub(super) max_consecutive_skips: Option<usize>,
+    pub(super) skipped: usize,
     /// Non-finite steps skipped in a row, up to the last step.
-    skip_run: usize,
+    pub(super) skip_run: usize,
 }
 
 impl<O: Optimizer> Optimizer for Clipped<O> {
@@ -164,207 +161,6 @@ impl<O: Optimizer> Clipped<O> {
     pub fn step_across(&mut self, grads: &GradStore, group: &dyn ProcessGroup) -> Result<()> {
         self.step_with(grads, Some(group))
     }
-
-    fn step_with(&mut self, grads: &GradStore, group: Option<&dyn ProcessGroup>) -> Result<()> {
-        // `GradStore` cannot be cloned or mutated through `&`, but its tensors are shared
-        // handles: a new store holding the same tensors, clipped in place, clips the caller's.
-        let mut view = GradStore::default();
-        let mut refused = None;
-        for (i, var) in self.vars.iter().enumerate() {
-            if let Some(grad) = grads.get(var.as_tensor()) {
-                // What the inner optimizer would refuse after we clipped: refuse it before.
-                if let Err(e) = check_matches_var("Clipped::step", i, var, grad) {
-                    refused = Some(e);
-                    break;
-                }
-                view.insert(var.as_tensor(), grad.clone());
-            }
-        }
-        if let Some(group) = group {
-            // Across ranks, everything that can refuse this rank's gradients (the checks above,
-            // gradients that cannot be written) is decided before the first collective, which a
-            // refusing rank still joins with a failure flag so that every rank fails with it.
-            let local = match refused {
-                Some(e) => Err(e),
-                None => GradientSet::collect(&self.vars, &view)
-                    .and_then(|set| set.storage_groups().map(|_| set)),
-            };
-            if let Err(e) = local {
-                crate::dist::set_norm_across("step_across", Err(e), self.first_norm_type(), group)?;
-                return unreachable_failure();
-            }
-        } else if let Some(e) = refused {
-            return Err(e);
-        }
-        // With skipping on, the largest |g| decides first, before anything is written (one host
-        // read: whether to call the inner optimizer is decided on the host); across ranks, the
-        // largest over every rank's, so that every rank skips together.
-        let mut largest = None;
-        if self.skip_nonfinite {
-            let norm = match group {
-                Some(group) => total_norm_across(&self.vars, &view, NormType::Inf, group)?,
-                None => total_norm(&self.vars, &view, NormType::Inf)?,
-            };
-            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                if let Some(limit) = self.max_consecutive_skips {
-                    if self.skip_run >= limit {
-                        bail!(
-                            "Clipped::step: {} non-finite steps in a row (the largest |gradient| of this one is {value}), more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
-                            self.skip_run + 1
-                        )
-                    }
-                }
-                self.skip_run += 1;
-                self.skipped += 1;
-                self.last_norm = Some(norm);
-                return Ok(());
-            }
-            largest = Some(norm);
-        }
-        // The policies' state changes with the clip; put it back if the inner step fails.
-        let saved_clip = matches!(self.clip, ClipSetting::AutoClip(_) | ClipSetting::ZClip(_))
-            .then(|| self.clip.clone());
-        let vars = &self.vars;
-        let clipped = (|| -> Result<(Tensor, Tensor)> {
-            Ok(match &mut self.clip {
-                ClipSetting::Norm {
-                    max_norm,
-                    norm_type,
-                } => {
-                    let clip = ClipGradNorm::new(*max_norm).norm_type(*norm_type);
-                    let norm = match group {
-                        Some(group) => clip.clip_across_(vars, &mut view, group)?,
-                        None => clip.clip_(vars, &mut view)?,
-                    };
-                    let not_clipped = not_clipped_by_norm(&norm, *max_norm, DEFAULT_EPS)?;
-                    (norm, not_clipped)
-                }
-                ClipSetting::Value { clip_value } => {
-                    let norm = match (largest, group) {
-                        (Some(norm), _) => norm,
-                        (None, Some(group)) => {
-                            total_norm_across(vars, &view, NormType::Inf, group)?
-                        }
-                        (None, None) => total_norm(vars, &view, NormType::Inf)?,
-                    };
-                    clip_grad_value_(vars, &mut view, *clip_value)?;
-                    let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
-                    (norm, not_clipped)
-                }
-                ClipSetting::AutoClip(autoclip) => {
-                    let (norm, threshold) = match group {
-                        Some(group) => {
-                            // As `AutoClip::clip_`, with the global norm.
-                            let norm = total_norm_across(vars, &view, NormType::L2, group)?;
-                            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                            let threshold = autoclip.threshold_with(value);
-                            clip_grads_with_norm_(vars, &mut view, threshold, &norm)?;
-                            autoclip.record(value);
-                            (norm, threshold)
-                        }
-                        None => autoclip.clip_with_threshold_(vars, &mut view)?,
-                    };
-                    let not_clipped = not_clipped_by_norm(&norm, threshold, DEFAULT_EPS)?;
-                    (norm, not_clipped)
-                }
-                ClipSetting::ZClip(zclip) => {
-                    // A step without gradients leaves ZClip alone (and is not clipped).
-                    let any = self.vars.iter().any(|v| view.get(v.as_tensor()).is_some());
-                    match group {
-                        Some(group) => {
-                            // ZClip on the global norm: its statistics updated on the host (the norm
-                            // across ranks is read there anyway), the coefficient applied as a
-                            // given norm.
-                            // The exact global norm (not its F32 rounding): ZClip's input rule
-                            // (`zclip::input`) needs it, as in one process.
-                            let (value, norm) = crate::dist::set_norm_across(
-                                "step_across",
-                                GradientSet::collect(vars, &view),
-                                NormType::L2,
-                                group,
-                            )?;
-                            let (given, max_norm, eps) =
-                                zclip.step_for_norm(value, norm.dtype(), norm.device())?;
-                            let c = zclip.last_coefficient()?.unwrap_or(1.0);
-                            if any {
-                                let given =
-                                    Tensor::new(given, norm.device())?.to_dtype(DType::F64)?;
-                                crate::clip::norm::scale_with_given_norm(
-                                    vars, &mut view, max_norm, eps, &given,
-                                )?;
-                            }
-                            let not_clipped = Tensor::new(u8::from(c >= 1.0), norm.device())?;
-                            (norm, not_clipped)
-                        }
-                        None => {
-                            let norm = zclip.clip_(vars, &mut view)?;
-                            // Not clipped iff the coefficient was 1 (false for NaN), on the device.
-                            let not_clipped = match zclip.last_coefficient_tensor()? {
-                                Some(c) if any => c.ge(1.0)?,
-                                _ => Tensor::new(1u8, norm.device())?,
-                            };
-                            (norm, not_clipped)
-                        }
-                    }
-                }
-                ClipSetting::Agc { clipping, eps } => {
-                    // Unit-wise: each rank clips its own units; across ranks `last_norm` is the
-                    // global L2 norm before clipping.
-                    let global = match group {
-                        Some(group) => Some(total_norm_across(vars, &view, NormType::L2, group)?),
-                        None => None,
-                    };
-                    let outcome = adaptive_clip(vars, &view, *clipping, *eps)?;
-                    // Not clipped iff no unit was, on the device.
-                    let clipped = outcome.clipped;
-                    (
-                        global.unwrap_or(outcome.norm),
-                        clipped.eq(&clipped.zeros_like()?)?,
-                    )
-                }
-            })
-        })();
-        // A failed clip leaves the policies as they were (nothing was written then either).
-        let (norm, not_clipped) = match clipped {
-            Ok(done) => done,
-            Err(e) => {
-                if let Some(clip) = saved_clip {
-                    self.clip = clip;
-                }
-                return Err(e);
-            }
-        };
-        if let Err(e) = self.inner.step(grads) {
-            if let Some(clip) = saved_clip {
-                self.clip = clip;
-            }
-            return Err(e);
-        }
-        self.count(not_clipped)?;
-        self.steps += 1;
-        self.skip_run = 0;
-        self.last_norm = Some(norm);
-        Ok(())
-    }
-}
-
-/// `dist::set_norm_across` always fails for a rank that reports a failure.
-fn unreachable_failure() -> Result<()> {
-    bail!("internal error: a refused rank's collective did not fail")
-}
-
-/// Whether a step with this `norm` was left unclipped by `threshold` (a 0-d `U8` on the norm's
-/// device): `norm + eps - threshold <= 0`, false for NaN and for `inf - inf`; an infinite
-/// threshold never clips, so only a NaN norm (NaN coefficient) counts as clipped then.
-fn not_clipped_by_norm(norm: &Tensor, threshold: f64, eps: f64) -> Result<Tensor> {
-    let norm = norm.to_dtype(DType::F64)?;
-    if threshold == f64::INFINITY {
-        norm.eq(&norm)
-    } else {
-        let margin = norm.affine(1.0, eps - threshold)?;
-        margin.le(&margin.zeros_like()?)
-    }
 }
 
 impl<O: Optimizer> Clipped<O> {
@@ -390,21 +186,6 @@ impl<O: Optimizer> Clipped<O> {
 }
 
 impl<O> Clipped<O> {
-    /// The norm of a step's first collective across ranks: the largest `|g|` with skipping on
-    /// (it decides first), else the norm of the clip.
-    fn first_norm_type(&self) -> NormType {
-        if self.skip_nonfinite {
-            return NormType::Inf;
-        }
-        match &self.clip {
-            ClipSetting::Norm { norm_type, .. } => *norm_type,
-            ClipSetting::Value { .. } => NormType::Inf,
-            ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. } => {
-                NormType::L2
-            }
-        }
-    }
-
     fn assemble(inner: O, vars: Vec<Var>, clip: ClipSetting) -> Self {
         // Like candle's optimizers, skip non-float vars; list each var once.
         let mut seen = HashSet::new();
@@ -424,20 +205,6 @@ impl<O> Clipped<O> {
             skipped: 0,
             skip_run: 0,
         }
-    }
-
-    /// Adds this step to the lazy count of unclipped steps, on the count's device.
-    fn count(&mut self, not_clipped: Tensor) -> Result<()> {
-        let not_clipped = match &self.unclipped {
-            Some(count) => not_clipped.to_device(count.device())?,
-            None => not_clipped,
-        }
-        .to_dtype(DType::U32)?;
-        self.unclipped = Some(match &self.unclipped {
-            Some(count) => (count + not_clipped)?,
-            None => not_clipped,
-        });
-        Ok(())
     }
 
     /// Skips steps whose gradients are not all finite (some NaN or ±inf): the inner optimizer is

@@ -1,0 +1,341 @@
+//! The public methods [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) share,
+//! generated once by [`fused_optimizer_api`] with doc examples for each type. One cohesive thing:
+//! a single macro, mostly its documentation.
+
+/// The methods [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) share, over
+/// their `core: FusedCore` and `params` fields, with doc examples for each type. Arguments: the
+/// type, its config type, the `use` line that brings the config into a doc example, the state's
+/// names and whether a var's state may be absent, and the state's description.
+macro_rules! fused_optimizer_api {
+    ($ty:ident, $params:ident, $import:literal, $state:expr, $optional:expr, $state_doc:literal) => {
+        impl $ty {
+            /// A step with non-finite steps skipped on the device whatever
+            /// [`skip_nonfinite`](Self::skip_nonfinite) says ([`GradScaler`](crate::GradScaler)'s
+            /// step). With `prescale`, the step unscales the gradients itself (see `FusedCore`).
+            pub(crate) fn step_skipping_nonfinite(
+                &mut self,
+                grads: &GradStore,
+                prescale: Option<&Tensor>,
+            ) -> Result<()> {
+                validate(&self.params)?;
+                self.core
+                    .step_skipping_nonfinite(grads, rule(&self.params), prescale)
+            }
+
+            /// The core's device and clip, for GradScaler's choice of path.
+            pub(crate) fn core(&self) -> &crate::optim::fused::FusedCore {
+                &self.core
+            }
+
+            /// A step skipped without running, counted in `skipped_steps` (GradScaler's step
+            /// after an `unscale_` that found a non-finite gradient).
+            pub(crate) fn record_skip(&mut self) -> Result<()> {
+                self.core.record_skip()
+            }
+
+            #[doc = concat!("The optimizer for every var of `varmap`, ordered by name, its state keyed by name: the way
+to save in one process and resume in another (`varmap.all_vars()` comes in a `HashMap`'s
+order, which differs between processes).
+
+```
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+", $import, "
+# fn main() -> candle_core::Result<()> {
+let varmap = VarMap::new();
+let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+vb.get(3, \"b\")?;
+vb.get(2, \"a\")?;
+let opt = candle_grad_clip::", stringify!($ty), "::from_varmap(&varmap, ", stringify!($params), "::default())?;
+assert_eq!(opt.vars()[0].dims(), [2]); // \"a\" first
+# Ok(()) }
+```")]
+            pub fn from_varmap(varmap: &VarMap, params: $params) -> Result<Self> {
+                validate(&params)?;
+                let mut core = FusedCore::from_varmap(varmap)?;
+                core.init_state(rule(&params))?;
+                Ok(Self { core, params })
+            }
+
+            #[doc = concat!("The hyper-parameters.
+
+```
+use candle_nn::Optimizer;
+", $import, "
+let opt = candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?;
+assert_eq!(opt.params().lr, ", stringify!($params), "::default().lr);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn params(&self) -> &$params {
+                &self.params
+            }
+
+            #[doc = concat!("Changes the hyper-parameters from the next step on; a bad config is refused and the old one
+kept.
+
+```
+use candle_nn::Optimizer;
+", $import, "
+let mut opt = candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?;
+assert!(opt.set_params(", stringify!($params), " { lr: -1.0, ..Default::default() }).is_err());
+opt.set_params(", stringify!($params), " { lr: 0.5, ..Default::default() })?;
+assert_eq!(opt.learning_rate(), 0.5);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn set_params(&mut self, params: $params) -> Result<()> {
+                validate(&params)?;
+                self.params = params;
+                Ok(())
+            }
+
+            #[doc = concat!("Folds clipping into every step (validated as [`Clipped`](crate::Clipped) validates it).
+
+```
+use candle_nn::Optimizer;
+use candle_grad_clip::{ClipSetting, ", stringify!($ty), "};
+", $import, "
+let opt = ", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.with_clip(ClipSetting::value(0.5))?;
+assert!(opt.clip_setting().is_some());
+assert!(", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.with_clip(ClipSetting::norm(-1.0)).is_err());
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn with_clip(mut self, clip: ClipSetting) -> Result<Self> {
+                self.core.set_clip(clip)?;
+                Ok(self)
+            }
+
+            #[doc = concat!("Whether to skip steps whose gradients are not all finite (see the type's documentation).
+
+```
+use candle_nn::Optimizer;
+", $import, "
+let opt = candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.skip_nonfinite(true);
+assert_eq!(opt.skipped_steps()?, 0);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn skip_nonfinite(mut self, skip: bool) -> Self {
+                self.core.set_skip_nonfinite(skip);
+                self
+            }
+
+            #[doc = concat!("With [`skip_nonfinite`](Self::skip_nonfinite): skip at most `limit` non-finite steps in a
+row; the next non-finite one in the run returns an error saying that the training is broken, and
+changes nothing. A finite step starts the count again. Without a limit a step reads nothing back;
+with one, each step reads the skipped-step count (one transfer; on CUDA, one synchronisation). The
+run length is kept on the host: a state loaded with `load_state_dict` starts a new run.
+
+```
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use candle_nn::Optimizer;
+", $import, "
+let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
+let mut opt = candle_grad_clip::", stringify!($ty), "::new(vec![w.clone()], ", stringify!($params), "::default())?
+    .skip_nonfinite(true)
+    .max_consecutive_skips(1);
+let mut grads = GradStore::default();
+grads.insert(&w, Tensor::new(&[f32::NAN, 0.0], &Device::Cpu)?);
+opt.step(&grads)?; // skipped
+assert!(opt.step(&grads).is_err()); // the second in a row
+assert_eq!(opt.skipped_steps()?, 1);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn max_consecutive_skips(mut self, limit: usize) -> Self {
+                self.core.set_max_consecutive_skips(limit);
+                self
+            }
+
+            #[doc = concat!("The clip setting (for AutoClip and ZClip, with their current state), if any: ZClip's
+statistics for a checkpoint are `clip_setting()` → [`ZClip::state_dict`](crate::ZClip::state_dict).
+
+```
+use candle_nn::Optimizer;
+", $import, "
+assert!(candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.clip_setting().is_none());
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn clip_setting(&self) -> Option<&ClipSetting> {
+                self.core.clip()
+            }
+
+            #[doc = concat!("The norm of the last step's gradients before clipping, in the norm the setting bounds (the
+largest `|g|` for value clipping, L2 for AutoClip and for AGC), as a 0-d tensor on their device; `None`
+without a clip or before the first step.
+
+```
+use candle_nn::Optimizer;
+", $import, "
+assert!(candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.last_norm().is_none());
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn last_norm(&self) -> Option<&Tensor> {
+                self.core.last_norm()
+            }
+
+            #[doc = concat!("Steps taken (skipped ones not counted). Reads the device (one synchronisation on CUDA).
+
+```
+use candle_nn::Optimizer;
+", $import, "
+assert_eq!(candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.steps()?, 0);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn steps(&self) -> Result<usize> {
+                self.core.steps()
+            }
+
+            #[doc = concat!("Steps whose gradients the clip changed (a NaN or infinite norm counts; for AGC, steps
+where some unit was clipped; skipped steps do not). Reads the device (one synchronisation on CUDA).
+
+```
+use candle_nn::Optimizer;
+", $import, "
+assert_eq!(candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.clipped_steps()?, 0);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn clipped_steps(&self) -> Result<usize> {
+                self.core.clipped_steps()
+            }
+
+            #[doc = concat!("Steps skipped because a gradient was not finite. Reads the device (one synchronisation on
+CUDA).
+
+```
+use candle_nn::Optimizer;
+", $import, "
+assert_eq!(candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.skipped_steps()?, 0);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn skipped_steps(&self) -> Result<usize> {
+                self.core.skipped_steps()
+            }
+
+            #[doc = concat!("The vars it updates (the float vars given at construction, each once, in order).
+
+```
+use candle_core::{DType, Device, Var};
+use candle_nn::Optimizer;
+", $import, "
+let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
+let opt = candle_grad_clip::", stringify!($ty), "::new(vec![w.clone(), w], ", stringify!($params), "::default())?;
+assert_eq!(opt.vars().len(), 1);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn vars(&self) -> &[Var] {
+                self.core.vars()
+            }
+
+            #[doc = concat!("The state, as copies: `step`, `clipped_steps`, `skipped_steps` (0-d `I64`), and per var ",
+$state_doc, " (F32, or F64 for F64 vars), `<key>` the var's position in the list given to
+[`new`](Optimizer::new), or its name with [`from_varmap`](Self::from_varmap). The settings
+(learning rate and the rest, the clip) are not state.
+
+```
+use candle_core::{DType, Device, Var};
+use candle_nn::Optimizer;
+", $import, "
+let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
+let state = candle_grad_clip::", stringify!($ty), "::new(vec![w], ", stringify!($params), "::default())?.state_dict()?;
+assert_eq!(state[\"step\"].to_scalar::<i64>()?, 0);
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+                self.core.state_dict(&$state, $optional)
+            }
+
+            #[doc = concat!("Loads a state from [`state_dict`](Self::state_dict) of an optimizer over vars of the same
+shapes and dtypes; a mismatch (count, shape, dtype, a missing or unknown entry) is an error
+and nothing changes.
+
+```
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::Optimizer;
+use candle_grad_clip::", stringify!($ty), ";
+", $import, "
+let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
+let mut state = ", stringify!($ty), "::new(vec![w.clone()], ", stringify!($params), "::default())?.state_dict()?;
+let mut other = ", stringify!($ty), "::new(vec![w], ", stringify!($params), "::default())?;
+other.load_state_dict(&state)?;
+state.insert(\"1.unknown\".into(), Tensor::zeros(2, DType::F32, &Device::Cpu)?);
+assert!(other.load_state_dict(&state).is_err());
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+                self.core.load_state_dict(state, &$state, $optional)
+            }
+
+            #[doc = concat!("Saves [`state_dict`](Self::state_dict) as a safetensors file.
+
+```no_run
+use candle_nn::Optimizer;
+", $import, "
+let opt = candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?;
+opt.save_state(\"optimizer.safetensors\")?;
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+                self.core.save_state(path.as_ref(), &$state, $optional)
+            }
+
+            #[doc = concat!("Loads a state saved by [`save_state`](Self::save_state), as
+[`load_state_dict`](Self::load_state_dict).
+
+```no_run
+use candle_nn::Optimizer;
+", $import, "
+let mut opt = candle_grad_clip::", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?;
+opt.load_state(\"optimizer.safetensors\")?;
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+                self.core.load_state(path.as_ref(), &$state, $optional)
+            }
+
+            #[doc = concat!("One step of a sharded model: this rank's vars, with the clip's norm taken over the gradients
+of every rank of `group` (see [`total_norm_across`](crate::total_norm_across)), so every rank
+scales by the same coefficient; AutoClip's norm and history are the global L2 norm's; ZClip
+runs on the global L2 norm (its statistics updated on the host, where that norm is); AGC is
+unit-wise (each rank clips its own units; `last_norm` is the global L2 norm); and
+`skip_nonfinite` without a clip skips on every rank when any rank's gradients are not finite.
+Value clipping is element-wise (each rank clamps its own gradients); with `skip_nonfinite` the
+largest `|g|` over every rank decides the skip (so every rank skips together) and is `last_norm`.
+Every rank must step together with the same settings.
+
+```
+use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use candle_nn::Optimizer;
+use candle_grad_clip::{ClipSetting, LocalGroup, ", stringify!($ty), "};
+", $import, "
+# fn main() -> candle_core::Result<()> {
+let norms = std::thread::scope(|s| {
+    let handles: Vec<_> = LocalGroup::new(2)?
+        .into_iter()
+        .zip([3f32, 4.])
+        .map(|(group, g)| {
+            s.spawn(move || -> candle_core::Result<f32> {
+                let w = Var::new(&[0f32], &Device::Cpu)?;
+                let mut opt = ", stringify!($ty), "::new(vec![w.clone()], ", stringify!($params), "::default())?
+                    .with_clip(ClipSetting::norm(1.0))?;
+                let mut grads = GradStore::default();
+                grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
+                opt.step_across(&grads, &group)?;
+                opt.last_norm().unwrap().to_scalar::<f32>()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<Vec<_>>>()
+})?;
+assert_eq!(norms, [5.0, 5.0]); // the norm of both ranks' gradients, on both
+# Ok(()) }
+```")]
+            pub fn step_across(
+                &mut self,
+                grads: &GradStore,
+                group: &dyn crate::dist::ProcessGroup,
+            ) -> Result<()> {
+                validate(&self.params)?;
+                self.core.step(grads, rule(&self.params), Some(group))
+            }
+        }
+    };
+}
+pub(crate) use fused_optimizer_api;

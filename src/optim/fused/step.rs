@@ -1,0 +1,312 @@
+//! One fused optimizer step: collect and check the gradients, decide the clip (on this rank or
+//! across a process group), run the fused update (`dispatch::fused_step`), keep the counters.
+
+use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
+
+use super::{too_many_skips, FusedCore};
+use crate::dispatch;
+use crate::dist;
+use crate::dist::ProcessGroup;
+use crate::ops::clip::{returned_norm, DEFAULT_EPS};
+use crate::ops::fused_step::{Rule, Step, StepClip, Target};
+use crate::ops::gradients::{check_matches_var, storage_key, GradientSet};
+use crate::ops::norm_type::NormType;
+use crate::optim::clip_setting::{prescale_supports, ClipSetting};
+
+impl FusedCore {
+    /// One step: collect and check the gradients, decide the clip, run the fused update.
+    /// Nothing changes when it fails. With a `group`, the norm of the clip (and the finite check
+    /// of `skip_nonfinite` without a clip) is the one over every rank's gradients (see
+    /// `step_across`). With `max_consecutive_skips`, one host read of the skip count after the
+    /// step; a skip beyond the limit is undone (a skipped step changed only the counters and the
+    /// clip's bookkeeping) and reported.
+    pub(crate) fn step(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        group: Option<&dyn ProcessGroup>,
+    ) -> Result<()> {
+        self.step_limited(grads, rule, None, group)
+    }
+
+    /// [`step`](Self::step) with GradScaler's `prescale` (see `backend::update::Step`), and
+    /// `max_consecutive_skips` enforced.
+    fn step_limited(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        prescale: Option<&Tensor>,
+        group: Option<&dyn ProcessGroup>,
+    ) -> Result<()> {
+        let Some(limit) = self.max_consecutive_skips.filter(|_| self.skip_nonfinite) else {
+            self.skip_run = None;
+            return self.step_with(grads, rule, prescale, group);
+        };
+        let (skipped_before, run) = self.skip_run_so_far()?;
+        let saved = (
+            self.control.copy()?,
+            self.clip.clone(),
+            self.last_norm.clone(),
+        );
+        self.step_with(grads, rule, prescale, group)?;
+        let skipped = self.skipped_steps()?;
+        if skipped == skipped_before {
+            self.skip_run = Some((skipped, 0));
+            return Ok(());
+        }
+        if run >= limit {
+            (self.control, self.clip, self.last_norm) = saved;
+            self.skip_run = Some((skipped_before, run));
+            return Err(too_many_skips(run, limit));
+        }
+        self.skip_run = Some((skipped, run + 1));
+        Ok(())
+    }
+
+    /// One step, with GradScaler's `prescale` and a process group.
+    fn step_with(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        prescale: Option<&Tensor>,
+        group: Option<&dyn ProcessGroup>,
+    ) -> Result<()> {
+        self.ensure_state(rule.state_count())?;
+        let mut targets = Vec::with_capacity(self.vars.len());
+        let mut step_grads = Vec::with_capacity(self.vars.len());
+        let collected = (|| {
+            for (i, var) in self.vars.iter().enumerate() {
+                let Some(grad) = grads.get(var.as_tensor()) else {
+                    continue;
+                };
+                check_gradient(i, var, grad)?;
+                targets.push(Target {
+                    param: var.as_tensor().clone(),
+                    index: i,
+                });
+                step_grads.push(grad.clone());
+            }
+            GradientSet::from_grads(step_grads)
+        })();
+        // Across ranks: the global norm, computed first (a rank whose gradients were refused
+        // still takes part, so that every rank fails with it).
+        let global_norm = match (group, self.across_norm_type()) {
+            (Some(group), Some(norm_type)) => {
+                let local = collected
+                    .as_ref()
+                    .map(|set| GradientSet::from_grads(set.grads().to_vec()))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                    .and_then(|r| r);
+                Some(dist::set_norm_across(
+                    "step_across",
+                    local,
+                    norm_type,
+                    group,
+                )?)
+            }
+            _ => None,
+        };
+        let set = collected?;
+        // Value clipping across ranks with skipping on: the largest |g| over every rank decides
+        // the skip (known on the host: the collective returned it), so every rank skips together.
+        if let (Some(ClipSetting::Value { .. }), Some((value, norm))) = (&self.clip, &global_norm) {
+            if !value.is_finite() {
+                self.bump_skipped()?;
+                self.last_norm = Some(norm.clone());
+                return Ok(());
+            }
+        }
+        // The exact global norm (F64) that the step's coefficient is computed from; for ZClip
+        // across ranks, the norm that gives its coefficient (`ZClip::step_for_norm`).
+        // AutoClip takes the norm as returned (rounded to its dtype), as in one process. On the
+        // vars' device (a rank without gradients has a CPU `set`).
+        let mut given = match &global_norm {
+            Some((value, norm)) => {
+                let value = if matches!(self.clip, Some(ClipSetting::AutoClip(_))) {
+                    returned_norm(*value, norm.dtype())
+                } else {
+                    *value
+                };
+                Some(Tensor::new(value, &self.device)?)
+            }
+            None => None,
+        };
+        // ZClip's state changes before the step: put it back if the step fails.
+        let saved_zclip =
+            matches!(self.clip, Some(ClipSetting::ZClip(_))).then(|| self.clip.clone());
+        let mut zclip_given: Option<(f64, f64)> = None;
+        if let (Some(ClipSetting::ZClip(zclip)), Some((value, norm))) =
+            (&mut self.clip, &global_norm)
+        {
+            let (norm_value, max_norm, eps) =
+                zclip.step_for_norm(*value, norm.dtype(), &self.device)?;
+            given = Some(Tensor::new(norm_value, &self.device)?);
+            zclip_given = Some((max_norm, eps));
+        }
+        // AutoClip's norm of this step (kept for `last_norm` and its history), read to the host
+        // for its percentile.
+        let mut autoclip_norm: Option<(Tensor, f64)> = None;
+        let mut zclip_state: Option<Tensor> = None;
+        let clip = match (&self.clip, &given, &global_norm) {
+            (Some(ClipSetting::Norm { max_norm, .. }), Some(given), _) => StepClip::GivenNorm {
+                norm: given,
+                max_norm: *max_norm,
+                eps: DEFAULT_EPS,
+            },
+            (Some(ClipSetting::AutoClip(autoclip)), Some(given), Some((value, norm))) => {
+                let value = returned_norm(*value, norm.dtype());
+                let threshold = autoclip.threshold_with(value);
+                autoclip_norm = Some((norm.clone(), value));
+                StepClip::GivenNorm {
+                    norm: given,
+                    max_norm: threshold,
+                    eps: DEFAULT_EPS,
+                }
+            }
+            (Some(ClipSetting::ZClip(_)), Some(given), _) => {
+                let Some((max_norm, eps)) = zclip_given else {
+                    bail!("internal error: ZClip across ranks without its clip")
+                };
+                StepClip::GivenNorm {
+                    norm: given,
+                    max_norm,
+                    eps,
+                }
+            }
+            // skip_nonfinite without a clip: the global max |g| decides; a finite one gives the
+            // coefficient 1 (no write), a non-finite one skips the step on every rank.
+            (None, Some(given), _) => StepClip::GivenNorm {
+                norm: given,
+                max_norm: f64::INFINITY,
+                eps: 0.0,
+            },
+            (None, _, _) => StepClip::None,
+            (
+                Some(ClipSetting::Norm {
+                    max_norm,
+                    norm_type,
+                }),
+                _,
+                _,
+            ) => StepClip::Norm {
+                norm_type: *norm_type,
+                max_norm: *max_norm,
+                eps: DEFAULT_EPS,
+            },
+            (Some(ClipSetting::Value { clip_value }), _, _) => StepClip::Value(*clip_value),
+            // A step without gradients leaves the statistics alone.
+            (Some(ClipSetting::ZClip(_)), _, _) if set.grads().is_empty() => StepClip::None,
+            (Some(ClipSetting::ZClip(zclip)), _, _) => StepClip::ZClip {
+                state: zclip_state.insert(zclip.state_on(&self.device)?),
+                params: zclip.params(),
+            },
+            (Some(ClipSetting::Agc { clipping, eps }), _, _) => StepClip::Agc {
+                clipping: *clipping,
+                eps: *eps,
+            },
+            (Some(ClipSetting::AutoClip(autoclip)), _, _) => {
+                let norm = dispatch::norm::total_norm(&set, NormType::L2)?;
+                let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let threshold = autoclip.threshold_with(value);
+                StepClip::GivenNorm {
+                    norm: &autoclip_norm.insert((norm, value)).0,
+                    max_norm: threshold,
+                    eps: DEFAULT_EPS,
+                }
+            }
+        };
+        let outcome = match dispatch::fused_step::fused_step(&Step {
+            targets,
+            grads: &set,
+            rule,
+            clip,
+            skip_nonfinite: self.skip_nonfinite,
+            prescale,
+            control: &self.control,
+            state: &self.state,
+        }) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                if let Some(clip) = saved_zclip {
+                    self.clip = clip;
+                }
+                return Err(e);
+            }
+        };
+        self.last_norm = match autoclip_norm {
+            Some((norm, value)) => {
+                if let Some(ClipSetting::AutoClip(autoclip)) = &mut self.clip {
+                    autoclip.record(value);
+                }
+                Some(norm)
+            }
+            // Across ranks, the clip's norm is the global one (GivenNorm reports none; AGC's
+            // own pass measures only this rank's gradients).
+            None if global_norm.is_some() && self.clip.is_some() => {
+                global_norm.map(|(_, norm)| norm)
+            }
+            None => outcome.norm,
+        };
+        if let (Some(ClipSetting::ZClip(zclip)), Some(state)) =
+            (&mut self.clip, outcome.policy_state)
+        {
+            zclip.set_state(state);
+        }
+        Ok(())
+    }
+
+    /// The norm a step across ranks needs from the group: the clip's norm (AutoClip, ZClip and
+    /// AGC, for `last_norm`: L2), or for `skip_nonfinite` without a clip the largest `|g|`; none
+    /// for value clipping (element-wise: each rank clamps and checks its own gradients).
+    fn across_norm_type(&self) -> Option<NormType> {
+        match &self.clip {
+            Some(ClipSetting::Norm { norm_type, .. }) => Some(*norm_type),
+            Some(ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. }) => {
+                Some(NormType::L2)
+            }
+            // Element-wise; with skipping on, the global largest |g| decides the skip.
+            Some(ClipSetting::Value { .. }) if self.skip_nonfinite => Some(NormType::Inf),
+            Some(ClipSetting::Value { .. }) => None,
+            None if self.skip_nonfinite => Some(NormType::Inf),
+            None => None,
+        }
+    }
+
+    /// [`step`](Self::step) with non-finite steps skipped whatever the setting: the step of
+    /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
+    /// With `prescale` (`inv_scale`, 0-d F32 on the device), the gradients are still scaled: the
+    /// step unscales them as it reads them and writes them back unscaled (GradScaler's one-read
+    /// path; only where `backend::update::runs_prescaled`, with a clip that `prescale_supports`:
+    /// not AutoClip, ZClip or AGC, which decide from the gradients before the step).
+    pub(crate) fn step_skipping_nonfinite(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        prescale: Option<&Tensor>,
+    ) -> Result<()> {
+        if prescale.is_some() && !prescale_supports(self.clip.as_ref()) {
+            bail!("internal error: a prescaled step with a clip that decides before the step")
+        }
+        let setting = std::mem::replace(&mut self.skip_nonfinite, true);
+        let result = self.step_limited(grads, rule, prescale, None);
+        self.skip_nonfinite = setting;
+        result
+    }
+}
+
+/// A gradient the fused step can use for var #`i`: same dtype, shape and device, and not sharing
+/// the var's storage (the step writes the var while it reads the gradient).
+fn check_gradient(i: usize, var: &Var, grad: &Tensor) -> Result<()> {
+    check_matches_var("fused optimizer step", i, var, grad)?;
+    if !grad.device().same_device(var.device()) {
+        bail!(
+            "fused optimizer step: the gradient of var #{i} is on {:?} but the var on {:?}; nothing was modified",
+            grad.device().location(),
+            var.device().location()
+        )
+    }
+    if storage_key(grad) == storage_key(var.as_tensor()) {
+        bail!("fused optimizer step: the gradient of var #{i} shares the var's storage; nothing was modified")
+    }
+    Ok(())
+}
