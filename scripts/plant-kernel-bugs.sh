@@ -80,7 +80,7 @@ EOF
   case "$name:$file" in
     *:emulation/*) tests=(--lib emulated) ;;
     zclip-*) tests=(--test zclip) ;;
-    agc-*) tests=(--test agc) ;;
+    agc-*) tests=(--test clip) ;;
     scaler-*) tests=(--test grad_scaler) ;;
     *) tests=(--test emulation --test emulation_optim) ;;
   esac

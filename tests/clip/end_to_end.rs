@@ -1,7 +1,7 @@
 //! End to end: a small candle_nn model on a VarMap, `loss.backward()`, `clip_grad_norm_` over
 //! `varmap.all_vars()`, then an optimizer step, with every norm recomputed independently in f64.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_grad_clip::{clip_grad_norm_, total_norm, NormType};

@@ -3,7 +3,7 @@
 //! determinism over the order of the vars and the thread count on inputs large enough for the
 //! parallel path.
 
-mod common;
+use crate::common;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{clip_grad_value_, total_norm, ClipGradNorm, NormType};

@@ -5,7 +5,7 @@
 //! tolerance of a few ulps (as `common::elem_tol` allows) would also accept a coefficient
 //! rounded to `f32` before the multiplication; equality does not.
 
-mod common;
+use crate::common;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{clip_grad_norm_, clip_grads_with_norm_, ClipGradNorm, NormType};

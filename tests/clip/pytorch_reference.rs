@@ -2,7 +2,7 @@
 //! `test_clip_grad_value`, `test_clip_grad_norm_error_if_nonfinite`), with the reference norms
 //! computed independently in f64 instead of by torch.
 
-mod common;
+use crate::common;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{clip_grad_norm_, clip_grad_value_, ClipGradNorm, NormType};
