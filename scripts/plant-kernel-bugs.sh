@@ -79,7 +79,7 @@ EOF
   # emulation suites.
   case "$name:$file" in
     *:emulation/*) tests=(--lib emulated) ;;
-    zclip-*) tests=(--test zclip) ;;
+    zclip-*) tests=(--test policy) ;;
     agc-*) tests=(--test clip) ;;
     scaler-*) tests=(--test grad_scaler) ;;
     *) tests=(--test emulation --test emulation_optim) ;;
