@@ -3,7 +3,7 @@
 //! step changes nothing but its count; the step past the limit is an error and changes nothing at
 //! all; a finite step starts the count again.
 
-mod common;
+use crate::common;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
