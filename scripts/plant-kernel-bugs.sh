@@ -82,7 +82,7 @@ EOF
     zclip-*) tests=(--test policy) ;;
     agc-*) tests=(--test clip) ;;
     scaler-*) tests=(--test grad_scaler) ;;
-    *) tests=(--test emulation --test emulation_optim) ;;
+    *) tests=(--test emulation) ;;
   esac
   if (cd "$copy" && cargo test --release "${tests[@]}" >"$copy.log" 2>&1); then
     printf '%-14s %-10s %s\n' "$name" "SURVIVED" "$what"

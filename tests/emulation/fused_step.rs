@@ -1,13 +1,13 @@
 //! The fused optimizer step kernel (`grad_clip_fused_step`), run through the host emulation with
 //! the crate's own CUDA host code, against the CPU twin (`backend/cpu/update.rs`), which
-//! `fused_optim.rs` checks against candle's `AdamW`/`SGD` bitwise. On normal values the kernel's
+//! `tests/optim` checks against candle's `AdamW`/`SGD` bitwise. On normal values the kernel's
 //! results are the CPU's bit for bit, for every grid size and block order; the one documented
 //! difference (F32/F64 follow candle's CUDA sequence, whose affine ops are fused multiply-adds)
 //! shows only when a product underflows to zero.
 
 use std::collections::HashMap;
 
-mod common;
+use crate::common;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
