@@ -1,5 +1,5 @@
-//! Cases for the norm across ranks, shared by the in-process test (`tests/distributed.rs`, threads
-//! through `LocalGroup`) and the MPI driver (`tests/mpi_driver.rs`, processes under `mpirun`).
+//! Cases for the norm across ranks, shared by the in-process tests (`tests/distributed`, threads
+//! through `LocalGroup`) and the MPI driver (`tests/mpi_driver`, processes under `mpirun`).
 //!
 //! Every rank builds the same random model from the case's seed, computes the one-process
 //! reference (`total_norm` and `ClipGradNorm::clip_` over every gradient: the call whose bits the
@@ -15,7 +15,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 /// The CPU back end's work-item length: pieces cut at multiples of it keep the bitwise promise.
 pub const CUT: usize = 1 << 15;
 
-pub const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+/// Every float dtype a gradient may have (the suites' shared constant).
+pub use crate::common::DTYPES;
 
 pub const NORMS: [NormType; 5] = [
     NormType::L1,

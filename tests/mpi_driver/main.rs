@@ -8,7 +8,9 @@
 //!
 //! Set `MPIRUN` to use another launcher binary (default `mpirun`).
 
+#[path = "../common/mod.rs"]
 mod common;
+#[path = "../distributed/dist_cases.rs"]
 mod dist_cases;
 
 use std::process::Command;
