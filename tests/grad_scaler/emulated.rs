@@ -18,7 +18,7 @@ fn emulated_fused_path_equals_the_cpu() -> Result<()> {
             .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
             .collect::<Result<_>>()?;
         // (A norm clip is not compared: the kernels' norm is not bitwise the CPU's, see
-        // tests/emulation_optim.rs.)
+        // tests/emulation/fused_step.rs.)
         let mut emulated = FusedAdamW::new(a.clone(), ParamsAdamW::default())?;
         let mut cpu = FusedAdamW::new(b.clone(), ParamsAdamW::default())?;
         if case % 2 == 1 {
