@@ -1,5 +1,5 @@
-"""The PyTorch values hardcoded in tests/grad_scaler.rs (`pytorch_*` tests): torch.amp.GradScaler on
-the CPU over scripted sequences of finite and non-finite steps.
+"""The PyTorch values hardcoded in tests/grad_scaler/pytorch.rs (`pytorch_*` tests):
+torch.amp.GradScaler on the CPU over scripted sequences of finite and non-finite steps.
 
     python scripts/grad_scaler_pytorch.py    # needs torch (CI does not: the values are in the test)
 

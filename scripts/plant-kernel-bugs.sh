@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Proves that the emulated kernel tests can fail: plants one bug at a time in a copy of this
-# checkout (in a temporary folder, never the checkout itself): in a kernel (kernels/grad_clip.cu),
-# caught by the emulation tests (`cargo test --release --test emulation --test emulation_optim`), or
-# in the emulation's
-# own shim (emulation/), caught by its self-tests (`cargo test --release --lib emulated`); a bug in
-# a policy kernel (`zclip-*`, `agc-*`) by that policy's tests (`--test zclip`, `--test agc`), one in
-# GradScaler's one-read path (`scaler-*`) by `--test grad_scaler`. Each run
-# must FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
+# checkout (in a temporary folder, never the checkout itself) and runs the tests of the bug's area
+# there, which must FAIL. Prints one line per planted bug; exits non-zero if any bug survives.
+#
+#   bug in                                     caught by (test target: folder of tests/)
+#   a kernel of kernels/grad_clip.cu           cargo test --release --test emulation (tests/emulation)
+#   ZClip's kernel (`zclip-*`)                 --test policy (tests/policy/zclip)
+#   AGC's kernels (`agc-*`)                    --test clip (tests/clip/agc)
+#   GradScaler's one-read path (`scaler-*`)    --test grad_scaler (tests/grad_scaler)
+#   the emulation's own shim (emulation/)      --lib emulated (the shim's self-tests)
 #
 #   scripts/plant-kernel-bugs.sh            # every bug below (23 bugs: about 6 minutes in all on 2 cores)
 #   scripts/plant-kernel-bugs.sh carry      # only the bugs whose name contains "carry"
@@ -20,7 +22,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 FILTER=${1:-}
 
 # name | file | what the bug is | python expression of (source -> mutated source); must change the
-# text. Bugs in emulation/ are caught by the library's unit tests, the others by tests/emulation.rs.
+# text. Which tests must catch each bug: the table at the top of this file.
 BUGS=(
   "carry|kernels/grad_clip.cu|the superaccumulator drops the add into its second digit|s.replace('atomicAdd(&digits[digit + 1], lo >> 32);', '', 1)"
   "last-block|kernels/grad_clip.cu|the first block to finish (not the last) finalises the norm|s.replace('s_last = done == (u64)gridDim.x - 1;', 's_last = done == 0;', 1)"
@@ -75,14 +77,14 @@ if m == s:
     sys.exit("the bug could not be planted: " + path + " no longer has the text it replaces")
 open(path, "w").write(m)
 EOF
-  # A policy's kernel (named after it) is caught by its own test file; the others by the two
-  # emulation suites.
+  # A bug in ZClip's, AGC's or GradScaler's kernels (named after them) is caught by the tests of
+  # their area; one in the emulation's shim by its self-tests; the others by the emulation target.
   case "$name:$file" in
     *:emulation/*) tests=(--lib emulated) ;;
-    zclip-*) tests=(--test zclip) ;;
-    agc-*) tests=(--test agc) ;;
+    zclip-*) tests=(--test policy) ;;
+    agc-*) tests=(--test clip) ;;
     scaler-*) tests=(--test grad_scaler) ;;
-    *) tests=(--test emulation --test emulation_optim) ;;
+    *) tests=(--test emulation) ;;
   esac
   if (cd "$copy" && cargo test --release "${tests[@]}" >"$copy.log" 2>&1); then
     printf '%-14s %-10s %s\n' "$name" "SURVIVED" "$what"
