@@ -100,34 +100,6 @@ fn validate(p: &ParamsAdamW) -> Result<()> {
     Ok(())
 }
 
-impl Optimizer for FusedAdamW {
-    type Config = ParamsAdamW;
-
-    /// The optimizer for `vars` (state matched to them by position), with candle's
-    /// `ParamsAdamW`; a bad config is an error.
-    fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
-        validate(&params)?;
-        let mut core = FusedCore::new(vars)?;
-        core.init_state(rule(&params))?;
-        Ok(Self { core, params })
-    }
-
-    /// One fused step (see the type's documentation). A learning rate made invalid by
-    /// [`set_learning_rate`](Optimizer::set_learning_rate) is refused here, and nothing changes.
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        validate(&self.params)?;
-        self.core.step(grads, rule(&self.params), None)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.params.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.params.lr = lr;
-    }
-}
-
 fn rule(p: &ParamsAdamW) -> Rule {
     Rule::AdamW {
         lr: p.lr,

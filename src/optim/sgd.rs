@@ -114,33 +114,6 @@ fn validate(p: &ParamsSgd) -> Result<()> {
     Ok(())
 }
 
-impl Optimizer for FusedSgd {
-    type Config = ParamsSgd;
-
-    /// The optimizer for `vars` (state matched to them by position); a bad config is an error.
-    fn new(vars: Vec<Var>, params: ParamsSgd) -> Result<Self> {
-        validate(&params)?;
-        let mut core = FusedCore::new(vars)?;
-        core.init_state(rule(&params))?;
-        Ok(Self { core, params })
-    }
-
-    /// One fused step (see the type's documentation). A learning rate made invalid by
-    /// [`set_learning_rate`](Optimizer::set_learning_rate) is refused here, and nothing changes.
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        validate(&self.params)?;
-        self.core.step(grads, rule(&self.params), None)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.params.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.params.lr = lr;
-    }
-}
-
 fn rule(p: &ParamsSgd) -> Rule {
     Rule::Sgd {
         lr: p.lr,

@@ -1,23 +1,22 @@
-//! [`GradScaler`](crate::GradScaler)'s passes on the CPU: `unscale_` in one read and one write, and the one-read path: the reduction reads the *scaled*
-//! gradients and multiplies each element by `inv_scale` as it reads it ([`unscale`], rounded to
-//! the gradient's dtype exactly as `GradScaler::unscale_` rounds it), so that one read-only pass
+//! [`GradScaler`](crate::GradScaler)'s passes on the CPU: `unscale_` in one read and one write of
+//! each element, and the one-read path: the reduction reads the *scaled* gradients through
+//! [`Unscaled`], which multiplies each element by `inv_scale` as it reads it ([`unscale`], rounded
+//! to the gradient's dtype exactly as `GradScaler::unscale_` rounds it), so that one read-only pass
 //! gives the norm and the finiteness of the unscaled gradients; the fused step then unscales each
-//! element again as it reads it and writes the unscaled value back (`cpu::update`).
+//! element again as it reads it and writes the unscaled value back (`cpu::fused_step`).
 //!
-//! [`norm_unscaled`] is bitwise [`norm`](super::norm) of the unscaled gradients: the same work
+//! [`norm_unscaled`] is bitwise `cpu::reduce::norm` of the unscaled gradients: the same work
 //! items, the same lanes, the same combining order and the same exact sum, on the unscaled values.
 
 use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use super::reduce::{combine_lanes, max_nan, LockedGradients, WorkItem};
-use super::{Data, CHUNK, LANES, PARALLEL_MIN_ELEMENTS};
+use super::reduce::{norm_read, ReadElement};
+use super::{CHUNK, PARALLEL_MIN_ELEMENTS};
 use crate::ops::element::Element;
-use crate::ops::exact_sum::ExactSum;
 use crate::ops::grad_scaler::unscale;
 use crate::ops::gradients::{GradientSet, StorageGroups};
-use crate::ops::layout_runs::for_each_run;
-use crate::ops::norm::{root, Power, TINY_SUM};
+use crate::ops::norm::OneProcess;
 use crate::ops::norm_type::NormType;
 
 /// Unscales a slice in place (F32: the `f32` product itself, which vectorises).
@@ -103,19 +102,27 @@ pub(crate) fn unscale_all_in_place(grads: &[Tensor], inv: f32) -> Result<bool> {
     Ok(op.found.get())
 }
 
-/// Sum of `power(unscale(x))` over a slice. With AVX2 and FMA, squares of F32 take a
-/// hand-vectorised loop with the same lanes and combining order as the generic one (as
-/// `cpu::sum_powers` does for the plain norm).
-fn sum_powers_unscaled<T: Element>(xs: &[T], power: Power, inv: f32) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if let (Power::Square, Some(xs)) = (power, T::as_f32_slice(xs)) {
+/// Elements unscaled as they are read: [`unscale`] by `inv_scale`, rounded as
+/// `GradScaler::unscale_` rounds it.
+#[derive(Clone, Copy)]
+pub(super) struct Unscaled(pub(super) f32);
+
+impl ReadElement for Unscaled {
+    #[inline(always)]
+    fn read<T: Element>(self, x: T) -> f64 {
+        unscale(x, self.0).to_f64()
+    }
+
+    fn sum_squares_f32_fast(self, xs: &[f32]) -> Option<f64> {
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above), all it assumes.
-            return unsafe { avx2::sum_squares_unscaled_f32(xs, inv) };
+            return Some(unsafe { avx2::sum_squares_unscaled_f32(xs, self.0) });
         }
+        let _ = xs;
+        None
     }
-    sum_powers_unscaled_any(xs, power, inv)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -156,169 +163,23 @@ mod avx2 {
     }
 }
 
-macro_rules! multiversion_unscaled {
-    (fn $name:ident<$t:ident: Element>($($arg:ident: $ty:ty),*) -> $ret:ty => $generic:ident, $avx2:ident) => {
-        fn $name<$t: Element>($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: `$avx2` only assumes AVX2, which the CPU was just found to support.
-                return unsafe { $avx2($($arg),*) };
-            }
-            $generic($($arg),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
-        fn $avx2<$t: Element>($($arg: $ty),*) -> $ret {
-            $generic($($arg),*)
-        }
-    };
-}
-
-multiversion_unscaled! {
-    fn sum_powers_unscaled_any<T: Element>(xs: &[T], power: Power, inv: f32) -> f64
-        => sum_powers_unscaled_generic, sum_powers_unscaled_avx2
-}
-
-multiversion_unscaled! {
-    fn max_abs_unscaled<T: Element>(xs: &[T], inv: f32) -> f64
-        => max_abs_unscaled_generic, max_abs_unscaled_avx2
-}
-
-/// `cpu::sum_powers_generic` on the unscaled values.
-#[inline(always)]
-fn sum_powers_unscaled_generic<T: Element>(xs: &[T], power: Power, inv: f32) -> f64 {
-    #[inline(always)]
-    fn lanes<T: Element>(xs: &[T], inv: f32, f: impl Fn(f64) -> f64) -> f64 {
-        let mut acc = [0.0f64; LANES];
-        let mut chunks = xs.chunks_exact(LANES);
-        for c in &mut chunks {
-            for lane in 0..LANES {
-                acc[lane] += f(unscale(c[lane], inv).to_f64());
-            }
-        }
-        let mut tail = 0.0;
-        for &x in chunks.remainder() {
-            tail += f(unscale(x, inv).to_f64());
-        }
-        combine_lanes(acc, tail)
-    }
-    match power {
-        Power::Abs => lanes(xs, inv, |x| x.abs()),
-        Power::Square => lanes(xs, inv, |x| x * x),
-        p @ Power::Pow { .. } => lanes(xs, inv, |x| p.apply(x)),
-    }
-}
-
-/// `cpu::max_abs_generic` on the unscaled values.
-#[inline(always)]
-fn max_abs_unscaled_generic<T: Element>(xs: &[T], inv: f32) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut nan = false;
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
-        for lane in 0..LANES {
-            let a = unscale(c[lane], inv).to_f64().abs();
-            nan |= a.is_nan();
-            acc[lane] = acc[lane].max(a);
-        }
-    }
-    let mut m = acc.iter().fold(0.0f64, |m, &a| m.max(a));
-    for &x in chunks.remainder() {
-        let a = unscale(x, inv).to_f64().abs();
-        nan |= a.is_nan();
-        m = m.max(a);
-    }
-    if nan {
-        f64::NAN
-    } else {
-        m
-    }
-}
-
-impl WorkItem<'_> {
-    fn sum_powers_unscaled(&self, power: Power, inv: f32) -> f64 {
-        match *self {
-            WorkItem::Contiguous(data) => {
-                dispatch!(data, xs => sum_powers_unscaled(xs, power, inv))
-            }
-            WorkItem::Strided(data, layout) => {
-                let mut total = 0.0;
-                for_each_run(layout, |start, len| {
-                    total += dispatch!(data.range(start, start + len), xs => sum_powers_unscaled(xs, power, inv));
-                });
-                total
-            }
-        }
-    }
-
-    fn max_abs_unscaled(&self, inv: f32) -> f64 {
-        match *self {
-            WorkItem::Contiguous(data) => dispatch!(data, xs => max_abs_unscaled(xs, inv)),
-            WorkItem::Strided(data, layout) => {
-                let mut m = 0.0;
-                for_each_run(layout, |start, len| {
-                    m = max_nan(
-                        m,
-                        dispatch!(data.range(start, start + len), xs => max_abs_unscaled(xs, inv)),
-                    );
-                });
-                m
-            }
-        }
-    }
-}
-
-impl LockedGradients<'_> {
-    fn exact_sum_unscaled(&self, items: &[WorkItem<'_>], power: Power, inv: f32) -> ExactSum {
-        self.exact_sum_by(items, |item| item.sum_powers_unscaled(power, inv))
-    }
-
-    fn max_abs_unscaled(&self, items: &[WorkItem<'_>], inv: f32) -> f64 {
-        self.max_abs_by(items, |item| item.max_abs_unscaled(inv))
-    }
-}
-
 /// The norm of the gradients multiplied by `inv` ([`unscale`]), read-only: bitwise
-/// [`norm`](super::norm) of the unscaled gradients (the same rescue pass included).
+/// [`norm`](super::reduce::norm) of the unscaled gradients (the same work items, lanes, combining
+/// order, exact sum and rescue pass, on the unscaled values).
 pub(crate) fn norm_unscaled(
     set: &GradientSet,
     groups: &StorageGroups,
     norm_type: NormType,
     inv: f32,
 ) -> Result<f64> {
-    let locked = LockedGradients::lock(set, groups);
-    let items = locked.work_items()?;
-    let p = match norm_type.canonical() {
-        NormType::Inf => return Ok(locked.max_abs_unscaled(&items, inv)),
-        NormType::L1 => 1.0,
-        NormType::L2 => 2.0,
-        NormType::P(p) => p,
-    };
-    let power = match p {
-        1.0 => Power::Abs,
-        2.0 => Power::Square,
-        _ => Power::Pow { p, divisor: 1.0 },
-    };
-    let sum = locked.exact_sum_unscaled(&items, power, inv).value();
-    let suspicious = sum.is_infinite() || sum < TINY_SUM;
-    if sum.is_nan() || !(suspicious && set.powers_may_leave_f64_range(p)) {
-        return Ok(root(sum, p));
-    }
-    let max = locked.max_abs_unscaled(&items, inv);
-    if max == 0.0 || !max.is_finite() {
-        return Ok(max);
-    }
-    let scaled = locked
-        .exact_sum_unscaled(&items, Power::Pow { p, divisor: max }, inv)
-        .value();
-    Ok(root(scaled, p) * max)
+    norm_read(set, groups, norm_type, Unscaled(inv), &mut OneProcess(set))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::reduce::norm;
+    use crate::backend::cpu::reduce::{norm, sum_powers_generic};
+    use crate::ops::norm::Power;
     use candle_core::{DType, Device, Tensor};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -396,7 +257,7 @@ mod tests {
             for inv in [1.0 / 65536.0, 1.0 / 1000.0, 3.7] {
                 // SAFETY: AVX2 and FMA were found above.
                 let fast = unsafe { avx2::sum_squares_unscaled_f32(&xs, inv) };
-                let generic = sum_powers_unscaled_generic(&xs, Power::Square, inv);
+                let generic = sum_powers_generic(&xs, Power::Square, Unscaled(inv));
                 assert_eq!(fast.to_bits(), generic.to_bits(), "len {len} inv {inv}");
             }
         }

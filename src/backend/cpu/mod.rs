@@ -77,10 +77,10 @@ macro_rules! dispatch {
 /// multiply and an add into an FMA), so the results are bitwise the same; AVX2 only makes each
 /// instruction handle twice the lanes, which matters when the data sits in cache.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident<$t:ident: Element>($($arg:ident: $ty:ty),*) $(-> $ret:ty)?
+    ($(#[$meta:meta])* fn $name:ident<$($t:ident: $bound:ident),+>($($arg:ident: $ty:ty),*) $(-> $ret:ty)?
         => $generic:ident, $avx2:ident) => {
         $(#[$meta])*
-        fn $name<$t: crate::ops::element::Element>($($arg: $ty),*) $(-> $ret)? {
+        fn $name<$($t: $bound),+>($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: `$avx2` only assumes AVX2, which the CPU was just found to support.
@@ -91,7 +91,7 @@ macro_rules! multiversion {
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
-        fn $avx2<$t: crate::ops::element::Element>($($arg: $ty),*) $(-> $ret)? {
+        fn $avx2<$($t: $bound),+>($($arg: $ty),*) $(-> $ret)? {
             $generic($($arg),*)
         }
     };

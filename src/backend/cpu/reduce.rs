@@ -1,7 +1,8 @@
 //! The CPU's reduction: every gradient view cut into work items ([`WorkItem`]: at most
 //! [`CHUNK`] contiguous elements, or a whole strided view), each reduced to one `f64` partial in a
 //! fixed lane order, the partials added into an exact sum (`ops::exact_sum`), in parallel for
-//! large sets. [`norm`] is the norm of `ops::norm` over these work items.
+//! large sets. [`norm`] is the norm of `ops::norm` over these work items. Every loop takes each
+//! element through a [`ReadElement`]: as it is, or unscaled (GradScaler's one-read path).
 
 use candle_core::{DType, Layout, Result, StorageRef, Tensor};
 use rayon::prelude::*;
@@ -21,22 +22,54 @@ pub(super) enum WorkItem<'a> {
     Strided(Data<'a>, &'a Layout),
 }
 
-/// Sum of `power(x)` over a slice. With AVX2 and FMA, the hottest case (squares of F32) takes a
-/// hand-vectorised loop with the same lanes and the same combining order as the generic one.
-fn sum_powers<T: Element>(xs: &[T], power: Power) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if let (Power::Square, Some(xs)) = (power, T::as_f32_slice(xs)) {
+/// How a reduction reads each element: as it is ([`AsIs`]), or unscaled on the way
+/// (GradScaler's one-read path, `cpu::grad_scaler::Unscaled`). The loops below are written once
+/// for both; with the reading inlined, each compiles to the loop it would be on its own.
+pub(super) trait ReadElement: Copy + Send + Sync {
+    /// The element's value as the reduction takes it.
+    fn read<T: Element>(self, x: T) -> f64;
+    /// `Σ read(x)²` over F32 by a hand-vectorised loop, bitwise the generic loop's result, where
+    /// the CPU has AVX2 and FMA; `None` elsewhere.
+    fn sum_squares_f32_fast(self, xs: &[f32]) -> Option<f64>;
+}
+
+/// Elements read as they are.
+#[derive(Clone, Copy)]
+pub(super) struct AsIs;
+
+impl ReadElement for AsIs {
+    #[inline(always)]
+    fn read<T: Element>(self, x: T) -> f64 {
+        x.to_f64()
+    }
+
+    fn sum_squares_f32_fast(self, xs: &[f32]) -> Option<f64> {
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above), all it assumes.
-            return unsafe { avx2::sum_squares_f32(xs) };
+            return Some(unsafe { avx2::sum_squares_f32(xs) });
+        }
+        let _ = xs;
+        None
+    }
+}
+
+/// Sum of `power(read(x))` over a slice. With AVX2 and FMA, the hottest case (squares of F32)
+/// takes a hand-vectorised loop with the same lanes and the same combining order as the generic
+/// one.
+fn sum_powers<T: Element, R: ReadElement>(xs: &[T], power: Power, read: R) -> f64 {
+    if let (Power::Square, Some(xs)) = (power, T::as_f32_slice(xs)) {
+        if let Some(sum) = read.sum_squares_f32_fast(xs) {
+            return sum;
         }
     }
-    sum_powers_any(xs, power)
+    sum_powers_any(xs, power, read)
 }
 
 multiversion! {
-    fn sum_powers_any<T: Element>(xs: &[T], power: Power) -> f64 => sum_powers_generic, sum_powers_avx2
+    fn sum_powers_any<T: Element, R: ReadElement>(xs: &[T], power: Power, read: R) -> f64
+        => sum_powers_generic, sum_powers_avx2
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -76,8 +109,8 @@ mod avx2 {
 }
 
 multiversion! {
-    /// Largest `|x|`, or NaN if any element is NaN.
-    fn max_abs<T: Element>(xs: &[T]) -> f64 => max_abs_generic, max_abs_avx2
+    /// Largest `|read(x)|`, or NaN if any is NaN.
+    fn max_abs<T: Element, R: ReadElement>(xs: &[T], read: R) -> f64 => max_abs_generic, max_abs_avx2
 }
 
 /// Adds the lanes pairwise in a fixed order, then the tail.
@@ -93,48 +126,52 @@ pub(super) fn combine_lanes(mut acc: [f64; LANES], tail: f64) -> f64 {
     acc[0] + tail
 }
 
-/// Sum of `power(x)` over a slice, in [`LANES`] independent lanes (which the compiler turns into
-/// SIMD) combined in a fixed order.
+/// Sum of `power(read(x))` over a slice, in [`LANES`] independent lanes (which the compiler turns
+/// into SIMD) combined in a fixed order.
 #[inline(always)]
-fn sum_powers_generic<T: Element>(xs: &[T], power: Power) -> f64 {
+pub(super) fn sum_powers_generic<T: Element, R: ReadElement>(
+    xs: &[T],
+    power: Power,
+    read: R,
+) -> f64 {
     // Monomorphise the hot cases so that the match is hoisted out of the loop.
     #[inline(always)]
-    fn lanes<T: Element>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    fn lanes<T: Element, R: ReadElement>(xs: &[T], read: R, f: impl Fn(f64) -> f64) -> f64 {
         let mut acc = [0.0f64; LANES];
         let mut chunks = xs.chunks_exact(LANES);
         for c in &mut chunks {
             for lane in 0..LANES {
-                acc[lane] += f(c[lane].to_f64());
+                acc[lane] += f(read.read(c[lane]));
             }
         }
         let mut tail = 0.0;
         for &x in chunks.remainder() {
-            tail += f(x.to_f64());
+            tail += f(read.read(x));
         }
         combine_lanes(acc, tail)
     }
     match power {
-        Power::Abs => lanes(xs, |x| x.abs()),
-        Power::Square => lanes(xs, |x| x * x),
-        p @ Power::Pow { .. } => lanes(xs, |x| p.apply(x)),
+        Power::Abs => lanes(xs, read, |x| x.abs()),
+        Power::Square => lanes(xs, read, |x| x * x),
+        p @ Power::Pow { .. } => lanes(xs, read, |x| p.apply(x)),
     }
 }
 
 #[inline(always)]
-fn max_abs_generic<T: Element>(xs: &[T]) -> f64 {
+fn max_abs_generic<T: Element, R: ReadElement>(xs: &[T], read: R) -> f64 {
     let mut acc = [0.0f64; LANES];
     let mut nan = false;
     let mut chunks = xs.chunks_exact(LANES);
     for c in &mut chunks {
         for lane in 0..LANES {
-            let a = c[lane].to_f64().abs();
+            let a = read.read(c[lane]).abs();
             nan |= a.is_nan();
             acc[lane] = acc[lane].max(a);
         }
     }
     let mut m = acc.iter().fold(0.0f64, |m, &a| m.max(a));
     for &x in chunks.remainder() {
-        let a = x.to_f64().abs();
+        let a = read.read(x).abs();
         nan |= a.is_nan();
         m = m.max(a);
     }
@@ -155,28 +192,28 @@ pub(super) fn max_nan(a: f64, b: f64) -> f64 {
 }
 
 impl WorkItem<'_> {
-    pub(super) fn sum_powers(&self, power: Power) -> f64 {
+    fn sum_powers<R: ReadElement>(&self, power: Power, read: R) -> f64 {
         match *self {
-            WorkItem::Contiguous(data) => dispatch!(data, xs => sum_powers(xs, power)),
+            WorkItem::Contiguous(data) => dispatch!(data, xs => sum_powers(xs, power, read)),
             WorkItem::Strided(data, layout) => {
                 let mut total = 0.0;
                 for_each_run(layout, |start, len| {
-                    total += dispatch!(data.range(start, start + len), xs => sum_powers(xs, power));
+                    total += dispatch!(data.range(start, start + len), xs => sum_powers(xs, power, read));
                 });
                 total
             }
         }
     }
 
-    pub(super) fn max_abs(&self) -> f64 {
+    fn max_abs<R: ReadElement>(&self, read: R) -> f64 {
         match *self {
-            WorkItem::Contiguous(data) => dispatch!(data, xs => max_abs(xs)),
+            WorkItem::Contiguous(data) => dispatch!(data, xs => max_abs(xs, read)),
             WorkItem::Strided(data, layout) => {
                 let mut m = 0.0;
                 for_each_run(layout, |start, len| {
                     m = max_nan(
                         m,
-                        dispatch!(data.range(start, start + len), xs => max_abs(xs)),
+                        dispatch!(data.range(start, start + len), xs => max_abs(xs, read)),
                     );
                 });
                 m
@@ -241,18 +278,10 @@ impl<'a> LockedGradients<'a> {
         self.elements >= PARALLEL_MIN_ELEMENTS && rayon::current_num_threads() > 1
     }
 
-    pub(super) fn exact_sum(&self, items: &[WorkItem<'_>], power: Power) -> ExactSum {
-        self.exact_sum_by(items, |item| item.sum_powers(power))
-    }
-
-    /// The exact sum of `partial` over the work items (in parallel for large sets).
-    pub(super) fn exact_sum_by(
-        &self,
-        items: &[WorkItem<'_>],
-        partial: impl Fn(&WorkItem<'_>) -> f64 + Sync,
-    ) -> ExactSum {
+    /// The exact sum of every work item's sum of `power(read(x))` (in parallel for large sets).
+    fn exact_sum<R: ReadElement>(&self, items: &[WorkItem<'_>], power: Power, read: R) -> ExactSum {
         let add = |mut acc: ExactSum, item: &WorkItem<'_>| {
-            acc.add(partial(item));
+            acc.add(item.sum_powers(power, read));
             acc
         };
         if self.parallel() {
@@ -268,18 +297,11 @@ impl<'a> LockedGradients<'a> {
         }
     }
 
-    pub(super) fn max_abs(&self, items: &[WorkItem<'_>]) -> f64 {
-        self.max_abs_by(items, |item| item.max_abs())
-    }
-
-    /// The largest of `largest` over the work items, NaN winning (in parallel for large sets).
-    pub(super) fn max_abs_by(
-        &self,
-        items: &[WorkItem<'_>],
-        largest: impl Fn(&WorkItem<'_>) -> f64 + Sync + Send,
-    ) -> f64 {
+    /// The largest `|read(x)|` over the work items, NaN winning (in parallel for large sets).
+    fn max_abs<R: ReadElement>(&self, items: &[WorkItem<'_>], read: R) -> f64 {
+        let largest = |item: &WorkItem<'_>| item.max_abs(read);
         if self.parallel() {
-            items.par_iter().map(&largest).reduce(|| 0.0, max_nan)
+            items.par_iter().map(largest).reduce(|| 0.0, max_nan)
         } else {
             items.iter().map(largest).fold(0.0, max_nan)
         }
@@ -307,27 +329,40 @@ pub(crate) fn norm_combined(
     norm_type: NormType,
     combine: &mut dyn Combine,
 ) -> Result<f64> {
+    norm_read(set, groups, norm_type, AsIs, combine)
+}
+
+/// [`norm_combined`] with every element taken through `read`.
+pub(super) fn norm_read<R: ReadElement>(
+    set: &GradientSet,
+    groups: &StorageGroups,
+    norm_type: NormType,
+    read: R,
+    combine: &mut dyn Combine,
+) -> Result<f64> {
     let locked = LockedGradients::lock(set, groups);
     let items = locked.work_items()?;
     let reduction = CpuReduction {
         locked: &locked,
         items: &items,
+        read,
     };
     norm_of_reduction(&reduction, norm_type, combine)
 }
 
-/// [`Reduction`] over the work items of locked gradients.
-struct CpuReduction<'r, 'a> {
+/// [`Reduction`] over the work items of locked gradients, each element taken through `read`.
+struct CpuReduction<'r, 'a, R> {
     locked: &'r LockedGradients<'a>,
     items: &'r [WorkItem<'r>],
+    read: R,
 }
 
-impl Reduction for CpuReduction<'_, '_> {
+impl<R: ReadElement> Reduction for CpuReduction<'_, '_, R> {
     fn max_abs(&self) -> Result<f64> {
-        Ok(self.locked.max_abs(self.items))
+        Ok(self.locked.max_abs(self.items, self.read))
     }
     fn sum_powers(&self, power: Power) -> Result<ExactSum> {
-        Ok(self.locked.exact_sum(self.items, power))
+        Ok(self.locked.exact_sum(self.items, power, self.read))
     }
 }
 
@@ -335,14 +370,14 @@ impl Reduction for CpuReduction<'_, '_> {
 pub(crate) fn max_abs_of(set: &GradientSet) -> Result<f64> {
     let locked = LockedGradients::lock(set, &set.group_by_storage());
     let items = locked.work_items()?;
-    Ok(locked.max_abs(&items))
+    Ok(locked.max_abs(&items, AsIs))
 }
 
 /// [`Reduction::sum_powers`] over the CPU work items of `set` (read-locked for the call).
 pub(crate) fn exact_sum_of(set: &GradientSet, power: Power) -> Result<ExactSum> {
     let locked = LockedGradients::lock(set, &set.group_by_storage());
     let items = locked.work_items()?;
-    Ok(locked.exact_sum(&items, power))
+    Ok(locked.exact_sum(&items, power, AsIs))
 }
 
 /// The 0-d norm tensor on the CPU in the dtype the API promises.
@@ -401,7 +436,7 @@ mod tests {
                 let xs: Vec<f32> = (0..len)
                     .map(|_| rng.gen_range(-1e3f32..1e3) * rng.gen_range(0.0f32..1e-3))
                     .collect();
-                let generic = sum_powers_generic(&xs, Power::Square);
+                let generic = sum_powers_generic(&xs, Power::Square, AsIs);
                 // SAFETY: AVX2 and FMA were detected just above.
                 let vectorised = unsafe { avx2::sum_squares_f32(&xs) };
                 assert_eq!(generic.to_bits(), vectorised.to_bits(), "len {len}");

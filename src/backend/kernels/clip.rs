@@ -94,8 +94,7 @@ pub(super) fn reduce_then_scale<R>(
             };
             let done = between(s, &reduced)?;
             let op = ElementOp::Scale(Coefficient::Scratch(scratch));
-            launch_all(s, op.apply(t, write))?;
-            launch_all(s, strided.iter().map(|target| op.apply_strided(target)))?;
+            launch_all(s, op.apply_all(t, write, &strided))?;
             Ok((s.take_tensor(out, &[])?, done))
         },
     )
@@ -139,8 +138,7 @@ pub(crate) fn scale_with_norm(
                 eps,
             )));
             let t = s.upload(&table.words)?;
-            launch_all(s, op.apply(t, write))?;
-            launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
+            launch_all(s, op.apply_all(t, write, &strided))
         },
     )
 }
@@ -159,8 +157,7 @@ pub(crate) fn clamp(dev: &impl KernelDevice, set: &GradientSet, clip_value: f64)
             let (write, strided) = table.push_write_targets(set.grads(), &groups, bases, None);
             let op = ElementOp::Clamp(clip_value);
             let t = s.upload(&table.words)?;
-            launch_all(s, op.apply(t, write))?;
-            launch_all(s, strided.iter().map(|target| op.apply_strided(target)))
+            launch_all(s, op.apply_all(t, write, &strided))
         },
     )
 }

@@ -343,6 +343,19 @@ impl ElementOp {
         })
     }
 
+    /// The pass over every gradient: `grad_clip_apply` over the `part` of the table at `table`,
+    /// then `grad_clip_apply_strided` over each non-contiguous view of `strided`.
+    pub(crate) fn apply_all(
+        self,
+        table: u64,
+        part: Part,
+        strided: &[StridedTarget],
+    ) -> impl Iterator<Item = Launch> + '_ {
+        self.apply(table, part)
+            .into_iter()
+            .chain(strided.iter().map(move |target| self.apply_strided(target)))
+    }
+
     /// `grad_clip_apply_strided` over one non-contiguous view.
     pub(crate) fn apply_strided(self, target: &StridedTarget) -> Launch {
         let mut args = vec![

@@ -109,11 +109,12 @@ pub(crate) trait Session {
 
 /// Enqueues launches built by [`launch`] from this session's table, buffers and scratch.
 fn launch_all(s: &mut dyn Session, launches: impl IntoIterator<Item = Launch>) -> Result<()> {
-    // SAFETY: every launch passed here comes from `launch.rs` (`NormPlan::reduce`,
+    // SAFETY: every launch passed here is built by `launch.rs` (`NormPlan::reduce`,
     // `NormPlan::segment_norms`, `ElementOp::apply`, `ElementOp::apply_strided`,
-    // `StepPlan::update`, `launch::agc`, `launch::agc_strided`) with the addresses of this session: the table it uploaded (whose
-    // segments are views of the locked tensors, built from their layouts), its buffers (sized for
-    // what the kernel writes) and its scratch.
+    // `ElementOp::apply_all`, `launch::fused_step`, `launch::zclip`, `launch::agc`,
+    // `launch::agc_strided`) from the addresses of this session: the table it uploaded (whose
+    // segments are views of the locked tensors, built from their layouts), its buffers (sized
+    // for what the kernel writes) and its scratch.
     launches
         .into_iter()
         .try_for_each(|l| unsafe { s.launch(&l) })

@@ -3,11 +3,42 @@
 //! a single macro, mostly its documentation.
 
 /// The methods [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) share, over
-/// their `core: FusedCore` and `params` fields, with doc examples for each type. Arguments: the
+/// their `core: FusedCore` and `params` fields (candle's `Optimizer`, and the inherent methods),
+/// with doc examples for each type; the invoking module supplies `validate(&Params)` and
+/// `rule(&Params) -> Rule`. Arguments: the
 /// type, its config type, the `use` line that brings the config into a doc example, the state's
 /// names and whether a var's state may be absent, and the state's description.
 macro_rules! fused_optimizer_api {
     ($ty:ident, $params:ident, $import:literal, $state:expr, $optional:expr, $state_doc:literal) => {
+        impl Optimizer for $ty {
+            type Config = $params;
+
+            /// The optimizer for `vars` (state matched to them by position); a bad config is an
+            /// error.
+            fn new(vars: Vec<Var>, params: $params) -> Result<Self> {
+                validate(&params)?;
+                let mut core = FusedCore::new(vars)?;
+                core.init_state(rule(&params))?;
+                Ok(Self { core, params })
+            }
+
+            /// One fused step (see the type's documentation). A learning rate made invalid by
+            /// [`set_learning_rate`](Optimizer::set_learning_rate) is refused here, and nothing
+            /// changes.
+            fn step(&mut self, grads: &GradStore) -> Result<()> {
+                validate(&self.params)?;
+                self.core.step(grads, rule(&self.params), None)
+            }
+
+            fn learning_rate(&self) -> f64 {
+                self.params.lr
+            }
+
+            fn set_learning_rate(&mut self, lr: f64) {
+                self.params.lr = lr;
+            }
+        }
+
         impl $ty {
             /// A step with non-finite steps skipped on the device whatever
             /// [`skip_nonfinite`](Self::skip_nonfinite) says ([`GradScaler`](crate::GradScaler)'s
