@@ -53,6 +53,7 @@
 //! they differ.
 
 mod backend;
+mod checkpoint;
 mod clip;
 mod dist;
 mod exact_sum;
@@ -70,6 +71,8 @@ pub use clip::{
 // Training-loop integration (optimizer wrapper, per-layer norms, statistics, AutoClip).
 pub use optim::{ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, ParamsSgd};
 pub use policy::{AutoClip, GradScaler, ZClip, ZClipMode};
+// Training checkpoints: vars, optimizer, clip policy, GradScaler, step and metadata in one file.
+pub use checkpoint::{CheckpointOptimizer, Restore, TrainingCheckpoint};
 // For benches/scaler_ratios.rs only.
 #[doc(hidden)]
 pub use policy::__unscaled_norm_cpu;
