@@ -356,7 +356,11 @@ impl Trainer {
         let model = self.model()?;
         let mut correct = 0usize;
         for chunk in problems.chunks(128) {
-            let width = chunk.iter().map(|(p, a)| p.len() + a.len()).max().unwrap_or(1);
+            let width = chunk
+                .iter()
+                .map(|(p, a)| p.len() + a.len())
+                .max()
+                .unwrap_or(1);
             let mut ids = Vec::with_capacity(chunk.len() * width);
             for (p, a) in chunk {
                 let mut line: Vec<u32> = p.bytes().chain(a.bytes()).map(u32::from).collect();
@@ -427,7 +431,8 @@ fn checkpoint_of(
     let Opt::Fused(opt) = &trainer.opt else {
         bail!("internal error: a checkpoint needs the fused optimizer")
     };
-    let mut ck = TrainingCheckpoint::new(&trainer.vars.varmap, step)?.with_optimizer(opt.as_ref())?;
+    let mut ck =
+        TrainingCheckpoint::new(&trainer.vars.varmap, step)?.with_optimizer(opt.as_ref())?;
     if let Some(scaler) = &trainer.scaler {
         ck = ck.with_grad_scaler(scaler)?;
     }
@@ -440,10 +445,7 @@ fn checkpoint_of(
         .with_metadata("seed", args.seed.to_string())
         .with_metadata("data_position", position.to_string())
         .with_metadata("losses", losses.join(","))
-        .with_metadata(
-            "skipped",
-            format!("{}", trainer.skipped),
-        )
+        .with_metadata("skipped", format!("{}", trainer.skipped))
         .with_metadata(
             "scale_history",
             trainer
@@ -455,15 +457,21 @@ fn checkpoint_of(
         ))
 }
 
+/// (step, loss) of every step.
+type LossHistory = Vec<(u64, f32)>;
+
 /// Restores a checkpoint into `trainer`; returns (step, data position, losses).
 fn resume(
     trainer: &mut Trainer,
     args: &Args,
     ck: &TrainingCheckpoint,
-) -> anyhow::Result<(u64, u64, Vec<(u64, f32)>)> {
+) -> anyhow::Result<(u64, u64, LossHistory)> {
     let saved = ck.metadata("run").unwrap_or("");
     if saved != args.run_key() {
-        bail!("the checkpoint is of another run:\n  saved: {saved}\n  now:   {}", args.run_key())
+        bail!(
+            "the checkpoint is of another run:\n  saved: {saved}\n  now:   {}",
+            args.run_key()
+        )
     }
     let Opt::Fused(opt) = &mut trainer.opt else {
         bail!("internal error: resume needs the fused optimizer")
@@ -478,12 +486,25 @@ fn resume(
         .and_then(|p| p.parse().ok())
         .context("the checkpoint has no data position")?;
     let mut losses = Vec::new();
-    for item in ck.metadata("losses").unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+    for item in ck
+        .metadata("losses")
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
         let (s, bits) = item.split_once(':').context("malformed loss history")?;
         losses.push((s.parse()?, f32::from_bits(u32::from_str_radix(bits, 16)?)));
     }
-    trainer.skipped = ck.metadata("skipped").and_then(|s| s.parse().ok()).unwrap_or(0);
-    for item in ck.metadata("scale_history").unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+    trainer.skipped = ck
+        .metadata("skipped")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    for item in ck
+        .metadata("scale_history")
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
         let (s, v) = item.split_once(':').context("malformed scale history")?;
         trainer.scale_history.push((s.parse()?, v.parse()?));
     }
@@ -542,7 +563,13 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
-    let n_tensors = trainers[0].vars.varmap.data().lock().map(|d| d.len()).unwrap_or(0);
+    let n_tensors = trainers[0]
+        .vars
+        .varmap
+        .data()
+        .lock()
+        .map(|d| d.len())
+        .unwrap_or(0);
     println!(
         "llama2-c {:?} (vocabulary 256 bytes{}): {n_params} parameters in {n_tensors} tensors; batch {} x {} tokens; {:?} forward; optimizer {:?}, clip {:?}",
         args.config,
@@ -560,8 +587,10 @@ fn main() -> anyhow::Result<()> {
             let bar = indicatif::ProgressBar::new(args.steps);
             bar.set_position(first);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed} < {eta}]")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} {msg} [{elapsed} < {eta}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             Some(bar)
         }
@@ -630,16 +659,29 @@ fn main() -> anyhow::Result<()> {
         );
         println!(
             "params_sha256 candle={hc} fused={hf}: {}",
-            if hc == hf { "bitwise equal" } else { "DIFFERENT" }
+            if hc == hf {
+                "bitwise equal"
+            } else {
+                "DIFFERENT"
+            }
         );
     }
     if let Some(path) = &args.plot {
         let runs: Vec<(String, Vec<(u64, f32)>)> = trainers
             .iter()
             .zip(&losses)
-            .map(|(t, l)| (format!("{} ({:?}, clip {:?})", t.name, args.dtype, args.clip), l.clone()))
+            .map(|(t, l)| {
+                (
+                    format!("{} ({:?}, clip {:?})", t.name, args.dtype, args.clip),
+                    l.clone(),
+                )
+            })
             .collect();
-        report::plot(path, &runs, &format!("llama2-c {:?} on addition: training loss", args.config))?;
+        report::plot(
+            path,
+            &runs,
+            &format!("llama2-c {:?} on addition: training loss", args.config),
+        )?;
         println!("loss plot: {}", path.display());
     }
     let trainer = &trainers[trainers.len() - 1];

@@ -87,7 +87,11 @@ pub fn plot(path: &Path, runs: &[(String, Vec<(u64, f32)>)], title: &str) -> any
         .y_desc("training loss (cross-entropy, nats per byte)")
         .label_style(("sans-serif", 14))
         .draw()?;
-    let colors = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44)];
+    let colors = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+    ];
     for (i, (label, run)) in runs.iter().enumerate() {
         let color = colors[i % colors.len()];
         let points = run
@@ -97,7 +101,9 @@ pub fn plot(path: &Path, runs: &[(String, Vec<(u64, f32)>)], title: &str) -> any
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
             .label(label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
     }
     chart
         .configure_series_labels()

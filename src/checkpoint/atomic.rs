@@ -20,7 +20,10 @@ pub(crate) const PAUSE_ENV: &str = "CANDLE_GRAD_CLIP_TEST_SAVE_PAUSE_MS";
 /// Saves `tensors` as a safetensors file at `path`, atomically (see the module's documentation).
 /// For the `save_state` methods of the optimizers and policies.
 #[cfg_attr(not(test), allow(dead_code))] // To be wired into the `save_state` methods.
-pub(crate) fn save_safetensors_atomically(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+pub(crate) fn save_safetensors_atomically(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
     save_safetensors_with_metadata_atomically(tensors, HashMap::new(), path)
 }
 
@@ -75,7 +78,8 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let written = write_and_sync(&temp, bytes).and_then(|()| {
-        fs::rename(&temp, path).map_err(|e| io_error("cannot rename the temporary file to", path, e))
+        fs::rename(&temp, path)
+            .map_err(|e| io_error("cannot rename the temporary file to", path, e))
     });
     if let Err(e) = written {
         let _ = fs::remove_file(&temp);

@@ -185,7 +185,10 @@ impl TrainingCheckpoint {
         let vars = sorted_vars(varmap)?;
         let mut entries = BTreeMap::new();
         for (name, var) in &vars {
-            entries.insert(format!("{VARS}{name}"), Entry::from_tensor(var.as_tensor())?);
+            entries.insert(
+                format!("{VARS}{name}"),
+                Entry::from_tensor(var.as_tensor())?,
+            );
         }
         let meta = BTreeMap::from([
             (KEY_FORMAT.to_string(), FORMAT.to_string()),
@@ -411,12 +414,20 @@ impl TrainingCheckpoint {
         match meta.get(KEY_FORMAT) {
             Some(f) if f == FORMAT => {}
             Some(f) => return Err(fail(format!("has format `{f}`, not `{FORMAT}`"))),
-            None => return Err(fail("is not a training checkpoint (no `format` entry)".into())),
+            None => {
+                return Err(fail(
+                    "is not a training checkpoint (no `format` entry)".into(),
+                ))
+            }
         }
         let expected = format::header_digest(&meta, &entries, KEY_DIGEST);
         match meta.get(KEY_DIGEST) {
             Some(d) if *d == expected => {}
-            Some(_) => return Err(fail("is corrupt: the digest of its header does not match".into())),
+            Some(_) => {
+                return Err(fail(
+                    "is corrupt: the digest of its header does not match".into(),
+                ))
+            }
             None => return Err(fail("has no digest".into())),
         }
         for (name, e) in &entries {
@@ -485,10 +496,9 @@ impl TrainingCheckpoint {
 
 /// The vars of a VarMap sorted by name.
 fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("TrainingCheckpoint: the VarMap's lock is poisoned".into()))?;
+    let data = varmap.data().lock().map_err(|_| {
+        candle_core::Error::Msg("TrainingCheckpoint: the VarMap's lock is poisoned".into())
+    })?;
     let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(vars)
@@ -658,7 +668,10 @@ impl<'a> Restore<'a> {
                         opt.kind()
                     )));
                 }
-                let saved = ck.meta.get(KEY_OPTIMIZER_CLIP).map_or("none", String::as_str);
+                let saved = ck
+                    .meta
+                    .get(KEY_OPTIMIZER_CLIP)
+                    .map_or("none", String::as_str);
                 let ours = clip::describe(opt.clip());
                 if saved != ours {
                     return Err(fail(format!(
@@ -707,7 +720,9 @@ impl<'a> Restore<'a> {
                     "the checkpoint holds a GradScaler's state: pass the scaler to restore".into(),
                 ))
             }
-            (Some(_), false) => return Err(fail("the checkpoint holds no GradScaler state".into())),
+            (Some(_), false) => {
+                return Err(fail("the checkpoint holds no GradScaler state".into()))
+            }
             (Some(target), true) => {
                 let mut new = target.clone();
                 new.load_state_dict(&ck.section(SCALER)?)

@@ -293,7 +293,10 @@ impl AutoClip {
             ))
         })?;
         Ok(HashMap::from([
-            ("kept_norms".to_string(), Tensor::new(self.kept.as_slice(), cpu)?),
+            (
+                "kept_norms".to_string(),
+                Tensor::new(self.kept.as_slice(), cpu)?,
+            ),
             ("observed".to_string(), Tensor::new(observed, cpu)?),
             (
                 "rng_state".to_string(),

@@ -21,6 +21,9 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A var's name, shape and dtype.
+type Spec = (&'static str, &'static [usize], DType);
+
 /// Shapes and dtypes of the test model: every float dtype, an empty tensor, a scalar.
 const SPECS: [(&str, &[usize], DType); 6] = [
     ("a.weight", &[4, 3], DType::F32),
@@ -44,7 +47,10 @@ fn varmap(seed: u64, specs: &[(&str, &[usize], DType)]) -> Result<VarMap> {
     {
         let mut data = varmap.data().lock().expect("lock");
         for &(name, shape, dtype) in specs {
-            data.insert(name.to_string(), Var::from_tensor(&random(&mut rng, shape, dtype, 1.0)?)?);
+            data.insert(
+                name.to_string(),
+                Var::from_tensor(&random(&mut rng, shape, dtype, 1.0)?)?,
+            );
         }
     }
     Ok(varmap)
@@ -76,7 +82,9 @@ fn var_bits(varmap: &VarMap) -> Result<BTreeMap<String, Vec<u64>>> {
 }
 
 fn dict_bits(dict: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Vec<u64>>> {
-    dict.iter().map(|(k, t)| Ok((k.clone(), bits(t)?))).collect()
+    dict.iter()
+        .map(|(k, t)| Ok((k.clone(), bits(t)?)))
+        .collect()
 }
 
 fn adamw(varmap: &VarMap, clip: Option<ClipSetting>) -> Result<FusedAdamW> {
@@ -117,7 +125,13 @@ fn snapshot(varmap: &VarMap, opt: &FusedAdamW, scaler: &GradScaler) -> Result<Sn
 /// `steps` steps of the optimizer, and of the scaler on an F32 var of its own (GradScaler takes
 /// F32 master gradients; the model has F16 and BF16 vars): clean steps grow the scale every 3
 /// steps, every 5th step overflows and halves it.
-fn train(varmap: &VarMap, opt: &mut FusedAdamW, scaler: &mut GradScaler, from: u64, steps: u64) -> Result<()> {
+fn train(
+    varmap: &VarMap,
+    opt: &mut FusedAdamW,
+    scaler: &mut GradScaler,
+    from: u64,
+    steps: u64,
+) -> Result<()> {
     for k in from..from + steps {
         opt.step(&grads(varmap, k)?)?;
         let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
@@ -143,7 +157,9 @@ fn round_trip_and_bitwise_resume() -> Result<()> {
         None,
         Some(ClipSetting::norm(1.0)),
         Some(ClipSetting::ZClip(ZClip::new().warmup_steps(3))),
-        Some(ClipSetting::AutoClip(AutoClip::new(50.0)?.with_capacity(4)?)),
+        Some(ClipSetting::AutoClip(
+            AutoClip::new(50.0)?.with_capacity(4)?,
+        )),
     ] {
         // The uninterrupted run: 12 steps.
         let full = varmap(1, &SPECS)?;
@@ -171,8 +187,15 @@ fn round_trip_and_bitwise_resume() -> Result<()> {
         let ck = TrainingCheckpoint::load(&path)?;
         assert_eq!((ck.step(), ck.metadata("data_position")), (7, Some("1234")));
         assert_eq!(ck.optimizer_kind(), Some("FusedAdamW"));
-        ck.restore(&resumed).optimizer(&mut opt2).grad_scaler(&mut sc2).apply()?;
-        assert_eq!(snapshot(&resumed, &opt2, &sc2)?, saved, "{clip:?}: restored state");
+        ck.restore(&resumed)
+            .optimizer(&mut opt2)
+            .grad_scaler(&mut sc2)
+            .apply()?;
+        assert_eq!(
+            snapshot(&resumed, &opt2, &sc2)?,
+            saved,
+            "{clip:?}: restored state"
+        );
         train(&resumed, &mut opt2, &mut sc2, 7, 5)?;
         assert_eq!(
             snapshot(&resumed, &opt2, &sc2)?,
@@ -197,9 +220,14 @@ fn separate_clip_setting_round_trip() -> Result<()> {
             a.clip_(&vars, &mut grads(&vm, k)?)?;
         }
     }
-    TrainingCheckpoint::new(&vm, 5)?.with_clip(&clip)?.save(&path)?;
+    TrainingCheckpoint::new(&vm, 5)?
+        .with_clip(&clip)?
+        .save(&path)?;
     let mut other = ClipSetting::AutoClip(AutoClip::new(30.0)?);
-    TrainingCheckpoint::load(&path)?.restore(&vm).clip(&mut other).apply()?;
+    TrainingCheckpoint::load(&path)?
+        .restore(&vm)
+        .clip(&mut other)
+        .apply()?;
     match (&clip, &other) {
         (ClipSetting::AutoClip(a), ClipSetting::AutoClip(b)) => {
             assert_eq!(a.observed(), b.observed());
@@ -272,13 +300,20 @@ fn refused_restore(f: &mut Fixture, file: &Path, needle: &str) -> Result<()> {
     };
     assert!(msg.contains(needle), "`{needle}` not in: {msg}");
     assert!(msg.contains("nothing was"), "{msg}");
-    assert_eq!(snapshot(&f.varmap, &f.opt, &f.scaler)?, before, "changed by: {msg}");
+    assert_eq!(
+        snapshot(&f.varmap, &f.opt, &f.scaler)?,
+        before,
+        "changed by: {msg}"
+    );
     Ok(())
 }
 
 #[test]
 fn refuses_truncated_and_corrupt_files() -> Result<()> {
-    let mut f = fixture("corrupt", Some(ClipSetting::ZClip(ZClip::new().warmup_steps(2))))?;
+    let mut f = fixture(
+        "corrupt",
+        Some(ClipSetting::ZClip(ZClip::new().warmup_steps(2))),
+    )?;
     let bytes = std::fs::read(&f.path)?;
     let bad = f.dir.join("bad.safetensors");
     // Truncated anywhere: inside the length, the header, the data, one byte short.
@@ -294,7 +329,11 @@ fn refuses_truncated_and_corrupt_files() -> Result<()> {
     // A flipped bit in every tensor's data (the last bytes of the file are data), and in the
     // header (a digit of the step: still valid JSON).
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-    for offset in [bytes.len() - 1, 8 + header_len, 8 + header_len + (bytes.len() - 8 - header_len) / 2] {
+    for offset in [
+        bytes.len() - 1,
+        8 + header_len,
+        8 + header_len + (bytes.len() - 8 - header_len) / 2,
+    ] {
         let mut flipped = bytes.clone();
         flipped[offset] ^= 0x10;
         std::fs::write(&bad, &flipped)?;
@@ -317,11 +356,17 @@ fn refuses_truncated_and_corrupt_files() -> Result<()> {
         }
         std::fs::write(&bad, &flipped)?;
         let before = snapshot(&f.varmap, &f.opt, &f.scaler)?;
-        assert!(TrainingCheckpoint::load(&bad).is_err(), "flipped header byte {i} accepted");
+        assert!(
+            TrainingCheckpoint::load(&bad).is_err(),
+            "flipped header byte {i} accepted"
+        );
         assert_eq!(snapshot(&f.varmap, &f.opt, &f.scaler)?, before);
     }
     // A safetensors file that is not a training checkpoint.
-    candle_core::safetensors::save(&HashMap::from([("x", Tensor::new(&[1f32], &Device::Cpu)?)]), &bad)?;
+    candle_core::safetensors::save(
+        &HashMap::from([("x", Tensor::new(&[1f32], &Device::Cpu)?)]),
+        &bad,
+    )?;
     refused_restore(&mut f, &bad, "not a training checkpoint")?;
     // A missing file.
     let missing = f.dir.join("missing.safetensors");
@@ -332,16 +377,57 @@ fn refuses_truncated_and_corrupt_files() -> Result<()> {
 
 #[test]
 fn refuses_mismatched_components() -> Result<()> {
-    let mut f = fixture("mismatch", Some(ClipSetting::ZClip(ZClip::new().warmup_steps(2))))?;
+    let mut f = fixture(
+        "mismatch",
+        Some(ClipSetting::ZClip(ZClip::new().warmup_steps(2))),
+    )?;
     let file = f.path.clone();
     let before = snapshot(&f.varmap, &f.opt, &f.scaler)?;
 
     // A var of another shape, another dtype, missing, or one more.
-    let cases: [(&str, Vec<(&str, &[usize], DType)>, &str); 4] = [
-        ("shape", SPECS.iter().map(|&(n, s, d)| if n == "b.norm" { (n, &[8usize][..], d) } else { (n, s, d) }).collect(), "shape"),
-        ("dtype", SPECS.iter().map(|&(n, s, d)| if n == "a.bias" { (n, s, DType::F32) } else { (n, s, d) }).collect(), "dtype"),
-        ("extra in file", SPECS[1..].to_vec(), "which the VarMap does not have"),
-        ("missing in file", SPECS.iter().copied().chain([("c.new", &[2usize][..], DType::F32)]).collect(), "has no var `c.new`"),
+    let cases: [(&str, Vec<Spec>, &str); 4] = [
+        (
+            "shape",
+            SPECS
+                .iter()
+                .map(|&(n, s, d)| {
+                    if n == "b.norm" {
+                        (n, &[8usize][..], d)
+                    } else {
+                        (n, s, d)
+                    }
+                })
+                .collect(),
+            "shape",
+        ),
+        (
+            "dtype",
+            SPECS
+                .iter()
+                .map(|&(n, s, d)| {
+                    if n == "a.bias" {
+                        (n, s, DType::F32)
+                    } else {
+                        (n, s, d)
+                    }
+                })
+                .collect(),
+            "dtype",
+        ),
+        (
+            "extra in file",
+            SPECS[1..].to_vec(),
+            "which the VarMap does not have",
+        ),
+        (
+            "missing in file",
+            SPECS
+                .iter()
+                .copied()
+                .chain([("c.new", &[2usize][..], DType::F32)])
+                .collect(),
+            "has no var `c.new`",
+        ),
     ];
     for (what, specs, needle) in cases {
         let vm = varmap(11, &specs)?;
@@ -369,7 +455,11 @@ fn refuses_mismatched_components() -> Result<()> {
         .with_optimizer(&sgd)?
         .with_grad_scaler(&scaler())?
         .save(&sgd_file)?;
-    refused_restore(&mut f, &sgd_file, "the state of a FusedSgd, not of a FusedAdamW")?;
+    refused_restore(
+        &mut f,
+        &sgd_file,
+        "the state of a FusedSgd, not of a FusedAdamW",
+    )?;
 
     for (clip, needle) in [
         (Some(ClipSetting::AutoClip(AutoClip::default())), "autoclip"),
@@ -387,13 +477,21 @@ fn refuses_mismatched_components() -> Result<()> {
     }
 
     let no_scaler = f.dir.join("no-scaler.safetensors");
-    TrainingCheckpoint::new(&f.varmap, 1)?.with_optimizer(&f.opt)?.save(&no_scaler)?;
+    TrainingCheckpoint::new(&f.varmap, 1)?
+        .with_optimizer(&f.opt)?
+        .save(&no_scaler)?;
     refused_restore(&mut f, &no_scaler, "holds no GradScaler state")?;
     let no_optimizer = f.dir.join("no-optimizer.safetensors");
-    TrainingCheckpoint::new(&f.varmap, 1)?.with_grad_scaler(&f.scaler)?.save(&no_optimizer)?;
+    TrainingCheckpoint::new(&f.varmap, 1)?
+        .with_grad_scaler(&f.scaler)?
+        .save(&no_optimizer)?;
     refused_restore(&mut f, &no_optimizer, "holds no optimizer state")?;
     // Saved with a scaler and an optimizer, restored without them.
-    let err = TrainingCheckpoint::load(&file)?.restore(&f.varmap).apply().unwrap_err().to_string();
+    let err = TrainingCheckpoint::load(&file)?
+        .restore(&f.varmap)
+        .apply()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("pass the optimizer"), "{err}");
 
     // A missing optimizer tensor: the state of an optimizer over fewer vars (keyed by position).
@@ -405,7 +503,9 @@ fn refuses_mismatched_components() -> Result<()> {
     let big_before = dict_bits(&big.state_dict()?)?;
     let vm_before = var_bits(&vm)?;
     let small_file = f.dir.join("small.safetensors");
-    TrainingCheckpoint::new(&vm, 1)?.with_optimizer(&small)?.save(&small_file)?;
+    TrainingCheckpoint::new(&vm, 1)?
+        .with_optimizer(&small)?
+        .save(&small_file)?;
     // The vars of the file differ from the current ones (one step was taken since): a restore
     // would change them.
     let err = TrainingCheckpoint::load(&small_file)?

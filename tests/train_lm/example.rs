@@ -25,7 +25,13 @@ fn binary() -> &'static Path {
             .expect("the target folder");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--release", "--example", "train_lm", "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "--example",
+                "train_lm",
+                "--target-dir",
+            ])
             .arg(target)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
@@ -39,11 +45,22 @@ fn binary() -> &'static Path {
 }
 
 /// A short run of the 260k config.
-const SHORT: [&str; 8] = ["--batch", "4", "--seq-len", "32", "--eval-size", "16", "--seed", "3"];
+const SHORT: [&str; 8] = [
+    "--batch",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-size",
+    "16",
+    "--seed",
+    "3",
+];
 
 fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(binary());
-    cmd.args(SHORT).args(args).env_remove("CANDLE_GRAD_CLIP_TEST_SAVE_PAUSE_MS");
+    cmd.args(SHORT)
+        .args(args)
+        .env_remove("CANDLE_GRAD_CLIP_TEST_SAVE_PAUSE_MS");
     cmd
 }
 
@@ -73,9 +90,16 @@ fn candle_and_fused_optimizers_give_the_same_parameters() {
 
 #[test]
 fn checkpoint_needs_the_fused_optimizer() {
-    let out = command(&["--steps", "1", "--optimizer", "candle", "--checkpoint", "x.safetensors"])
-        .output()
-        .expect("run train_lm");
+    let out = command(&[
+        "--steps",
+        "1",
+        "--optimizer",
+        "candle",
+        "--checkpoint",
+        "x.safetensors",
+    ])
+    .output()
+    .expect("run train_lm");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("moments private"));
 }
@@ -84,8 +108,19 @@ const STEPS: &str = "24";
 const EVERY: u64 = 4;
 
 fn resumable(path: &Path) -> Command {
-    let mut cmd = command(&["--steps", STEPS, "--log-every", "1", "--checkpoint-every", "4", "--resume"]);
-    cmd.arg("--checkpoint").arg(path).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut cmd = command(&[
+        "--steps",
+        STEPS,
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "4",
+        "--resume",
+    ]);
+    cmd.arg("--checkpoint")
+        .arg(path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd
 }
 
@@ -105,7 +140,10 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
         .expect("read the folder")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(".tmp-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".tmp-"))
+        })
         .collect()
 }
 
@@ -157,7 +195,11 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
     let mut resumed_from = Vec::new();
 
     // 1. Before the first checkpoint.
-    assert!(kill_after_step(resumable(&path).spawn().expect("spawn"), 2, Duration::ZERO));
+    assert!(kill_after_step(
+        resumable(&path).spawn().expect("spawn"),
+        2,
+        Duration::ZERO
+    ));
     assert_eq!(saved_step(&path), 0, "no checkpoint yet");
     // 2.-5. After a step, mid-step, or during a save (the temporary file half written).
     for attempt in 0..4 {
@@ -165,19 +207,32 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
         if attempt % 2 == 1 {
             let mut cmd = resumable(&path);
             cmd.env("CANDLE_GRAD_CLIP_TEST_SAVE_PAUSE_MS", "400");
-            assert!(kill_during_save(cmd.spawn().expect("spawn"), &dir), "no save seen");
+            assert!(
+                kill_during_save(cmd.spawn().expect("spawn"), &dir),
+                "no save seen"
+            );
             let torn = temp_files(&dir);
             assert_eq!(torn.len(), 1, "a torn temporary file: {torn:?}");
             // The checkpoint is still the previous one (or the first save has not landed yet).
             let after = saved_step(&path);
-            assert!(after == before || after == before + EVERY, "{before} -> {after}");
+            assert!(
+                after == before || after == before + EVERY,
+                "{before} -> {after}"
+            );
         } else {
             // At least one more save lands before the kill: the run makes progress.
             let step = before + EVERY + 1 + rng.gen_range(0..EVERY);
             let delay = Duration::from_millis(rng.gen_range(0..40));
-            assert!(kill_after_step(resumable(&path).spawn().expect("spawn"), step, delay));
+            assert!(kill_after_step(
+                resumable(&path).spawn().expect("spawn"),
+                step,
+                delay
+            ));
             let after = saved_step(&path);
-            assert!(after >= before && after <= step, "{before} -> {after} (killed after {step})");
+            assert!(
+                after >= before && after <= step,
+                "{before} -> {after} (killed after {step})"
+            );
         }
         resumed_from.push(saved_step(&path));
     }
@@ -187,8 +242,18 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("resumed from"), "{stderr}");
-    assert!(temp_files(&dir).is_empty(), "the next save removes the torn file");
-    assert!(resumed_from.iter().any(|&s| s > 0), "resumed only from scratch: {resumed_from:?}");
-    assert_eq!(stdout.lines().last().unwrap_or(""), reference, "resumed from {resumed_from:?}");
+    assert!(
+        temp_files(&dir).is_empty(),
+        "the next save removes the torn file"
+    );
+    assert!(
+        resumed_from.iter().any(|&s| s > 0),
+        "resumed only from scratch: {resumed_from:?}"
+    );
+    assert_eq!(
+        stdout.lines().last().unwrap_or(""),
+        reference,
+        "resumed from {resumed_from:?}"
+    );
     std::fs::remove_dir_all(&dir).expect("clean up");
 }

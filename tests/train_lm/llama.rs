@@ -26,7 +26,10 @@ fn cache(cfg: &Config, dtype: DType) -> Result<Cache> {
 }
 
 fn tokens() -> Result<Tensor> {
-    let ids: Vec<u32> = b"12+34=46\n5+67=72\n8+9=17\n40+2=42\n".iter().map(|&b| u32::from(b)).collect();
+    let ids: Vec<u32> = b"12+34=46\n5+67=72\n8+9=17\n40+2=42\n"
+        .iter()
+        .map(|&b| u32::from(b))
+        .collect();
     Tensor::from_vec(ids, (2, 16), &Device::Cpu)
 }
 
@@ -49,7 +52,10 @@ fn forward_matches_candle_transformers_llama2_c() -> Result<()> {
     let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
     // The two RMSNorm implementations round differently; nothing else differs.
-    assert!(diff <= 1e-5 * scale.max(1.0), "max difference {diff} (logits up to {scale})");
+    assert!(
+        diff <= 1e-5 * scale.max(1.0),
+        "max difference {diff} (logits up to {scale})"
+    );
 
     // Change 1: every var gets a gradient through our model; upstream's fused RMSNorm has no
     // backward pass (candle issue #2168), so only `lm_head` gets one. When candle fixes it this
@@ -63,8 +69,13 @@ fn forward_matches_candle_transformers_llama2_c() -> Result<()> {
     let data = vars.varmap.data().lock().expect("lock");
     let mut upstream_trained = Vec::new();
     for (name, var) in data.iter() {
-        let g = g_ours.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
-        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}: zero gradient");
+        let g = g_ours
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert!(
+            g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+            "{name}: zero gradient"
+        );
         if g_theirs.get(var).is_some() {
             upstream_trained.push(name.clone());
         }
@@ -85,16 +96,24 @@ fn bf16_and_f16_forward_passes_run() -> Result<()> {
     for dtype in [DType::BF16, DType::F16] {
         let model = Llama::load(vars.builder(dtype, &Device::Cpu), &cfg)?;
         let logits = model.forward(&x, 0, &mut cache(&cfg, dtype)?)?;
-        let diff = (&logits - &f32_logits)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&logits - &f32_logits)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 0.1, "{dtype:?}: {diff}");
         // Change 2: upstream's mask is F32 whatever the scores' dtype.
         let theirs = upstream::Llama::load(vars.builder(dtype, &Device::Cpu), cfg.clone())?;
         let err = theirs.forward(&x, 0, &mut cache(&cfg, dtype)?);
-        assert!(err.is_err(), "{dtype:?}: upstream's forward pass now runs: drop change 2");
+        assert!(
+            err.is_err(),
+            "{dtype:?}: upstream's forward pass now runs: drop change 2"
+        );
         // The gradient of the F32 vars comes back in F32.
         let grads = logits.sum_all()?.backward()?;
         for (name, var) in vars.varmap.data().lock().expect("lock").iter() {
-            let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
             assert_eq!(g.dtype(), DType::F32);
         }
     }

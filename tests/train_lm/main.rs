@@ -4,7 +4,6 @@
 //! several moments and resumed ends as the uninterrupted run).
 
 #[path = "../common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 // The example's modules, for the model checks.
