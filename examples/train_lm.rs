@@ -387,10 +387,9 @@ impl Trainer {
         ))
     }
 
-    fn summary(&self, args: &Args, first: u64, last: u64, wall_s: f64, accuracy: (f64, f64)) {
+    fn summary(&self, args: &Args, first: u64, last: u64, accuracy: (f64, f64)) {
         let (fb, clip, opt) = self.timings.means();
-        let steps = last - first;
-        let tokens = (steps as usize * args.batch * args.seq_len) as f64;
+        let tokens_per_step = (args.batch * args.seq_len) as f64;
         let clip_text = if clip.is_nan() {
             "folded into the optimizer step".to_string()
         } else {
@@ -398,11 +397,11 @@ impl Trainer {
         };
         let clip_opt = if clip.is_nan() { opt } else { clip + opt };
         println!(
-            "[{}] steps {}..{}: {:.0} tokens/s; mean per step: forward+backward {fb:.2} ms, clip {clip_text}, optimizer {opt:.2} ms (clip+optimizer {clip_opt:.2} ms, whole step {:.2} ms)",
+            "[{}] steps {}..{}: {:.0} tokens/s (training steps only); mean per step: forward+backward {fb:.2} ms, clip {clip_text}, optimizer {opt:.2} ms (clip+optimizer {clip_opt:.2} ms, whole step {:.2} ms)",
             self.name,
             first + 1,
             last,
-            tokens / wall_s.max(1e-9),
+            tokens_per_step / ((fb + clip_opt) / 1e3).max(1e-9),
             fb + clip_opt
         );
         println!(
@@ -602,7 +601,6 @@ fn main() -> anyhow::Result<()> {
             Some(bar)
         }
     };
-    let started = Instant::now();
     for step in first + 1..=args.steps {
         let (inputs, targets) = loader.next_batch(args.batch, args.seq_len);
         let inputs = Tensor::from_vec(inputs, (args.batch, args.seq_len), &device)?;
@@ -640,13 +638,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let wall = started.elapsed().as_secs_f64() / trainers.len() as f64;
 
     let problems = corpus.held_out_problems(args.eval_size);
     let last = args.steps.max(first);
     for trainer in &mut trainers {
         let accuracy = trainer.accuracy(&problems)?;
-        trainer.summary(&args, first, last, wall, accuracy);
+        trainer.summary(&args, first, last, accuracy);
     }
     if trainers.len() == 2 {
         let (c, f) = (&trainers[0].timings, &trainers[1].timings);

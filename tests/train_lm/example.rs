@@ -257,3 +257,42 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
     );
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
+
+#[test]
+fn a_resumed_f16_zclip_run_keeps_the_scaler_and_zclip_state() {
+    // GradScaler and ZClip state in the checkpoint: killed after step 29 (ZClip's 25-step warm-up
+    // over, the last save at step 28), resumed, the same end as the uninterrupted run.
+    let args = ["--steps", "32", "--dtype", "f16", "--clip", "zclip"];
+    let reference = final_line(&args);
+    let dir = std::env::temp_dir().join(format!("cgc-train-lm-f16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("run.safetensors");
+    let resumable = || {
+        let mut cmd = command(&args);
+        cmd.args([
+            "--log-every",
+            "1",
+            "--checkpoint-every",
+            "4",
+            "--resume",
+            "--checkpoint",
+        ])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd
+    };
+    assert!(kill_after_step(
+        resumable().spawn().expect("spawn"),
+        29,
+        Duration::ZERO
+    ));
+    assert_eq!(saved_step(&path), 28);
+    let out = resumable().output().expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at step 28"));
+    assert_eq!(stdout.lines().last().unwrap_or(""), reference);
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
