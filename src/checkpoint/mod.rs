@@ -469,7 +469,8 @@ impl TrainingCheckpoint {
     /// let varmap = candle_nn::VarMap::new();
     /// let w = varmap.get(2, "w", candle_nn::Init::Const(1.0), DType::F32, &Device::Cpu)?;
     /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&varmap, 0)?;
-    /// varmap.set_one("w", candle_core::Tensor::new(&[5f32, 5.], &Device::Cpu)?)?;
+    /// varmap.data().lock().unwrap()["w"].set(&candle_core::Tensor::new(&[5f32, 5.], &Device::Cpu)?)?;
+    /// assert_eq!(w.to_vec1::<f32>()?, [5.0, 5.0]);
     /// checkpoint.restore(&varmap).apply()?;
     /// assert_eq!(w.to_vec1::<f32>()?, [1.0, 1.0]);
     /// # Ok::<(), candle_core::Error>(())
