@@ -55,7 +55,7 @@ impl Timings {
     }
 }
 
-/// Loss against step, one line per run (log-scale loss).
+/// Loss against step, one line per run.
 pub fn plot(path: &Path, runs: &[(String, Vec<(u64, f32)>)], title: &str) -> anyhow::Result<()> {
     use plotters::prelude::*;
 
@@ -64,27 +64,27 @@ pub fn plot(path: &Path, runs: &[(String, Vec<(u64, f32)>)], title: &str) -> any
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let all = runs.iter().flat_map(|(_, r)| r.iter());
-    let (mut lo, mut hi, mut last) = (f64::INFINITY, 0f64, 1u64);
+    let (mut hi, mut last) = (0f64, 1u64);
     for &(s, l) in all {
-        if l.is_finite() && l > 0.0 {
-            lo = lo.min(l as f64);
+        if l.is_finite() {
             hi = hi.max(l as f64);
         }
         last = last.max(s);
     }
-    if !lo.is_finite() {
-        (lo, hi) = (0.1, 10.0);
+    if hi <= 0.0 {
+        hi = 10.0;
     }
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(14)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0..last + 1, (lo / 1.2..hi * 1.2).log_scale())?;
+        .build_cartesian_2d(0..last + 1, 0f64..hi * 1.05)?;
     chart
         .configure_mesh()
         .x_desc("step")
         .y_desc("training loss (cross-entropy, nats per byte)")
+        .y_label_formatter(&|v| format!("{v:.1}"))
         .label_style(("sans-serif", 14))
         .draw()?;
     let colors = [
