@@ -135,6 +135,9 @@ struct Args {
     /// One line every N steps instead of a progress bar.
     #[arg(long)]
     log_every: Option<u64>,
+    /// Also print the held-out accuracy every N steps.
+    #[arg(long)]
+    eval_every: Option<u64>,
     /// Draw the loss against the step into this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -215,6 +218,7 @@ fn main() -> anyhow::Result<()> {
         corpus,
         position: 0,
     };
+    let problems = corpus.held_out_problems(args.eval_size);
     let mut first = 0u64;
     let mut losses: Vec<Vec<(u64, f32)>> = vec![Vec::new(); trainers.len()];
     if let (true, Some(path)) = (args.resume, &args.checkpoint) {
@@ -289,6 +293,24 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        if let Some(every) = args.eval_every {
+            if step % every == 0 {
+                for (i, t) in trainers.iter_mut().enumerate() {
+                    let (exact, bytes) = t.accuracy(&problems)?;
+                    let line = format!(
+                        "eval [{}] step {step} loss {:.6}: held-out exact match {:.1}%, answer bytes {:.1}%",
+                        t.name,
+                        losses[i].last().map_or(f32::NAN, |l| l.1),
+                        exact * 100.0,
+                        bytes * 100.0
+                    );
+                    match &bar {
+                        Some(bar) => bar.suspend(|| println!("{line}")),
+                        None => println!("{line}"),
+                    }
+                }
+            }
+        }
         if let Some(path) = &args.checkpoint {
             if step % args.checkpoint_every == 0 {
                 checkpoint_of(&trainers[0], &args, step, loader.position, &losses[0])?
@@ -301,7 +323,6 @@ fn main() -> anyhow::Result<()> {
         bar.finish_and_clear();
     }
 
-    let problems = corpus.held_out_problems(args.eval_size);
     let last = args.steps.max(first);
     for trainer in &mut trainers {
         let accuracy = trainer.accuracy(&problems)?;
