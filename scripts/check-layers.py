@@ -28,6 +28,7 @@ LONG_FILE = 650
 # (component, path prefix under src/, components it may import from). The order is the layering,
 # bottom first; a file belongs to the first component whose prefix matches.
 COMPONENTS = [
+    ("io", "io/", []),
     ("ops", "ops/", []),
     ("cpu", "backend/cpu/", ["ops"]),
     ("kernels", "backend/kernels/", ["ops"]),
@@ -38,10 +39,10 @@ COMPONENTS = [
     ("dist", "dist/", ["dispatch", "ops"]),
     ("clip", "clip/", ["dist", "dispatch", "ops"]),
     ("stats", "stats.rs", ["dispatch", "ops"]),
-    ("policy", "policy/", ["clip", "stats", "dispatch", "ops"]),
-    ("optim", "optim/", ["policy", "clip", "dist", "stats", "dispatch", "ops"]),
-    ("amp", "amp/", ["optim", "policy", "clip", "stats", "dispatch", "ops"]),
-    ("checkpoint", "checkpoint/", ["amp", "optim", "policy", "clip", "dispatch", "ops"]),
+    ("policy", "policy/", ["clip", "stats", "dispatch", "ops", "io"]),
+    ("optim", "optim/", ["policy", "clip", "dist", "stats", "dispatch", "ops", "io"]),
+    ("amp", "amp/", ["optim", "policy", "clip", "stats", "dispatch", "ops", "io"]),
+    ("checkpoint", "checkpoint/", ["amp", "optim", "policy", "clip", "dispatch", "ops", "io"]),
     ("lib", "lib.rs", None),  # the crate root re-exports the public API: anything
 ]
 

@@ -35,29 +35,39 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The crate is laid out as one mechanism with back ends, and the features built on it:
-//! - `gradients`: collect the gradients of the vars from the `GradStore` and validate them;
-//! - `backend`: reduce them to one norm and scale them in place, on the CPU (`backend::cpu`,
-//!   rayon) or through the multi-tensor kernels of `kernels/` (`backend::kernels`: what they are
-//!   asked to do), run on CUDA (`backend::cuda`, feature `cuda`) or emulated on the CPU
-//!   (`backend::emulated`, feature `emulation`);
-//! - `exact_sum`: the order-independent exact summation that makes the norm deterministic;
-//! - `clip`: the public clipping functions and the norm types;
+//! The crate is one mechanism with back ends — collect the gradients, build a segment table,
+//! reduce, form a coefficient or run a policy, then an element-wise pass or a fused optimizer
+//! step — on the CPU, on CUDA and under the kernels' host emulation, and the features built on
+//! it, bottom first (`docs/ARCHITECTURE.md` draws it):
+//! - `io`: crash-safe file replacement and safetensors bytes with digests;
+//! - `ops`: what each operation is on any device (parameters, constants, the host arithmetic
+//!   every back end reproduces bitwise), the gradients' collection and the exact summation that
+//!   makes the norm deterministic;
+//! - `backend`: the CPU twin (`backend::cpu`, rayon), the kernel plan (`backend::kernels`: what
+//!   the multi-tensor kernels of `kernels/` are asked to do), run on CUDA (`backend::cuda`,
+//!   feature `cuda`) or emulated on the CPU (`backend::emulated`, feature `emulation`);
+//! - `dispatch`: picks the back end for a set of gradients;
+//! - `dist`: process groups and the global norm across processes ([`ProcessGroup`],
+//!   [`total_norm_across`]);
+//! - `clip`: the public clipping functions; `stats`: per-layer norms and norm statistics;
+//! - `policy`: thresholds decided by the run itself ([`AutoClip`], [`ZClip`]);
 //! - `optim`: optimizers ([`Clipped`], [`FusedAdamW`], [`FusedSgd`]);
-//! - `policy`: thresholds decided by the run itself ([`AutoClip`], [`ZClip`]), dynamic loss
-//!   scaling ([`GradScaler`]);
-//! - `stats`: per-layer norms and norm statistics;
-//! - `dist`: the global norm across processes ([`ProcessGroup`], [`total_norm_across`]).
+//! - `amp`: dynamic loss scaling for mixed precision ([`GradScaler`]);
+//! - `checkpoint`: training checkpoints in one file ([`TrainingCheckpoint`]).
 //!
 //! Semantics follow PyTorch's `torch.nn.utils.clip_grad_norm_`; see the README for where and why
 //! they differ.
 
-// The layers, bottom first (docs/ARCHITECTURE.md; `scripts/check-layers.py` checks them).
+// The layers, bottom first: `io` and `ops` (definitions), `backend`, `dispatch`, then the public
+// layers `dist`, `clip`, `stats`, `policy`, `optim`, `amp`, `checkpoint` (docs/ARCHITECTURE.md;
+// `scripts/check-layers.py` checks that imports only point down).
 mod amp;
 mod backend;
+mod checkpoint;
 mod clip;
 mod dispatch;
 mod dist;
+mod io;
 mod ops;
 mod optim;
 mod policy;
@@ -79,6 +89,8 @@ pub use optim::sgd::{FusedSgd, ParamsSgd};
 pub use policy::autoclip::AutoClip;
 pub use policy::zclip::{ZClip, ZClipMode};
 pub use stats::{grad_norms, GradNormStats};
+// Training checkpoints: vars, optimizer, clip policy, GradScaler, step and metadata in one file.
+pub use checkpoint::{CheckpointOptimizer, Restore, TrainingCheckpoint};
 // For benches/scaler_ratios.rs only.
 #[doc(hidden)]
 pub use amp::grad_scaler::__unscaled_norm_cpu;

@@ -1,6 +1,8 @@
 //! AutoClip: clip to a percentile of the gradient norms seen so far.
 
-use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
+use std::collections::HashMap;
+
+use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
 use crate::clip::norm::{clip_grads_with_norm_, total_norm};
 use crate::ops::norm_type::NormType;
@@ -268,6 +270,110 @@ impl AutoClip {
                 self.kept.insert(pos, norm);
             }
         }
+    }
+
+    /// The state a bitwise resume needs, as CPU tensors: `kept_norms` (1-D `F64`, the kept
+    /// history, ascending), `observed` (0-d `I64`, the finite norms seen so far) and `rng_state`
+    /// (0-d `I64`, the reservoir generator's state, its bits as an `i64`). The settings
+    /// (percentile, capacity) are not state.
+    ///
+    /// ```
+    /// let mut autoclip = candle_grad_clip::AutoClip::default();
+    /// autoclip.observe(3.0);
+    /// let state = autoclip.state_dict()?;
+    /// assert_eq!(state["kept_norms"].to_vec1::<f64>()?, [3.0]);
+    /// assert_eq!(state["observed"].to_scalar::<i64>()?, 1);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        let cpu = &Device::Cpu;
+        let observed = i64::try_from(self.seen).map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "AutoClip::state_dict: {} norms observed do not fit an i64",
+                self.seen
+            ))
+        })?;
+        Ok(HashMap::from([
+            (
+                "kept_norms".to_string(),
+                Tensor::new(self.kept.as_slice(), cpu)?,
+            ),
+            ("observed".to_string(), Tensor::new(observed, cpu)?),
+            (
+                "rng_state".to_string(),
+                Tensor::new(i64::from_ne_bytes(self.rng.to_ne_bytes()), cpu)?,
+            ),
+        ]))
+    }
+
+    /// Loads a state from [`state_dict`](Self::state_dict), checked whole first: an entry
+    /// missing, unknown, of the wrong dtype or rank, norms that are not finite, negative or not
+    /// ascending, more norms than `capacity`, or a count that does not match them (the kept norms
+    /// are all of them until `capacity` is reached) is an error, and nothing changes.
+    ///
+    /// ```
+    /// use candle_grad_clip::AutoClip;
+    /// let mut first = AutoClip::new(50.0)?;
+    /// for norm in [4.0, 2.0, 9.0] {
+    ///     first.observe(norm);
+    /// }
+    /// let mut state = first.state_dict()?;
+    /// let mut resumed = AutoClip::new(50.0)?;
+    /// resumed.load_state_dict(&state)?;
+    /// assert_eq!(resumed.threshold(), Some(4.0));
+    /// assert_eq!(resumed.observe(1.0), first.observe(1.0));
+    /// state.remove("observed");
+    /// assert!(AutoClip::default().load_state_dict(&state).is_err());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        const KEYS: [&str; 3] = ["kept_norms", "observed", "rng_state"];
+        let get = |key: &str, dtype: DType, rank: usize| -> Result<&Tensor> {
+            let Some(t) = state.get(key) else {
+                bail!("AutoClip::load_state_dict: the state has no `{key}`; nothing was loaded")
+            };
+            if t.dtype() != dtype || t.rank() != rank {
+                bail!(
+                    "AutoClip::load_state_dict: `{key}` must be a {rank}-d {dtype:?} tensor, got {:?} {:?}; nothing was loaded",
+                    t.dtype(),
+                    t.dims()
+                )
+            }
+            Ok(t)
+        };
+        let kept = get("kept_norms", DType::F64, 1)?.to_vec1::<f64>()?;
+        let observed = get("observed", DType::I64, 0)?.to_scalar::<i64>()?;
+        let rng = get("rng_state", DType::I64, 0)?.to_scalar::<i64>()?;
+        if let Some(extra) = state.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            bail!("AutoClip::load_state_dict: unexpected `{extra}`; nothing was loaded")
+        }
+        if let Some(bad) = kept.iter().find(|&&x| !is_usable(x)) {
+            bail!("AutoClip::load_state_dict: `kept_norms` holds {bad}, not a norm; nothing was loaded")
+        }
+        if kept.windows(2).any(|w| w[0] > w[1]) {
+            bail!("AutoClip::load_state_dict: `kept_norms` is not ascending; nothing was loaded")
+        }
+        let Ok(seen) = u64::try_from(observed) else {
+            bail!("AutoClip::load_state_dict: `observed` is negative ({observed}); nothing was loaded")
+        };
+        if kept.len() > self.capacity {
+            bail!(
+                "AutoClip::load_state_dict: {} kept norms do not fit capacity = {}; nothing was loaded",
+                kept.len(),
+                self.capacity
+            )
+        }
+        if seen < kept.len() as u64 || (kept.len() < self.capacity && seen != kept.len() as u64) {
+            bail!(
+                "AutoClip::load_state_dict: {} kept norms do not match {seen} observed with capacity = {}; nothing was loaded",
+                kept.len(),
+                self.capacity
+            )
+        }
+        self.kept = kept;
+        self.seen = seen;
+        self.rng = u64::from_ne_bytes(rng.to_ne_bytes());
+        Ok(())
     }
 
     /// Uniform in `[0, n)` (SplitMix64, then Lemire's multiply-shift; bias below `n / 2^64`).

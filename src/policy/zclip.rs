@@ -12,6 +12,7 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
 use crate::dispatch;
+use crate::io::atomic::save_safetensors_atomically;
 use crate::ops::gradients::GradientSet;
 use crate::ops::zclip::{input, update_on_host, word, ZClipParams, ZCLIP_EPS};
 
@@ -493,7 +494,7 @@ impl ZClip {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        candle_core::safetensors::save(&self.state_dict()?, path.as_ref())
+        save_safetensors_atomically(&self.state_dict()?, path.as_ref())
     }
 
     /// Loads a state saved by [`save_state`](Self::save_state), as

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
+use crate::io::atomic::save_safetensors_atomically;
+
 use super::{GradScaler, ScalerState, Stage, KEY_GROWTH_TRACKER, KEY_SCALE};
 
 impl GradScaler {
@@ -102,7 +104,7 @@ impl GradScaler {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        candle_core::safetensors::save(&self.state_dict()?, path.as_ref())
+        save_safetensors_atomically(&self.state_dict()?, path.as_ref())
     }
 
     /// Loads a state saved by [`save_state`](Self::save_state), as

@@ -135,6 +135,24 @@ assert!(", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())
                 Ok(self)
             }
 
+            #[doc = concat!("Replaces the clip setting (validated as [`with_clip`](Self::with_clip) validates it; an
+invalid one is an error and changes nothing), e.g. to restore an AutoClip or ZClip with its state.
+
+```
+use candle_nn::Optimizer;
+use candle_grad_clip::{ClipSetting, ", stringify!($ty), "};
+", $import, "
+let mut opt = ", stringify!($ty), "::new(vec![], ", stringify!($params), "::default())?.with_clip(ClipSetting::value(0.5))?;
+assert!(opt.set_clip_setting(ClipSetting::norm(-1.0)).is_err());
+assert!(matches!(opt.clip_setting(), Some(ClipSetting::Value { .. })));
+opt.set_clip_setting(ClipSetting::norm(1.0))?;
+assert!(matches!(opt.clip_setting(), Some(ClipSetting::Norm { .. })));
+# Ok::<(), candle_core::Error>(())
+```")]
+            pub fn set_clip_setting(&mut self, clip: ClipSetting) -> Result<()> {
+                self.core.set_clip(clip)
+            }
+
             #[doc = concat!("Whether to skip steps whose gradients are not all finite (see the type's documentation).
 
 ```

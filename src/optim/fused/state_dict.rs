@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::FusedCore;
+use crate::io::atomic::save_safetensors_atomically;
 use crate::ops::fused_step::{state_dtype, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS};
 
 /// Keys of the counters in a state dict.
@@ -156,7 +157,7 @@ impl FusedCore {
     }
 
     pub(crate) fn save_state(&self, path: &Path, names: &[&str], optional: bool) -> Result<()> {
-        candle_core::safetensors::save(&self.state_dict(names, optional)?, path)
+        save_safetensors_atomically(&self.state_dict(names, optional)?, path)
     }
 
     pub(crate) fn load_state(&mut self, path: &Path, names: &[&str], optional: bool) -> Result<()> {

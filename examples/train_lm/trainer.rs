@@ -1,0 +1,264 @@
+//! One model, its optimizer and (F16) its GradScaler: a training step as a candle user writes it
+//! (`--optimizer candle`) or with `FusedAdamW` (`--optimizer fused`), timed phase by phase, and
+//! the held-out accuracy.
+
+use std::time::Instant;
+
+use anyhow::bail;
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_grad_clip::{
+    adaptive_clip_grad_, clip_grad_norm_, FusedAdamW, GradScaler, ZClip, AGC_DEFAULT_EPS,
+};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
+
+use super::model::{Cache, Config, Llama};
+use super::report::{self, Timings};
+use super::vars::TrainVars;
+use super::{Args, Clip, OptimizerKind, Precision, AGC_CLIPPING};
+
+/// The optimizer side of a trainer.
+pub enum Opt {
+    /// What a candle user writes today: the crate's clip functions, then `AdamW::step`.
+    Candle {
+        opt: AdamW,
+        vars: Vec<Var>,
+        zclip: Option<ZClip>,
+    },
+    Fused(Box<FusedAdamW>),
+}
+
+/// One model, its optimizer and (F16) its GradScaler.
+pub struct Trainer {
+    pub name: &'static str,
+    pub vars: TrainVars,
+    pub opt: Opt,
+    pub scaler: Option<GradScaler>,
+    pub cache: Cache,
+    pub cfg: Config,
+    pub dtype: DType,
+    pub device: Device,
+    pub clip: Clip,
+    pub max_norm: f64,
+    pub timings: Timings,
+    /// (step, scale) each time the scale changed, and the steps skipped (overflow).
+    pub scale_history: Vec<(u64, f64)>,
+    pub skipped: u64,
+}
+
+impl Trainer {
+    pub fn new(args: &Args, kind: OptimizerKind, device: &Device) -> anyhow::Result<Self> {
+        let cfg = args.model_config();
+        let dtype = args.compute_dtype();
+        let vars = TrainVars::new(args.seed, cfg.n_layers, !args.untied);
+        // Creates every var (seeded initialisation).
+        Llama::load(vars.builder(dtype, device), &cfg)?;
+        // The rotary tables: computed by candle's Cache (no such vars), in the compute dtype.
+        let empty = VarBuilder::from_tensors(Default::default(), DType::F32, device);
+        let mut cache = Cache::new(false, &cfg, empty)?;
+        cache.cos = cache.cos.to_dtype(dtype)?;
+        cache.sin = cache.sin.to_dtype(dtype)?;
+        let params = ParamsAdamW {
+            lr: args.lr,
+            ..Default::default()
+        };
+        let (name, opt) = match kind {
+            OptimizerKind::Candle => {
+                let all: Vec<Var> = report::sorted_vars(&vars.varmap)?
+                    .into_iter()
+                    .map(|(_, v)| v)
+                    .collect();
+                let zclip = (args.clip == Clip::Zclip).then(ZClip::new);
+                (
+                    "candle",
+                    Opt::Candle {
+                        opt: AdamW::new(all.clone(), params)?,
+                        vars: all,
+                        zclip,
+                    },
+                )
+            }
+            _ => {
+                let mut opt = FusedAdamW::from_varmap(&vars.varmap, params)?;
+                if let Some(clip) = args.clip_setting() {
+                    opt = opt.with_clip(clip)?;
+                }
+                ("fused", Opt::Fused(Box::new(opt)))
+            }
+        };
+        let scaler = (args.dtype == Precision::F16).then(GradScaler::new);
+        Ok(Self {
+            name,
+            vars,
+            opt,
+            scaler,
+            cache,
+            cfg,
+            dtype,
+            device: device.clone(),
+            clip: args.clip,
+            max_norm: args.max_norm,
+            timings: Timings::default(),
+            scale_history: Vec::new(),
+            skipped: 0,
+        })
+    }
+
+    fn model(&self) -> candle_core::Result<Llama> {
+        Llama::load(self.vars.builder(self.dtype, &self.device), &self.cfg)
+    }
+
+    fn ms_since(&self, t: Instant) -> candle_core::Result<f64> {
+        self.device.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// One training step (`step` is its 1-based number); returns the loss.
+    pub fn step(&mut self, step: u64, inputs: &Tensor, targets: &Tensor) -> anyhow::Result<f32> {
+        let t = Instant::now();
+        let model = self.model()?;
+        let logits = model.forward(inputs, 0, &mut self.cache)?;
+        let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)?;
+        let mut grads = match &self.scaler {
+            Some(scaler) => scaler.scale(&loss)?.backward()?,
+            None => loss.backward()?,
+        };
+        let fb = self.ms_since(t)?;
+        let (clip_ms, opt_ms) = match &mut self.opt {
+            Opt::Candle { opt, vars, zclip } => {
+                let t = Instant::now();
+                if let Some(scaler) = &mut self.scaler {
+                    scaler.unscale_(vars, &mut grads)?;
+                }
+                match (self.clip, zclip) {
+                    (Clip::None, _) => {}
+                    (Clip::Norm, _) => {
+                        clip_grad_norm_(vars, &mut grads, self.max_norm)?;
+                    }
+                    (Clip::Zclip, Some(z)) => {
+                        z.clip_(vars, &mut grads)?;
+                    }
+                    (Clip::Zclip, None) => bail!("internal error: ZClip without its state"),
+                    (Clip::Agc, _) => {
+                        adaptive_clip_grad_(vars, &mut grads, AGC_CLIPPING, AGC_DEFAULT_EPS)?;
+                    }
+                }
+                self.device.synchronize()?;
+                let clip_ms = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                match &mut self.scaler {
+                    Some(scaler) => {
+                        scaler.step(opt, &grads)?;
+                        scaler.update()?;
+                    }
+                    None => opt.step(&grads)?,
+                }
+                (clip_ms, self.ms_since(t)?)
+            }
+            Opt::Fused(opt) => {
+                let t = Instant::now();
+                match &mut self.scaler {
+                    Some(scaler) => {
+                        scaler.step(opt.as_mut(), &grads)?;
+                        scaler.update()?;
+                    }
+                    None => opt.step(&grads)?,
+                }
+                (f64::NAN, self.ms_since(t)?)
+            }
+        };
+        self.timings.forward_backward.push(fb);
+        self.timings.clip.push(clip_ms);
+        self.timings.optimizer.push(opt_ms);
+        if let Some(scaler) = &self.scaler {
+            let scale = scaler.scale_value()?;
+            match self.scale_history.last() {
+                Some(&(_, last)) if last == scale => {}
+                Some(&(_, last)) => {
+                    if scale < last {
+                        self.skipped += 1;
+                    }
+                    self.scale_history.push((step, scale));
+                }
+                None => self.scale_history.push((step, scale)),
+            }
+        }
+        Ok(loss.to_scalar::<f32>()?)
+    }
+
+    /// Exact-match accuracy on held-out problems: every answer byte (and the newline) is the
+    /// model's top choice given the prompt and the answer so far, i.e. greedy decoding after the
+    /// prompt writes exactly the answer.
+    /// Also returns the fraction of answer bytes predicted right (teacher-forced).
+    pub fn accuracy(&mut self, problems: &[(String, String)]) -> anyhow::Result<(f64, f64)> {
+        let model = self.model()?;
+        let (mut correct, mut bytes, mut bytes_right) = (0usize, 0usize, 0usize);
+        for chunk in problems.chunks(128) {
+            let width = chunk
+                .iter()
+                .map(|(p, a)| p.len() + a.len())
+                .max()
+                .unwrap_or(1);
+            let mut ids = Vec::with_capacity(chunk.len() * width);
+            for (p, a) in chunk {
+                let mut line: Vec<u32> = p.bytes().chain(a.bytes()).map(u32::from).collect();
+                line.resize(width, u32::from(b'\n'));
+                ids.extend(line);
+            }
+            let input = Tensor::from_vec(ids.clone(), (chunk.len(), width), &self.device)?;
+            let predicted = model
+                .forward(&input, 0, &mut self.cache)?
+                .argmax(D::Minus1)?
+                .to_vec2::<u32>()?;
+            for (row, (p, a)) in chunk.iter().enumerate() {
+                let right = (p.len()..p.len() + a.len())
+                    .filter(|&i| predicted[row][i - 1] == ids[row * width + i])
+                    .count();
+                correct += usize::from(right == a.len());
+                (bytes, bytes_right) = (bytes + a.len(), bytes_right + right);
+            }
+        }
+        Ok((
+            correct as f64 / problems.len().max(1) as f64,
+            bytes_right as f64 / bytes.max(1) as f64,
+        ))
+    }
+
+    pub fn summary(&self, args: &Args, first: u64, last: u64, accuracy: (f64, f64)) {
+        let (fb, clip, opt) = self.timings.means();
+        let tokens_per_step = (args.batch * args.seq_len) as f64;
+        let clip_text = if clip.is_nan() {
+            "folded into the optimizer step".to_string()
+        } else {
+            format!("{clip:.2} ms")
+        };
+        let clip_opt = if clip.is_nan() { opt } else { clip + opt };
+        println!(
+            "[{}] steps {}..{}: {:.0} tokens/s (training steps only); mean per step: forward+backward {fb:.2} ms, clip {clip_text}, optimizer {opt:.2} ms (clip+optimizer {clip_opt:.2} ms, whole step {:.2} ms)",
+            self.name,
+            first + 1,
+            last,
+            tokens_per_step / ((fb + clip_opt) / 1e3).max(1e-9),
+            fb + clip_opt
+        );
+        println!(
+            "[{}] held-out exact match: {:.1}% of {} problems ({:.1}% of the answer bytes right)",
+            self.name,
+            accuracy.0 * 100.0,
+            args.eval_size,
+            accuracy.1 * 100.0
+        );
+        if self.scaler.is_some() {
+            let history: Vec<String> = self
+                .scale_history
+                .iter()
+                .map(|(s, v)| format!("{v} (step {s})"))
+                .collect();
+            println!(
+                "[{}] GradScaler: scale history {}; skipped steps (overflow): {}",
+                self.name,
+                history.join(" -> "),
+                self.skipped
+            );
+        }
+    }
+}

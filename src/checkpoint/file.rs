@@ -1,0 +1,409 @@
+//! The checkpoint file: a [`TrainingCheckpoint`] built from the run's components, saved
+//! atomically as one safetensors file, loaded and verified whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{bail, Device, Result, Tensor, Var};
+use candle_nn::VarMap;
+
+use super::clip;
+use super::optimizer::CheckpointOptimizer;
+use crate::amp::grad_scaler::GradScaler;
+use crate::io::atomic;
+use crate::io::format::{self, Entry};
+use crate::optim::clip_setting::ClipSetting;
+
+/// The value of the `format` metadata entry.
+pub(super) const FORMAT: &str = "candle-grad-clip training checkpoint v1";
+/// Tensor name prefixes of the sections.
+pub(super) const VARS: &str = "vars/";
+pub(super) const OPTIMIZER: &str = "optimizer/";
+pub(super) const OPTIMIZER_CLIP: &str = "optimizer_clip/";
+pub(super) const CLIP: &str = "clip/";
+pub(super) const SCALER: &str = "grad_scaler/";
+/// Metadata keys.
+pub(super) const KEY_FORMAT: &str = "format";
+pub(super) const KEY_STEP: &str = "step";
+pub(super) const KEY_OPTIMIZER: &str = "optimizer";
+pub(super) const KEY_OPTIMIZER_PARAMS: &str = "optimizer.params";
+pub(super) const KEY_OPTIMIZER_CLIP: &str = "optimizer.clip";
+pub(super) const KEY_CLIP: &str = "clip";
+pub(super) const KEY_SCALER: &str = "grad_scaler";
+pub(super) const USER: &str = "user.";
+/// The digest of the header, and the prefix of each tensor's digest.
+pub(super) const KEY_DIGEST: &str = "sha256";
+pub(super) const DIGEST_PREFIX: &str = "sha256:";
+
+/// A training checkpoint: everything a run needs to resume bitwise, in one safetensors file.
+///
+/// It holds copies (taken when it is built, so the run may go on while it is saved) of
+/// - the model's vars, every var of a [`VarMap`] by name (tensors `vars/<name>`);
+/// - optionally a fused optimizer's state ([`FusedAdamW`], [`FusedSgd`]: moments or momentum
+///   buffers and counters, `optimizer/…`), its kind, its hyper-parameters (for information) and
+///   its clip setting with the state of an AutoClip or ZClip (`optimizer_clip/…`);
+/// - optionally a separate clip setting and its state (for loops with [`Clipped`](crate::Clipped)
+///   or the clip functions, `clip/…`) and a [`GradScaler`]'s state (`grad_scaler/…`);
+/// - the step, and user metadata (strings: a data position, a seed, …).
+///
+/// **Saving** ([`save`](Self::save)) is atomic and durable: the file is written whole to a
+/// temporary file in the same folder, fsynced, renamed over the old checkpoint, and the folder
+/// fsynced. A crash at any moment leaves either the old checkpoint or the new one, never a torn
+/// one (a crash during the write leaves a temporary `.<name>.tmp-*` file, removed by the next
+/// save). The file holds the SHA-256 of every tensor and of its header.
+///
+/// **Loading** ([`load`](Self::load)) reads and verifies the whole file: a truncated file, a
+/// flipped byte (a digest mismatch, naming the tensor), a file of another format is an error.
+/// **Restoring** ([`restore`](Self::restore)) checks every component before it changes any: the
+/// var names, shapes and dtypes, the optimizer's kind, its clip setting (kind and parameters), the
+/// state of each component; any mismatch is an error naming it, and nothing changes. Every
+/// component in the file must be restored, and every component given must be in the file.
+///
+/// Saving keeps about two copies of the state in memory (the snapshot and the file's bytes);
+/// loading reads the whole file into memory.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+/// use candle_grad_clip::{ClipSetting, FusedAdamW, TrainingCheckpoint, ZClip};
+/// # fn main() -> candle_core::Result<()> {
+/// let varmap = VarMap::new();
+/// let model = linear(4, 1, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu).pp("fc"))?;
+/// let mut opt = FusedAdamW::from_varmap(&varmap, ParamsAdamW::default())?
+///     .with_clip(ClipSetting::ZClip(ZClip::new()))?;
+/// let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
+/// opt.backward_step(&model.forward(&x)?.sqr()?.mean_all()?)?;
+///
+/// let path = std::env::temp_dir().join(format!("doc-ckpt-{}.safetensors", std::process::id()));
+/// TrainingCheckpoint::new(&varmap, 1)?
+///     .with_optimizer(&opt)?
+///     .with_metadata("data_position", "8")
+///     .save(&path)?;
+///
+/// // Later, maybe in another process: the same model and optimizer, then the state.
+/// let checkpoint = TrainingCheckpoint::load(&path)?;
+/// checkpoint.restore(&varmap).optimizer(&mut opt).apply()?;
+/// assert_eq!((checkpoint.step(), checkpoint.metadata("data_position")), (1, Some("8")));
+/// # std::fs::remove_file(&path)?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TrainingCheckpoint {
+    pub(super) step: u64,
+    /// Every tensor, named with its section's prefix.
+    pub(super) entries: BTreeMap<String, Entry>,
+    /// The metadata entries (not the digests).
+    pub(super) meta: BTreeMap<String, String>,
+}
+
+impl TrainingCheckpoint {
+    /// A checkpoint of every var of `varmap` (copied now, whatever their dtype and device) at
+    /// training step `step`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// let varmap = candle_nn::VarMap::new();
+    /// varmap.get(3, "w", candle_nn::Init::Const(1.0), DType::F32, &Device::Cpu)?;
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&varmap, 10)?;
+    /// assert_eq!(checkpoint.var_names(), ["w"]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn new(varmap: &VarMap, step: u64) -> Result<Self> {
+        let vars = sorted_vars(varmap)?;
+        let mut entries = BTreeMap::new();
+        for (name, var) in &vars {
+            entries.insert(
+                format!("{VARS}{name}"),
+                Entry::from_tensor(var.as_tensor())?,
+            );
+        }
+        let meta = BTreeMap::from([
+            (KEY_FORMAT.to_string(), FORMAT.to_string()),
+            (KEY_STEP.to_string(), step.to_string()),
+        ]);
+        Ok(Self {
+            step,
+            entries,
+            meta,
+        })
+    }
+
+    fn add_section(&mut self, prefix: &str, state: HashMap<String, Tensor>) -> Result<()> {
+        for (key, t) in state {
+            self.entries
+                .insert(format!("{prefix}{key}"), Entry::from_tensor(&t)?);
+        }
+        Ok(())
+    }
+
+    /// Adds the state of a fused optimizer (copied now), its kind and hyper-parameters, its
+    /// clip setting and that setting's state (AutoClip, ZClip). At most one optimizer.
+    ///
+    /// ```
+    /// use candle_grad_clip::{FusedSgd, TrainingCheckpoint};
+    /// let varmap = candle_nn::VarMap::new();
+    /// let opt = FusedSgd::from_varmap(&varmap, Default::default())?;
+    /// let checkpoint = TrainingCheckpoint::new(&varmap, 0)?.with_optimizer(&opt)?;
+    /// assert_eq!(checkpoint.optimizer_kind(), Some("FusedSgd"));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_optimizer<O: CheckpointOptimizer>(mut self, optimizer: &O) -> Result<Self> {
+        if self.meta.contains_key(KEY_OPTIMIZER) {
+            bail!("TrainingCheckpoint::with_optimizer: the checkpoint already holds an optimizer")
+        }
+        self.add_section(OPTIMIZER, optimizer.optimizer_state()?)?;
+        self.add_section(OPTIMIZER_CLIP, clip::state(optimizer.clip())?)?;
+        self.meta
+            .insert(KEY_OPTIMIZER.to_string(), optimizer.kind().to_string());
+        self.meta.insert(
+            KEY_OPTIMIZER_PARAMS.to_string(),
+            optimizer.describe_params(),
+        );
+        self.meta.insert(
+            KEY_OPTIMIZER_CLIP.to_string(),
+            clip::describe(optimizer.clip()),
+        );
+        Ok(self)
+    }
+
+    /// Adds a clip setting used outside a fused optimizer (with [`Clipped`](crate::Clipped) or
+    /// the clip functions) and its state (AutoClip, ZClip; copied now). At most one.
+    ///
+    /// ```
+    /// use candle_grad_clip::{AutoClip, ClipSetting, TrainingCheckpoint};
+    /// let varmap = candle_nn::VarMap::new();
+    /// let clip = ClipSetting::AutoClip(AutoClip::default());
+    /// let checkpoint = TrainingCheckpoint::new(&varmap, 0)?.with_clip(&clip)?;
+    /// # let _ = checkpoint;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_clip(mut self, clip: &ClipSetting) -> Result<Self> {
+        if self.meta.contains_key(KEY_CLIP) {
+            bail!("TrainingCheckpoint::with_clip: the checkpoint already holds a clip setting")
+        }
+        self.add_section(CLIP, clip::state(Some(clip))?)?;
+        self.meta
+            .insert(KEY_CLIP.to_string(), clip::describe(Some(clip)));
+        Ok(self)
+    }
+
+    /// Adds a [`GradScaler`]'s state (scale and growth tracker, copied now; take it between
+    /// `update` and the next step). At most one.
+    ///
+    /// ```
+    /// use candle_grad_clip::{GradScaler, TrainingCheckpoint};
+    /// let varmap = candle_nn::VarMap::new();
+    /// let checkpoint = TrainingCheckpoint::new(&varmap, 0)?.with_grad_scaler(&GradScaler::new())?;
+    /// # let _ = checkpoint;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_grad_scaler(mut self, scaler: &GradScaler) -> Result<Self> {
+        if self.meta.contains_key(KEY_SCALER) {
+            bail!("TrainingCheckpoint::with_grad_scaler: the checkpoint already holds a GradScaler")
+        }
+        self.add_section(SCALER, scaler.state_dict()?)?;
+        self.meta.insert(KEY_SCALER.to_string(), "1".to_string());
+        Ok(self)
+    }
+
+    /// Adds (or replaces) a user metadata entry, e.g. the position in the data.
+    ///
+    /// ```
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&candle_nn::VarMap::new(), 0)?
+    ///     .with_metadata("seed", "42");
+    /// assert_eq!(checkpoint.metadata("seed"), Some("42"));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.meta
+            .insert(format!("{USER}{}", key.into()), value.into());
+        self
+    }
+
+    /// The training step it was taken at.
+    ///
+    /// ```
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&candle_nn::VarMap::new(), 7)?;
+    /// assert_eq!(checkpoint.step(), 7);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// A user metadata entry (see [`with_metadata`](Self::with_metadata)).
+    ///
+    /// ```
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&candle_nn::VarMap::new(), 0)?;
+    /// assert_eq!(checkpoint.metadata("data_position"), None);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.meta.get(&format!("{USER}{key}")).map(String::as_str)
+    }
+
+    /// The kind of the optimizer whose state it holds (`"FusedAdamW"`, `"FusedSgd"`), if any.
+    ///
+    /// ```
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&candle_nn::VarMap::new(), 0)?;
+    /// assert_eq!(checkpoint.optimizer_kind(), None);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn optimizer_kind(&self) -> Option<&str> {
+        self.meta.get(KEY_OPTIMIZER).map(String::as_str)
+    }
+
+    /// The names of the vars it holds, sorted.
+    ///
+    /// ```
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&candle_nn::VarMap::new(), 0)?;
+    /// assert!(checkpoint.var_names().is_empty());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn var_names(&self) -> Vec<&str> {
+        self.entries
+            .keys()
+            .filter_map(|k| k.strip_prefix(VARS))
+            .collect()
+    }
+
+    /// The saved value of a var, as a tensor on `device` (e.g. to evaluate a checkpoint without
+    /// restoring a run).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// let varmap = candle_nn::VarMap::new();
+    /// varmap.get(2, "w", candle_nn::Init::Const(3.0), DType::F32, &Device::Cpu)?;
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&varmap, 0)?;
+    /// assert_eq!(checkpoint.var("w", &Device::Cpu)?.to_vec1::<f32>()?, [3.0, 3.0]);
+    /// assert!(checkpoint.var("v", &Device::Cpu).is_err());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn var(&self, name: &str, device: &Device) -> Result<Tensor> {
+        match self.entries.get(&format!("{VARS}{name}")) {
+            Some(e) => e.to_tensor(device),
+            None => bail!("TrainingCheckpoint::var: the checkpoint has no var `{name}`"),
+        }
+    }
+
+    /// Saves it as one safetensors file at `path`, atomically (see the type's documentation):
+    /// the old file at `path`, if any, is replaced only by a complete, fsynced new one.
+    ///
+    /// ```
+    /// let path = std::env::temp_dir().join(format!("doc-save-{}.safetensors", std::process::id()));
+    /// candle_grad_clip::TrainingCheckpoint::new(&candle_nn::VarMap::new(), 3)?.save(&path)?;
+    /// assert_eq!(candle_grad_clip::TrainingCheckpoint::load(&path)?.step(), 3);
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let mut meta = self.meta.clone();
+        for (name, e) in &self.entries {
+            meta.insert(format!("{DIGEST_PREFIX}{name}"), e.digest());
+        }
+        let digest = format::header_digest(&meta, &self.entries, KEY_DIGEST);
+        meta.insert(KEY_DIGEST.to_string(), digest);
+        let entries = self
+            .entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        let bytes = format::serialize(entries, meta.into_iter().collect(), path)?;
+        atomic::write_atomically(path, &bytes)
+    }
+
+    /// Reads a checkpoint saved by [`save`](Self::save) and verifies it whole: a file that is
+    /// missing, truncated, corrupt (a digest that does not match: the header or a named tensor)
+    /// or not a training checkpoint is an error naming the problem. Nothing is restored yet:
+    /// see [`restore`](Self::restore).
+    ///
+    /// ```
+    /// let path = std::env::temp_dir().join(format!("doc-load-{}.safetensors", std::process::id()));
+    /// candle_grad_clip::TrainingCheckpoint::new(&candle_nn::VarMap::new(), 0)?.save(&path)?;
+    /// let bytes = std::fs::read(&path)?;
+    /// std::fs::write(&path, &bytes[..bytes.len() - 1])?; // truncated
+    /// assert!(candle_grad_clip::TrainingCheckpoint::load(&path).is_err());
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let fail = |what: String| -> candle_core::Error {
+            candle_core::Error::Msg(format!(
+                "TrainingCheckpoint::load: `{}` {what}; nothing was loaded",
+                path.display()
+            ))
+        };
+        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot be read ({e})")))?;
+        let parsed = format::parse(&bytes).map_err(|e| fail(format!("is {e}")))?;
+        let (entries, mut meta) = (parsed.entries, parsed.metadata);
+        match meta.get(KEY_FORMAT) {
+            Some(f) if f == FORMAT => {}
+            Some(f) => return Err(fail(format!("has format `{f}`, not `{FORMAT}`"))),
+            None => {
+                return Err(fail(
+                    "is not a training checkpoint (no `format` entry)".into(),
+                ))
+            }
+        }
+        let expected = format::header_digest(&meta, &entries, KEY_DIGEST);
+        match meta.get(KEY_DIGEST) {
+            Some(d) if *d == expected => {}
+            Some(_) => {
+                return Err(fail(
+                    "is corrupt: the digest of its header does not match".into(),
+                ))
+            }
+            None => return Err(fail("has no digest".into())),
+        }
+        for (name, e) in &entries {
+            match meta.get(&format!("{DIGEST_PREFIX}{name}")) {
+                Some(d) if *d == e.digest() => {}
+                Some(_) => {
+                    return Err(fail(format!(
+                        "is corrupt: tensor `{name}` does not match its digest"
+                    )))
+                }
+                None => return Err(fail(format!("has no digest for tensor `{name}`"))),
+            }
+        }
+        meta.retain(|k, _| k != KEY_DIGEST && !k.starts_with(DIGEST_PREFIX));
+        let step = meta
+            .get(KEY_STEP)
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| fail("has no valid `step` entry".into()))?;
+        for name in entries.keys() {
+            let known = [VARS, OPTIMIZER, OPTIMIZER_CLIP, CLIP, SCALER]
+                .iter()
+                .any(|p| name.starts_with(p));
+            if !known {
+                return Err(fail(format!("holds an unknown tensor `{name}`")));
+            }
+        }
+        Ok(Self {
+            step,
+            entries,
+            meta,
+        })
+    }
+
+    /// The tensors of a section, on the CPU, with the prefix removed.
+    pub(super) fn section(&self, prefix: &str) -> Result<HashMap<String, Tensor>> {
+        self.entries
+            .iter()
+            .filter_map(|(k, e)| k.strip_prefix(prefix).map(|k| (k, e)))
+            .map(|(k, e)| Ok((k.to_string(), e.to_tensor(&Device::Cpu)?)))
+            .collect()
+    }
+}
+
+/// The vars of a VarMap sorted by name.
+pub(super) fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
+    let data = varmap.data().lock().map_err(|_| {
+        candle_core::Error::Msg("TrainingCheckpoint: the VarMap's lock is poisoned".into())
+    })?;
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
+}

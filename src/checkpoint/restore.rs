@@ -1,0 +1,314 @@
+//! Restoring a [`TrainingCheckpoint`]: every component checked against the file before any is
+//! changed ([`Restore::apply`]).
+
+use std::collections::HashSet;
+
+use candle_core::Result;
+use candle_nn::VarMap;
+
+use super::clip;
+use super::file::{
+    sorted_vars, TrainingCheckpoint, CLIP, KEY_CLIP, KEY_OPTIMIZER, KEY_OPTIMIZER_CLIP, KEY_SCALER,
+    OPTIMIZER, OPTIMIZER_CLIP, SCALER, VARS,
+};
+use super::optimizer::CheckpointOptimizer;
+use crate::amp::grad_scaler::GradScaler;
+use crate::optim::clip_setting::ClipSetting;
+
+impl TrainingCheckpoint {
+    /// Starts restoring it into `varmap` (whose vars it sets) and the components given to the
+    /// returned [`Restore`]; [`Restore::apply`] checks everything, then changes everything.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// let varmap = candle_nn::VarMap::new();
+    /// let w = varmap.get(2, "w", candle_nn::Init::Const(1.0), DType::F32, &Device::Cpu)?;
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&varmap, 0)?;
+    /// varmap.data().lock().unwrap()["w"].set(&candle_core::Tensor::new(&[5f32, 5.], &Device::Cpu)?)?;
+    /// assert_eq!(w.to_vec1::<f32>()?, [5.0, 5.0]);
+    /// checkpoint.restore(&varmap).apply()?;
+    /// assert_eq!(w.to_vec1::<f32>()?, [1.0, 1.0]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn restore<'a>(&'a self, varmap: &'a VarMap) -> Restore<'a> {
+        Restore {
+            checkpoint: self,
+            varmap,
+            optimizer: None,
+            clip: None,
+            grad_scaler: None,
+        }
+    }
+}
+
+/// A restore in preparation (from [`TrainingCheckpoint::restore`]): name the components, then
+/// [`apply`](Self::apply).
+///
+/// ```
+/// use candle_grad_clip::{GradScaler, TrainingCheckpoint};
+/// let varmap = candle_nn::VarMap::new();
+/// let checkpoint = TrainingCheckpoint::new(&varmap, 0)?.with_grad_scaler(&GradScaler::new())?;
+/// let mut scaler = GradScaler::new();
+/// checkpoint.restore(&varmap).grad_scaler(&mut scaler).apply()?;
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub struct Restore<'a> {
+    pub(super) checkpoint: &'a TrainingCheckpoint,
+    pub(super) varmap: &'a VarMap,
+    pub(super) optimizer: Option<&'a mut dyn CheckpointOptimizer>,
+    pub(super) clip: Option<&'a mut ClipSetting>,
+    pub(super) grad_scaler: Option<&'a mut GradScaler>,
+}
+
+impl std::fmt::Debug for Restore<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restore")
+            .field("step", &self.checkpoint.step)
+            .field("optimizer", &self.optimizer.as_ref().map(|o| o.kind()))
+            .field("clip", &self.clip)
+            .field("grad_scaler", &self.grad_scaler.is_some())
+            .finish()
+    }
+}
+
+impl<'a> Restore<'a> {
+    /// The fused optimizer to restore (its kind and clip setting must be the checkpoint's).
+    ///
+    /// ```
+    /// use candle_grad_clip::{FusedAdamW, FusedSgd, TrainingCheckpoint};
+    /// let varmap = candle_nn::VarMap::new();
+    /// let sgd = FusedSgd::from_varmap(&varmap, Default::default())?;
+    /// let checkpoint = TrainingCheckpoint::new(&varmap, 0)?.with_optimizer(&sgd)?;
+    /// let mut adamw = FusedAdamW::from_varmap(&varmap, Default::default())?;
+    /// let err = checkpoint.restore(&varmap).optimizer(&mut adamw).apply().unwrap_err();
+    /// assert!(err.to_string().contains("FusedSgd"));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn optimizer<O: CheckpointOptimizer>(mut self, optimizer: &'a mut O) -> Self {
+        self.optimizer = Some(optimizer);
+        self
+    }
+
+    /// The separate clip setting to restore (see [`TrainingCheckpoint::with_clip`]).
+    ///
+    /// ```
+    /// use candle_grad_clip::{AutoClip, ClipSetting, TrainingCheckpoint};
+    /// let varmap = candle_nn::VarMap::new();
+    /// let mut clip = ClipSetting::AutoClip(AutoClip::default());
+    /// let checkpoint = TrainingCheckpoint::new(&varmap, 0)?.with_clip(&clip)?;
+    /// checkpoint.restore(&varmap).clip(&mut clip).apply()?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn clip(mut self, clip: &'a mut ClipSetting) -> Self {
+        self.clip = Some(clip);
+        self
+    }
+
+    /// The [`GradScaler`] to restore (between `update` and the next step).
+    ///
+    /// ```
+    /// use candle_grad_clip::{GradScaler, TrainingCheckpoint};
+    /// let varmap = candle_nn::VarMap::new();
+    /// let checkpoint = TrainingCheckpoint::new(&varmap, 0)?;
+    /// let mut scaler = GradScaler::new();
+    /// // The checkpoint holds no GradScaler: refused.
+    /// assert!(checkpoint.restore(&varmap).grad_scaler(&mut scaler).apply().is_err());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn grad_scaler(mut self, scaler: &'a mut GradScaler) -> Self {
+        self.grad_scaler = Some(scaler);
+        self
+    }
+
+    /// Checks every component against the checkpoint, then sets them all: the vars (in place:
+    /// every tensor holding them sees the values), the optimizer's state and clip state, the
+    /// separate clip setting's state, the scaler's state. Any mismatch (a var missing on either
+    /// side, a shape or dtype, another optimizer kind, another clip setting, a component given
+    /// but not saved or saved but not given, a malformed state) is an error naming it, and
+    /// nothing changes.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// let varmap = candle_nn::VarMap::new();
+    /// varmap.get(2, "w", candle_nn::Init::Const(1.0), DType::F32, &Device::Cpu)?;
+    /// let checkpoint = candle_grad_clip::TrainingCheckpoint::new(&varmap, 0)?;
+    /// let other = candle_nn::VarMap::new();
+    /// let v = other.get(3, "w", candle_nn::Init::Const(2.0), DType::F32, &Device::Cpu)?;
+    /// let err = checkpoint.restore(&other).apply().unwrap_err();
+    /// assert!(err.to_string().contains("shape"));
+    /// assert_eq!(v.to_vec1::<f32>()?, [2.0; 3]); // unchanged
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn apply(self) -> Result<()> {
+        let Restore {
+            checkpoint: ck,
+            varmap,
+            optimizer,
+            clip: clip_target,
+            grad_scaler,
+        } = self;
+        let fail = |what: String| -> candle_core::Error {
+            candle_core::Error::Msg(format!(
+                "TrainingCheckpoint::restore: {what}; nothing was changed"
+            ))
+        };
+
+        // The vars: the same names, shapes and dtypes.
+        let vars = sorted_vars(varmap)?;
+        let names: HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(extra) = ck.var_names().into_iter().find(|n| !names.contains(n)) {
+            return Err(fail(format!(
+                "the checkpoint holds var `{extra}`, which the VarMap does not have"
+            )));
+        }
+        let mut new_values = Vec::with_capacity(vars.len());
+        for (name, var) in &vars {
+            let Some(e) = ck.entries.get(&format!("{VARS}{name}")) else {
+                return Err(fail(format!("the checkpoint has no var `{name}`")));
+            };
+            if e.shape != var.dims() {
+                return Err(fail(format!(
+                    "var `{name}` has shape {:?} in the checkpoint but {:?} in the VarMap",
+                    e.shape,
+                    var.dims()
+                )));
+            }
+            if e.dtype != var.dtype() {
+                return Err(fail(format!(
+                    "var `{name}` has dtype {:?} in the checkpoint but {:?} in the VarMap",
+                    e.dtype,
+                    var.dtype()
+                )));
+            }
+            new_values.push(e.to_tensor(var.device())?);
+        }
+
+        // The optimizer: the same kind and clip setting; its clip's state prepared on a copy.
+        let saved_kind = ck.meta.get(KEY_OPTIMIZER);
+        let optimizer_plan = match (optimizer, saved_kind) {
+            (None, None) => None,
+            (None, Some(kind)) => {
+                return Err(fail(format!(
+                    "the checkpoint holds the state of a {kind}: pass the optimizer to restore"
+                )))
+            }
+            (Some(opt), None) => {
+                return Err(fail(format!(
+                    "the checkpoint holds no optimizer state, but a {} was given",
+                    opt.kind()
+                )))
+            }
+            (Some(opt), Some(kind)) => {
+                if kind != opt.kind() {
+                    return Err(fail(format!(
+                        "the checkpoint holds the state of a {kind}, not of a {}",
+                        opt.kind()
+                    )));
+                }
+                let saved = ck
+                    .meta
+                    .get(KEY_OPTIMIZER_CLIP)
+                    .map_or("none", String::as_str);
+                let ours = clip::describe(opt.clip());
+                if saved != ours {
+                    return Err(fail(format!(
+                        "the checkpoint's {kind} clips with {saved}, this one with {ours}"
+                    )));
+                }
+                let clip_state = ck.section(OPTIMIZER_CLIP)?;
+                let new_clip = match opt.clip() {
+                    Some(c) => Some(
+                        clip::with_state(c, &clip_state)
+                            .map_err(|e| fail(format!("the optimizer's clip state: {e}")))?,
+                    ),
+                    None => None,
+                };
+                Some((opt, ck.section(OPTIMIZER)?, new_clip))
+            }
+        };
+
+        // The separate clip setting.
+        let clip_plan = match (clip_target, ck.meta.get(KEY_CLIP)) {
+            (None, None) => None,
+            (None, Some(saved)) => {
+                return Err(fail(format!(
+                    "the checkpoint holds a clip setting ({saved}): pass it to restore"
+                )))
+            }
+            (Some(_), None) => return Err(fail("the checkpoint holds no clip setting".into())),
+            (Some(target), Some(saved)) => {
+                let ours = clip::describe(Some(target));
+                if *saved != ours {
+                    return Err(fail(format!(
+                        "the checkpoint's clip setting is {saved}, this one is {ours}"
+                    )));
+                }
+                let new = clip::with_state(target, &ck.section(CLIP)?)
+                    .map_err(|e| fail(format!("the clip state: {e}")))?;
+                Some((target, new))
+            }
+        };
+
+        // The scaler, loaded into a copy.
+        let scaler_plan = match (grad_scaler, ck.meta.contains_key(KEY_SCALER)) {
+            (None, false) => None,
+            (None, true) => {
+                return Err(fail(
+                    "the checkpoint holds a GradScaler's state: pass the scaler to restore".into(),
+                ))
+            }
+            (Some(_), false) => {
+                return Err(fail("the checkpoint holds no GradScaler state".into()))
+            }
+            (Some(target), true) => {
+                let mut new = target.clone();
+                new.load_state_dict(&ck.section(SCALER)?)
+                    .map_err(|e| fail(format!("the GradScaler state: {e}")))?;
+                Some((target, new))
+            }
+        };
+
+        // Everything checked: apply. The optimizer's load checks its state whole before it
+        // changes anything, so it goes first; what follows cannot fail but on a device error,
+        // after which the vars and the optimizer are put back.
+        let old_values = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy())
+            .collect::<Result<Vec<_>>>()?;
+        let mut rollback_optimizer = None;
+        if let Some((opt, state, new_clip)) = optimizer_plan {
+            let old_state = opt.optimizer_state()?;
+            let old_clip = opt.clip().cloned();
+            opt.load_optimizer_state(&state)
+                .map_err(|e| fail(format!("the optimizer state: {e}")))?;
+            if let Some(c) = new_clip {
+                if let Err(e) = opt.replace_clip(c) {
+                    let _ = opt.load_optimizer_state(&old_state);
+                    return Err(e);
+                }
+            }
+            rollback_optimizer = Some((opt, old_state, old_clip));
+        }
+        for (i, ((_, var), value)) in vars.iter().zip(&new_values).enumerate() {
+            if let Err(e) = var.set(value) {
+                for ((_, var), old) in vars.iter().zip(&old_values).take(i) {
+                    let _ = var.set(old);
+                }
+                if let Some((opt, state, clip)) = rollback_optimizer {
+                    let _ = opt.load_optimizer_state(&state);
+                    if let Some(c) = clip {
+                        let _ = opt.replace_clip(c);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        if let Some((target, new)) = clip_plan {
+            *target = new;
+        }
+        if let Some((target, new)) = scaler_plan {
+            *target = new;
+        }
+        Ok(())
+    }
+}
