@@ -15,7 +15,7 @@
 //!    plain SGD, and the same SGD wrapped in `Clipped` (global-norm clipping). It prints a table
 //!    and draws loss and gradient norm per step into a PNG.
 //!
-//! The training code is in functions that `tests/training.rs` also runs.
+//! The training code is in functions that `tests/optim/training/` also runs.
 
 use std::path::Path;
 
@@ -376,7 +376,7 @@ pub fn train(
     let rnn = Rnn::new(&varmap, cfg, device)?;
     let vars = varmap.all_vars();
     // No clipping is an infinite threshold: the same code path, and `Clipped` then steps exactly
-    // as the plain SGD does (tests/training.rs checks it).
+    // as the plain SGD does (tests/optim/training/ checks it).
     let clip = ClipSetting::norm(max_norm.unwrap_or(f64::INFINITY));
     let mut opt = Clipped::<SGD>::new(vars.clone(), ClippedConfig::new(cfg.lr, clip))?;
     let mut data_rng = StdRng::seed_from_u64(cfg.seed ^ 0xDA7A);

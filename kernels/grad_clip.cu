@@ -12,7 +12,7 @@
 // cut into chunks of CHUNK_ELEMS elements counted from the segment's first element, and one warp
 // reduces one chunk in a fixed order into one f64 partial. Each warp takes a contiguous range of
 // chunks and walks the table along it (one binary search per warp, not per chunk). The partials
-// are added into a superaccumulator (the digit layout of src/exact_sum.rs) with integer atomics,
+// are added into a superaccumulator (the digit layout of src/ops/exact_sum.rs) with integer atomics,
 // which are exact and commutative, so the norm is bitwise independent of the segment order, the
 // grid size and the scheduling. The last block to finish rounds the sum once to f64 exactly like
 // ExactSum::value.
@@ -21,9 +21,10 @@
 // so the host emulation (emulation/, compiled with -ffp-contract=off) computes the same bits as
 // the GPU for L1, L2 and the max; only `pow` (glibc's versus CUDA's) may differ.
 //
-// Must stay in sync with src/backend/kernels/ (CHUNK_ELEMS, dtype codes, Segment, Scratch, modes,
-// the argument lists) and with src/backend/mod.rs (clip_coefficient) and src/backend/cpu.rs (norm,
-// rescue, element kernels).
+// Must stay in sync with src/backend/kernels/ (CHUNK_ELEMS and dtype codes in abi.rs, Segment,
+// Scratch, modes, the argument lists) and with the definitions in src/ops/ (clip.rs:
+// clip_coefficient; norm.rs: the norm and its rescue; element.rs: the element arithmetic), which
+// the CPU twin (src/backend/cpu/) runs.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -133,7 +134,7 @@ template <int DT> union Vec16 {
     typename Tr<DT>::raw r[Tr<DT>::V];
 };
 
-// GradScaler's one-read path (src/backend/cpu/prescale.rs `unscale`, the reference): an element
+// GradScaler's one-read path (src/ops/grad_scaler.rs `unscale`, the reference): an element
 // multiplied by inv_scale as it is read. F64: the f64 product with inv widened; the others: the
 // f32 product, rounded once to their dtype (exact for F32). Spelled as intrinsics: no contraction.
 template <int DT, bool PRE>
@@ -277,7 +278,7 @@ __device__ __forceinline__ void reduce_chunk_any(u64 dtype, const void* base, u6
 }
 
 // ---------------------------------------------------------------------------------------------
-// Superaccumulator (src/exact_sum.rs).
+// Superaccumulator (src/ops/exact_sum.rs).
 
 // Adds a non-negative f64, +inf or NaN with atomics: `digits` and `flags` are shared or global
 // memory used by several threads.
@@ -779,7 +780,7 @@ extern "C" __global__ void grad_clip_segment_norms(const Segment* __restrict__ s
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused optimizer steps (src/backend/update.rs; the CPU twin is src/backend/cpu/update.rs): one
+// Fused optimizer steps (src/ops/fused_step.rs; the CPU twin is src/backend/cpu/fused_step/): one
 // pass over every (parameter, gradient, state) of a table, the clip folded in. The gradient is
 // clipped on the way in exactly as grad_clip_apply would write it, and never written.
 //
@@ -803,7 +804,7 @@ extern "C" __global__ void grad_clip_segment_norms(const Segment* __restrict__ s
 #define VERDICT_SCRATCH 1 // the coefficient and non-finite flag the reduction left in the scratch
 #define VERDICT_NORM 2    // a 0-d norm (verdict_src, verdict_kind: COEF_NORM_*)
 
-// The control tensor (I64, src/backend/update.rs): steps, clipped steps, skipped steps, then one
+// The control tensor (I64, src/ops/fused_step.rs): steps, clipped steps, skipped steps, then one
 // flag per var: its state has been updated at least once.
 #define CONTROL_WORDS 3
 
@@ -1106,7 +1107,7 @@ extern "C" __global__ void grad_clip_zclip(const double* __restrict__ state_in, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Adaptive gradient clipping (AGC, src/backend/agc.rs; the CPU twin is src/backend/cpu/agc.rs).
+// Adaptive gradient clipping (AGC, src/ops/agc.rs; the CPU twin is src/backend/cpu/agc.rs).
 // A unit is a slice along dim 0 of a var of rank >= 2, the whole var for rank <= 1. One warp per
 // unit: lane l sums x*x of the unit's elements l, l + 32, ... of the parameter and the gradient in
 // element order (one rounding each), the lanes are combined by the shuffle-down tree, and the unit's
@@ -1128,7 +1129,7 @@ struct AgcSegment {
     u64 reserved;
 };
 
-// backend::agc::unit_coefficient: the unit's coefficient when it is clipped (*clipped), else 1.
+// ops::agc::unit_coefficient: the unit's coefficient when it is clipped (*clipped), else 1.
 __device__ __forceinline__ double agc_coefficient(double psq, double gsq, double clipping, double eps,
                                                   bool* clipped) {
     const double w = __dsqrt_rn(psq);

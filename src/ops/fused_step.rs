@@ -1,7 +1,7 @@
 //! The fused optimizer step as the back ends see it: one element-wise pass over every
 //! (parameter, gradient, state) triple, with the clip folded in. The optimizers in `src/optim/`
 //! describe a [`Step`]; [`fused_step`] runs it on the parameters' device: the CPU twin
-//! (`cpu::update`) or the multi-tensor update kernel (`kernels::fused_step`).
+//! (`backend::cpu::fused_step`) or the multi-tensor update kernel (`kernels::fused_step`).
 //!
 //! The step's bookkeeping lives in a small `I64` tensor on the parameters' device, the *control*
 //! tensor, so that a step skipped on a GPU needs no host synchronisation: `[steps, clipped steps,
@@ -125,7 +125,7 @@ pub(crate) enum StepClip<'a> {
         state: &'a Tensor,
         params: ZClipParams,
     },
-    /// Adaptive gradient clipping, unit-wise (`backend::agc`): each unit's gradient scaled by its
+    /// Adaptive gradient clipping, unit-wise (`ops::agc`): each unit's gradient scaled by its
     /// own coefficient as it is read.
     Agc { clipping: f64, eps: f64 },
 }
@@ -153,7 +153,7 @@ pub(crate) struct Step<'a> {
     /// GradScaler's one-read path: the gradients hold *scaled* values, and `inv_scale`
     /// (`(f32)(1 / (f64)scale)`, a 0-d `F32` tensor on the step's device, never read back on a
     /// GPU) unscales each element as the reduction and the update read it
-    /// (`cpu::prescale::unscale`); the update writes the unscaled values back into the gradients
+    /// (`ops::grad_scaler::unscale`); the update writes the unscaled values back into the gradients
     /// (so does a skipped step). The norm, the finite check and the clip are those of the
     /// unscaled gradients. Only where [`runs_prescaled`] says so.
     pub(crate) prescale: Option<&'a Tensor>,

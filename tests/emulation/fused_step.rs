@@ -1,5 +1,5 @@
 //! The fused optimizer step kernel (`grad_clip_fused_step`), run through the host emulation with
-//! the crate's own CUDA host code, against the CPU twin (`backend/cpu/update.rs`), which
+//! the crate's own CUDA host code, against the CPU twin (`src/backend/cpu/fused_step/`), which
 //! `tests/optim` checks against candle's `AdamW`/`SGD` bitwise. On normal values the kernel's
 //! results are the CPU's bit for bit, for every grid size and block order; the one documented
 //! difference (F32/F64 follow candle's CUDA sequence, whose affine ops are fused multiply-adds)

@@ -29,7 +29,7 @@ fn warp_tree(mut acc: [f64; LANES]) -> f64 {
     acc[0]
 }
 
-/// `(Σ p², Σ g²)` over one unit, element `i` in lane `i % 32` (see `backend::agc`).
+/// `(Σ p², Σ g²)` over one unit, element `i` in lane `i % 32` (see `ops::agc`).
 #[inline(always)]
 fn unit_sums_generic<T: Element>(p: &[T], g: &[T]) -> (f64, f64) {
     let mut ap = [0f64; LANES];

@@ -15,7 +15,7 @@ use super::{launch_all, KernelDevice};
 use crate::ops::fused_step::{Outcome, Step, StepClip};
 use crate::ops::norm_type::NormType;
 
-/// A fused optimizer step (`backend::update`): the reduction the clip (or the finite check)
+/// A fused optimizer step (`ops::fused_step`): the reduction the clip (or the finite check)
 /// needs, then `grad_clip_fused_step` over every var, which reads the verdict and the step count
 /// from device memory: no host synchronisation.
 pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome> {

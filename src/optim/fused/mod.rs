@@ -28,7 +28,7 @@ pub(crate) struct FusedCore {
     /// The vars' state, flat (slots created for the rule's needs, never dropped).
     pub(super) state: FlatState,
     /// `I64` on the vars' device: steps, clipped steps, skipped steps, then each var's "state
-    /// exists" flag (see `backend::update`).
+    /// exists" flag (see `ops::fused_step`).
     pub(super) control: Tensor,
     pub(super) device: Device,
     pub(super) clip: Option<ClipSetting>,

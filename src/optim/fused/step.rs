@@ -29,7 +29,7 @@ impl FusedCore {
         self.step_limited(grads, rule, None, group)
     }
 
-    /// [`step`](Self::step) with GradScaler's `prescale` (see `backend::update::Step`), and
+    /// [`step`](Self::step) with GradScaler's `prescale` (see `ops::fused_step::Step`), and
     /// `max_consecutive_skips` enforced.
     fn step_limited(
         &mut self,
@@ -276,7 +276,7 @@ impl FusedCore {
     /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
     /// With `prescale` (`inv_scale`, 0-d F32 on the device), the gradients are still scaled: the
     /// step unscales them as it reads them and writes them back unscaled (GradScaler's one-read
-    /// path; only where `backend::update::runs_prescaled`, with a clip that `prescale_supports`:
+    /// path; only where `dispatch::fused_step::runs_prescaled`, with a clip that `prescale_supports`:
     /// not AutoClip, ZClip or AGC, which decide from the gradients before the step).
     pub(crate) fn step_skipping_nonfinite(
         &mut self,

@@ -214,7 +214,7 @@ fn run<T: Element, C: StateType>(
         update_block(&consts, p, g, s0, s1, kernel);
     };
     if let Some(units) = units {
-        // AGC never runs prescaled (`optim::fused::prescale_supports`).
+        // AGC never runs prescaled (`optim::clip_setting::prescale_supports`).
         let GradSlice::Read(g) = g else {
             bail!("internal error: a prescaled AGC step")
         };
