@@ -9,8 +9,15 @@
 //!    `where_cond` refuses mixed dtypes, so a BF16/F16 forward pass fails; here `-inf` takes the
 //!    scores' dtype.
 //!
+//! 3. **candle's `silu` op.** llama2_c writes SiLU as `x / (exp(-x) + 1)`: in F16 `exp(-x)`
+//!    overflows once a pre-activation is below about -11.1, the forward pass still gives 0, but
+//!    the backward pass multiplies a zero gradient by that infinite `exp` and every gradient of the
+//!    step turns NaN, whatever the loss scale: a GradScaler then halves the scale at every step
+//!    until it reaches 0 and training stops (seen after ~800 steps of `--dtype f16`). candle's
+//!    `Tensor::silu` computes the same function with a finite backward pass.
+//!
 //! In F32 the forward pass equals candle-transformers' `Llama::forward` up to the rounding of
-//! the two RMSNorm implementations (`tests/train_lm` checks it); the weights of a trained model
+//! the two RMSNorm and SiLU implementations (`tests/train_lm` checks it); the weights of a trained model
 //! load into candle-transformers' `Llama` unchanged (same names and shapes; with tied embeddings
 //! `lm_head.weight` is `model.embed_tokens.weight`, as in llama2.c).
 
@@ -18,10 +25,6 @@ use candle_core::{DType, IndexOp, Result, Tensor, D};
 use candle_nn::{embedding, linear_no_bias as linear, rms_norm};
 use candle_nn::{Embedding, Linear, Module, RmsNorm, VarBuilder};
 pub use candle_transformers::models::llama2_c::{Cache, Config};
-
-fn silu(xs: &Tensor) -> Result<Tensor> {
-    xs / (xs.neg()?.exp()? + 1.0)?
-}
 
 #[derive(Debug, Clone)]
 struct CausalSelfAttention {
@@ -123,7 +126,7 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (silu(&self.c_fc1.forward(x)?)? * self.c_fc2.forward(x)?)?;
+        let x = (self.c_fc1.forward(x)?.silu()? * self.c_fc2.forward(x)?)?; // change 3
         self.c_proj.forward(&x)
     }
 

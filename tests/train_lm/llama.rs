@@ -119,3 +119,77 @@ fn bf16_and_f16_forward_passes_run() -> Result<()> {
     }
     Ok(())
 }
+
+/// Change 3: with pre-activations of the MLP's gate far below -11 (where `exp(-x)` overflows
+/// F16), an F16 forward and backward pass still gives finite gradients, and they agree in sign
+/// and size with the F32 pass (upstream's `x / (exp(-x) + 1)` gives NaN for every var here).
+#[test]
+fn f16_gradients_stay_finite_when_the_gate_saturates() -> Result<()> {
+    let cfg = config();
+    let vars = TrainVars::new(7, cfg.n_layers, true);
+    Llama::load(vars.builder(DType::F32, &Device::Cpu), &cfg)?; // creates the vars
+    for (name, var) in vars.varmap.data().lock().expect("lock").iter() {
+        if name.contains("gate_proj") {
+            var.set(&(var.as_tensor() * 400.0)?)?;
+        }
+    }
+    let x = tokens()?;
+    let grads_in = |dtype: DType| -> Result<HashMap<String, Tensor>> {
+        let model = Llama::load(vars.builder(dtype, &Device::Cpu), &cfg)?;
+        let grads = model
+            .forward(&x, 0, &mut cache(&cfg, dtype)?)?
+            .mean_all()?
+            .affine(65536.0, 0.0)? // a GradScaler's initial scale: no F16 underflow
+            .backward()?;
+        let mut out = HashMap::new();
+        for (name, var) in vars.varmap.data().lock().expect("lock").iter() {
+            let g = grads.get(var).expect("every var has a gradient");
+            out.insert(name.clone(), g.clone());
+        }
+        Ok(out)
+    };
+    // The gate's pre-activations really reach the range where exp(-x) overflows F16.
+    let model = Llama::load(vars.builder(DType::F32, &Device::Cpu), &cfg)?;
+    let _ = model.forward(&x, 0, &mut cache(&cfg, DType::F32)?)?;
+    let gate = vars
+        .varmap
+        .data()
+        .lock()
+        .expect("lock")
+        .get("model.layers.0.mlp.gate_proj.weight")
+        .expect("gate var")
+        .as_tensor()
+        .clone();
+    let h = vars
+        .varmap
+        .data()
+        .lock()
+        .expect("lock")
+        .get("model.embed_tokens.weight")
+        .expect("embedding var")
+        .as_tensor()
+        .clone();
+    // Normalised embedding rows times the gate: the first layer's pre-activations, roughly.
+    let h = (&h / h.sqr()?.mean_keepdim(1)?.sqrt()?.broadcast_as(h.shape())?)?;
+    let pre = h.matmul(&gate.t()?)?.min_all()?.to_scalar::<f32>()?;
+    assert!(pre < -11.2, "gate pre-activations only reach {pre}");
+
+    let reference = grads_in(DType::F32)?;
+    let half = grads_in(DType::F16)?;
+    for (name, g) in &half {
+        let g = g.to_dtype(DType::F64)?;
+        let bad = g.flatten_all()?.to_vec1::<f64>()?;
+        assert!(
+            bad.iter().all(|v| v.is_finite()),
+            "{name}: F16 gradient is not finite"
+        );
+        let r = reference[name].to_dtype(DType::F64)?;
+        let scale = r.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-6);
+        let diff = (&g - &r)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(
+            diff <= 0.1 * scale,
+            "{name}: F16 {diff} vs F32 scale {scale}"
+        );
+    }
+    Ok(())
+}
