@@ -23,6 +23,9 @@ pub fn checkpoint_of(
     if let Some(scaler) = &trainer.scaler {
         ck = ck.with_grad_scaler(scaler)?;
     }
+    // The loss of every step, bit-exact, so that a resumed run prints and plots the same
+    // history: about 14 bytes of header per step (1.4 MB after 100,000 steps, well under
+    // safetensors' 100 MB header limit; a longer run would keep it in a file of its own).
     let losses: Vec<String> = losses
         .iter()
         .map(|(s, l)| format!("{s}:{:08x}", l.to_bits()))
@@ -60,6 +63,36 @@ pub fn resume(
             args.run_key()
         )
     }
+    // Every entry of the example's own is read before anything is restored, so that a
+    // checkpoint missing one changes nothing.
+    let position = ck
+        .metadata("data_position")
+        .and_then(|p| p.parse().ok())
+        .context("the checkpoint has no data position")?;
+    let mut losses = Vec::new();
+    for item in ck
+        .metadata("losses")
+        .context("the checkpoint has no loss history")?
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (s, bits) = item.split_once(':').context("malformed loss history")?;
+        losses.push((s.parse()?, f32::from_bits(u32::from_str_radix(bits, 16)?)));
+    }
+    let skipped = ck
+        .metadata("skipped")
+        .and_then(|s| s.parse().ok())
+        .context("the checkpoint has no count of skipped steps")?;
+    let mut scale_history = Vec::new();
+    for item in ck
+        .metadata("scale_history")
+        .context("the checkpoint has no scale history")?
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (s, v) = item.split_once(':').context("malformed scale history")?;
+        scale_history.push((s.parse()?, v.parse()?));
+    }
     let Opt::Fused(opt) = &mut trainer.opt else {
         bail!("internal error: resume needs the fused optimizer")
     };
@@ -68,32 +101,7 @@ pub fn resume(
         Some(scaler) => restore.grad_scaler(scaler).apply()?,
         None => restore.apply()?,
     }
-    let position = ck
-        .metadata("data_position")
-        .and_then(|p| p.parse().ok())
-        .context("the checkpoint has no data position")?;
-    let mut losses = Vec::new();
-    for item in ck
-        .metadata("losses")
-        .unwrap_or("")
-        .split(',')
-        .filter(|s| !s.is_empty())
-    {
-        let (s, bits) = item.split_once(':').context("malformed loss history")?;
-        losses.push((s.parse()?, f32::from_bits(u32::from_str_radix(bits, 16)?)));
-    }
-    trainer.skipped = ck
-        .metadata("skipped")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    for item in ck
-        .metadata("scale_history")
-        .unwrap_or("")
-        .split(',')
-        .filter(|s| !s.is_empty())
-    {
-        let (s, v) = item.split_once(':').context("malformed scale history")?;
-        trainer.scale_history.push((s.parse()?, v.parse()?));
-    }
+    trainer.skipped = skipped;
+    trainer.scale_history = scale_history;
     Ok((ck.step(), position, losses))
 }

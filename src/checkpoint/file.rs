@@ -50,7 +50,7 @@ pub(super) const DIGEST_PREFIX: &str = "sha256:";
 /// temporary file in the same folder, fsynced, renamed over the old checkpoint, and the folder
 /// fsynced. A crash at any moment leaves either the old checkpoint or the new one, never a torn
 /// one (a crash during the write leaves a temporary `.<name>.tmp-*` file, removed by the next
-/// save). The file holds the SHA-256 of every tensor and of its header.
+/// successful save to the same path). The file holds the SHA-256 of every tensor and of its header.
 ///
 /// **Loading** ([`load`](Self::load)) reads and verifies the whole file: a truncated file, a
 /// flipped byte (a digest mismatch, naming the tensor), a file of another format is an error.
@@ -59,8 +59,10 @@ pub(super) const DIGEST_PREFIX: &str = "sha256:";
 /// state of each component; any mismatch is an error naming it, and nothing changes. Every
 /// component in the file must be restored, and every component given must be in the file.
 ///
-/// Saving keeps about two copies of the state in memory (the snapshot and the file's bytes);
-/// loading reads the whole file into memory.
+/// Memory: the checkpoint is a host copy of the state; saving adds the file's bytes (a second
+/// host copy, while it is written); loading reads the whole file into memory; restoring moves
+/// one tensor at a time to the vars' device and keeps a host copy of the old values (to put
+/// them back if a device error interrupts it).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -187,8 +189,9 @@ impl TrainingCheckpoint {
         Ok(self)
     }
 
-    /// Adds a [`GradScaler`]'s state (scale and growth tracker, copied now; take it between
-    /// `update` and the next step). At most one.
+    /// Adds a [`GradScaler`]'s state (scale and growth tracker, copied now). At most one. Take it
+    /// between `update` and the next step: during a step (after `unscale_` or `step`, before
+    /// `update`) it is an error, since the scale would not yet reflect that step.
     ///
     /// ```
     /// use candle_grad_clip::{GradScaler, TrainingCheckpoint};
@@ -200,6 +203,9 @@ impl TrainingCheckpoint {
     pub fn with_grad_scaler(mut self, scaler: &GradScaler) -> Result<Self> {
         if self.meta.contains_key(KEY_SCALER) {
             bail!("TrainingCheckpoint::with_grad_scaler: the checkpoint already holds a GradScaler")
+        }
+        if scaler.step_in_progress() {
+            bail!("TrainingCheckpoint::with_grad_scaler: a step is in progress (unscale_ or step since the last update()): take the checkpoint after update(), so that the scale matches the optimizer's state")
         }
         self.add_section(SCALER, scaler.state_dict()?)?;
         self.meta.insert(KEY_SCALER.to_string(), "1".to_string());
@@ -304,11 +310,7 @@ impl TrainingCheckpoint {
         }
         let digest = format::header_digest(&meta, &self.entries, KEY_DIGEST);
         meta.insert(KEY_DIGEST.to_string(), digest);
-        let entries = self
-            .entries
-            .iter()
-            .map(|(n, e)| (n.clone(), e.clone()))
-            .collect();
+        let entries = self.entries.iter().map(|(n, e)| (n.as_str(), e));
         let bytes = format::serialize(entries, meta.into_iter().collect(), path)?;
         atomic::write_atomically(path, &bytes)
     }
@@ -338,15 +340,12 @@ impl TrainingCheckpoint {
         let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot be read ({e})")))?;
         let parsed = format::parse(&bytes).map_err(|e| fail(format!("is {e}")))?;
         let (entries, mut meta) = (parsed.entries, parsed.metadata);
-        match meta.get(KEY_FORMAT) {
-            Some(f) if f == FORMAT => {}
-            Some(f) => return Err(fail(format!("has format `{f}`, not `{FORMAT}`"))),
-            None => {
-                return Err(fail(
-                    "is not a training checkpoint (no `format` entry)".into(),
-                ))
-            }
-        }
+        let Some(format_entry) = meta.get(KEY_FORMAT).cloned() else {
+            return Err(fail(
+                "is not a training checkpoint (no `format` entry)".into(),
+            ));
+        };
+        // The digests first: a corrupt header must read as corrupt, whatever entry it hit.
         let expected = format::header_digest(&meta, &entries, KEY_DIGEST);
         match meta.get(KEY_DIGEST) {
             Some(d) if *d == expected => {}
@@ -368,17 +367,43 @@ impl TrainingCheckpoint {
                 None => return Err(fail(format!("has no digest for tensor `{name}`"))),
             }
         }
+        if format_entry != FORMAT {
+            return Err(fail(format!("has format `{format_entry}`, not `{FORMAT}`")));
+        }
         meta.retain(|k, _| k != KEY_DIGEST && !k.starts_with(DIGEST_PREFIX));
         let step = meta
             .get(KEY_STEP)
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or_else(|| fail("has no valid `step` entry".into()))?;
+        // Every tensor belongs to a section whose metadata entry says the section is there; a
+        // clip setting without state ("none", norm, value, AGC) has no tensors.
+        let stateless_clip = |key: &str| {
+            meta.get(key)
+                .is_some_and(|d| !d.starts_with("autoclip(") && !d.starts_with("zclip("))
+        };
         for name in entries.keys() {
-            let known = [VARS, OPTIMIZER, OPTIMIZER_CLIP, CLIP, SCALER]
-                .iter()
-                .any(|p| name.starts_with(p));
-            if !known {
+            let (key, stateless) = if name.starts_with(VARS) {
+                continue;
+            } else if name.starts_with(OPTIMIZER) {
+                (KEY_OPTIMIZER, false)
+            } else if name.starts_with(OPTIMIZER_CLIP) {
+                (KEY_OPTIMIZER_CLIP, stateless_clip(KEY_OPTIMIZER_CLIP))
+            } else if name.starts_with(CLIP) {
+                (KEY_CLIP, stateless_clip(KEY_CLIP))
+            } else if name.starts_with(SCALER) {
+                (KEY_SCALER, false)
+            } else {
                 return Err(fail(format!("holds an unknown tensor `{name}`")));
+            };
+            let Some(section) = meta.get(key) else {
+                return Err(fail(format!(
+                    "holds tensor `{name}` but no `{key}` entry for its section"
+                )));
+            };
+            if stateless {
+                return Err(fail(format!(
+                    "holds tensor `{name}` for the clip setting {section}, which has no state"
+                )));
             }
         }
         Ok(Self {
@@ -406,4 +431,109 @@ pub(super) fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
     let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(vars)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::clip_setting::ClipSetting;
+    use candle_core::DType;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "cgc-ckpt-{name}-{}.safetensors",
+            std::process::id()
+        ))
+    }
+
+    fn checkpoint() -> Result<TrainingCheckpoint> {
+        let varmap = VarMap::new();
+        varmap.get(
+            3,
+            "w",
+            candle_nn::Init::Const(1.0),
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        TrainingCheckpoint::new(&varmap, 2)?.with_clip(&ClipSetting::norm(1.0))
+    }
+
+    fn entry() -> Result<Entry> {
+        Entry::from_tensor(&Tensor::new(&[1f32], &Device::Cpu)?)
+    }
+
+    /// Saved with valid digests, so only the section check can refuse it.
+    fn load_err(ck: &TrainingCheckpoint, name: &str) -> Result<String> {
+        let path = temp(name);
+        ck.save(&path)?;
+        let err = TrainingCheckpoint::load(&path).map(|_| ());
+        std::fs::remove_file(&path)?;
+        Ok(err.expect_err("accepted").to_string())
+    }
+
+    #[test]
+    fn refuses_tensors_of_a_section_without_its_entry() -> Result<()> {
+        let path = temp("sections-ok");
+        checkpoint()?.save(&path)?;
+        TrainingCheckpoint::load(&path)?;
+        std::fs::remove_file(&path)?;
+        for (section, key) in [
+            (SCALER, KEY_SCALER),
+            (OPTIMIZER, KEY_OPTIMIZER),
+            (OPTIMIZER_CLIP, KEY_OPTIMIZER_CLIP),
+        ] {
+            let mut ck = checkpoint()?;
+            ck.entries.insert(format!("{section}x"), entry()?);
+            let msg = load_err(&ck, "sections")?;
+            assert!(msg.contains(&format!("no `{key}` entry")), "{msg}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_state_for_a_clip_setting_without_state() -> Result<()> {
+        let mut ck = checkpoint()?;
+        ck.entries.insert(format!("{CLIP}ema"), entry()?);
+        let msg = load_err(&ck, "stateless")?;
+        assert!(msg.contains("which has no state"), "{msg}");
+        // The optimizer's clip "none" as well.
+        let mut ck = checkpoint()?;
+        ck.meta.insert(KEY_OPTIMIZER.into(), "FusedSgd".into());
+        ck.meta.insert(KEY_OPTIMIZER_CLIP.into(), "none".into());
+        ck.entries.insert(format!("{OPTIMIZER_CLIP}ema"), entry()?);
+        let msg = load_err(&ck, "stateless-none")?;
+        assert!(
+            msg.contains("clip setting none, which has no state"),
+            "{msg}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_corrupt_format_entry_reads_as_corrupt() -> Result<()> {
+        // Another format with valid digests: named as such.
+        let mut ck = checkpoint()?;
+        ck.meta
+            .insert(KEY_FORMAT.into(), FORMAT.replace("v1", "v2"));
+        let msg = load_err(&ck, "format")?;
+        assert!(msg.contains("has format"), "{msg}");
+        // The format entry changed on disk: the header digest says corrupt.
+        let path = temp("format-flip");
+        checkpoint()?.save(&path)?;
+        let bytes = std::fs::read(&path)?;
+        let at = bytes
+            .windows(FORMAT.len())
+            .position(|w| w == FORMAT.as_bytes())
+            .expect("the format entry");
+        let mut flipped = bytes.clone();
+        flipped[at + FORMAT.len() - 1] = b'2';
+        std::fs::write(&path, &flipped)?;
+        let msg = TrainingCheckpoint::load(&path)
+            .map(|_| ())
+            .expect_err("accepted")
+            .to_string();
+        std::fs::remove_file(&path)?;
+        assert!(msg.contains("digest of its header"), "{msg}");
+        Ok(())
+    }
 }

@@ -13,6 +13,7 @@ use super::file::{
 };
 use super::optimizer::CheckpointOptimizer;
 use crate::amp::grad_scaler::GradScaler;
+use crate::io::format::Entry;
 use crate::optim::clip_setting::ClipSetting;
 
 impl TrainingCheckpoint {
@@ -125,7 +126,8 @@ impl<'a> Restore<'a> {
     /// separate clip setting's state, the scaler's state. Any mismatch (a var missing on either
     /// side, a shape or dtype, another optimizer kind, another clip setting, a component given
     /// but not saved or saved but not given, a malformed state) is an error naming it, and
-    /// nothing changes.
+    /// nothing changes. Only a device error while the vars are set can interrupt it after the
+    /// checks; then the vars and the optimizer are put back as far as the device allows.
     ///
     /// ```
     /// use candle_core::{DType, Device};
@@ -161,7 +163,7 @@ impl<'a> Restore<'a> {
                 "the checkpoint holds var `{extra}`, which the VarMap does not have"
             )));
         }
-        let mut new_values = Vec::with_capacity(vars.len());
+        let mut new_values: Vec<&Entry> = Vec::with_capacity(vars.len());
         for (name, var) in &vars {
             let Some(e) = ck.entries.get(&format!("{VARS}{name}")) else {
                 return Err(fail(format!("the checkpoint has no var `{name}`")));
@@ -180,7 +182,7 @@ impl<'a> Restore<'a> {
                     var.dtype()
                 )));
             }
-            new_values.push(e.to_tensor(var.device())?);
+            new_values.push(e);
         }
 
         // The optimizer: the same kind and clip setting; its clip's state prepared on a copy.
@@ -270,10 +272,12 @@ impl<'a> Restore<'a> {
 
         // Everything checked: apply. The optimizer's load checks its state whole before it
         // changes anything, so it goes first; what follows cannot fail but on a device error,
-        // after which the vars and the optimizer are put back.
+        // after which the vars and the optimizer are put back (best effort: the device failed).
+        // The old values wait on the host, and the new ones go to the device one at a time, so
+        // the device holds one tensor more than the vars, not two more copies of the model.
         let old_values = vars
             .iter()
-            .map(|(_, v)| v.as_tensor().copy())
+            .map(|(_, v)| Entry::from_tensor(v.as_tensor()))
             .collect::<Result<Vec<_>>>()?;
         let mut rollback_optimizer = None;
         if let Some((opt, state, new_clip)) = optimizer_plan {
@@ -284,15 +288,16 @@ impl<'a> Restore<'a> {
             if let Some(c) = new_clip {
                 if let Err(e) = opt.replace_clip(c) {
                     let _ = opt.load_optimizer_state(&old_state);
-                    return Err(e);
+                    return Err(fail(format!("the optimizer's clip setting: {e}")));
                 }
             }
             rollback_optimizer = Some((opt, old_state, old_clip));
         }
-        for (i, ((_, var), value)) in vars.iter().zip(&new_values).enumerate() {
-            if let Err(e) = var.set(value) {
-                for ((_, var), old) in vars.iter().zip(&old_values).take(i) {
-                    let _ = var.set(old);
+        for (i, ((name, var), value)) in vars.iter().zip(&new_values).enumerate() {
+            if let Err(e) = value.to_tensor(var.device()).and_then(|t| var.set(&t)) {
+                // Var `i` may be half written: it is put back too.
+                for ((_, var), old) in vars.iter().zip(&old_values).take(i + 1) {
+                    let _ = old.to_tensor(var.device()).and_then(|t| var.set(&t));
                 }
                 if let Some((opt, state, clip)) = rollback_optimizer {
                     let _ = opt.load_optimizer_state(&state);
@@ -300,7 +305,10 @@ impl<'a> Restore<'a> {
                         let _ = opt.replace_clip(c);
                     }
                 }
-                return Err(e);
+                return Err(candle_core::Error::Msg(format!(
+                    "TrainingCheckpoint::restore: cannot set var `{name}` ({e}); the vars and the \
+                     optimizer were put back as they were"
+                )));
             }
         }
         if let Some((target, new)) = clip_plan {

@@ -37,14 +37,17 @@ pub(crate) fn save_safetensors_with_metadata_atomically(
 ) -> Result<()> {
     let entries = tensors
         .iter()
-        .map(|(name, t)| Ok((name.clone(), format::Entry::from_tensor(t)?)))
+        .map(|(name, t)| Ok((name.as_str(), format::Entry::from_tensor(t)?)))
         .collect::<Result<Vec<_>>>()?;
-    let bytes = format::serialize(entries, metadata, path)?;
+    let bytes = format::serialize(entries.iter().map(|(n, e)| (*n, e)), metadata, path)?;
     write_atomically(path, &bytes)
 }
 
 /// Temporary files of one process get distinct names.
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// How many names [`create_temp`] tries before it gives up.
+const TEMP_NAME_TRIES: u32 = 16;
 
 /// The prefix of the temporary files of saves to `path` (in its folder).
 fn temp_prefix(path: &Path) -> Result<String> {
@@ -52,6 +55,19 @@ fn temp_prefix(path: &Path) -> Result<String> {
         candle_core::bail!("cannot save to `{}`: it names no file", path.display())
     };
     Ok(format!(".{}.tmp-", name.to_string_lossy()))
+}
+
+/// Whether `file_name` is a temporary file of a save with this `prefix`: the prefix followed by
+/// two or three groups of digits joined by `-` (process id, clock, counter), nothing else.
+fn is_temp_name(file_name: &str, prefix: &str) -> bool {
+    let Some(rest) = file_name.strip_prefix(prefix) else {
+        return false;
+    };
+    let groups: Vec<&str> = rest.split('-').collect();
+    (2..=3).contains(&groups.len())
+        && groups
+            .iter()
+            .all(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn folder_of(path: &Path) -> PathBuf {
@@ -67,36 +83,64 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
 
 /// Replaces the file at `path` by `bytes`, atomically and durably: the bytes go to a new
 /// temporary file in the same folder, which is flushed and fsynced, then renamed over `path`, and
-/// the folder is fsynced (on Unix) so that the rename itself survives a power loss. When it fails
-/// the old file is left as it was and the temporary file removed. Temporary files that earlier,
-/// crashed saves to the same path left behind are removed after a successful save.
+/// the folder is fsynced (on Unix) so that the rename itself survives a power loss.
+///
+/// If writing or renaming fails, the old file is left as it was and the temporary file this call
+/// created is removed (no other file is). If only the final fsync of the folder fails, the new
+/// file is already in place under `path` and the error says so: it may not survive a power loss.
+/// After a successful save, the temporary files that earlier, crashed saves to the same path left
+/// behind are removed (only names of the form this function writes).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let folder = folder_of(path);
     let prefix = temp_prefix(path)?;
-    let temp = folder.join(format!(
-        "{prefix}{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = write_and_sync(&temp, bytes).and_then(|()| {
+    let (temp, file) = create_temp(&folder, &prefix)?;
+    let written = write_and_sync(file, &temp, bytes).and_then(|()| {
         fs::rename(&temp, path)
             .map_err(|e| io_error("cannot rename the temporary file to", path, e))
     });
     if let Err(e) = written {
+        // This call created `temp` (create_new), so removing it touches no one else's file.
         let _ = fs::remove_file(&temp);
         return Err(e);
     }
-    sync_folder(&folder)?;
+    sync_folder(&folder).map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "saved `{}`, but cannot fsync its folder afterwards ({e}): the new file is in place \
+             but the rename may not survive a power loss",
+            path.display()
+        ))
+    })?;
     remove_stale_temps(&folder, &prefix);
     Ok(())
 }
 
-fn write_and_sync(temp: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(temp)
-        .map_err(|e| io_error("cannot create the temporary file", temp, e))?;
+/// Creates a new temporary file `<prefix><pid>-<nanoseconds>-<counter>` in `folder`. The clock
+/// keeps a restarted process that got the same process id from colliding with a temporary file
+/// its crashed predecessor left; a name that exists anyway is skipped, never opened.
+fn create_temp(folder: &Path, prefix: &str) -> Result<(PathBuf, File)> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut last = None;
+    for _ in 0..TEMP_NAME_TRIES {
+        let temp = folder.join(format!(
+            "{prefix}{}-{nanos}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        match OpenOptions::new().write(true).create_new(true).open(&temp) {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((temp, e)),
+            Err(e) => return Err(io_error("cannot create the temporary file", &temp, e)),
+        }
+    }
+    match last {
+        Some((temp, e)) => Err(io_error("cannot create the temporary file", &temp, e)),
+        None => candle_core::bail!("cannot create a temporary file in `{}`", folder.display()),
+    }
+}
+
+fn write_and_sync(mut file: File, temp: &Path, bytes: &[u8]) -> Result<()> {
     let write = |file: &mut File, part: &[u8]| {
         file.write_all(part)
             .map_err(|e| io_error("cannot write the temporary file", temp, e))
@@ -128,25 +172,22 @@ fn test_pause() -> Option<std::time::Duration> {
 }
 
 /// Makes the folder's entries (the rename) durable. Only Unix can open a folder to fsync it.
-fn sync_folder(folder: &Path) -> Result<()> {
+fn sync_folder(folder: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
-    {
-        File::open(folder)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io_error("cannot fsync the folder", folder, e))?;
-    }
+    File::open(folder)?.sync_all()?;
     #[cfg(not(unix))]
     let _ = folder;
     Ok(())
 }
 
-/// Best effort: the temporary files of earlier saves to the same path that crashed.
+/// Best effort: the temporary files of earlier saves to the same path that crashed (names of the
+/// form [`create_temp`] writes, see [`is_temp_name`]).
 fn remove_stale_temps(folder: &Path, prefix: &str) {
     let Ok(entries) = fs::read_dir(folder) else {
         return;
     };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(prefix) {
+        if is_temp_name(&entry.file_name().to_string_lossy(), prefix) {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -180,6 +221,54 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_process_with_the_same_pid_does_not_collide() -> Result<()> {
+        // A crashed predecessor with this process id left temporaries under the names a
+        // pid-and-counter scheme would pick next; a file that only starts like one is someone
+        // else's and stays.
+        let dir = std::env::temp_dir().join(format!("cgc-atomic-pid-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let path = dir.join("state.safetensors");
+        let next = COUNTER.load(Ordering::Relaxed);
+        for c in next..next + 64 {
+            fs::write(
+                dir.join(format!(".state.safetensors.tmp-{}-{c}", std::process::id())),
+                b"torn",
+            )?;
+        }
+        fs::write(dir.join(".state.safetensors.tmp-notes"), b"mine")?;
+        let t = Tensor::arange(0f32, 3., &Device::Cpu)?;
+        save_safetensors_atomically(&HashMap::from([("t".to_string(), t)]), &path)?;
+        let mut names: Vec<String> = fs::read_dir(&dir)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        assert_eq!(names, [".state.safetensors.tmp-notes", "state.safetensors"]);
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn temporary_names_are_recognised_exactly() {
+        let p = ".a.safetensors.tmp-";
+        assert!(is_temp_name(".a.safetensors.tmp-12-3", p));
+        assert!(is_temp_name(
+            ".a.safetensors.tmp-12-1733450000000000000-3",
+            p
+        ));
+        for other in [
+            ".a.safetensors.tmp-",
+            ".a.safetensors.tmp-12",
+            ".a.safetensors.tmp-12-",
+            ".a.safetensors.tmp-12-x",
+            ".a.safetensors.tmp-1-2-3-4",
+            ".a.safetensors.tmp-12-3.bak",
+            ".b.safetensors.tmp-12-3",
+        ] {
+            assert!(!is_temp_name(other, p), "{other}");
+        }
+    }
+
+    #[test]
     fn a_failed_save_keeps_the_old_file() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("cgc-atomic-fail-{}", std::process::id()));
         fs::create_dir_all(&dir)?;
@@ -187,10 +276,13 @@ mod tests {
         let path = dir.join("taken");
         fs::create_dir_all(path.join("inside"))?;
         let t = Tensor::new(&[1f32], &Device::Cpu)?;
+        // Someone else's file that starts like a temporary one stays.
+        fs::write(dir.join(".taken.tmp-7-7"), b"not ours")?;
         let err = save_safetensors_atomically(&HashMap::from([("t".to_string(), t)]), &path);
         assert!(err.is_err());
         assert!(path.join("inside").is_dir());
-        assert_eq!(fs::read_dir(&dir)?.count(), 1);
+        assert_eq!(fs::read(dir.join(".taken.tmp-7-7"))?, b"not ours");
+        assert_eq!(fs::read_dir(&dir)?.count(), 2);
         fs::remove_dir_all(&dir)?;
         Ok(())
     }

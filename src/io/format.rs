@@ -75,13 +75,13 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// The bytes of a safetensors file holding `entries`, with `metadata` (none when empty).
-pub(crate) fn serialize(
-    entries: Vec<(String, Entry)>,
+pub(crate) fn serialize<'a>(
+    entries: impl IntoIterator<Item = (&'a str, &'a Entry)>,
     metadata: HashMap<String, String>,
     path: &Path,
 ) -> Result<Vec<u8>> {
     let metadata = (!metadata.is_empty()).then_some(metadata);
-    safetensors::serialize(entries.iter().map(|(n, e)| (n.as_str(), e)), metadata).map_err(|e| {
+    safetensors::serialize(entries, metadata).map_err(|e| {
         candle_core::Error::Msg(format!(
             "cannot serialize the tensors for `{}`: {e}",
             path.display()
@@ -96,7 +96,8 @@ pub(crate) struct Parsed {
 }
 
 /// Parses the bytes of a safetensors file (the header, every tensor's place and length, the
-/// file's length): a truncated or malformed file is an error.
+/// file's length, a shape whose size overflows): a truncated or malformed file is an error, and
+/// so is a dtype [`Entry::from_tensor`] does not write (the 8-, 6- and 4-bit floats).
 pub(crate) fn parse(bytes: &[u8]) -> Result<Parsed> {
     let file = SafeTensors::deserialize(bytes)
         .map_err(|e| candle_core::Error::Msg(format!("not a complete safetensors file ({e})")))?;
@@ -110,7 +111,23 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Parsed> {
         .collect();
     let mut entries = BTreeMap::new();
     for (name, view) in file.iter() {
-        let dtype = DType::try_from(view.dtype())?;
+        let dtype = match DType::try_from(view.dtype()) {
+            Ok(
+                d @ (DType::U8
+                | DType::U32
+                | DType::I16
+                | DType::I32
+                | DType::I64
+                | DType::BF16
+                | DType::F16
+                | DType::F32
+                | DType::F64),
+            ) => d,
+            _ => bail!(
+                "tensor `{name}` has dtype {:?}, which is not supported",
+                view.dtype()
+            ),
+        };
         entries.insert(
             name.to_string(),
             Entry {
@@ -146,4 +163,81 @@ pub(crate) fn header_digest(
         put(format!("{:?}", e.shape).as_bytes());
     }
     hex(&h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    fn parse_err(bytes: &[u8]) -> String {
+        match parse(bytes) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_what_it_serializes() -> Result<()> {
+        let t = Tensor::new(&[[1f32, -2.], [3., 4.]], &Device::Cpu)?;
+        let e = Entry::from_tensor(&t)?;
+        let bytes = serialize([("t", &e)], HashMap::new(), Path::new("x"))?;
+        let back = parse(&bytes)?;
+        assert_eq!(back.entries["t"].shape, [2, 2]);
+        assert_eq!(back.entries["t"].bytes, e.bytes);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_dtypes_it_does_not_write() {
+        // Eight elements of each: 8, 6 or 4 bits each, one byte for BOOL.
+        for (dtype, len) in [
+            ("F8_E4M3", 8),
+            ("F8_E5M2", 8),
+            ("F8_E8M0", 8),
+            ("F6_E2M3", 6),
+            ("F6_E3M2", 6),
+            ("F4", 4),
+            ("BOOL", 8),
+        ] {
+            let header =
+                format!(r#"{{"x":{{"dtype":"{dtype}","shape":[8],"data_offsets":[0,{len}]}}}}"#);
+            let msg = parse_err(&file(&header, &vec![0; len]));
+            assert!(msg.contains("not supported"), "{dtype}: {msg}");
+        }
+        // The nine it writes parse.
+        for (dtype, size) in [
+            ("U8", 1),
+            ("U32", 4),
+            ("I16", 2),
+            ("I32", 4),
+            ("I64", 8),
+            ("BF16", 2),
+            ("F16", 2),
+            ("F32", 4),
+            ("F64", 8),
+        ] {
+            let header = format!(
+                r#"{{"x":{{"dtype":"{dtype}","shape":[2],"data_offsets":[0,{}]}}}}"#,
+                2 * size
+            );
+            assert!(parse(&file(&header, &vec![0; 2 * size])).is_ok(), "{dtype}");
+        }
+    }
+
+    #[test]
+    fn refuses_shapes_whose_size_overflows() {
+        for shape in ["[4294967296,4294967296,16]", "[18446744073709551615,2]"] {
+            let header =
+                format!(r#"{{"x":{{"dtype":"F32","shape":{shape},"data_offsets":[0,4]}}}}"#);
+            let msg = parse_err(&file(&header, &[0; 4]));
+            assert!(msg.contains("not a complete safetensors file"), "{msg}");
+        }
+    }
 }

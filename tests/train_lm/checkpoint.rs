@@ -559,3 +559,35 @@ fn a_crashed_save_leaves_the_old_checkpoint() -> Result<()> {
     std::fs::remove_dir_all(&f.dir)?;
     Ok(())
 }
+
+/// A GradScaler taken during a step (after `unscale_`, or `step`, before `update`) would not
+/// match the optimizer's state: refused, and accepted again after `update`.
+#[test]
+fn refuses_a_grad_scaler_during_a_step() -> Result<()> {
+    let varmap = VarMap::new();
+    let w = Var::ones(2, DType::F32, &Device::Cpu)?;
+    let mut sgd = FusedSgd::new(vec![w.clone()], Default::default())?;
+    let mut scaler = scaler();
+    let grads_of = || -> Result<GradStore> {
+        let mut g = GradStore::default();
+        g.insert(&w, Tensor::new(&[0.5f32, -0.5], &Device::Cpu)?);
+        Ok(g)
+    };
+    let mut g = grads_of()?;
+    scaler.unscale_(std::slice::from_ref(&w), &mut g)?;
+    let err = TrainingCheckpoint::new(&varmap, 0)?
+        .with_grad_scaler(&scaler)
+        .expect_err("after unscale_");
+    assert!(err.to_string().contains("step is in progress"), "{err}");
+    scaler.step(&mut sgd, &g)?;
+    assert!(TrainingCheckpoint::new(&varmap, 0)?
+        .with_grad_scaler(&scaler)
+        .is_err());
+    scaler.update()?;
+    let ck = TrainingCheckpoint::new(&varmap, 1)?.with_grad_scaler(&scaler)?;
+    // And the state it holds is the updated one: it restores into a fresh scaler.
+    let mut fresh = GradScaler::new();
+    ck.restore(&varmap).grad_scaler(&mut fresh).apply()?;
+    assert_eq!(fresh.scale_value()?, scaler.scale_value()?);
+    Ok(())
+}

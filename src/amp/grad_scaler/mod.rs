@@ -552,6 +552,11 @@ impl GradScaler {
         Ok(())
     }
 
+    /// Whether a step is in progress: `unscale_` or `step` was called since the last `update`.
+    pub(crate) fn step_in_progress(&self) -> bool {
+        self.stage != Stage::Ready
+    }
+
     /// The current scale, read back (one transfer on CUDA); the initial scale before the first
     /// use.
     ///
