@@ -69,30 +69,14 @@ pub fn resume(
         .metadata("data_position")
         .and_then(|p| p.parse().ok())
         .context("the checkpoint has no data position")?;
-    let mut losses = Vec::new();
-    for item in ck
-        .metadata("losses")
-        .context("the checkpoint has no loss history")?
-        .split(',')
-        .filter(|s| !s.is_empty())
-    {
-        let (s, bits) = item.split_once(':').context("malformed loss history")?;
-        losses.push((s.parse()?, f32::from_bits(u32::from_str_radix(bits, 16)?)));
-    }
+    let losses = history(ck, "losses", |bits| {
+        Ok(f32::from_bits(u32::from_str_radix(bits, 16)?))
+    })?;
     let skipped = ck
         .metadata("skipped")
         .and_then(|s| s.parse().ok())
         .context("the checkpoint has no count of skipped steps")?;
-    let mut scale_history = Vec::new();
-    for item in ck
-        .metadata("scale_history")
-        .context("the checkpoint has no scale history")?
-        .split(',')
-        .filter(|s| !s.is_empty())
-    {
-        let (s, v) = item.split_once(':').context("malformed scale history")?;
-        scale_history.push((s.parse()?, v.parse()?));
-    }
+    let scale_history = history(ck, "scale_history", |v| Ok(v.parse()?))?;
     let Opt::Fused(opt) = &mut trainer.opt else {
         bail!("internal error: resume needs the fused optimizer")
     };
@@ -104,4 +88,25 @@ pub fn resume(
     trainer.skipped = skipped;
     trainer.scale_history = scale_history;
     Ok((ck.step(), position, losses))
+}
+
+/// A metadata entry `step:value,step:value,…` read back as (step, value) pairs.
+fn history<T>(
+    ck: &TrainingCheckpoint,
+    key: &str,
+    value: impl Fn(&str) -> anyhow::Result<T>,
+) -> anyhow::Result<Vec<(u64, T)>> {
+    let entry = ck
+        .metadata(key)
+        .with_context(|| format!("the checkpoint has no `{key}` entry"))?;
+    entry
+        .split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (step, v) = item
+                .split_once(':')
+                .with_context(|| format!("malformed `{key}` entry: `{item}`"))?;
+            Ok((step.parse()?, value(v)?))
+        })
+        .collect()
 }
