@@ -43,7 +43,13 @@ pub struct Trainer {
     /// (step, scale) each time the scale changed, and the steps skipped (overflow).
     pub scale_history: Vec<(u64, f64)>,
     pub skipped: u64,
+    /// Back-offs of the scale at consecutive steps (a warning at [`BACKOFFS_WARNING`]).
+    backoffs_in_a_row: u64,
 }
+
+/// Back-offs in a row that cannot come from the loss scale: 10 halvings make it 1024× smaller,
+/// and overflows that the scale causes stop long before that.
+const BACKOFFS_WARNING: u64 = 10;
 
 impl Trainer {
     pub fn new(args: &Args, kind: OptimizerKind, device: &Device) -> anyhow::Result<Self> {
@@ -100,6 +106,7 @@ impl Trainer {
             timings: Timings::default(),
             scale_history: Vec::new(),
             skipped: 0,
+            backoffs_in_a_row: 0,
         })
     }
 
@@ -171,15 +178,37 @@ impl Trainer {
         self.timings.optimizer.push(opt_ms);
         if let Some(scaler) = &self.scaler {
             let scale = scaler.scale_value()?;
-            match self.scale_history.last() {
-                Some(&(_, last)) if last == scale => {}
+            let backed_off = match self.scale_history.last() {
+                Some(&(_, last)) if last == scale => false,
                 Some(&(_, last)) => {
-                    if scale < last {
-                        self.skipped += 1;
-                    }
                     self.scale_history.push((step, scale));
+                    scale < last
                 }
-                None => self.scale_history.push((step, scale)),
+                None => {
+                    self.scale_history.push((step, scale));
+                    false
+                }
+            };
+            if backed_off {
+                self.skipped += 1;
+                self.backoffs_in_a_row += 1;
+                if self.backoffs_in_a_row == BACKOFFS_WARNING {
+                    eprintln!(
+                        "[{}] warning: the GradScaler backed off at {BACKOFFS_WARNING} steps in a row \
+                         (scale now {scale}): the gradients overflow whatever the scale, so an op of \
+                         the F16 forward or backward pass overflows by itself",
+                        self.name
+                    );
+                }
+            } else {
+                self.backoffs_in_a_row = 0;
+            }
+            if scale == 0.0 {
+                anyhow::bail!(
+                    "[{}] step {step}: the GradScaler's scale reached 0 after overflows at every \
+                     step: training cannot go on (an op of the F16 pass overflows whatever the scale)",
+                    self.name
+                )
             }
         }
         Ok(loss.to_scalar::<f32>()?)
