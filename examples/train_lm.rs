@@ -144,7 +144,6 @@ struct Args {
 }
 
 impl Args {
-    /// What a resumed run must share with the saved one.
     /// The settings a resumed run must share with the saved one. Not the device: a checkpoint
     /// taken on one device resumes on another (the same run, but not bitwise the same).
     fn run_key(&self) -> String {

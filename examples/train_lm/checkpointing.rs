@@ -106,7 +106,12 @@ fn history<T>(
             let (step, v) = item
                 .split_once(':')
                 .with_context(|| format!("malformed `{key}` entry: `{item}`"))?;
-            Ok((step.parse()?, value(v)?))
+            let step = step
+                .parse()
+                .with_context(|| format!("malformed step in the `{key}` entry: `{item}`"))?;
+            let v = value(v)
+                .with_context(|| format!("malformed value in the `{key}` entry: `{item}`"))?;
+            Ok((step, v))
         })
         .collect()
 }

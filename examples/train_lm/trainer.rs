@@ -43,8 +43,11 @@ pub struct Trainer {
     /// (step, scale) each time the scale changed, and the steps skipped (overflow).
     pub scale_history: Vec<(u64, f64)>,
     pub skipped: u64,
-    /// Back-offs of the scale at consecutive steps (a warning at [`BACKOFFS_WARNING`]).
+    /// Back-offs of the scale at consecutive steps (a warning at [`BACKOFFS_WARNING`]; not in
+    /// checkpoints: a resumed run counts afresh).
     backoffs_in_a_row: u64,
+    /// The scaler's scale before its first step (a back-off at step 1 is one too).
+    initial_scale: f64,
 }
 
 /// Back-offs in a row that cannot come from the loss scale: 10 halvings make it 1024× smaller,
@@ -92,6 +95,10 @@ impl Trainer {
             }
         };
         let scaler = (args.dtype == Precision::F16).then(GradScaler::new);
+        let initial_scale = match &scaler {
+            Some(s) => s.scale_value()?,
+            None => f64::NAN,
+        };
         Ok(Self {
             name,
             vars,
@@ -107,6 +114,7 @@ impl Trainer {
             scale_history: Vec::new(),
             skipped: 0,
             backoffs_in_a_row: 0,
+            initial_scale,
         })
     }
 
@@ -186,7 +194,7 @@ impl Trainer {
                 }
                 None => {
                     self.scale_history.push((step, scale));
-                    false
+                    scale < self.initial_scale
                 }
             };
             if backed_off {

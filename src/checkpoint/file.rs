@@ -340,18 +340,18 @@ impl TrainingCheckpoint {
         let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot be read ({e})")))?;
         let parsed = format::parse(&bytes).map_err(|e| fail(format!("is {e}")))?;
         let (entries, mut meta) = (parsed.entries, parsed.metadata);
-        let Some(format_entry) = meta.get(KEY_FORMAT).cloned() else {
-            return Err(fail(
-                "is not a training checkpoint (no `format` entry)".into(),
-            ));
-        };
-        // The digests first: a corrupt header must read as corrupt, whatever entry it hit.
-        let expected = format::header_digest(&meta, &entries, KEY_DIGEST);
+        // The digests first, whenever there is one: a corrupt header must read as corrupt,
+        // whatever entry (or key) the damage hit.
         match meta.get(KEY_DIGEST) {
-            Some(d) if *d == expected => {}
+            Some(d) if *d == format::header_digest(&meta, &entries, KEY_DIGEST) => {}
             Some(_) => {
                 return Err(fail(
                     "is corrupt: the digest of its header does not match".into(),
+                ))
+            }
+            None if !meta.contains_key(KEY_FORMAT) => {
+                return Err(fail(
+                    "is not a training checkpoint (no `format` entry)".into(),
                 ))
             }
             None => return Err(fail("has no digest".into())),
@@ -367,8 +367,14 @@ impl TrainingCheckpoint {
                 None => return Err(fail(format!("has no digest for tensor `{name}`"))),
             }
         }
-        if format_entry != FORMAT {
-            return Err(fail(format!("has format `{format_entry}`, not `{FORMAT}`")));
+        match meta.get(KEY_FORMAT) {
+            Some(f) if f == FORMAT => {}
+            Some(f) => return Err(fail(format!("has format `{f}`, not `{FORMAT}`"))),
+            None => {
+                return Err(fail(
+                    "is not a training checkpoint (no `format` entry)".into(),
+                ))
+            }
         }
         meta.retain(|k, _| k != KEY_DIGEST && !k.starts_with(DIGEST_PREFIX));
         let step = meta
@@ -400,6 +406,11 @@ impl TrainingCheckpoint {
                     "holds tensor `{name}` but no `{key}` entry for its section"
                 )));
             };
+            if name.starts_with(OPTIMIZER_CLIP) && !meta.contains_key(KEY_OPTIMIZER) {
+                return Err(fail(format!(
+                    "holds tensor `{name}` but no `{KEY_OPTIMIZER}` entry for its optimizer"
+                )));
+            }
             if stateless {
                 return Err(fail(format!(
                     "holds tensor `{name}` for the clip setting {section}, which has no state"
@@ -534,6 +545,34 @@ mod tests {
             .to_string();
         std::fs::remove_file(&path)?;
         assert!(msg.contains("digest of its header"), "{msg}");
+        // The key `format` itself damaged: corrupt too, not "not a training checkpoint".
+        let path = temp("format-key-flip");
+        checkpoint()?.save(&path)?;
+        let bytes = std::fs::read(&path)?;
+        let key = format!("\"{KEY_FORMAT}\":");
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key.as_bytes())
+            .expect("the format key");
+        let mut flipped = bytes.clone();
+        flipped[at + 1] = b'F';
+        std::fs::write(&path, &flipped)?;
+        let msg = TrainingCheckpoint::load(&path)
+            .map(|_| ())
+            .expect_err("accepted")
+            .to_string();
+        std::fs::remove_file(&path)?;
+        assert!(msg.contains("digest of its header"), "{msg}");
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_an_optimizer_clip_state_without_an_optimizer() -> Result<()> {
+        let mut ck = checkpoint()?;
+        ck.meta.insert(KEY_OPTIMIZER_CLIP.into(), "zclip(…)".into());
+        ck.entries.insert(format!("{OPTIMIZER_CLIP}ema"), entry()?);
+        let msg = load_err(&ck, "clip-without-optimizer")?;
+        assert!(msg.contains("no `optimizer` entry"), "{msg}");
         Ok(())
     }
 }

@@ -296,18 +296,27 @@ impl<'a> Restore<'a> {
         for (i, ((name, var), value)) in vars.iter().zip(&new_values).enumerate() {
             if let Err(e) = value.to_tensor(var.device()).and_then(|t| var.set(&t)) {
                 // Var `i` may be half written: it is put back too.
+                let mut put_back = true;
                 for ((_, var), old) in vars.iter().zip(&old_values).take(i + 1) {
-                    let _ = old.to_tensor(var.device()).and_then(|t| var.set(&t));
+                    put_back &= old
+                        .to_tensor(var.device())
+                        .and_then(|t| var.set(&t))
+                        .is_ok();
                 }
                 if let Some((opt, state, clip)) = rollback_optimizer {
-                    let _ = opt.load_optimizer_state(&state);
+                    put_back &= opt.load_optimizer_state(&state).is_ok();
                     if let Some(c) = clip {
-                        let _ = opt.replace_clip(c);
+                        put_back &= opt.replace_clip(c).is_ok();
                     }
                 }
+                let outcome = if put_back {
+                    "the vars and the optimizer were put back as they were"
+                } else {
+                    "putting the vars and the optimizer back failed as well: they are partly \
+                     restored, load the checkpoint again or start afresh"
+                };
                 return Err(candle_core::Error::Msg(format!(
-                    "TrainingCheckpoint::restore: cannot set var `{name}` ({e}); the vars and the \
-                     optimizer were put back as they were"
+                    "TrainingCheckpoint::restore: cannot set var `{name}` ({e}); {outcome}"
                 )));
             }
         }

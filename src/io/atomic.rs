@@ -2,11 +2,12 @@
 //! flushed and fsynced, renamed over the old one, and the folder fsynced. A crash at any moment
 //! leaves either the old file or the new one under the name, never a torn one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{Result, Tensor};
 
@@ -45,6 +46,31 @@ pub(crate) fn save_safetensors_with_metadata_atomically(
 
 /// Temporary files of one process get distinct names.
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The temporary files this process is writing now, which the stale-file cleanup of another
+/// thread's save to the same path must leave alone. (Saves to one path from several processes
+/// at once are not supported: one may remove the other's temporary file, and that save fails.)
+static IN_FLIGHT: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Marks `temp` as being written until it is dropped.
+struct InFlight(PathBuf);
+
+impl InFlight {
+    fn new(temp: &Path) -> Self {
+        if let Ok(mut set) = IN_FLIGHT.lock() {
+            set.insert(temp.to_path_buf());
+        }
+        Self(temp.to_path_buf())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut set) = IN_FLIGHT.lock() {
+            set.remove(&self.0);
+        }
+    }
+}
 
 /// How many names [`create_temp`] tries before it gives up.
 const TEMP_NAME_TRIES: u32 = 16;
@@ -89,11 +115,12 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
 /// created is removed (no other file is). If only the final fsync of the folder fails, the new
 /// file is already in place under `path` and the error says so: it may not survive a power loss.
 /// After a successful save, the temporary files that earlier, crashed saves to the same path left
-/// behind are removed (only names of the form this function writes).
+/// behind are removed (only names of the form this function writes, and none that another
+/// thread of this process is writing).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let folder = folder_of(path);
     let prefix = temp_prefix(path)?;
-    let (temp, file) = create_temp(&folder, &prefix)?;
+    let (temp, file, in_flight) = create_temp(&folder, &prefix)?;
     let written = write_and_sync(file, &temp, bytes).and_then(|()| {
         fs::rename(&temp, path)
             .map_err(|e| io_error("cannot rename the temporary file to", path, e))
@@ -110,6 +137,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
             path.display()
         ))
     })?;
+    drop(in_flight);
     remove_stale_temps(&folder, &prefix);
     Ok(())
 }
@@ -117,7 +145,10 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Creates a new temporary file `<prefix><pid>-<nanoseconds>-<counter>` in `folder`. The clock
 /// keeps a restarted process that got the same process id from colliding with a temporary file
 /// its crashed predecessor left; a name that exists anyway is skipped, never opened.
-fn create_temp(folder: &Path, prefix: &str) -> Result<(PathBuf, File)> {
+///
+/// The name is marked in flight before the file exists, so that no other thread's cleanup can
+/// see the file unmarked.
+fn create_temp(folder: &Path, prefix: &str) -> Result<(PathBuf, File, InFlight)> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -128,8 +159,9 @@ fn create_temp(folder: &Path, prefix: &str) -> Result<(PathBuf, File)> {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
+        let in_flight = InFlight::new(&temp);
         match OpenOptions::new().write(true).create_new(true).open(&temp) {
-            Ok(file) => return Ok((temp, file)),
+            Ok(file) => return Ok((temp, file, in_flight)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((temp, e)),
             Err(e) => return Err(io_error("cannot create the temporary file", &temp, e)),
         }
@@ -186,8 +218,13 @@ fn remove_stale_temps(folder: &Path, prefix: &str) {
     let Ok(entries) = fs::read_dir(folder) else {
         return;
     };
+    let Ok(in_flight) = IN_FLIGHT.lock() else {
+        return; // cannot tell another thread's temporary file from a stale one
+    };
     for entry in entries.flatten() {
-        if is_temp_name(&entry.file_name().to_string_lossy(), prefix) {
+        if is_temp_name(&entry.file_name().to_string_lossy(), prefix)
+            && !in_flight.contains(&entry.path())
+        {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -243,6 +280,37 @@ mod tests {
             .collect::<std::io::Result<_>>()?;
         names.sort();
         assert_eq!(names, [".state.safetensors.tmp-notes", "state.safetensors"]);
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn threads_saving_to_one_path_do_not_remove_each_others_temporaries() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("cgc-atomic-threads-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let path = dir.join("state.safetensors");
+        // A large enough file that the writes overlap.
+        let t = Tensor::arange(0f32, 262_144., &Device::Cpu)?;
+        std::thread::scope(|s| {
+            let saves: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| -> Result<()> {
+                        for _ in 0..20 {
+                            let dict = HashMap::from([("t".to_string(), t.clone())]);
+                            save_safetensors_atomically(&dict, &path)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            saves
+                .into_iter()
+                .try_for_each(|h| h.join().expect("no panic"))
+        })?;
+        let names: Vec<String> = fs::read_dir(&dir)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        assert_eq!(names, ["state.safetensors"]);
         fs::remove_dir_all(&dir)?;
         Ok(())
     }

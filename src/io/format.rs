@@ -128,6 +128,17 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Parsed> {
                 view.dtype()
             ),
         };
+        // safetensors checks the element count, which a zero dimension makes 0 whatever the
+        // others; candle's strides multiply the others too, so their product must fit.
+        let fits = view
+            .shape()
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .is_some();
+        if !fits {
+            bail!("tensor `{name}` has shape {:?}, too large", view.shape());
+        }
         entries.insert(
             name.to_string(),
             Entry {
@@ -238,6 +249,16 @@ mod tests {
                 format!(r#"{{"x":{{"dtype":"F32","shape":{shape},"data_offsets":[0,4]}}}}"#);
             let msg = parse_err(&file(&header, &[0; 4]));
             assert!(msg.contains("not a complete safetensors file"), "{msg}");
+        }
+        // No elements, but strides that overflow: refused before candle computes them.
+        for shape in [
+            "[0,1099511627776,1099511627776]",
+            "[4294967296,0,4294967296,16]",
+        ] {
+            let header =
+                format!(r#"{{"x":{{"dtype":"F32","shape":{shape},"data_offsets":[0,0]}}}}"#);
+            let msg = parse_err(&file(&header, &[]));
+            assert!(msg.contains("too large"), "{shape}: {msg}");
         }
     }
 }
