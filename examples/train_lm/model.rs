@@ -17,9 +17,9 @@
 //!    `Tensor::silu` computes the same function with a finite backward pass.
 //!
 //! In F32 the forward pass equals candle-transformers' `Llama::forward` up to the rounding of
-//! the two RMSNorm and SiLU implementations (`tests/train_lm` checks it); the weights of a trained model
-//! load into candle-transformers' `Llama` unchanged (same names and shapes; with tied embeddings
-//! `lm_head.weight` is `model.embed_tokens.weight`, as in llama2.c).
+//! the RMSNorm and SiLU implementations (`tests/train_lm` checks it); the weights of a trained
+//! model load into candle-transformers' `Llama` unchanged (same names and shapes; with tied
+//! embeddings `lm_head.weight` is `model.embed_tokens.weight`, as in llama2.c).
 
 use candle_core::{DType, IndexOp, Result, Tensor, D};
 use candle_nn::{embedding, linear_no_bias as linear, rms_norm};

@@ -186,18 +186,11 @@ impl Trainer {
         self.timings.optimizer.push(opt_ms);
         if let Some(scaler) = &self.scaler {
             let scale = scaler.scale_value()?;
-            let backed_off = match self.scale_history.last() {
-                Some(&(_, last)) if last == scale => false,
-                Some(&(_, last)) => {
-                    self.scale_history.push((step, scale));
-                    scale < last
-                }
-                None => {
-                    self.scale_history.push((step, scale));
-                    scale < self.initial_scale
-                }
-            };
-            if backed_off {
+            let last = self.scale_history.last().map(|&(_, s)| s);
+            if last != Some(scale) {
+                self.scale_history.push((step, scale));
+            }
+            if scale < last.unwrap_or(self.initial_scale) {
                 self.skipped += 1;
                 self.backoffs_in_a_row += 1;
                 if self.backoffs_in_a_row == BACKOFFS_WARNING {

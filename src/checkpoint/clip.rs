@@ -36,6 +36,11 @@ pub(crate) fn describe(clip: Option<&ClipSetting>) -> String {
     }
 }
 
+/// Whether a setting of this [`describe`] description has a state (AutoClip, ZClip).
+pub(crate) fn has_state(description: &str) -> bool {
+    description.starts_with("autoclip(") || description.starts_with("zclip(")
+}
+
 /// The policy's state (empty for the settings without one).
 pub(crate) fn state(clip: Option<&ClipSetting>) -> Result<HashMap<String, Tensor>> {
     match clip {

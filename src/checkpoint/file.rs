@@ -50,7 +50,8 @@ pub(super) const DIGEST_PREFIX: &str = "sha256:";
 /// temporary file in the same folder, fsynced, renamed over the old checkpoint, and the folder
 /// fsynced. A crash at any moment leaves either the old checkpoint or the new one, never a torn
 /// one (a crash during the write leaves a temporary `.<name>.tmp-*` file, removed by the next
-/// successful save to the same path). The file holds the SHA-256 of every tensor and of its header.
+/// successful save to the same path). The file holds the SHA-256 of every tensor and of its
+/// header.
 ///
 /// **Loading** ([`load`](Self::load)) reads and verifies the whole file: a truncated file, a
 /// flipped byte (a digest mismatch, naming the tensor), a file of another format is an error.
@@ -340,6 +341,7 @@ impl TrainingCheckpoint {
         let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot be read ({e})")))?;
         let parsed = format::parse(&bytes).map_err(|e| fail(format!("is {e}")))?;
         let (entries, mut meta) = (parsed.entries, parsed.metadata);
+        let not_a_checkpoint = || fail("is not a training checkpoint (no `format` entry)".into());
         // The digests first, whenever there is one: a corrupt header must read as corrupt,
         // whatever entry (or key) the damage hit.
         match meta.get(KEY_DIGEST) {
@@ -349,11 +351,7 @@ impl TrainingCheckpoint {
                     "is corrupt: the digest of its header does not match".into(),
                 ))
             }
-            None if !meta.contains_key(KEY_FORMAT) => {
-                return Err(fail(
-                    "is not a training checkpoint (no `format` entry)".into(),
-                ))
-            }
+            None if !meta.contains_key(KEY_FORMAT) => return Err(not_a_checkpoint()),
             None => return Err(fail("has no digest".into())),
         }
         for (name, e) in &entries {
@@ -370,11 +368,7 @@ impl TrainingCheckpoint {
         match meta.get(KEY_FORMAT) {
             Some(f) if f == FORMAT => {}
             Some(f) => return Err(fail(format!("has format `{f}`, not `{FORMAT}`"))),
-            None => {
-                return Err(fail(
-                    "is not a training checkpoint (no `format` entry)".into(),
-                ))
-            }
+            None => return Err(not_a_checkpoint()),
         }
         meta.retain(|k, _| k != KEY_DIGEST && !k.starts_with(DIGEST_PREFIX));
         let step = meta
@@ -383,10 +377,7 @@ impl TrainingCheckpoint {
             .ok_or_else(|| fail("has no valid `step` entry".into()))?;
         // Every tensor belongs to a section whose metadata entry says the section is there; a
         // clip setting without state ("none", norm, value, AGC) has no tensors.
-        let stateless_clip = |key: &str| {
-            meta.get(key)
-                .is_some_and(|d| !d.starts_with("autoclip(") && !d.starts_with("zclip("))
-        };
+        let stateless_clip = |key: &str| meta.get(key).is_some_and(|d| !clip::has_state(d));
         for name in entries.keys() {
             let (key, stateless) = if name.starts_with(VARS) {
                 continue;
@@ -473,6 +464,23 @@ mod tests {
         Entry::from_tensor(&Tensor::new(&[1f32], &Device::Cpu)?)
     }
 
+    /// The error of loading a saved checkpoint with the first occurrence of `find` in its bytes
+    /// changed at `offset` to `byte`.
+    fn load_flipped(name: &str, find: &str, offset: usize, byte: u8) -> Result<String> {
+        let path = temp(name);
+        checkpoint()?.save(&path)?;
+        let mut bytes = std::fs::read(&path)?;
+        let at = bytes
+            .windows(find.len())
+            .position(|w| w == find.as_bytes())
+            .expect("the bytes to change");
+        bytes[at + offset] = byte;
+        std::fs::write(&path, &bytes)?;
+        let err = TrainingCheckpoint::load(&path).map(|_| ());
+        std::fs::remove_file(&path)?;
+        Ok(err.expect_err("accepted").to_string())
+    }
+
     /// Saved with valid digests, so only the section check can refuse it.
     fn load_err(ck: &TrainingCheckpoint, name: &str) -> Result<String> {
         let path = temp(name);
@@ -529,39 +537,11 @@ mod tests {
         let msg = load_err(&ck, "format")?;
         assert!(msg.contains("has format"), "{msg}");
         // The format entry changed on disk: the header digest says corrupt.
-        let path = temp("format-flip");
-        checkpoint()?.save(&path)?;
-        let bytes = std::fs::read(&path)?;
-        let at = bytes
-            .windows(FORMAT.len())
-            .position(|w| w == FORMAT.as_bytes())
-            .expect("the format entry");
-        let mut flipped = bytes.clone();
-        flipped[at + FORMAT.len() - 1] = b'2';
-        std::fs::write(&path, &flipped)?;
-        let msg = TrainingCheckpoint::load(&path)
-            .map(|_| ())
-            .expect_err("accepted")
-            .to_string();
-        std::fs::remove_file(&path)?;
+        let msg = load_flipped("format-flip", FORMAT, FORMAT.len() - 1, b'2')?;
         assert!(msg.contains("digest of its header"), "{msg}");
         // The key `format` itself damaged: corrupt too, not "not a training checkpoint".
-        let path = temp("format-key-flip");
-        checkpoint()?.save(&path)?;
-        let bytes = std::fs::read(&path)?;
         let key = format!("\"{KEY_FORMAT}\":");
-        let at = bytes
-            .windows(key.len())
-            .position(|w| w == key.as_bytes())
-            .expect("the format key");
-        let mut flipped = bytes.clone();
-        flipped[at + 1] = b'F';
-        std::fs::write(&path, &flipped)?;
-        let msg = TrainingCheckpoint::load(&path)
-            .map(|_| ())
-            .expect_err("accepted")
-            .to_string();
-        std::fs::remove_file(&path)?;
+        let msg = load_flipped("format-key-flip", &key, 1, b'F')?;
         assert!(msg.contains("digest of its header"), "{msg}");
         Ok(())
     }

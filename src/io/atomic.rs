@@ -52,15 +52,15 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// at once are not supported: one may remove the other's temporary file, and that save fails.)
 static IN_FLIGHT: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
-/// Marks `temp` as being written until it is dropped.
+/// A temporary file's path, marked as being written until it is dropped.
 struct InFlight(PathBuf);
 
 impl InFlight {
-    fn new(temp: &Path) -> Self {
+    fn new(temp: PathBuf) -> Self {
         if let Ok(mut set) = IN_FLIGHT.lock() {
-            set.insert(temp.to_path_buf());
+            set.insert(temp.clone());
         }
-        Self(temp.to_path_buf())
+        Self(temp)
     }
 }
 
@@ -120,14 +120,14 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let folder = folder_of(path);
     let prefix = temp_prefix(path)?;
-    let (temp, file, in_flight) = create_temp(&folder, &prefix)?;
-    let written = write_and_sync(file, &temp, bytes).and_then(|()| {
-        fs::rename(&temp, path)
+    let (temp, file) = create_temp(&folder, &prefix)?;
+    let written = write_and_sync(file, &temp.0, bytes).and_then(|()| {
+        fs::rename(&temp.0, path)
             .map_err(|e| io_error("cannot rename the temporary file to", path, e))
     });
     if let Err(e) = written {
         // This call created `temp` (create_new), so removing it touches no one else's file.
-        let _ = fs::remove_file(&temp);
+        let _ = fs::remove_file(&temp.0);
         return Err(e);
     }
     sync_folder(&folder).map_err(|e| {
@@ -137,7 +137,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
             path.display()
         ))
     })?;
-    drop(in_flight);
+    drop(temp);
     remove_stale_temps(&folder, &prefix);
     Ok(())
 }
@@ -148,27 +148,28 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 ///
 /// The name is marked in flight before the file exists, so that no other thread's cleanup can
 /// see the file unmarked.
-fn create_temp(folder: &Path, prefix: &str) -> Result<(PathBuf, File, InFlight)> {
+fn create_temp(folder: &Path, prefix: &str) -> Result<(InFlight, File)> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let mut last = None;
-    for _ in 0..TEMP_NAME_TRIES {
-        let temp = folder.join(format!(
+    let mut tries = 1;
+    loop {
+        let temp = InFlight::new(folder.join(format!(
             "{prefix}{}-{nanos}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let in_flight = InFlight::new(&temp);
-        match OpenOptions::new().write(true).create_new(true).open(&temp) {
-            Ok(file) => return Ok((temp, file, in_flight)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((temp, e)),
-            Err(e) => return Err(io_error("cannot create the temporary file", &temp, e)),
+        )));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp.0)
+        {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < TEMP_NAME_TRIES => {
+                tries += 1
+            }
+            Err(e) => return Err(io_error("cannot create the temporary file", &temp.0, e)),
         }
-    }
-    match last {
-        Some((temp, e)) => Err(io_error("cannot create the temporary file", &temp, e)),
-        None => candle_core::bail!("cannot create a temporary file in `{}`", folder.display()),
     }
 }
 
@@ -235,6 +236,15 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> std::io::Result<Vec<String>> {
+        let mut names = fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        names.sort();
+        Ok(names)
+    }
+
     #[test]
     fn replaces_the_file_and_leaves_no_temporary() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("cgc-atomic-{}", std::process::id()));
@@ -249,10 +259,7 @@ mod tests {
         let back = candle_core::safetensors::load(&path, &Device::Cpu)?;
         assert_eq!(back["u"].to_vec1::<f64>()?, [0., 2., 4., 6., 8., 10.]);
         assert!(!back.contains_key("t"));
-        let names: Vec<String> = fs::read_dir(&dir)?
-            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<std::io::Result<_>>()?;
-        assert_eq!(names, ["state.safetensors"]);
+        assert_eq!(names(&dir)?, ["state.safetensors"]);
         fs::remove_dir_all(&dir)?;
         Ok(())
     }
@@ -275,11 +282,10 @@ mod tests {
         fs::write(dir.join(".state.safetensors.tmp-notes"), b"mine")?;
         let t = Tensor::arange(0f32, 3., &Device::Cpu)?;
         save_safetensors_atomically(&HashMap::from([("t".to_string(), t)]), &path)?;
-        let mut names: Vec<String> = fs::read_dir(&dir)?
-            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<std::io::Result<_>>()?;
-        names.sort();
-        assert_eq!(names, [".state.safetensors.tmp-notes", "state.safetensors"]);
+        assert_eq!(
+            names(&dir)?,
+            [".state.safetensors.tmp-notes", "state.safetensors"]
+        );
         fs::remove_dir_all(&dir)?;
         Ok(())
     }
@@ -307,10 +313,7 @@ mod tests {
                 .into_iter()
                 .try_for_each(|h| h.join().expect("no panic"))
         })?;
-        let names: Vec<String> = fs::read_dir(&dir)?
-            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<std::io::Result<_>>()?;
-        assert_eq!(names, ["state.safetensors"]);
+        assert_eq!(names(&dir)?, ["state.safetensors"]);
         fs::remove_dir_all(&dir)?;
         Ok(())
     }

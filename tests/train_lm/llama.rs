@@ -122,7 +122,7 @@ fn bf16_and_f16_forward_passes_run() -> Result<()> {
 
 /// Change 3: with pre-activations of the MLP's gate far below -11 (where `exp(-x)` overflows
 /// F16), an F16 forward and backward pass still gives finite gradients, and they agree in sign
-/// and size with the F32 pass (upstream's `x / (exp(-x) + 1)` gives NaN for every var here).
+/// and size with the F32 pass (upstream's `x / (exp(-x) + 1)` gives NaN gradients here).
 #[test]
 fn f16_gradients_stay_finite_when_the_gate_saturates() -> Result<()> {
     let cfg = config();
@@ -171,9 +171,9 @@ fn f16_gradients_stay_finite_when_the_gate_saturates() -> Result<()> {
     let half = grads_in(DType::F16)?;
     for (name, g) in &half {
         let g = g.to_dtype(DType::F64)?;
-        let bad = g.flatten_all()?.to_vec1::<f64>()?;
+        let values = g.flatten_all()?.to_vec1::<f64>()?;
         assert!(
-            bad.iter().all(|v| v.is_finite()),
+            values.iter().all(|v| v.is_finite()),
             "{name}: F16 gradient is not finite"
         );
         let r = reference[name].to_dtype(DType::F64)?;

@@ -52,7 +52,7 @@ impl GradScaler {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn load_state_dict(&mut self, dict: &HashMap<String, Tensor>) -> Result<()> {
-        if self.stage != Stage::Ready {
+        if self.step_in_progress() {
             bail!("GradScaler::load_state_dict: a step is in progress (unscale_ or step since the last update()); call update() first; nothing was loaded")
         }
         let entry = |key: &str, dtype: DType| -> Result<&Tensor> {

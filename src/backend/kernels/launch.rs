@@ -133,8 +133,8 @@ pub(crate) struct Launch {
 pub(crate) struct NormPlan {
     kernel: Kernel,
     p: f64,
-    /// Mirrors `cpu::reduce::norm`: sums of powers of F64 gradients, or powers above 6, may overflow or
-    /// underflow `f64`; then a second pass divides every element by `max|g|`.
+    /// Mirrors `cpu::reduce::norm`: sums of powers of F64 gradients, or powers above 6, may
+    /// overflow or underflow `f64`; then a second pass divides every element by `max|g|`.
     pub(crate) rescue: bool,
     /// GradScaler's one-read path: the device address of the `f32` `inv_scale` by which every
     /// element is unscaled as it is read (`ops::grad_scaler::unscale`'s rounding); 0: none.

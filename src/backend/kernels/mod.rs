@@ -33,9 +33,9 @@
 //! # Determinism
 //! Each segment is cut into chunks of [`CHUNK`](abi::CHUNK) elements counted from its first
 //! element, and one warp reduces one chunk into an `f64` partial in an order fixed by the element
-//! indices only. The partials are added on the device into the superaccumulator of `ops/exact_sum.rs`
-//! with integer atomics (exact, so order-independent), and the last block rounds the sum once like
-//! `ExactSum::value`. The norm is therefore bitwise the same for any grid size, block order, order
+//! indices only. The partials are added on the device into the superaccumulator of
+//! `ops/exact_sum.rs` with integer atomics (exact, so order-independent), and the last block
+//! rounds the sum once like `ExactSum::value`. The norm is therefore bitwise the same for any grid size, block order, order
 //! of `vars` and address alignment (the emulation's tests check each). It is not bitwise the CPU's
 //! norm (the CPU's partials cover other element sets).
 

@@ -276,8 +276,9 @@ impl FusedCore {
     /// [`GradScaler`](crate::GradScaler), whose found-inf the fused step decides on the device.
     /// With `prescale` (`inv_scale`, 0-d F32 on the device), the gradients are still scaled: the
     /// step unscales them as it reads them and writes them back unscaled (GradScaler's one-read
-    /// path; only where `dispatch::fused_step::runs_prescaled`, with a clip that `prescale_supports`:
-    /// not AutoClip, ZClip or AGC, which decide from the gradients before the step).
+    /// path; only where `dispatch::fused_step::runs_prescaled`, with a clip that
+    /// `prescale_supports`: not AutoClip, ZClip or AGC, which decide from the gradients before
+    /// the step).
     pub(crate) fn step_skipping_nonfinite(
         &mut self,
         grads: &GradStore,
