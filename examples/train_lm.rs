@@ -129,6 +129,10 @@ struct Args {
     checkpoint: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
+    /// Save each checkpoint on another thread while training goes on (the checkpoint holds
+    /// host copies taken at its step); at most one save in flight.
+    #[arg(long)]
+    checkpoint_async: bool,
     /// Continue from `--checkpoint` if the file exists.
     #[arg(long)]
     resume: bool,
@@ -268,7 +272,11 @@ fn main() -> anyhow::Result<()> {
             Some(bar)
         }
     };
+    let mut saves = SaveTimes::default();
+    let mut pending: Option<candle_grad_clip::PendingSave> = None;
     for step in first + 1..=args.steps {
+        let started = std::time::Instant::now();
+        let in_flight = pending.as_ref().is_some_and(|p| !p.is_finished());
         let (inputs, targets) = loader.next_batch(args.batch, args.seq_len);
         let inputs = Tensor::from_vec(inputs, (args.batch, args.seq_len), &device)?;
         let targets = Tensor::from_vec(targets, (args.batch, args.seq_len), &device)?;
@@ -312,13 +320,41 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        let mut took_checkpoint = false;
         if let Some(path) = &args.checkpoint {
             if step % args.checkpoint_every == 0 {
-                checkpoint_of(&trainers[0], &args, step, loader.position, &losses[0])?
-                    .save(path)
-                    .with_context(|| format!("saving {}", path.display()))?;
+                took_checkpoint = true;
+                // One save in flight at most: the previous one ends first.
+                if let Some(previous) = pending.take() {
+                    previous
+                        .wait()
+                        .with_context(|| format!("saving {}", path.display()))?;
+                }
+                let built = std::time::Instant::now();
+                let ck = checkpoint_of(&trainers[0], &args, step, loader.position, &losses[0])?;
+                saves.build_ms.push(built.elapsed().as_secs_f64() * 1e3);
+                if args.checkpoint_async {
+                    pending = Some(ck.save_in_background(path)?);
+                } else {
+                    ck.save(path)
+                        .with_context(|| format!("saving {}", path.display()))?;
+                }
             }
         }
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        match (took_checkpoint, in_flight) {
+            (true, _) => saves.checkpoint_steps_ms.push(ms),
+            (false, true) => saves.in_flight_ms.push(ms),
+            (false, false) => saves.plain_ms.push(ms),
+        }
+    }
+    if let (Some(previous), Some(path)) = (pending.take(), &args.checkpoint) {
+        previous
+            .wait()
+            .with_context(|| format!("saving {}", path.display()))?;
+    }
+    if args.checkpoint.is_some() {
+        saves.report(args.checkpoint_async);
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -379,4 +415,35 @@ fn main() -> anyhow::Result<()> {
         report::params_sha256(&trainer.vars.varmap)?
     );
     Ok(())
+}
+
+/// Step times around checkpoints (ms): steps that took one (building it, and saving it unless
+/// `--checkpoint-async`), steps while a save was in flight, and the others.
+#[derive(Default)]
+struct SaveTimes {
+    build_ms: Vec<f64>,
+    checkpoint_steps_ms: Vec<f64>,
+    in_flight_ms: Vec<f64>,
+    plain_ms: Vec<f64>,
+}
+
+impl SaveTimes {
+    fn report(&self, asynchronous: bool) {
+        let median = |v: &[f64]| -> String {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            match v.get(v.len() / 2) {
+                Some(m) => format!("{m:.1} ms ({} steps)", v.len()),
+                None => "- (no step)".to_string(),
+            }
+        };
+        println!(
+            "checkpoint step times (median): without a save {}, with a save in flight {}, taking a checkpoint {} of which building it {}{}",
+            median(&self.plain_ms),
+            median(&self.in_flight_ms),
+            median(&self.checkpoint_steps_ms),
+            median(&self.build_ms),
+            if asynchronous { " (saved on another thread)" } else { " (saved on this thread)" }
+        );
+    }
 }

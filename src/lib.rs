@@ -90,7 +90,7 @@ pub use policy::autoclip::AutoClip;
 pub use policy::zclip::{ZClip, ZClipMode};
 pub use stats::{grad_norms, GradNormStats};
 // Training checkpoints: vars, optimizer, clip policy, GradScaler, step and metadata in one file.
-pub use checkpoint::{CheckpointOptimizer, Restore, TrainingCheckpoint};
+pub use checkpoint::{CheckpointOptimizer, PendingSave, Restore, TrainingCheckpoint};
 // For benches/scaler_ratios.rs only.
 #[doc(hidden)]
 pub use amp::grad_scaler::__unscaled_norm_cpu;

@@ -4,18 +4,21 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{bail, Device, Result, Tensor, Var};
+use candle_core::{bail, Device, Result, Tensor, TensorId, Var};
 use candle_nn::VarMap;
 
 use super::clip;
 use super::optimizer::CheckpointOptimizer;
 use crate::amp::grad_scaler::GradScaler;
-use crate::io::atomic;
-use crate::io::format::{self, Entry};
+use crate::io::digest::{self, Damage};
+use crate::io::format::Entry;
 use crate::optim::clip_setting::ClipSetting;
 
-/// The value of the `format` metadata entry.
-pub(super) const FORMAT: &str = "candle-grad-clip training checkpoint v1";
+/// The value of the `format` metadata entry. v2 keys the optimizer's state by the vars' `VarMap`
+/// names (v1, written by 0.1, keyed it as the optimizer did: by position for `new`).
+pub(super) const FORMAT: &str = "candle-grad-clip training checkpoint v2";
+/// The format 0.1 wrote.
+const FORMAT_V1: &str = "candle-grad-clip training checkpoint v1";
 /// Tensor name prefixes of the sections.
 pub(super) const VARS: &str = "vars/";
 pub(super) const OPTIMIZER: &str = "optimizer/";
@@ -31,9 +34,6 @@ pub(super) const KEY_OPTIMIZER_CLIP: &str = "optimizer.clip";
 pub(super) const KEY_CLIP: &str = "clip";
 pub(super) const KEY_SCALER: &str = "grad_scaler";
 pub(super) const USER: &str = "user.";
-/// The digest of the header, and the prefix of each tensor's digest.
-pub(super) const KEY_DIGEST: &str = "sha256";
-pub(super) const DIGEST_PREFIX: &str = "sha256:";
 
 /// A training checkpoint: everything a run needs to resume bitwise, in one safetensors file.
 ///
@@ -60,10 +60,17 @@ pub(super) const DIGEST_PREFIX: &str = "sha256:";
 /// state of each component; any mismatch is an error naming it, and nothing changes. Every
 /// component in the file must be restored, and every component given must be in the file.
 ///
-/// Memory: the checkpoint is a host copy of the state; saving adds the file's bytes (a second
-/// host copy, while it is written); loading reads the whole file into memory; restoring moves
-/// one tensor at a time to the vars' device and keeps a host copy of the old values (to put
-/// them back if a device error interrupts it).
+/// **Memory and time.** Building it reads each var, and each of the optimizer's state buffers,
+/// to the host once: the checkpoint is one host copy of the state (cloning it shares that copy).
+/// Saving adds a bounded write buffer: the digests are computed in parallel, then the header and
+/// the tensors are streamed to the file from that copy. Loading reads the file once into one
+/// buffer, which the loaded checkpoint's tensors are ranges of, and verifies the digests in
+/// parallel. Restoring moves one tensor at a time to the vars' device and keeps a host copy of
+/// the vars' old values (to put them back if a device error interrupts it); the optimizer's new
+/// state is built once per buffer, its old buffers kept as they are for that rollback.
+///
+/// **Saving in the background.** A checkpoint owns its copy, so the run may go on while it is
+/// saved: [`save_in_background`](Self::save_in_background) writes it on another thread.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -93,15 +100,17 @@ pub(super) const DIGEST_PREFIX: &str = "sha256:";
 #[derive(Debug, Clone)]
 pub struct TrainingCheckpoint {
     pub(super) step: u64,
-    /// Every tensor, named with its section's prefix.
+    /// Every tensor, named with its section's prefix (host bytes; cloning shares them).
     pub(super) entries: BTreeMap<String, Entry>,
     /// The metadata entries (not the digests).
     pub(super) meta: BTreeMap<String, String>,
+    /// The `VarMap` name of each var, by identity, for the optimizer's state (empty once loaded).
+    names_by_id: HashMap<TensorId, String>,
 }
 
 impl TrainingCheckpoint {
-    /// A checkpoint of every var of `varmap` (copied now, whatever their dtype and device) at
-    /// training step `step`.
+    /// A checkpoint of every var of `varmap` (copied now to the host, whatever their dtype and
+    /// device) at training step `step`.
     ///
     /// ```
     /// use candle_core::{DType, Device};
@@ -128,6 +137,7 @@ impl TrainingCheckpoint {
             step,
             entries,
             meta,
+            names_by_id: names_by_id(&vars),
         })
     }
 
@@ -139,8 +149,12 @@ impl TrainingCheckpoint {
         Ok(())
     }
 
-    /// Adds the state of a fused optimizer (copied now), its kind and hyper-parameters, its
-    /// clip setting and that setting's state (AutoClip, ZClip). At most one optimizer.
+    /// Adds the state of a fused optimizer (copied now: each state buffer read to the host
+    /// once), its kind and hyper-parameters, its clip setting and that setting's state (AutoClip,
+    /// ZClip). At most one optimizer. Each var's state is saved under the var's `VarMap` name,
+    /// found by identity, so that an optimizer built in another process from the vars in another
+    /// order (`VarMap::all_vars()` iterates a `HashMap`) gets each var's own state back; an
+    /// optimizer var that is not in the `VarMap` is an error naming it.
     ///
     /// ```
     /// use candle_grad_clip::{FusedSgd, TrainingCheckpoint};
@@ -154,7 +168,14 @@ impl TrainingCheckpoint {
         if self.meta.contains_key(KEY_OPTIMIZER) {
             bail!("TrainingCheckpoint::with_optimizer: the checkpoint already holds an optimizer")
         }
-        self.add_section(OPTIMIZER, optimizer.optimizer_state()?)?;
+        let keys = var_keys(
+            &self.names_by_id,
+            optimizer.optimizer_vars(),
+            "TrainingCheckpoint::with_optimizer",
+        )?;
+        for (key, e) in optimizer.optimizer_entries(&keys)? {
+            self.entries.insert(format!("{OPTIMIZER}{key}"), e);
+        }
         self.add_section(OPTIMIZER_CLIP, clip::state(optimizer.clip())?)?;
         self.meta
             .insert(KEY_OPTIMIZER.to_string(), optimizer.kind().to_string());
@@ -304,16 +325,7 @@ impl TrainingCheckpoint {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let mut meta = self.meta.clone();
-        for (name, e) in &self.entries {
-            meta.insert(format!("{DIGEST_PREFIX}{name}"), e.digest());
-        }
-        let digest = format::header_digest(&meta, &self.entries, KEY_DIGEST);
-        meta.insert(KEY_DIGEST.to_string(), digest);
-        let entries = self.entries.iter().map(|(n, e)| (n.as_str(), e));
-        let bytes = format::serialize(entries, meta.into_iter().collect(), path)?;
-        atomic::write_atomically(path, &bytes)
+        digest::save(path.as_ref(), &self.entries, &self.meta)
     }
 
     /// Reads a checkpoint saved by [`save`](Self::save) and verifies it whole: a file that is
@@ -338,39 +350,35 @@ impl TrainingCheckpoint {
                 path.display()
             ))
         };
-        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot be read ({e})")))?;
-        let parsed = format::parse(&bytes).map_err(|e| fail(format!("is {e}")))?;
-        let (entries, mut meta) = (parsed.entries, parsed.metadata);
-        let not_a_checkpoint = || fail("is not a training checkpoint (no `format` entry)".into());
-        // The digests first, whenever there is one: a corrupt header must read as corrupt,
-        // whatever entry (or key) the damage hit.
-        match meta.get(KEY_DIGEST) {
-            Some(d) if *d == format::header_digest(&meta, &entries, KEY_DIGEST) => {}
-            Some(_) => {
+        let mut parsed = digest::read(path).map_err(fail)?;
+        // The digests first: a damaged header must read as damaged, whatever entry (or key)
+        // the damage hit.
+        match digest::verify(&mut parsed) {
+            Ok(()) => {}
+            Err(Damage::NoDigest) if !parsed.metadata.contains_key(KEY_FORMAT) => {
                 return Err(fail(
-                    "is corrupt: the digest of its header does not match".into(),
+                    "is not a training checkpoint (no `format` entry)".into(),
                 ))
             }
-            None if !meta.contains_key(KEY_FORMAT) => return Err(not_a_checkpoint()),
-            None => return Err(fail("has no digest".into())),
+            Err(damage) => return Err(fail(damage.to_string())),
         }
-        for (name, e) in &entries {
-            match meta.get(&format!("{DIGEST_PREFIX}{name}")) {
-                Some(d) if *d == e.digest() => {}
-                Some(_) => {
-                    return Err(fail(format!(
-                        "is corrupt: tensor `{name}` does not match its digest"
-                    )))
-                }
-                None => return Err(fail(format!("has no digest for tensor `{name}`"))),
-            }
-        }
+        let (entries, meta) = (parsed.entries, parsed.metadata);
         match meta.get(KEY_FORMAT) {
             Some(f) if f == FORMAT => {}
+            Some(f) if f == FORMAT_V1 => {
+                return Err(fail(format!(
+                    "has format `{f}`, written by candle-grad-clip 0.1, which keyed the \
+                     optimizer's state by position; this version reads `{FORMAT}` only: resume \
+                     that run with 0.1, or start from its vars (`TrainingCheckpoint::var`)"
+                )))
+            }
             Some(f) => return Err(fail(format!("has format `{f}`, not `{FORMAT}`"))),
-            None => return Err(not_a_checkpoint()),
+            None => {
+                return Err(fail(
+                    "is not a training checkpoint (no `format` entry)".into(),
+                ))
+            }
         }
-        meta.retain(|k, _| k != KEY_DIGEST && !k.starts_with(DIGEST_PREFIX));
         let step = meta
             .get(KEY_STEP)
             .and_then(|s| s.parse::<u64>().ok())
@@ -412,7 +420,18 @@ impl TrainingCheckpoint {
             step,
             entries,
             meta,
+            names_by_id: HashMap::new(),
         })
+    }
+
+    /// The entries of a section, with the prefix removed.
+    pub(super) fn section_entries<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Entry)> {
+        self.entries
+            .iter()
+            .filter_map(move |(k, e)| k.strip_prefix(prefix).map(|k| (k, e)))
     }
 
     /// The tensors of a section, on the CPU, with the prefix removed.
@@ -423,6 +442,31 @@ impl TrainingCheckpoint {
             .map(|(k, e)| Ok((k.to_string(), e.to_tensor(&Device::Cpu)?)))
             .collect()
     }
+}
+
+/// The `VarMap` name of each var, by identity.
+pub(super) fn names_by_id(vars: &[(String, Var)]) -> HashMap<TensorId, String> {
+    vars.iter().map(|(n, v)| (v.id(), n.clone())).collect()
+}
+
+/// The `VarMap` name of each of an optimizer's vars, in its order: the keys of its state in a
+/// checkpoint. A var that is not in the `VarMap` is an error naming its position and shape.
+pub(super) fn var_keys(
+    names_by_id: &HashMap<TensorId, String>,
+    vars: &[Var],
+    context: &str,
+) -> Result<Vec<String>> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| match names_by_id.get(&v.id()) {
+            Some(name) => Ok(name.clone()),
+            None => bail!(
+                "{context}: the optimizer's var #{i} (shape {:?}, {:?}) is not a var of the VarMap: a checkpoint keeps each var's state under its VarMap name",
+                v.dims(),
+                v.dtype()
+            ),
+        })
+        .collect()
 }
 
 /// The vars of a VarMap sorted by name.
@@ -533,11 +577,11 @@ mod tests {
         // Another format with valid digests: named as such.
         let mut ck = checkpoint()?;
         ck.meta
-            .insert(KEY_FORMAT.into(), FORMAT.replace("v1", "v2"));
+            .insert(KEY_FORMAT.into(), FORMAT.replace("v2", "v3"));
         let msg = load_err(&ck, "format")?;
         assert!(msg.contains("has format"), "{msg}");
         // The format entry changed on disk: the header digest says corrupt.
-        let msg = load_flipped("format-flip", FORMAT, FORMAT.len() - 1, b'2')?;
+        let msg = load_flipped("format-flip", FORMAT, FORMAT.len() - 1, b'3')?;
         assert!(msg.contains("digest of its header"), "{msg}");
         // The key `format` itself damaged: corrupt too, not "not a training checkpoint".
         let key = format!("\"{KEY_FORMAT}\":");

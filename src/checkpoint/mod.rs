@@ -5,13 +5,16 @@
 //! The file plumbing lives below, in [`crate::io`] (`atomic` replaces a file crash-safely,
 //! `format` turns tensors into the file's bytes and back and computes the digests). Here:
 //! `clip` describes a clip setting and carries its state, `optimizer` says which optimizers a
-//! checkpoint holds, `file` builds, saves and loads one, `restore` checks and applies it.
+//! checkpoint holds, `file` builds, saves and loads one, `background` saves one on another thread, `restore`
+//! checks and applies it.
 
+mod background;
 mod clip;
 mod file;
 mod optimizer;
 mod restore;
 
+pub use background::PendingSave;
 pub use file::TrainingCheckpoint;
 pub use optimizer::CheckpointOptimizer;
 pub use restore::Restore;

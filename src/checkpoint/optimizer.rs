@@ -1,27 +1,41 @@
 //! Which optimizers a [`TrainingCheckpoint`](super::TrainingCheckpoint) can hold: the sealed
 //! [`CheckpointOptimizer`] trait and its implementations for the fused optimizers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Var};
 
+use crate::io::format::Entry;
 use crate::optim::adamw::FusedAdamW;
 use crate::optim::clip_setting::ClipSetting;
+use crate::optim::fused::state_dict::{StateBackup, StateValue};
 use crate::optim::sgd::FusedSgd;
 
 pub(crate) mod sealed {
-    use std::collections::HashMap;
+    use std::collections::{BTreeMap, HashMap};
 
-    use candle_core::{Result, Tensor};
+    use candle_core::{Result, Var};
 
+    use crate::io::format::Entry;
     use crate::optim::clip_setting::ClipSetting;
+    use crate::optim::fused::state_dict::{StateBackup, StateValue};
 
     /// What a checkpoint needs from an optimizer (crate-internal: the trait is sealed).
     pub trait Sealed {
         fn kind(&self) -> &'static str;
         fn describe_params(&self) -> String;
-        fn optimizer_state(&self) -> Result<HashMap<String, Tensor>>;
-        fn load_optimizer_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+        /// The vars it updates, in its order.
+        fn optimizer_vars(&self) -> &[Var];
+        /// Its state as host entries, var `i`'s under `keys[i]`.
+        fn optimizer_entries(&self, keys: &[String]) -> Result<BTreeMap<String, Entry>>;
+        /// Loads a state, var `i`'s under `keys[i]`, checked whole first; returns the old one.
+        fn load_optimizer_values(
+            &mut self,
+            values: &HashMap<&str, StateValue<'_>>,
+            keys: &[String],
+        ) -> Result<StateBackup>;
+        /// Puts back what [`load_optimizer_values`](Self::load_optimizer_values) replaced.
+        fn put_back_state(&mut self, backup: StateBackup);
         fn clip(&self) -> Option<&ClipSetting>;
         /// Replaces the clip setting by a validated one of the same kind and parameters.
         fn replace_clip(&mut self, clip: ClipSetting) -> Result<()>;
@@ -49,11 +63,21 @@ macro_rules! checkpoint_optimizer {
             fn describe_params(&self) -> String {
                 format!("{:?}", self.params())
             }
-            fn optimizer_state(&self) -> Result<HashMap<String, Tensor>> {
-                self.state_dict()
+            fn optimizer_vars(&self) -> &[Var] {
+                self.vars()
             }
-            fn load_optimizer_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-                self.load_state_dict(state)
+            fn optimizer_entries(&self, keys: &[String]) -> Result<BTreeMap<String, Entry>> {
+                self.state_entries(keys)
+            }
+            fn load_optimizer_values(
+                &mut self,
+                values: &HashMap<&str, StateValue<'_>>,
+                keys: &[String],
+            ) -> Result<StateBackup> {
+                self.load_state_values(values, keys)
+            }
+            fn put_back_state(&mut self, backup: StateBackup) {
+                self.put_back(backup)
             }
             fn clip(&self) -> Option<&ClipSetting> {
                 self.clip_setting()

@@ -1,20 +1,21 @@
 //! Restoring a [`TrainingCheckpoint`]: every component checked against the file before any is
 //! changed ([`Restore::apply`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::Result;
 use candle_nn::VarMap;
 
 use super::clip;
 use super::file::{
-    sorted_vars, TrainingCheckpoint, CLIP, KEY_CLIP, KEY_OPTIMIZER, KEY_OPTIMIZER_CLIP, KEY_SCALER,
-    OPTIMIZER, OPTIMIZER_CLIP, SCALER, VARS,
+    names_by_id, sorted_vars, var_keys, TrainingCheckpoint, CLIP, KEY_CLIP, KEY_OPTIMIZER,
+    KEY_OPTIMIZER_CLIP, KEY_SCALER, OPTIMIZER, OPTIMIZER_CLIP, SCALER, VARS,
 };
 use super::optimizer::CheckpointOptimizer;
 use crate::amp::grad_scaler::GradScaler;
 use crate::io::format::Entry;
 use crate::optim::clip_setting::ClipSetting;
+use crate::optim::fused::state_dict::StateValue;
 
 impl TrainingCheckpoint {
     /// Starts restoring it into `varmap` (whose vars it sets) and the components given to the
@@ -225,7 +226,14 @@ impl<'a> Restore<'a> {
                     ),
                     None => None,
                 };
-                Some((opt, ck.section(OPTIMIZER)?, new_clip))
+                // Each optimizer var's state, found under its VarMap name.
+                let keys = var_keys(
+                    &names_by_id(&vars),
+                    opt.optimizer_vars(),
+                    "TrainingCheckpoint::restore",
+                )
+                .map_err(|e| fail(e.to_string()))?;
+                Some((opt, keys, new_clip))
             }
         };
 
@@ -280,14 +288,18 @@ impl<'a> Restore<'a> {
             .map(|(_, v)| Entry::from_tensor(v.as_tensor()))
             .collect::<Result<Vec<_>>>()?;
         let mut rollback_optimizer = None;
-        if let Some((opt, state, new_clip)) = optimizer_plan {
-            let old_state = opt.optimizer_state()?;
-            let old_clip = opt.clip().cloned();
-            opt.load_optimizer_state(&state)
+        if let Some((opt, keys, new_clip)) = optimizer_plan {
+            let values: HashMap<&str, StateValue<'_>> = ck
+                .section_entries(OPTIMIZER)
+                .map(|(k, e)| (k, StateValue::Entry(e)))
+                .collect();
+            let old_state = opt
+                .load_optimizer_values(&values, &keys)
                 .map_err(|e| fail(format!("the optimizer state: {e}")))?;
+            let old_clip = opt.clip().cloned();
             if let Some(c) = new_clip {
                 if let Err(e) = opt.replace_clip(c) {
-                    let _ = opt.load_optimizer_state(&old_state);
+                    opt.put_back_state(old_state);
                     return Err(fail(format!("the optimizer's clip setting: {e}")));
                 }
             }
@@ -304,7 +316,7 @@ impl<'a> Restore<'a> {
                         .is_ok();
                 }
                 if let Some((opt, state, clip)) = rollback_optimizer {
-                    put_back &= opt.load_optimizer_state(&state).is_ok();
+                    opt.put_back_state(state);
                     if let Some(c) = clip {
                         put_back &= opt.replace_clip(c).is_ok();
                     }

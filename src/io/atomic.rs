@@ -2,16 +2,14 @@
 //! flushed and fsynced, renamed over the old one, and the folder fsynced. A crash at any moment
 //! leaves either the old file or the new one under the name, never a torn one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use candle_core::{Result, Tensor};
-
-use super::format;
+use candle_core::Result;
 
 /// With the feature `test-hooks` (this crate's own tests only): when set to a number of
 /// milliseconds, every atomic write pauses that long in the middle of writing its temporary file
@@ -19,30 +17,6 @@ use super::format;
 /// nothing else. Without the feature it is not read.
 #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 pub(crate) const PAUSE_ENV: &str = "CANDLE_GRAD_CLIP_TEST_SAVE_PAUSE_MS";
-
-/// Saves `tensors` as a safetensors file at `path`, atomically (see the module's documentation).
-/// For the `save_state` methods of the optimizers and policies.
-pub(crate) fn save_safetensors_atomically(
-    tensors: &HashMap<String, Tensor>,
-    path: &Path,
-) -> Result<()> {
-    save_safetensors_with_metadata_atomically(tensors, HashMap::new(), path)
-}
-
-/// [`save_safetensors_atomically`] with file metadata (the safetensors header's `__metadata__`;
-/// none when `metadata` is empty).
-pub(crate) fn save_safetensors_with_metadata_atomically(
-    tensors: &HashMap<String, Tensor>,
-    metadata: HashMap<String, String>,
-    path: &Path,
-) -> Result<()> {
-    let entries = tensors
-        .iter()
-        .map(|(name, t)| Ok((name.as_str(), format::Entry::from_tensor(t)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = format::serialize(entries.iter().map(|(n, e)| (*n, e)), metadata, path)?;
-    write_atomically(path, &bytes)
-}
 
 /// Temporary files of one process get distinct names.
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -107,9 +81,14 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("{what} `{}`: {e}", path.display()))
 }
 
-/// Replaces the file at `path` by `bytes`, atomically and durably: the bytes go to a new
-/// temporary file in the same folder, which is flushed and fsynced, then renamed over `path`, and
-/// the folder is fsynced (on Unix) so that the rename itself survives a power loss.
+/// The write buffer between a streamed file and the disk: large writes (a tensor's bytes) go
+/// through without a copy; this bounds the memory a save adds for the small ones.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Replaces the file at `path` by the `len` bytes that `write` streams, atomically and durably:
+/// they go to a new temporary file in the same folder (through a bounded buffer), which is
+/// flushed and fsynced, then renamed over `path`, and the folder is fsynced (on Unix) so that
+/// the rename itself survives a power loss.
 ///
 /// If writing or renaming fails, the old file is left as it was and the temporary file this call
 /// created is removed (no other file is). If only the final fsync of the folder fails, the new
@@ -117,11 +96,15 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
 /// After a successful save, the temporary files that earlier, crashed saves to the same path left
 /// behind are removed (only names of the form this function writes, and none that another
 /// thread of this process is writing).
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(
+    path: &Path,
+    len: u64,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let folder = folder_of(path);
     let prefix = temp_prefix(path)?;
     let (temp, file) = create_temp(&folder, &prefix)?;
-    let written = write_and_sync(file, &temp.0, bytes).and_then(|()| {
+    let written = write_and_sync(file, &temp.0, len, write).and_then(|()| {
         fs::rename(&temp.0, path)
             .map_err(|e| io_error("cannot rename the temporary file to", path, e))
     });
@@ -173,24 +156,64 @@ fn create_temp(folder: &Path, prefix: &str) -> Result<(InFlight, File)> {
     }
 }
 
-fn write_and_sync(mut file: File, temp: &Path, bytes: &[u8]) -> Result<()> {
-    let write = |file: &mut File, part: &[u8]| {
-        file.write_all(part)
-            .map_err(|e| io_error("cannot write the temporary file", temp, e))
-    };
-    match test_pause() {
-        Some(pause) => {
-            let (first, second) = bytes.split_at(bytes.len() / 2);
-            write(&mut file, first)?;
-            file.flush()
-                .map_err(|e| io_error("cannot write the temporary file", temp, e))?;
-            std::thread::sleep(pause);
-            write(&mut file, second)?;
-        }
-        None => write(&mut file, bytes)?,
+fn write_and_sync(
+    file: File,
+    temp: &Path,
+    len: u64,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let fail = |e| io_error("cannot write the temporary file", temp, e);
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, PauseHalfway::new(file, len));
+    write(&mut out).map_err(fail)?;
+    let file = out.into_inner().map_err(|e| fail(e.into_error()))?.file;
+    let written = file.metadata().map_err(fail)?.len();
+    if written != len {
+        candle_core::bail!(
+            "cannot write the temporary file `{}`: {written} bytes written, {len} expected",
+            temp.display()
+        )
     }
     file.sync_all()
         .map_err(|e| io_error("cannot fsync the temporary file", temp, e))
+}
+
+/// The temporary file, which pauses once half of it is written and flushed when the test hook
+/// asks for it (a test kills the process then), and passes every write through otherwise.
+struct PauseHalfway {
+    file: File,
+    /// Bytes before the pause, and the pause; `None` once paused, or without the hook.
+    pause: Option<(u64, std::time::Duration)>,
+}
+
+impl PauseHalfway {
+    fn new(file: File, len: u64) -> Self {
+        Self {
+            file,
+            pause: test_pause().map(|p| (len / 2, p)),
+        }
+    }
+}
+
+impl Write for PauseHalfway {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let Some((before, pause)) = self.pause else {
+            return self.file.write(buf);
+        };
+        if before == 0 {
+            self.file.flush()?;
+            std::thread::sleep(pause);
+            self.pause = None;
+            return self.file.write(buf);
+        }
+        let part = buf.len().min(usize::try_from(before).unwrap_or(usize::MAX));
+        let n = self.file.write(&buf[..part])?;
+        self.pause = Some((before - n as u64, pause));
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 #[cfg(feature = "test-hooks")]
@@ -234,7 +257,10 @@ fn remove_stale_temps(folder: &Path, prefix: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+
+    fn save(bytes: &[u8], path: &Path) -> Result<()> {
+        write_atomically(path, bytes.len() as u64, |out| out.write_all(bytes))
+    }
 
     /// The names in `dir`, sorted.
     fn names(dir: &Path) -> std::io::Result<Vec<String>> {
@@ -252,13 +278,9 @@ mod tests {
         let path = dir.join("state.safetensors");
         // A temporary file left by a crashed save.
         fs::write(dir.join(".state.safetensors.tmp-1-0"), b"torn")?;
-        let t = Tensor::arange(0f32, 6., &Device::Cpu)?;
-        save_safetensors_atomically(&HashMap::from([("t".to_string(), t.clone())]), &path)?;
-        let t2 = (t * 2.0)?.to_dtype(DType::F64)?;
-        save_safetensors_atomically(&HashMap::from([("u".to_string(), t2)]), &path)?;
-        let back = candle_core::safetensors::load(&path, &Device::Cpu)?;
-        assert_eq!(back["u"].to_vec1::<f64>()?, [0., 2., 4., 6., 8., 10.]);
-        assert!(!back.contains_key("t"));
+        save(b"first, longer", &path)?;
+        save(b"second", &path)?;
+        assert_eq!(fs::read(&path)?, b"second");
         assert_eq!(names(&dir)?, ["state.safetensors"]);
         fs::remove_dir_all(&dir)?;
         Ok(())
@@ -280,8 +302,7 @@ mod tests {
             )?;
         }
         fs::write(dir.join(".state.safetensors.tmp-notes"), b"mine")?;
-        let t = Tensor::arange(0f32, 3., &Device::Cpu)?;
-        save_safetensors_atomically(&HashMap::from([("t".to_string(), t)]), &path)?;
+        save(b"state", &path)?;
         assert_eq!(
             names(&dir)?,
             [".state.safetensors.tmp-notes", "state.safetensors"]
@@ -296,14 +317,13 @@ mod tests {
         fs::create_dir_all(&dir)?;
         let path = dir.join("state.safetensors");
         // A large enough file that the writes overlap.
-        let t = Tensor::arange(0f32, 262_144., &Device::Cpu)?;
+        let bytes = vec![7u8; 1 << 20];
         std::thread::scope(|s| {
             let saves: Vec<_> = (0..4)
                 .map(|_| {
                     s.spawn(|| -> Result<()> {
                         for _ in 0..20 {
-                            let dict = HashMap::from([("t".to_string(), t.clone())]);
-                            save_safetensors_atomically(&dict, &path)?;
+                            save(&bytes, &path)?;
                         }
                         Ok(())
                     })
@@ -346,14 +366,39 @@ mod tests {
         // Renaming a file over a non-empty folder fails: the folder stays, no temporary is left.
         let path = dir.join("taken");
         fs::create_dir_all(path.join("inside"))?;
-        let t = Tensor::new(&[1f32], &Device::Cpu)?;
         // Someone else's file that starts like a temporary one stays.
         fs::write(dir.join(".taken.tmp-7-7"), b"not ours")?;
-        let err = save_safetensors_atomically(&HashMap::from([("t".to_string(), t)]), &path);
+        let err = save(b"state", &path);
         assert!(err.is_err());
         assert!(path.join("inside").is_dir());
         assert_eq!(fs::read(dir.join(".taken.tmp-7-7"))?, b"not ours");
         assert_eq!(fs::read_dir(&dir)?.count(), 2);
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_short_or_failed_stream_keeps_the_old_file() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("cgc-atomic-short-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let path = dir.join("state.safetensors");
+        save(b"old", &path)?;
+        // Fewer bytes than announced: refused, named.
+        let err = write_atomically(&path, 10, |out| out.write_all(b"new"))
+            .expect_err("a short file accepted");
+        assert!(
+            err.to_string().contains("3 bytes written, 10 expected"),
+            "{err}"
+        );
+        // The writer fails half-way.
+        let err = write_atomically(&path, 10, |out| {
+            out.write_all(b"new")?;
+            Err(std::io::Error::other("disk on fire"))
+        })
+        .expect_err("a failed write accepted");
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert_eq!(fs::read(&path)?, b"old");
+        assert_eq!(names(&dir)?, ["state.safetensors"]);
         fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
 use crate::dispatch;
-use crate::io::atomic::save_safetensors_atomically;
+use crate::io::state_file;
 use crate::ops::gradients::GradientSet;
 use crate::ops::zclip::{input, update_on_host, word, ZClipParams, ZCLIP_EPS};
 
@@ -487,18 +487,20 @@ impl ZClip {
         Ok(())
     }
 
-    /// Saves [`state_dict`](Self::state_dict) as a safetensors file.
+    /// Saves [`state_dict`](Self::state_dict) as a safetensors file, atomically, with the SHA-256
+    /// of every tensor and of its header.
     ///
     /// ```no_run
     /// candle_grad_clip::ZClip::new().save_state("zclip.safetensors")?;
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        save_safetensors_atomically(&self.state_dict()?, path.as_ref())
+        state_file::save(&self.state_dict()?, "ZClip", path.as_ref())
     }
 
     /// Loads a state saved by [`save_state`](Self::save_state), as
-    /// [`load_state_dict`](Self::load_state_dict).
+    /// [`load_state_dict`](Self::load_state_dict), after verifying the file: a damaged file
+    /// (a digest that does not match), one without digests or one of another kind is an error.
     ///
     /// ```no_run
     /// let mut zclip = candle_grad_clip::ZClip::new();
@@ -506,7 +508,7 @@ impl ZClip {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let dict = candle_core::safetensors::load(path.as_ref(), &Device::Cpu)?;
+        let dict = state_file::load(path.as_ref(), "ZClip")?;
         self.load_state_dict(&dict)
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::io::atomic::save_safetensors_atomically;
+use crate::io::state_file;
 
 use super::{GradScaler, ScalerState, Stage, KEY_GROWTH_TRACKER, KEY_SCALE};
 
@@ -97,18 +97,20 @@ impl GradScaler {
         Ok(())
     }
 
-    /// Saves [`state_dict`](Self::state_dict) as a safetensors file.
+    /// Saves [`state_dict`](Self::state_dict) as a safetensors file, atomically, with the SHA-256
+    /// of every tensor and of its header.
     ///
     /// ```no_run
     /// candle_grad_clip::GradScaler::new().save_state("scaler.safetensors")?;
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        save_safetensors_atomically(&self.state_dict()?, path.as_ref())
+        state_file::save(&self.state_dict()?, "GradScaler", path.as_ref())
     }
 
     /// Loads a state saved by [`save_state`](Self::save_state), as
-    /// [`load_state_dict`](Self::load_state_dict).
+    /// [`load_state_dict`](Self::load_state_dict), after verifying the file: a damaged file
+    /// (a digest that does not match), one without digests or one of another kind is an error.
     ///
     /// ```no_run
     /// let mut scaler = candle_grad_clip::GradScaler::new();
@@ -116,7 +118,7 @@ impl GradScaler {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let dict = candle_core::safetensors::load(path.as_ref(), &Device::Cpu)?;
+        let dict = state_file::load(path.as_ref(), "GradScaler")?;
         self.load_state_dict(&dict)
     }
 }

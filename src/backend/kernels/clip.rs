@@ -119,7 +119,8 @@ pub(crate) fn scale_with_norm(
     // The scale kernel reads the norm while it writes the gradients: never from their storage.
     let norm_key = storage_key(&norm);
     let norm = if set.grads().iter().any(|g| storage_key(g) == norm_key) {
-        norm.copy()?
+        // The norm's element only (`copy` would clone the whole gradient storage under it).
+        norm.force_contiguous()?
     } else {
         norm
     };

@@ -53,6 +53,29 @@ macro_rules! fused_optimizer_api {
                     .step_skipping_nonfinite(grads, rule(&self.params), prescale)
             }
 
+            /// The state as host entries, var `i`'s under `keys[i]` (a checkpoint's).
+            pub(crate) fn state_entries(
+                &self,
+                keys: &[String],
+            ) -> Result<std::collections::BTreeMap<String, crate::io::format::Entry>> {
+                self.core.state_entries(&$state, $optional, keys)
+            }
+
+            /// Loads a state, var `i`'s under `keys[i]` (a checkpoint's); the old state comes
+            /// back, for [`put_back`](Self::put_back).
+            pub(crate) fn load_state_values(
+                &mut self,
+                values: &HashMap<&str, crate::optim::fused::state_dict::StateValue<'_>>,
+                keys: &[String],
+            ) -> Result<crate::optim::fused::state_dict::StateBackup> {
+                self.core.load_state_values(values, &$state, $optional, keys)
+            }
+
+            /// Puts back the state [`load_state_values`](Self::load_state_values) replaced.
+            pub(crate) fn put_back(&mut self, backup: crate::optim::fused::state_dict::StateBackup) {
+                self.core.put_back(backup)
+            }
+
             /// The core's device and clip, for GradScaler's choice of path.
             pub(crate) fn core(&self) -> &crate::optim::fused::FusedCore {
                 &self.core
@@ -84,6 +107,31 @@ assert_eq!(opt.vars()[0].dims(), [2]); // \"a\" first
             pub fn from_varmap(varmap: &VarMap, params: $params) -> Result<Self> {
                 validate(&params)?;
                 let mut core = FusedCore::from_varmap(varmap)?;
+                core.init_state(rule(&params))?;
+                Ok(Self { core, params })
+            }
+
+            #[doc = concat!("The optimizer for named vars (in the order given), its state keyed by name, as
+[`from_varmap`](Self::from_varmap) keys it: a state file or checkpoint then finds each var's
+state by name, whatever order another process lists them in. A name given twice, or a var
+given under two names, is an error.
+
+```
+use candle_core::{DType, Device, Var};
+", $import, "
+# fn main() -> candle_core::Result<()> {
+let w = Var::zeros(3, DType::F32, &Device::Cpu)?;
+let b = Var::zeros(3, DType::F32, &Device::Cpu)?;
+let opt = candle_grad_clip::", stringify!($ty), "::new_named(
+    vec![(\"w\".to_string(), w), (\"b\".to_string(), b)],
+    ", stringify!($params), "::default(),
+)?;
+assert_eq!(opt.vars().len(), 2);
+# Ok(()) }
+```")]
+            pub fn new_named(vars: Vec<(String, Var)>, params: $params) -> Result<Self> {
+                validate(&params)?;
+                let mut core = FusedCore::new_named(vars)?;
                 core.init_state(rule(&params))?;
                 Ok(Self { core, params })
             }
@@ -273,9 +321,11 @@ assert_eq!(opt.vars().len(), 1);
                 self.core.vars()
             }
 
-            #[doc = concat!("The state, as copies: `step`, `clipped_steps`, `skipped_steps` (0-d `I64`), and per var ",
+            #[doc = concat!("The state, as copies (each of its var's elements only): `step`, `clipped_steps`, `skipped_steps`
+(0-d `I64`), and per var ",
 $state_doc, " (F32, or F64 for F64 vars), `<key>` the var's position in the list given to
-[`new`](Optimizer::new), or its name with [`from_varmap`](Self::from_varmap). The settings
+[`new`](Optimizer::new), or its name with [`from_varmap`](Self::from_varmap) and
+[`new_named`](Self::new_named). The settings
 (learning rate and the rest, the clip) are not state.
 
 ```
@@ -292,8 +342,9 @@ assert_eq!(state[\"step\"].to_scalar::<i64>()?, 0);
             }
 
             #[doc = concat!("Loads a state from [`state_dict`](Self::state_dict) of an optimizer over vars of the same
-shapes and dtypes; a mismatch (count, shape, dtype, a missing or unknown entry) is an error
-and nothing changes.
+shapes and dtypes; a mismatch (count, shape, dtype, a missing or unknown entry) or a value the
+update cannot take (a step count past `i32::MAX - 1`, a negative counter, a non-finite value, a
+negative second moment) is an error and nothing changes.
 
 ```
 use candle_core::{DType, Device, Tensor, Var};
@@ -312,7 +363,8 @@ assert!(other.load_state_dict(&state).is_err());
                 self.core.load_state_dict(state, &$state, $optional)
             }
 
-            #[doc = concat!("Saves [`state_dict`](Self::state_dict) as a safetensors file.
+            #[doc = concat!("Saves [`state_dict`](Self::state_dict) as a safetensors file, atomically, with the SHA-256 of
+every tensor and of its header (each state buffer is read to the host once).
 
 ```no_run
 use candle_nn::Optimizer;
@@ -322,11 +374,15 @@ opt.save_state(\"optimizer.safetensors\")?;
 # Ok::<(), candle_core::Error>(())
 ```")]
             pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-                self.core.save_state(path.as_ref(), &$state, $optional)
+                self.core.save_state(path.as_ref(), stringify!($ty), &$state, $optional)
             }
 
             #[doc = concat!("Loads a state saved by [`save_state`](Self::save_state), as
-[`load_state_dict`](Self::load_state_dict).
+[`load_state_dict`](Self::load_state_dict), after verifying the file: a damaged file (a digest
+that does not match), one without digests, or another optimizer's is an error. An optimizer
+built with `new` knows its vars by position only: it refuses a file when two of its vars share a
+shape and dtype (another process may list them in the other order); build it with
+[`from_varmap`](Self::from_varmap) or [`new_named`](Self::new_named) instead.
 
 ```no_run
 use candle_nn::Optimizer;
@@ -336,7 +392,7 @@ opt.load_state(\"optimizer.safetensors\")?;
 # Ok::<(), candle_core::Error>(())
 ```")]
             pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-                self.core.load_state(path.as_ref(), &$state, $optional)
+                self.core.load_state(path.as_ref(), stringify!($ty), &$state, $optional)
             }
 
             #[doc = concat!("One step of a sharded model: this rank's vars, with the clip's norm taken over the gradients

@@ -15,7 +15,7 @@ use crate::ops::fused_step::{
 };
 
 pub(crate) mod api;
-mod state_dict;
+pub(crate) mod state_dict;
 mod step;
 
 /// The shared core of the fused optimizers.
@@ -23,8 +23,10 @@ mod step;
 pub(crate) struct FusedCore {
     /// The float vars given at construction, each once.
     pub(super) vars: Vec<Var>,
-    /// Each var's key in a state dict: its name (`from_varmap`) or its position.
+    /// Each var's key in a state dict: its name (`from_varmap`, `new_named`) or its position.
     pub(super) keys: Vec<String>,
+    /// Whether the keys are names (a state file then finds each var's state by name).
+    pub(super) named: bool,
     /// The vars' state, flat (slots created for the rule's needs, never dropped).
     pub(super) state: FlatState,
     /// `I64` on the vars' device: steps, clipped steps, skipped steps, then each var's "state
@@ -49,7 +51,26 @@ impl FusedCore {
             .filter(|v| v.dtype().is_float() && seen.insert(v.id()))
             .collect();
         let keys = (0..vars.len()).map(|i| i.to_string()).collect();
-        Self::with_keys(vars, keys)
+        Self::with_keys(vars, keys, false)
+    }
+
+    /// The core for named vars, in the order given, keyed by name (non-float vars left out). Two
+    /// entries with one name, or one var under two names, are an error.
+    pub(crate) fn new_named(named: Vec<(String, Var)>) -> Result<Self> {
+        let (mut names, mut ids) = (HashSet::new(), HashSet::new());
+        for (name, var) in &named {
+            if !names.insert(name.as_str()) {
+                bail!("new_named: the name `{name}` is given twice")
+            }
+            if !ids.insert(var.id()) {
+                bail!("new_named: the var named `{name}` is given under another name as well")
+            }
+        }
+        let (keys, vars) = named
+            .into_iter()
+            .filter(|(_, v)| v.dtype().is_float())
+            .unzip();
+        Self::with_keys(vars, keys, true)
     }
 
     /// The core for every var of `varmap`, ordered and keyed by name.
@@ -65,10 +86,10 @@ impl FusedCore {
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named.retain(|(_, v)| v.dtype().is_float());
         let (keys, vars) = named.into_iter().unzip();
-        Self::with_keys(vars, keys)
+        Self::with_keys(vars, keys, true)
     }
 
-    pub(super) fn with_keys(vars: Vec<Var>, keys: Vec<String>) -> Result<Self> {
+    fn with_keys(vars: Vec<Var>, keys: Vec<String>, named: bool) -> Result<Self> {
         let device = vars.first().map_or(Device::Cpu, |v| v.device().clone());
         for (i, var) in vars.iter().enumerate() {
             if !var.device().same_device(&device) {
@@ -108,6 +129,7 @@ impl FusedCore {
             },
             vars,
             keys,
+            named,
             control,
             device,
             clip: None,
@@ -215,7 +237,8 @@ impl FusedCore {
     /// The skipped-step count as a 1-element `I64` tensor on the device: a copy, not read back
     /// (GradScaler's found-inf after a step on the one-read path, with no host read).
     pub(crate) fn skipped_steps_on_device(&self) -> Result<Tensor> {
-        self.control.narrow(0, SKIPPED, 1)?.copy()
+        // `force_contiguous` copies the one word; `copy` would clone the whole control tensor.
+        self.control.narrow(0, SKIPPED, 1)?.force_contiguous()
     }
 
     /// Total elements of each state dtype's buffers.

@@ -1,13 +1,18 @@
-//! The fused optimizers' state as named tensors: [`FusedCore::state_dict`], its checked load,
-//! and the safetensors file.
+//! The fused optimizers' state as named tensors: [`FusedCore::state_dict`] (each entry holds
+//! exactly its var's elements), the host entries of a checkpoint or state file (each buffer read
+//! to the host once, [`FusedCore::state_entries`]), and a checked load from either
+//! ([`FusedCore::load_state_values`]) that builds each new buffer once and keeps the old buffers
+//! for a rollback, copying nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor, WithDType};
 
 use super::FusedCore;
-use crate::io::atomic::save_safetensors_atomically;
+use crate::io::format::{self, host_bytes, Entry};
+use crate::io::state_file;
 use crate::ops::fused_step::{state_dtype, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS};
 
 /// Keys of the counters in a state dict.
@@ -15,10 +20,71 @@ const KEY_STEPS: &str = "step";
 const KEY_CLIPPED: &str = "clipped_steps";
 const KEY_SKIPPED: &str = "skipped_steps";
 
+/// The largest step count a state may hold: the update computes the bias correction with the
+/// next step as an `i32` (CPU twin and kernels alike), so the count must stay below `i32::MAX`.
+const MAX_STEPS: i64 = i32::MAX as i64 - 1;
+
+/// State tensors whose values cannot be negative (AdamW's second moment).
+const NONNEGATIVE: [&str; 1] = ["exp_avg_sq"];
+
+/// A state tensor to load: from a state dict, or from a checkpoint or state file.
+#[derive(Clone, Copy)]
+pub enum StateValue<'a> {
+    Tensor(&'a Tensor),
+    Entry(&'a Entry),
+}
+
+impl StateValue<'_> {
+    fn dims(&self) -> &[usize] {
+        match self {
+            StateValue::Tensor(t) => t.dims(),
+            StateValue::Entry(e) => &e.shape,
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            StateValue::Tensor(t) => t.dtype(),
+            StateValue::Entry(e) => e.dtype,
+        }
+    }
+
+    /// Its elements into `values` (dims and dtype checked by the caller).
+    fn read_into<T: WithDType + bytemuck::Pod>(&self, values: &mut [T]) -> Result<()> {
+        match self {
+            StateValue::Tensor(t) => values.copy_from_slice(&t.flatten_all()?.to_vec1::<T>()?),
+            StateValue::Entry(e) => format::read_into(values, e.bytes()),
+        }
+        Ok(())
+    }
+
+    /// Its value as a 0-d I64 counter.
+    fn counter(&self) -> Result<i64> {
+        match self {
+            StateValue::Tensor(t) => t.to_scalar::<i64>(),
+            StateValue::Entry(e) => {
+                Ok(i64::from_le_bytes(e.bytes().try_into().map_err(|_| {
+                    candle_core::Error::Msg("a counter of the wrong length".into())
+                })?))
+            }
+        }
+    }
+}
+
+/// What [`FusedCore::load_state_values`] replaced, to put back if a later part of a restore
+/// fails: the old buffers themselves, not copies.
+#[derive(Debug)]
+pub struct StateBackup {
+    control: Tensor,
+    buffers: Vec<[Option<Tensor>; 2]>,
+    skip_run: Option<(usize, usize)>,
+}
+
 impl FusedCore {
-    /// The state as named tensors (copies): the counters, and each var's state tensors under
-    /// `<key>.<name>` with the rule's `names`. With `optional` (SGD's momentum buffer), a var
-    /// whose state has not started yet (no gradient since momentum was on) has none.
+    /// The state as named tensors, each its var's elements only (a copy on the vars' device):
+    /// the counters, and each var's state tensors under `<key>.<name>` with the rule's `names`.
+    /// With `optional` (SGD's momentum buffer), a var whose state has not started yet (no
+    /// gradient since momentum was on) has none.
     pub(crate) fn state_dict(
         &self,
         names: &[&str],
@@ -26,11 +92,7 @@ impl FusedCore {
     ) -> Result<HashMap<String, Tensor>> {
         let control = self.control.to_device(&Device::Cpu)?.to_vec1::<i64>()?;
         let mut dict = HashMap::new();
-        for (key, index) in [
-            (KEY_STEPS, STEPS),
-            (KEY_CLIPPED, CLIPPED),
-            (KEY_SKIPPED, SKIPPED),
-        ] {
+        for (key, index) in counters() {
             dict.insert(key.to_string(), Tensor::new(control[index], &Device::Cpu)?);
         }
         for (i, key) in self.keys.iter().enumerate() {
@@ -40,10 +102,11 @@ impl FusedCore {
             let place = self.state.places[i];
             for (name, slot) in names.iter().zip(&self.state.buffers) {
                 if let Some(buffer) = &slot[place.class] {
+                    // `force_contiguous` copies the view; `copy` would clone the whole buffer.
                     let t = buffer.narrow(0, place.offset, place.len)?;
                     dict.insert(
                         format!("{key}.{name}"),
-                        t.reshape(self.vars[i].shape())?.copy()?,
+                        t.reshape(self.vars[i].shape())?.force_contiguous()?,
                     );
                 }
             }
@@ -51,63 +114,97 @@ impl FusedCore {
         Ok(dict)
     }
 
-    /// Loads a state saved by [`state_dict`](Self::state_dict) of an optimizer of the same kind
-    /// over vars of the same shapes and dtypes. Everything is checked before anything changes.
-    pub(crate) fn load_state_dict(
-        &mut self,
-        dict: &HashMap<String, Tensor>,
+    /// The state as host entries under `<keys[i]>.<name>` for var `i` (the checkpoint passes the
+    /// vars' `VarMap` names): each state buffer is read to the host once, and every var's entry
+    /// is a range of that one host copy.
+    pub(crate) fn state_entries(
+        &self,
         names: &[&str],
         optional: bool,
-    ) -> Result<()> {
-        let counter = |key: &str| -> Result<i64> {
-            let Some(t) = dict.get(key) else {
-                bail!("load_state_dict: the state has no `{key}`")
-            };
-            if t.rank() != 0 || t.dtype() != DType::I64 {
-                bail!(
-                    "load_state_dict: `{key}` must be a 0-d I64 tensor, got {:?} {:?}",
-                    t.dtype(),
-                    t.dims()
-                )
+        keys: &[String],
+    ) -> Result<BTreeMap<String, Entry>> {
+        if keys.len() != self.vars.len() {
+            bail!(
+                "fused optimizer: {} keys for {} vars",
+                keys.len(),
+                self.vars.len()
+            )
+        }
+        let control = self.control.to_device(&Device::Cpu)?.to_vec1::<i64>()?;
+        let mut entries = BTreeMap::new();
+        for (key, index) in counters() {
+            let value = Tensor::new(control[index], &Device::Cpu)?;
+            entries.insert(key.to_string(), Entry::from_tensor(&value)?);
+        }
+        for (name, slot) in names.iter().zip(&self.state.buffers) {
+            for buffer in slot.iter().flatten() {
+                let host = Arc::new(host_bytes(buffer)?);
+                let size = buffer.dtype().size_in_bytes();
+                for (i, place) in self.state.places.iter().enumerate() {
+                    let absent = optional && control[CONTROL_WORDS + i] == 0;
+                    if state_dtype(self.vars[i].dtype()) != buffer.dtype() || absent {
+                        continue;
+                    }
+                    let range = place.offset * size..(place.offset + place.len) * size;
+                    let entry =
+                        Entry::in_buffer(&host, range, buffer.dtype(), self.vars[i].dims())?;
+                    entries.insert(format!("{}.{name}", keys[i]), entry);
+                }
             }
-            let v = t.to_scalar::<i64>()?;
-            if v < 0 {
-                bail!("load_state_dict: `{key}` is negative ({v})")
-            }
-            Ok(v)
-        };
-        let mut control = vec![
-            counter(KEY_STEPS)?,
-            counter(KEY_CLIPPED)?,
-            counter(KEY_SKIPPED)?,
-        ];
-        let mut expected: HashSet<String> = [KEY_STEPS, KEY_CLIPPED, KEY_SKIPPED]
-            .iter()
-            .map(|k| k.to_string())
-            .collect();
-        let mut new_state = Vec::with_capacity(self.vars.len());
-        for (i, (var, key)) in self.vars.iter().zip(&self.keys).enumerate() {
+        }
+        Ok(entries)
+    }
+
+    /// Loads a state saved by [`state_dict`](Self::state_dict) or
+    /// [`state_entries`](Self::state_entries) of an optimizer of the same kind over vars of the
+    /// same shapes and dtypes, var `i`'s state under `<keys[i]>.<name>`. Everything is checked
+    /// before anything changes: the entries' names, shapes and dtypes, the counters (not
+    /// negative, the step count within [`MAX_STEPS`]), every value finite and second moments not
+    /// negative. Each new buffer is built once on the host and moved to the device; the old ones
+    /// are returned, for [`put_back`](Self::put_back).
+    pub(crate) fn load_state_values(
+        &mut self,
+        dict: &HashMap<&str, StateValue<'_>>,
+        names: &[&str],
+        optional: bool,
+        keys: &[String],
+    ) -> Result<StateBackup> {
+        if keys.len() != self.vars.len() {
+            bail!(
+                "fused optimizer: {} keys for {} vars",
+                keys.len(),
+                self.vars.len()
+            )
+        }
+        let mut control = Vec::with_capacity(CONTROL_WORDS + self.vars.len());
+        for (key, _) in counters() {
+            control.push(counter(dict, key)?);
+        }
+        let mut expected: HashSet<String> = counters().iter().map(|(k, _)| k.to_string()).collect();
+        // Which var has which state tensors, checked for shape and dtype.
+        let mut present = Vec::with_capacity(self.vars.len());
+        for (i, (var, key)) in self.vars.iter().zip(keys).enumerate() {
             let dtype = state_dtype(var.dtype());
-            let mut tensors = Vec::new();
+            let mut found = 0;
             for name in names {
                 let full = format!("{key}.{name}");
-                match dict.get(&full) {
-                    Some(t) => {
-                        if t.dims() != var.dims() {
+                match dict.get(full.as_str()) {
+                    Some(v) => {
+                        if v.dims() != var.dims() {
                             bail!(
-                                "load_state_dict: `{full}` has shape {:?}, but var #{i} has shape {:?}; nothing was loaded",
-                                t.dims(),
+                                "load_state_dict: `{full}` has shape {:?}, but var #{i} (`{key}`) has shape {:?}; nothing was loaded",
+                                v.dims(),
                                 var.dims()
                             )
                         }
-                        if t.dtype() != dtype {
+                        if v.dtype() != dtype {
                             bail!(
-                                "load_state_dict: `{full}` has dtype {:?}, but var #{i} ({:?}) keeps its state in {dtype:?}; nothing was loaded",
-                                t.dtype(),
+                                "load_state_dict: `{full}` has dtype {:?}, but var #{i} (`{key}`, {:?}) keeps its state in {dtype:?}; nothing was loaded",
+                                v.dtype(),
                                 var.dtype()
                             )
                         }
-                        tensors.push(t.to_device(&self.device)?);
+                        found += 1;
                         expected.insert(full);
                     }
                     None if optional => {}
@@ -116,52 +213,176 @@ impl FusedCore {
                     ),
                 }
             }
-            if optional && !tensors.is_empty() && tensors.len() != names.len() {
-                bail!("load_state_dict: var #{i} has only part of its state; nothing was loaded")
+            if optional && found != 0 && found != names.len() {
+                bail!("load_state_dict: var #{i} (`{key}`) has only part of its state; nothing was loaded")
             }
-            control.push(!tensors.is_empty() as i64);
-            new_state.push(tensors);
+            present.push(found != 0);
+            control.push(i64::from(found != 0));
         }
-        if let Some(extra) = dict.keys().find(|k| !expected.contains(*k)) {
+        if let Some(extra) = dict.keys().find(|k| !expected.contains(**k)) {
             bail!(
                 "load_state_dict: unexpected `{extra}`: the state has {} entries this optimizer ({} vars) does not know; nothing was loaded",
-                dict.keys().filter(|k| !expected.contains(*k)).count(),
+                dict.keys().filter(|k| !expected.contains(**k)).count(),
                 self.vars.len()
             )
         }
-        // Checked: build the new buffers (zeros for a var without a saved state), then apply.
+        // Checked: build each new buffer once (zeros for a var without a saved state), checking
+        // its values as they arrive, then apply.
+        let totals = self.totals();
         let mut buffers = Vec::with_capacity(names.len());
-        for slot in 0..names.len() {
-            let mut pieces: [Vec<Tensor>; 2] = [Vec::new(), Vec::new()];
-            for (i, var) in self.vars.iter().enumerate() {
-                let place = self.state.places[i];
-                let piece = match new_state[i].get(slot) {
-                    Some(t) => t.flatten_all()?,
-                    None => Tensor::zeros(place.len, state_dtype(var.dtype()), &self.device)?,
+        for name in names {
+            let mut slot = [None, None];
+            for (class, total) in totals.iter().enumerate() {
+                if *total == 0 {
+                    continue;
+                }
+                let filled = if class == 0 {
+                    self.fill_buffer::<f32>(dict, keys, name, class, &present)?
+                } else {
+                    self.fill_buffer::<f64>(dict, keys, name, class, &present)?
                 };
-                pieces[place.class].push(piece);
+                slot[class] = Some(filled);
             }
-            let mut buffer = [None, None];
-            for class in 0..2 {
-                if !pieces[class].is_empty() {
-                    // A fresh storage (`cat` of one piece may share the caller's).
-                    buffer[class] = Some(Tensor::cat(&pieces[class], 0)?.copy()?);
+            buffers.push(slot);
+        }
+        let control = Tensor::new(control, &self.device)?;
+        Ok(StateBackup {
+            control: std::mem::replace(&mut self.control, control),
+            buffers: std::mem::replace(&mut self.state.buffers, buffers),
+            skip_run: self.skip_run.take(),
+        })
+    }
+
+    /// One state buffer of `class` for the state tensor `name`, on the device.
+    fn fill_buffer<T: WithDType + bytemuck::Pod + std::fmt::Debug>(
+        &self,
+        dict: &HashMap<&str, StateValue<'_>>,
+        keys: &[String],
+        name: &str,
+        class: usize,
+        present: &[bool],
+    ) -> Result<Tensor> {
+        let total = self.totals()[class];
+        let mut values = vec![T::zero(); total];
+        for (i, place) in self.state.places.iter().enumerate() {
+            if place.class != class || !present[i] {
+                continue;
+            }
+            let full = format!("{}.{name}", keys[i]);
+            let Some(value) = dict.get(full.as_str()) else {
+                continue;
+            };
+            let part = &mut values[place.offset..place.offset + place.len];
+            value.read_into(part)?;
+            if let Some(bad) = part.iter().find(|x| !x.to_f64().is_finite()) {
+                bail!("load_state_dict: `{full}` holds a non-finite value ({bad:?}); nothing was loaded")
+            }
+            if NONNEGATIVE.contains(&name) {
+                if let Some(bad) = part.iter().find(|x| x.to_f64() < 0.0) {
+                    bail!("load_state_dict: `{full}` is a second moment but holds a negative value ({bad:?}); nothing was loaded")
                 }
             }
-            buffers.push(buffer);
         }
-        self.control = Tensor::new(control, &self.device)?;
-        self.state.buffers = buffers;
-        self.skip_run = None;
+        Tensor::from_vec(values, total, &Device::Cpu)?.to_device(&self.device)
+    }
+
+    /// Puts back what [`load_state_values`](Self::load_state_values) replaced.
+    pub(crate) fn put_back(&mut self, backup: StateBackup) {
+        self.control = backup.control;
+        self.state.buffers = backup.buffers;
+        self.skip_run = backup.skip_run;
+    }
+
+    /// [`load_state_values`](Self::load_state_values) of a state dict keyed as this optimizer
+    /// keys its vars.
+    pub(crate) fn load_state_dict(
+        &mut self,
+        dict: &HashMap<String, Tensor>,
+        names: &[&str],
+        optional: bool,
+    ) -> Result<()> {
+        let values = dict
+            .iter()
+            .map(|(k, t)| (k.as_str(), StateValue::Tensor(t)))
+            .collect();
+        let keys = self.keys.clone();
+        self.load_state_values(&values, names, optional, &keys)?;
         Ok(())
     }
 
-    pub(crate) fn save_state(&self, path: &Path, names: &[&str], optional: bool) -> Result<()> {
-        save_safetensors_atomically(&self.state_dict(names, optional)?, path)
+    /// Saves the state as a verified state file of a `kind` (each buffer read once).
+    pub(crate) fn save_state(
+        &self,
+        path: &Path,
+        kind: &str,
+        names: &[&str],
+        optional: bool,
+    ) -> Result<()> {
+        let entries = self.state_entries(names, optional, &self.keys)?;
+        state_file::save_entries(&entries, kind, path)
     }
 
-    pub(crate) fn load_state(&mut self, path: &Path, names: &[&str], optional: bool) -> Result<()> {
-        let dict = candle_core::safetensors::load(path, &Device::Cpu)?;
-        self.load_state_dict(&dict, names, optional)
+    /// Loads a state file saved by [`save_state`](Self::save_state) of a `kind`, verified. An
+    /// optimizer keyed by position (built with `new`) refuses it when two of its vars share a
+    /// shape and dtype: another process may list them in another order (`VarMap::all_vars`),
+    /// and the state would go onto the wrong var without an error.
+    pub(crate) fn load_state(
+        &mut self,
+        path: &Path,
+        kind: &str,
+        names: &[&str],
+        optional: bool,
+    ) -> Result<()> {
+        if !self.named {
+            let mut seen = HashMap::new();
+            for (i, var) in self.vars.iter().enumerate() {
+                if let Some(j) = seen.insert((var.dims().to_vec(), var.dtype()), i) {
+                    bail!(
+                        "{kind}::load_state: vars #{j} and #{i} have the same shape {:?} and dtype {:?}, and this optimizer knows them by position only: a state saved by another process may belong to them in the other order. Build the optimizer with `{kind}::from_varmap` or `{kind}::new_named` (state keyed by name), or use a TrainingCheckpoint; nothing was loaded",
+                        var.dims(),
+                        var.dtype()
+                    )
+                }
+            }
+        }
+        let entries = state_file::load_entries(path, kind)?;
+        let values = entries
+            .iter()
+            .map(|(k, e)| (k.as_str(), StateValue::Entry(e)))
+            .collect();
+        let keys = self.keys.clone();
+        self.load_state_values(&values, names, optional, &keys)?;
+        Ok(())
     }
+}
+
+/// The counters' keys and their words in the control tensor.
+fn counters() -> [(&'static str, usize); 3] {
+    [
+        (KEY_STEPS, STEPS),
+        (KEY_CLIPPED, CLIPPED),
+        (KEY_SKIPPED, SKIPPED),
+    ]
+}
+
+/// A counter of a state: a 0-d I64, not negative; the step count within [`MAX_STEPS`].
+fn counter(dict: &HashMap<&str, StateValue<'_>>, key: &str) -> Result<i64> {
+    let Some(v) = dict.get(key) else {
+        bail!("load_state_dict: the state has no `{key}`")
+    };
+    if !v.dims().is_empty() || v.dtype() != DType::I64 {
+        bail!(
+            "load_state_dict: `{key}` must be a 0-d I64 tensor, got {:?} {:?}",
+            v.dtype(),
+            v.dims()
+        )
+    }
+    let value = v.counter()?;
+    if value < 0 {
+        bail!("load_state_dict: `{key}` is negative ({value})")
+    }
+    if key == KEY_STEPS && value > MAX_STEPS {
+        bail!("load_state_dict: `{key}` is {value}, past the {MAX_STEPS} steps the update can count (its bias correction takes the step as an i32); nothing was loaded")
+    }
+    Ok(value)
 }

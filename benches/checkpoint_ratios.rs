@@ -1,0 +1,263 @@
+//! Training checkpoints against the disk's floor, side by side on a noisy machine: every case
+//! once per round, medians over the rounds. A checkpoint here is a `VarMap` and a `FusedAdamW`'s
+//! state (12 bytes a parameter for F32 vars).
+//!
+//! - **save**: `TrainingCheckpoint::new(..).with_optimizer(..).save(..)`, against a floor of one
+//!   SHA-256 pass over as many bytes (one thread) plus writing them to a file and fsyncing it;
+//! - **load + restore**: `TrainingCheckpoint::load(..)` and `restore(..).optimizer(..).apply()`,
+//!   against a floor of reading the file and one SHA-256 pass over it;
+//! - **extra peak memory** of a save and of a load + restore, each measured in a fresh process
+//!   (this binary run again) that holds the model, its gradients and the optimizer's state after
+//!   one step: the peak RSS (`VmHWM`, reset through `/proc/self/clear_refs`) above the RSS before.
+//!
+//! ```text
+//! cargo bench --bench checkpoint_ratios                # 8M params in 25/100/400 tensors, 101M in 200
+//! cargo bench --bench checkpoint_ratios -- 8M          # the cases whose name contains "8M"
+//! ```
+
+mod common;
+mod cpu_common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor};
+use candle_grad_clip::{FusedAdamW, TrainingCheckpoint};
+use candle_nn::{Optimizer, ParamsAdamW, VarMap};
+use cpu_common::median;
+use sha2::{Digest, Sha256};
+
+/// A case: its name and its vars' shapes.
+struct Case {
+    name: String,
+    shapes: Vec<Vec<usize>>,
+}
+
+fn cases() -> Vec<Case> {
+    let mut cases: Vec<Case> = [25usize, 100, 400]
+        .into_iter()
+        .map(|n| Case {
+            name: format!("8M/{n}"),
+            shapes: vec![vec![8_000_000 / n]; n],
+        })
+        .collect();
+    cases.push(Case {
+        name: "101M/200".into(),
+        shapes: common::set_a_shapes(),
+    });
+    cases
+}
+
+/// The model (seeded values), its gradients and a `FusedAdamW` after one step.
+fn training_state(shapes: &[Vec<usize>]) -> Result<(VarMap, FusedAdamW, GradStore)> {
+    let varmap = VarMap::new();
+    let mut grads = GradStore::default();
+    for (i, shape) in shapes.iter().enumerate() {
+        let init = candle_nn::Init::Uniform { lo: -1.0, up: 1.0 };
+        let var = varmap.get(
+            shape.clone(),
+            &format!("layer{i:03}"),
+            init,
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        grads.insert(&var, Tensor::rand(-1f32, 1., shape.clone(), &Device::Cpu)?);
+    }
+    let mut opt = FusedAdamW::from_varmap(&varmap, ParamsAdamW::default())?;
+    opt.step(&grads)?;
+    Ok((varmap, opt, grads))
+}
+
+fn save(varmap: &VarMap, opt: &FusedAdamW, path: &Path) -> Result<()> {
+    TrainingCheckpoint::new(varmap, 1)?
+        .with_optimizer(opt)?
+        .save(path)
+}
+
+fn load_and_restore(varmap: &VarMap, opt: &mut FusedAdamW, path: &Path) -> Result<()> {
+    TrainingCheckpoint::load(path)?
+        .restore(varmap)
+        .optimizer(opt)
+        .apply()
+}
+
+/// The floor of a save: one SHA-256 pass over `bytes`, then writing them to a file and fsyncing.
+fn save_floor(bytes: &[u8], path: &Path) -> std::io::Result<()> {
+    std::hint::black_box(Sha256::digest(bytes));
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// The floor of a load: reading the file, then one SHA-256 pass over it.
+fn load_floor(path: &Path) -> std::io::Result<()> {
+    let bytes = std::fs::read(path)?;
+    std::hint::black_box(Sha256::digest(&bytes));
+    Ok(())
+}
+
+fn status_kb(key: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a /proc/self/status entry")
+}
+
+/// The peak RSS `f` adds above the RSS before it, in bytes.
+fn extra_peak(f: impl FnOnce() -> Result<()>) -> Result<u64> {
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
+    let before = status_kb("VmRSS:");
+    f()?;
+    Ok(status_kb("VmHWM:").saturating_sub(before) * 1024)
+}
+
+/// In a child process: the extra peak memory of a save (`save`) or of a load + restore
+/// (`restore`, of the file at `path`) of case `index`; printed as `peak <bytes>`.
+fn child(mode: &str, index: usize, path: &Path) -> Result<()> {
+    let case = &cases()[index];
+    let (varmap, mut opt, grads) = training_state(&case.shapes)?;
+    let peak = match mode {
+        "save" => extra_peak(|| save(&varmap, &opt, path))?,
+        _ => extra_peak(|| load_and_restore(&varmap, &mut opt, path))?,
+    };
+    drop(grads);
+    println!("peak {peak}");
+    Ok(())
+}
+
+fn child_peak(mode: &str, index: usize, path: &Path) -> u64 {
+    let out = Command::new(std::env::current_exe().expect("this binary"))
+        .env(
+            "CHECKPOINT_BENCH_CHILD",
+            format!("{mode} {index} {}", path.display()),
+        )
+        .output()
+        .expect("run the child");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("peak "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "child {mode} {index}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+fn main() -> Result<()> {
+    if let Ok(spec) = std::env::var("CHECKPOINT_BENCH_CHILD") {
+        let mut parts = spec.splitn(3, ' ');
+        let (mode, index, path) = (
+            parts.next().unwrap_or("save"),
+            parts.next().and_then(|i| i.parse().ok()).unwrap_or(0),
+            PathBuf::from(parts.next().unwrap_or("")),
+        );
+        return child(mode, index, &path);
+    }
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let dir = std::env::temp_dir().join(format!("cgc-checkpoint-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let rounds = 5;
+    println!(
+        "{:<10} {:>9} {:>8} {:>9} {:>6} {:>10} {:>9} {:>6} {:>9} {:>9} {:>13} {:>13}",
+        "case",
+        "file MB",
+        "save s",
+        "floor s",
+        "ratio",
+        "load+rst s",
+        "floor s",
+        "ratio",
+        "save GB/s",
+        "load GB/s",
+        "save peak",
+        "restore peak"
+    );
+    for (index, case) in cases().iter().enumerate() {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !case.name.contains(f.as_str()))
+        {
+            continue;
+        }
+        let (varmap, mut opt, grads) = training_state(&case.shapes)?;
+        let path = dir.join("ckpt.safetensors");
+        let floor_path = dir.join("floor.bin");
+        save(&varmap, &opt, &path)?;
+        let file = std::fs::metadata(&path)?.len();
+        let bytes = vec![0x5au8; file as usize];
+        let (mut t_save, mut t_save_floor, mut t_load, mut t_load_floor) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let t = Instant::now();
+            save(&varmap, &opt, &path)?;
+            t_save.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            save_floor(&bytes, &floor_path)?;
+            t_save_floor.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            load_and_restore(&varmap, &mut opt, &path)?;
+            t_load.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            load_floor(&floor_path)?;
+            t_load_floor.push(t.elapsed().as_secs_f64());
+        }
+        drop((varmap, opt, grads, bytes));
+        let save_peak = child_peak("save", index, &dir.join("child.safetensors"));
+        let restore_peak = child_peak("restore", index, &path);
+        let (s, sf, l, lf) = (
+            median(t_save),
+            median(t_save_floor),
+            median(t_load),
+            median(t_load_floor),
+        );
+        let gb = file as f64 / 1e9;
+        println!(
+            "{:<10} {:>9.1} {:>8.3} {:>9.3} {:>6.2} {:>10.3} {:>9.3} {:>6.2} {:>9.2} {:>9.2} {:>8.0} MB {:>4.2}x {:>5.0} MB {:>4.2}x",
+            case.name,
+            file as f64 / 1e6,
+            s,
+            sf,
+            s / sf,
+            l,
+            lf,
+            l / lf,
+            gb / s,
+            gb / l,
+            save_peak as f64 / 1e6,
+            save_peak as f64 / file as f64,
+            restore_peak as f64 / 1e6,
+            restore_peak as f64 / file as f64,
+        );
+    }
+    // The disk alone: write + fsync, and read, of 512 MB.
+    let bytes = vec![0x5au8; 512 << 20];
+    let floor_path = dir.join("disk.bin");
+    let (mut w, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&floor_path)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        w.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::hint::black_box(std::fs::read(&floor_path)?);
+        r.push(t.elapsed().as_secs_f64());
+    }
+    let t = Instant::now();
+    std::hint::black_box(Sha256::digest(&bytes));
+    let sha = t.elapsed().as_secs_f64();
+    println!(
+        "disk: write + fsync {:.2} GB/s, read {:.2} GB/s (page cache: the file was just written); SHA-256 one thread {:.2} GB/s",
+        0.537 / median(w),
+        0.537 / median(r),
+        0.537 / sha
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

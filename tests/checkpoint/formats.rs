@@ -1,0 +1,93 @@
+//! The file a checkpoint writes: plain safetensors that candle reads too, laid out as the
+//! safetensors crate lays it out, and a file of the 0.1 format (v1) refused with an error that
+//! names its version.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result};
+use candle_grad_clip::{FusedSgd, TrainingCheckpoint};
+use safetensors::SafeTensors;
+use sha2::{Digest, Sha256};
+
+use crate::{temp_dir, varmap};
+
+const SPECS: [(&str, &[usize], DType); 3] = [
+    ("x", &[3, 2], DType::F32),
+    ("y", &[4], DType::F16),
+    ("z", &[0, 2], DType::F64),
+];
+
+#[test]
+fn candle_reads_a_checkpoint_as_plain_safetensors() -> Result<()> {
+    let dir = temp_dir("plain");
+    let path = dir.join("ckpt.safetensors");
+    let vm = varmap(5, &SPECS)?;
+    let opt = FusedSgd::from_varmap(&vm, Default::default())?;
+    TrainingCheckpoint::new(&vm, 2)?
+        .with_optimizer(&opt)?
+        .save(&path)?;
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    for (name, _, _) in SPECS {
+        let saved = &tensors[&format!("vars/{name}")];
+        let live = vm.data().lock().expect("lock")[name].as_tensor().clone();
+        assert_eq!(crate::common::bits(saved)?, crate::common::bits(&live)?);
+    }
+    assert_eq!(tensors["optimizer/step"].to_scalar::<i64>()?, 0);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The header digest as the format defines it: every metadata entry but `sha256`, then every
+/// tensor's name, dtype and shape, each length-prefixed (an independent transcription).
+fn header_digest(meta: &HashMap<String, String>, file: &SafeTensors<'_>) -> String {
+    let mut h = Sha256::new();
+    let mut put = |s: &[u8]| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s);
+    };
+    let mut keys: Vec<&String> = meta.keys().filter(|k| *k != "sha256").collect();
+    keys.sort();
+    for k in keys {
+        put(k.as_bytes());
+        put(meta[k].as_bytes());
+    }
+    let mut names = file.names();
+    names.sort();
+    for name in names {
+        let view = file.tensor(name).expect("listed");
+        let dtype = DType::try_from(view.dtype()).expect("a candle dtype");
+        put(name.as_bytes());
+        put(format!("{dtype:?}").as_bytes());
+        put(format!("{:?}", view.shape()).as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_checkpoint_of_the_01_format_is_refused_naming_its_version() -> Result<()> {
+    let dir = temp_dir("v1");
+    let path = dir.join("ckpt.safetensors");
+    TrainingCheckpoint::new(&varmap(5, &SPECS)?, 4)?.save(&path)?;
+    // Rewrite it as 0.1 wrote it: format v1, digests valid.
+    let bytes = std::fs::read(&path)?;
+    let file = SafeTensors::deserialize(&bytes).expect("parses");
+    let (_, header) = SafeTensors::read_metadata(&bytes).expect("parses");
+    let mut meta = header.metadata().clone().expect("metadata");
+    meta.insert(
+        "format".into(),
+        "candle-grad-clip training checkpoint v1".into(),
+    );
+    meta.insert("sha256".into(), header_digest(&meta, &file));
+    let v1 = safetensors::serialize(file.tensors(), Some(meta)).expect("serializes");
+    std::fs::write(&path, v1)?;
+    let err = TrainingCheckpoint::load(&path)
+        .expect_err("v1 accepted")
+        .to_string();
+    assert!(
+        err.contains("has format `candle-grad-clip training checkpoint v1`")
+            && err.contains("reads `candle-grad-clip training checkpoint v2`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! Checkpoints and state files at scale and off the happy path: state dicts that hold their own
+//! elements only, the memory of a save and of a load + restore (an ignored probe run alone by
+//! `.ci/run`), saves on another thread while training goes on, optimizer state found by var
+//! name whatever order the vars come in, every state file verified and every loaded value
+//! checked, and the format version a file names.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod background;
+mod by_name;
+mod formats;
+mod memory;
+mod state_files;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_nn::{ParamsAdamW, VarMap};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use common::bits;
+
+/// A fresh folder for one test.
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cgc-checkpoint-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Seeded values in `[-scale, scale)`.
+pub(crate) fn random(
+    rng: &mut StdRng,
+    shape: &[usize],
+    dtype: DType,
+    scale: f64,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
+    Tensor::from_vec(v, shape.to_vec(), &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// A VarMap with seeded vars of the given names, shapes and dtypes.
+pub(crate) fn varmap(seed: u64, specs: &[(&str, &[usize], DType)]) -> Result<VarMap> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().expect("lock");
+        for &(name, shape, dtype) in specs {
+            data.insert(
+                name.to_string(),
+                Var::from_tensor(&random(&mut rng, shape, dtype, 1.0)?)?,
+            );
+        }
+    }
+    Ok(varmap)
+}
+
+/// The var named `name`.
+pub(crate) fn var(varmap: &VarMap, name: &str) -> Var {
+    varmap.data().lock().expect("lock")[name].clone()
+}
+
+/// Seeded gradients of step `k` for every var, keyed by var name (so that two VarMaps with the
+/// same names get the same gradients, whatever order an optimizer lists the vars in).
+pub(crate) fn grads(varmap: &VarMap, k: u64) -> Result<GradStore> {
+    let data = varmap.data().lock().expect("lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut g = GradStore::default();
+    for name in names {
+        let seed = 1000 * k + name.bytes().map(u64::from).sum::<u64>();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let v = &data[name];
+        g.insert(v, random(&mut rng, v.dims(), v.dtype(), 1.0)?);
+    }
+    Ok(g)
+}
+
+/// Every var's bits, by name.
+pub(crate) fn var_bits(varmap: &VarMap) -> Result<BTreeMap<String, Vec<u64>>> {
+    let data = varmap.data().lock().expect("lock");
+    data.iter()
+        .map(|(n, v)| Ok((n.clone(), bits(v.as_tensor())?)))
+        .collect()
+}
+
+pub(crate) fn params() -> ParamsAdamW {
+    ParamsAdamW {
+        lr: 1e-2,
+        ..Default::default()
+    }
+}
