@@ -336,8 +336,10 @@ fn main() -> anyhow::Result<()> {
                 if args.checkpoint_async {
                     pending = Some(ck.save_in_background(path)?);
                 } else {
+                    let saving = std::time::Instant::now();
                     ck.save(path)
                         .with_context(|| format!("saving {}", path.display()))?;
+                    saves.save_ms.push(saving.elapsed().as_secs_f64() * 1e3);
                 }
             }
         }
@@ -422,6 +424,7 @@ fn main() -> anyhow::Result<()> {
 #[derive(Default)]
 struct SaveTimes {
     build_ms: Vec<f64>,
+    save_ms: Vec<f64>,
     checkpoint_steps_ms: Vec<f64>,
     in_flight_ms: Vec<f64>,
     plain_ms: Vec<f64>,
@@ -443,7 +446,11 @@ impl SaveTimes {
             median(&self.in_flight_ms),
             median(&self.checkpoint_steps_ms),
             median(&self.build_ms),
-            if asynchronous { " (saved on another thread)" } else { " (saved on this thread)" }
+            if asynchronous {
+                " (saved on another thread)".to_string()
+            } else {
+                format!(" and saving it {}", median(&self.save_ms))
+            }
         );
     }
 }

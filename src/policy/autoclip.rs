@@ -75,6 +75,14 @@ impl AutoClip {
     /// How many norms are kept exactly before the history becomes a uniform sample.
     pub const DEFAULT_CAPACITY: usize = 10_000;
 
+    /// The largest capacity: the history keeps one `f64` per norm (128 MiB at this bound).
+    ///
+    /// ```
+    /// use candle_grad_clip::AutoClip;
+    /// assert!(AutoClip::default().with_capacity(AutoClip::MAX_CAPACITY + 1).is_err());
+    /// ```
+    pub const MAX_CAPACITY: usize = 1 << 24;
+
     const SEED: u64 = 0x5EE7_4A2A_0C11_2020;
 
     /// AutoClip at the `percentile`-th percentile, which must be in `(0, 100]`.
@@ -90,7 +98,8 @@ impl AutoClip {
         Ok(Self::with_valid(percentile, Self::DEFAULT_CAPACITY))
     }
 
-    /// The same AutoClip keeping at most `capacity` (`>= 1`) norms. Only before the first norm is
+    /// The same AutoClip keeping at most `capacity` (`1..=`[`MAX_CAPACITY`](Self::MAX_CAPACITY))
+    /// norms. Only before the first norm is
     /// observed; afterwards, and for `capacity = 0`, it is refused and nothing changes.
     ///
     /// ```
@@ -103,6 +112,12 @@ impl AutoClip {
     pub fn with_capacity(self, capacity: usize) -> Result<Self> {
         if capacity == 0 {
             bail!("AutoClip: capacity must be at least 1")
+        }
+        if capacity > Self::MAX_CAPACITY {
+            bail!(
+                "AutoClip: capacity must be at most {} (one f64 of history per norm), got {capacity}",
+                Self::MAX_CAPACITY
+            )
         }
         if self.seen > 0 {
             bail!(

@@ -108,6 +108,16 @@ impl Default for ZClip {
 }
 
 impl ZClip {
+    /// The most warm-up steps a ZClip takes: its statistics keep one `f64` per warm-up norm (8
+    /// MiB at this bound; the paper uses 25).
+    ///
+    /// ```
+    /// use candle_grad_clip::ZClip;
+    /// assert!(ZClip::new().warmup_steps(ZClip::MAX_WARMUP_STEPS).validate().is_ok());
+    /// assert!(ZClip::new().warmup_steps(ZClip::MAX_WARMUP_STEPS + 1).validate().is_err());
+    /// ```
+    pub const MAX_WARMUP_STEPS: usize = 1 << 20;
+
     /// The reference's defaults: α = 0.97, z threshold 2.5, 25 warm-up steps,
     /// [`ZClipMode::AdaptiveScaling`], no `max_grad_norm`.
     ///
@@ -226,8 +236,9 @@ impl ZClip {
         self.max_grad_norm
     }
 
-    /// Checks the settings: α in `(0, 1)`, `z_threshold > 0`, `warmup_steps >= 1`,
-    /// `max_grad_norm >= 0`, nothing NaN. The error names the setting.
+    /// Checks the settings: α in `(0, 1)`, `z_threshold > 0`, `warmup_steps` in
+    /// `1..=`[`MAX_WARMUP_STEPS`](Self::MAX_WARMUP_STEPS), `max_grad_norm >= 0`, nothing NaN.
+    /// The error names the setting.
     ///
     /// ```
     /// use candle_grad_clip::ZClip;
@@ -248,6 +259,13 @@ impl ZClip {
         }
         if self.warmup_steps == 0 {
             bail!("ZClip: warmup_steps must be at least 1 (the statistics start from the warm-up norms)")
+        }
+        if self.warmup_steps > Self::MAX_WARMUP_STEPS {
+            bail!(
+                "ZClip: warmup_steps must be at most {} (one f64 of state per warm-up norm), got {}",
+                Self::MAX_WARMUP_STEPS,
+                self.warmup_steps
+            )
         }
         if let Some(m) = self.max_grad_norm {
             if m.is_nan() || m < 0.0 {
@@ -271,7 +289,10 @@ impl ZClip {
         match &self.state {
             Some(s) if s.device().same_device(device) => Ok(s.clone()),
             Some(s) => s.to_device(device),
-            None => Tensor::zeros(word::HEADER + self.warmup_steps, DType::F64, device),
+            None => {
+                self.validate()?;
+                Tensor::zeros(word::HEADER + self.warmup_steps, DType::F64, device)
+            }
         }
     }
 
@@ -394,7 +415,10 @@ impl ZClip {
     pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         let w = match self.words()? {
             Some(w) => w,
-            None => vec![0.0; word::HEADER + self.warmup_steps],
+            None => {
+                self.validate()?;
+                vec![0.0; word::HEADER + self.warmup_steps]
+            }
         };
         let collected = if w[word::READY] != 0.0 {
             0
@@ -430,6 +454,7 @@ impl ZClip {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.validate()?;
         let get = |key: &str, dtype: DType, rank: usize| -> Result<&Tensor> {
             let Some(t) = state.get(key) else {
                 bail!("ZClip::load_state_dict: the state has no `{key}`; nothing was loaded")

@@ -111,3 +111,28 @@ fn zclip_refusals() -> Result<()> {
     }
     Ok(())
 }
+
+/// Settings with an upper bound: a warm-up too long for memory is an error at every entry point
+/// (never an index panic or an allocation abort), and so is an AutoClip capacity past its bound.
+#[test]
+fn warmup_and_capacity_past_their_bounds_are_errors() -> Result<()> {
+    let w = Var::new(&[1f32, 2.], &Device::Cpu)?;
+    for warmup in [usize::MAX, 1 << 40, ZClip::MAX_WARMUP_STEPS + 1] {
+        let mut zclip = ZClip::new().warmup_steps(warmup);
+        let mut grads = GradStore::default();
+        grads.insert(&w, Tensor::new(&[3f32, 4.], &Device::Cpu)?);
+        let err = zclip
+            .clip_(&[w.clone()], &mut grads)
+            .expect_err("an unbounded warm-up accepted");
+        assert!(err.to_string().contains("warmup_steps must be at most"), "{err}");
+        assert!(zclip.state_dict().is_err());
+        assert!(zclip.load_state_dict(&ZClip::new().state_dict()?).is_err());
+        let opt = FusedAdamW::new(vec![w.clone()], Default::default())?;
+        assert!(opt.with_clip(ClipSetting::ZClip(zclip)).is_err());
+    }
+    let err = candle_grad_clip::AutoClip::default()
+        .with_capacity(usize::MAX)
+        .expect_err("an unbounded capacity accepted");
+    assert!(err.to_string().contains("capacity must be at most"), "{err}");
+    Ok(())
+}
