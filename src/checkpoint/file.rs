@@ -46,12 +46,12 @@ pub(super) const USER: &str = "user.";
 ///   or the clip functions, `clip/…`) and a [`GradScaler`]'s state (`grad_scaler/…`);
 /// - the step, and user metadata (strings: a data position, a seed, …).
 ///
-/// **Saving** ([`save`](Self::save)) is atomic and durable: the file is written whole to a
-/// temporary file in the same folder, fsynced, renamed over the old checkpoint, and the folder
-/// fsynced. A crash at any moment leaves either the old checkpoint or the new one, never a torn
-/// one (a crash during the write leaves a temporary `.<name>.tmp-*` file, removed by the next
-/// successful save to the same path). The file holds the SHA-256 of every tensor and of its
-/// header.
+/// **Saving** ([`save`](Self::save)) is atomic and durable (the `atomic-write-file` crate): the
+/// file is streamed to an unnamed temporary file in the same folder (`O_TMPFILE` on Linux), fsynced,
+/// renamed over the old checkpoint, and the folder fsynced. A crash at any moment leaves either
+/// the old checkpoint or the new one, never a torn one, and nothing else. Several threads or
+/// processes may save to one path at once: each save succeeds, the last rename wins. The file
+/// holds the SHA-256 of every tensor and of its header.
 ///
 /// **Loading** ([`load`](Self::load)) reads and verifies the whole file: a truncated file, a
 /// flipped byte (a digest mismatch, naming the tensor), a file of another format is an error.

@@ -2,7 +2,7 @@
 //! elements only, the memory of a save and of a load + restore (an ignored probe run alone by
 //! `.ci/run`), saves on another thread while training goes on, optimizer state found by var
 //! name whatever order the vars come in, every state file verified and every loaded value
-//! checked, and the format version a file names.
+//! checked, the format version a file names, and saves to one path from several processes.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -11,6 +11,7 @@ mod background;
 mod by_name;
 mod formats;
 mod memory;
+mod processes;
 mod state_files;
 
 use std::collections::BTreeMap;

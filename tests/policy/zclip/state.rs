@@ -124,7 +124,10 @@ fn warmup_and_capacity_past_their_bounds_are_errors() -> Result<()> {
         let err = zclip
             .clip_(&[w.clone()], &mut grads)
             .expect_err("an unbounded warm-up accepted");
-        assert!(err.to_string().contains("warmup_steps must be at most"), "{err}");
+        assert!(
+            err.to_string().contains("warmup_steps must be at most"),
+            "{err}"
+        );
         assert!(zclip.state_dict().is_err());
         assert!(zclip.load_state_dict(&ZClip::new().state_dict()?).is_err());
         let opt = FusedAdamW::new(vec![w.clone()], Default::default())?;
@@ -133,6 +136,9 @@ fn warmup_and_capacity_past_their_bounds_are_errors() -> Result<()> {
     let err = candle_grad_clip::AutoClip::default()
         .with_capacity(usize::MAX)
         .expect_err("an unbounded capacity accepted");
-    assert!(err.to_string().contains("capacity must be at most"), "{err}");
+    assert!(
+        err.to_string().contains("capacity must be at most"),
+        "{err}"
+    );
     Ok(())
 }
