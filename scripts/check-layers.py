@@ -41,7 +41,7 @@ COMPONENTS = [
     ("stats", "stats.rs", ["dispatch", "ops"]),
     ("policy", "policy/", ["clip", "stats", "dispatch", "ops", "io"]),
     ("optim", "optim/", ["policy", "clip", "dist", "stats", "dispatch", "ops", "io"]),
-    ("amp", "amp/", ["optim", "policy", "clip", "stats", "dispatch", "ops", "io"]),
+    ("amp", "amp/", ["optim", "policy", "clip", "dist", "stats", "dispatch", "ops", "io"]),
     ("checkpoint", "checkpoint/", ["amp", "optim", "policy", "clip", "dispatch", "ops", "io"]),
     ("lib", "lib.rs", None),  # the crate root re-exports the public API: anything
 ]

@@ -94,6 +94,10 @@ pub use checkpoint::{CheckpointOptimizer, PendingSave, Restore, TrainingCheckpoi
 // For benches/scaler_ratios.rs only.
 #[doc(hidden)]
 pub use amp::grad_scaler::__unscaled_norm_cpu;
+// For this crate's own tests only (feature `test-hooks`): a simulated device error on one thread.
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub use ops::fault::__inject_fault;
 // The global norm across processes (MPI with feature `mpi`, NCCL with feature `nccl`, threads).
 pub use dist::local::LocalGroup;
 #[cfg(feature = "nccl")]

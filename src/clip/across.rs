@@ -4,13 +4,24 @@
 use candle_core::{backprop::GradStore, Result, Tensor, Var};
 
 use super::norm::ClipGradNorm;
+use crate::dist::agreement::{Agreement, Call};
 use crate::dist::{self, ProcessGroup};
 
 impl ClipGradNorm {
     /// [`clip_`](Self::clip_) with the norm taken over the gradients of every rank of `group`
     /// (see [`total_norm_across`](crate::total_norm_across)): every rank passes the vars it owns,
     /// and every rank gets the same norm and scales its own gradients by the same coefficient.
-    /// Every rank must use the same settings. With `error_if_nonfinite`, every rank fails alike.
+    /// With `error_if_nonfinite`, every rank fails alike.
+    ///
+    /// **Ranks fail together and agree.** Every check that can refuse a rank's call (the
+    /// settings, the gradients, their device) runs before the collective, and its outcome travels
+    /// in it: when one rank is refused, every rank returns an error (the refused rank its own, the
+    /// others one that names it and the kind of failure), and no gradient is modified on any
+    /// rank. The settings that must be equal on every rank (norm type, `max_norm`, `eps`,
+    /// `error_if_nonfinite`, the number of replicated vars) travel as a fingerprint in the same
+    /// collective: ranks that differ all fail, naming the first rank and setting that differ
+    /// from rank 0's. A device error in the scale pass, after the collective, fails that rank
+    /// only: its gradients may be partly scaled, the other ranks' are scaled.
     ///
     /// ```
     /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
@@ -83,8 +94,18 @@ impl ClipGradNorm {
         grads: &mut GradStore,
         group: &dyn ProcessGroup,
     ) -> Result<Tensor> {
-        self.validate()?;
-        dist::clip_across(owned, replicated, grads, self.settings(), group)
+        // The settings are checked with the gradients, inside: a refused rank still takes part in
+        // the collective, so that every rank fails with it.
+        dist::clip_across(
+            owned,
+            replicated,
+            grads,
+            self.settings(),
+            self.validate(),
+            Agreement::new(Call::ClipNorm),
+            None,
+            group,
+        )
     }
 }
 

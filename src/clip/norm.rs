@@ -255,7 +255,7 @@ impl ClipGradNorm {
     }
 
     /// The settings as the back ends take them (not validated).
-    pub(super) fn settings(&self) -> ClipSettings {
+    pub(crate) fn settings(&self) -> ClipSettings {
         ClipSettings {
             norm_type: self.norm_type,
             max_norm: self.max_norm,

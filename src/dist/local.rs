@@ -1,6 +1,7 @@
 //! [`LocalGroup`]: a process group of threads of one process.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use candle_core::{bail, Device, Result};
 
@@ -9,9 +10,17 @@ use super::ProcessGroup;
 /// A process group whose ranks are threads of this process, exchanging through shared memory:
 /// for tests without MPI, and for a process that drives several devices' worth of CPU gradients
 /// from one thread each. Each rank's handle goes to its own thread, and every rank must call the
-/// same collectives in the same order (a rank that never arrives leaves the others waiting, as in
-/// MPI; but a rank whose thread panics, dropping its handle as it unwinds, makes the others'
-/// collectives fail instead of waiting for it).
+/// same collectives in the same order.
+///
+/// **A handle is a rank.** It is not `Clone`, and the group counts arrivals per rank: a rank that
+/// enters a collective while it is already in one (its handle shared by two threads) gets an
+/// error, and the round goes on with its first call. **A rank that never arrives** leaves the
+/// others waiting, as in MPI, unless:
+/// - its handle is dropped (its thread returned, or panicked and unwound): the others'
+///   collectives, waiting or to come, fail, naming it;
+/// - the waiting rank has a timeout ([`with_timeout`](Self::with_timeout)): when it expires the
+///   collective fails, naming the ranks that never arrived, and the group is broken (every
+///   collective of every rank fails from then on: the round's partial result cannot be undone).
 ///
 /// ```
 /// use candle_grad_clip::{LocalGroup, ProcessGroup};
@@ -35,10 +44,12 @@ use super::ProcessGroup;
 /// assert_eq!(maxima, [30, 30, 30, 30]);
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LocalGroup {
     rank: usize,
     device: Device,
+    /// How long this rank waits in a collective for the others (none: forever).
+    timeout: Option<Duration>,
     shared: Arc<Shared>,
 }
 
@@ -54,8 +65,10 @@ struct Shared {
 struct Round {
     /// Rounds completed so far.
     generation: u64,
-    /// Ranks that have contributed to the round in progress.
-    arrived: usize,
+    /// The ranks that have contributed to the round in progress.
+    arrived: Vec<bool>,
+    /// How many they are.
+    count: usize,
     /// The round's collective and the rank that opened it, once one rank arrived.
     opened_by: Option<(&'static str, usize)>,
     accumulator: Vec<u64>,
@@ -63,8 +76,42 @@ struct Round {
     mismatch: Option<String>,
     /// The result of the last completed round.
     result: Arc<std::result::Result<Vec<u64>, String>>,
-    /// A rank whose thread panicked (its handle dropped while unwinding): no round can complete.
-    broken: Option<usize>,
+    /// Why no round can complete any more.
+    broken: Option<Broken>,
+}
+
+/// Why a group can no longer complete a collective.
+#[derive(Debug, Clone)]
+enum Broken {
+    /// A rank's thread panicked (its handle dropped while unwinding).
+    Panicked(usize),
+    /// A rank's handle was dropped.
+    Left(usize),
+    /// A rank's wait timed out, these ranks missing.
+    TimedOut { rank: usize, missing: Vec<usize> },
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::Panicked(rank) => write!(f, "rank {rank} panicked"),
+            Broken::Left(rank) => write!(f, "rank {rank} left the group (its handle was dropped)"),
+            Broken::TimedOut { rank, missing } => write!(
+                f,
+                "rank {rank} timed out waiting for {} that never arrived",
+                ranks_list(missing)
+            ),
+        }
+    }
+}
+
+/// "rank 1" or "ranks 1, 3".
+fn ranks_list(ranks: &[usize]) -> String {
+    let list: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+    match ranks.len() {
+        1 => format!("rank {}", list[0]),
+        _ => format!("ranks {}", list.join(", ")),
+    }
 }
 
 impl LocalGroup {
@@ -99,7 +146,8 @@ impl LocalGroup {
             world_size,
             round: Mutex::new(Round {
                 generation: 0,
-                arrived: 0,
+                arrived: vec![false; world_size],
+                count: 0,
                 opened_by: None,
                 accumulator: Vec::new(),
                 mismatch: None,
@@ -114,9 +162,30 @@ impl LocalGroup {
             .map(|(rank, device)| LocalGroup {
                 rank,
                 device,
+                timeout: None,
                 shared: shared.clone(),
             })
             .collect())
+    }
+
+    /// This rank waits at most `timeout` in a collective for the other ranks; then the
+    /// collective fails with an error that names the ranks that never arrived, and the group is
+    /// broken: every collective of every rank fails from then on (a rank waiting with it too).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use candle_grad_clip::{LocalGroup, ProcessGroup};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let mut ranks = LocalGroup::new(3)?.into_iter();
+    /// let rank0 = ranks.next().unwrap().with_timeout(Duration::from_millis(50));
+    /// let _others: Vec<_> = ranks.collect(); // ranks 1 and 2 never call
+    /// let err = rank0.all_reduce_sum_u64(&mut [1]).unwrap_err().to_string();
+    /// assert!(err.contains("ranks 1, 2"), "{err}");
+    /// # Ok(()) }
+    /// ```
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Round> {
@@ -134,12 +203,20 @@ impl LocalGroup {
         words: &mut [u64],
         combine: fn(u64, u64) -> u64,
     ) -> Result<()> {
+        let world = self.shared.world_size;
         let mut round = self.lock();
-        if let Some(rank) = round.broken {
+        if let Some(broken) = &round.broken {
             bail!(
-                "LocalGroup rank {} of {}: {name}: rank {rank} panicked; the group cannot complete a collective",
+                "LocalGroup rank {} of {world}: {name}: {broken}; the group cannot complete a collective",
+                self.rank
+            )
+        }
+        if round.arrived[self.rank] {
+            let (other, opener) = round.opened_by.unwrap_or(("a collective", self.rank));
+            bail!(
+                "LocalGroup rank {} of {world}: {name}: rank {} is already in a collective ({other}, opened by rank {opener}): its handle is used by two threads at once; a handle is one rank and makes one call at a time",
                 self.rank,
-                self.shared.world_size
+                self.rank
             )
         }
         match round.opened_by {
@@ -163,32 +240,62 @@ impl LocalGroup {
                 }
             }
         }
-        round.arrived += 1;
+        round.arrived[self.rank] = true;
+        round.count += 1;
         let generation = round.generation;
-        if round.arrived == self.shared.world_size {
+        if round.count == world {
             let accumulator = std::mem::take(&mut round.accumulator);
             round.result = Arc::new(match round.mismatch.take() {
                 Some(m) => Err(m),
                 None => Ok(accumulator),
             });
-            round.arrived = 0;
+            round.arrived.iter_mut().for_each(|a| *a = false);
+            round.count = 0;
             round.opened_by = None;
             round.generation += 1;
             self.shared.done.notify_all();
         } else {
+            let deadline = self.timeout.map(|t| (Instant::now() + t, t));
             while round.generation == generation && round.broken.is_none() {
-                round = self
-                    .shared
-                    .done
-                    .wait(round)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                round = match deadline {
+                    None => self
+                        .shared
+                        .done
+                        .wait(round)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    Some((deadline, timeout)) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            let missing: Vec<usize> =
+                                (0..world).filter(|&r| !round.arrived[r]).collect();
+                            let broken = Broken::TimedOut {
+                                rank: self.rank,
+                                missing: missing.clone(),
+                            };
+                            round.broken = Some(broken);
+                            self.shared.done.notify_all();
+                            bail!(
+                                "LocalGroup rank {} of {world}: {name}: timed out after {timeout:?}: {} never arrived; the group is broken (every later collective fails)",
+                                self.rank,
+                                ranks_list(&missing)
+                            )
+                        }
+                        self.shared
+                            .done
+                            .wait_timeout(round, deadline - now)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .0
+                    }
+                };
             }
             if round.generation == generation {
-                let rank = round.broken.unwrap_or(usize::MAX);
+                let broken = round
+                    .broken
+                    .as_ref()
+                    .map_or_else(|| "the group broke".to_string(), |b| b.to_string());
                 bail!(
-                    "LocalGroup rank {} of {}: {name}: rank {rank} panicked before the collective completed",
-                    self.rank,
-                    self.shared.world_size
+                    "LocalGroup rank {} of {world}: {name}: {broken} before the collective completed",
+                    self.rank
                 )
             }
         }
@@ -201,23 +308,25 @@ impl LocalGroup {
                 Ok(())
             }
             Err(m) => bail!(
-                "LocalGroup rank {} of {}: {name}: mismatched collective: {m}",
-                self.rank,
-                self.shared.world_size
+                "LocalGroup rank {} of {world}: {name}: mismatched collective: {m}",
+                self.rank
             ),
         }
     }
 }
 
 impl Drop for LocalGroup {
-    /// A handle dropped while its thread unwinds from a panic breaks the group: the other ranks'
-    /// collectives (waiting or to come) fail instead of waiting for this rank forever.
+    /// A dropped handle is a rank that left: the other ranks' collectives (waiting or to come)
+    /// fail, naming it, instead of waiting for it forever; "panicked" when its thread unwinds.
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let mut round = self.lock();
-            round.broken.get_or_insert(self.rank);
-            self.shared.done.notify_all();
-        }
+        let mut round = self.lock();
+        let why = if std::thread::panicking() {
+            Broken::Panicked(self.rank)
+        } else {
+            Broken::Left(self.rank)
+        };
+        round.broken.get_or_insert(why);
+        self.shared.done.notify_all();
     }
 }
 

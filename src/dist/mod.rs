@@ -6,10 +6,11 @@
 //! process would (same work items, same per-item `f64` partials), into a fixed-point accumulator
 //! of 68 digits of 32 bits, each kept in a `u64`. After carry propagation every digit is below
 //! 2^32, so the word-by-word sum over up to `u32::MAX` ranks cannot overflow a word: one
-//! all-reduce (sum) of 73 words (584 bytes: the digits, the inf and NaN flags, and a three-word
+//! all-reduce (sum) of 87 words (696 bytes: the digits, the inf and NaN flags, and a 17-word
 //! header) gives every rank the accumulator of the union, which is rounded once as in one process.
 //! The `Inf` norm goes through the max collective (the bits of a non-negative `f64` order like the
-//! `u64`s they are, and NaN is sent as the positive quiet NaN, above `+inf`). When the sum of
+//! `u64`s they are, and NaN is sent as the positive quiet NaN, above `+inf`), padded to the same
+//! length: every collective of every call has the same length. When the sum of
 //! powers may have left the `f64` range (F64 gradients on any rank, or `p > 6`), the rescue pass
 //! of the one-process norm runs across the ranks too: a max collective for the global largest
 //! `|g|`, then a second sum of the powers divided by it.
@@ -21,7 +22,7 @@
 //! back and added exactly on the host: the very numbers the kernel adds into its own
 //! superaccumulator, so the first sum is the device's. This costs one small device-to-host read
 //! per norm (a host synchronisation); the digits then travel through the group's collectives
-//! (for [`NcclGroup`], a copy of 584 bytes to the device and back). The rescue pass, when it runs,
+//! (for [`NcclGroup`], a copy of 696 bytes to the device and back). The rescue pass, when it runs,
 //! divides by the global largest `|g|`, which no kernel does: it runs on the CPU, on host copies
 //! of the gradients. The scale pass runs where the gradients are (the CUDA kernels for CUDA
 //! gradients), with the coefficient of the global norm.
@@ -44,13 +45,25 @@
 //! 1, 2 and `inf` the root is taken on the host, whose `pow` may differ from the GPU's by an ulp
 //! (not under the emulation, which uses the host's).
 //!
-//! # Header
-//! Each buffer ends with three words: this rank's count of F64 gradients, of other gradients, and
-//! whether it failed before the collective. The counts make the returned dtype (`F64` only when
-//! every gradient of every rank is `F64`) and the rescue decision those of one process; the
-//! failure word lets a rank whose own gradients were refused (wrong device, broadcast view, …)
-//! still take part, so that the other ranks fail with it instead of waiting forever.
+//! # Header: ranks fail together and agree
+//! Each buffer ends with a header (see `agreement`): this rank's count of F64 gradients and of
+//! other gradients, whether it refused its call and why (a code), and a fingerprint of the
+//! settings that must be equal on every rank (the call, norm type, `max_norm`, eps,
+//! `error_if_nonfinite`, the clip and its parameters, `skip_nonfinite`, the optimizer, the
+//! GradScaler's scale). The counts make the returned dtype (`F64` only when every gradient of
+//! every rank is `F64`) and the rescue decision those of one process. Every check that can refuse
+//! a rank's call runs before the first collective, and a refused rank (its settings, its
+//! gradients, their device, a failing reduction, also in the rescue pass between two
+//! collectives) still takes part with its refusal in the header, so that the other ranks fail
+//! with it instead of waiting forever. When the header says a rank refused or the fingerprints
+//! differ, two small follow-up collectives (only then) tell every rank which rank refused and
+//! why, or which rank's settings differ from rank 0's and in which field, and every rank returns
+//! an error that names them; nothing is modified on any rank. When all is well, the header costs
+//! no collective: it travels in the norm's own buffer.
 
+mod across;
+pub(crate) mod agreement;
+mod group;
 pub(crate) mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -62,59 +75,12 @@ use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var}
 use crate::dispatch;
 use crate::dispatch::norm::DeviceReduction;
 use crate::ops::clip::{clip_coefficient, needs_scaling, nonfinite_error, ClipSettings};
-use crate::ops::exact_sum::{ExactSum, WORDS};
 use crate::ops::gradients::GradientSet;
-use crate::ops::norm::{norm_of_reduction, Combine};
+use crate::ops::norm::norm_of_reduction;
 use crate::ops::norm_type::NormType;
-
-/// A group of processes (or threads) that compute one global norm together: the two collectives
-/// the norm needs, on a buffer of a few hundred bytes.
-///
-/// Implemented for the `mpi` crate's communicators (feature `mpi`), for cudarc's NCCL
-/// communicator (feature `nccl`), and by [`LocalGroup`] for threads of one process. Every rank
-/// must make the same calls in the same order with buffers of the same length, as with any
-/// collective; the norm functions of this crate do so whenever every rank calls them with the
-/// same settings.
-///
-/// ```
-/// use candle_grad_clip::{LocalGroup, ProcessGroup};
-/// # fn main() -> candle_core::Result<()> {
-/// let ranks = LocalGroup::new(3)?;
-/// let sums = std::thread::scope(|s| {
-///     let handles: Vec<_> = ranks
-///         .iter()
-///         .map(|g| {
-///             s.spawn(move || -> candle_core::Result<Vec<u64>> {
-///                 let mut words = [g.rank() as u64 + 1, 10];
-///                 g.all_reduce_sum_u64(&mut words)?;
-///                 Ok(words.to_vec())
-///             })
-///         })
-///         .collect();
-///     handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
-/// });
-/// for words in sums {
-///     assert_eq!(words?, [6, 30]);
-/// }
-/// # Ok(()) }
-/// ```
-pub trait ProcessGroup {
-    /// This process's index in the group, `0..world_size()`.
-    fn rank(&self) -> usize;
-    /// The number of processes in the group.
-    fn world_size(&self) -> usize;
-    /// Replaces `words` on every rank with their element-wise sum over the ranks (wrapping is
-    /// the caller's concern: the norm never overflows).
-    fn all_reduce_sum_u64(&self, words: &mut [u64]) -> Result<()>;
-    /// Replaces `words` on every rank with their element-wise maximum over the ranks.
-    fn all_reduce_max_u64(&self, words: &mut [u64]) -> Result<()>;
-    /// The device of the gradients this group reduces: the CPU (the default; MPI, [`LocalGroup`])
-    /// or the CUDA device of an NCCL communicator. A rank whose gradients live elsewhere fails
-    /// before sending them; a rank with no gradient gets its norm on this device.
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-}
+use across::{Across, Collective};
+use agreement::{Agreement, Call, Field, RankError, Refusal};
+pub use group::ProcessGroup;
 
 /// The norm of the gradients of `vars` on every rank of `group` together, without modifying them:
 /// every rank passes the vars it owns and gets the same 0-d tensor (bitwise), the norm of the
@@ -132,8 +98,10 @@ pub trait ProcessGroup {
 /// root is taken on the host). A parameter replicated on several ranks must be passed on one of them only
 /// (or see [`ClipGradNorm::clip_replicated_across_`](crate::ClipGradNorm::clip_replicated_across_)).
 ///
-/// One all-reduce of 584 bytes (`Inf`: the max collective, 32 bytes); two more when powers leave
-/// the `f64` range. Gradients must be on [`ProcessGroup::device`]. On a kernel device the local
+/// One all-reduce of 696 bytes (`Inf`: the max collective, of the same length); two more when
+/// powers leave the `f64` range. Every rank must pass the same `norm_type`: it travels as a
+/// fingerprint, and ranks that differ all fail (see the module documentation); a rank refused
+/// (a bad norm type, its gradients, their device) makes every rank fail, naming it. Gradients must be on [`ProcessGroup::device`]. On a kernel device the local
 /// sums are the kernels' chunk partials, read back (a host synchronisation) and added exactly.
 ///
 /// ```
@@ -165,59 +133,177 @@ pub fn total_norm_across(
     norm_type: NormType,
     group: &dyn ProcessGroup,
 ) -> Result<Tensor> {
-    norm_type.validate()?;
-    let local = GradientSet::collect(vars, grads)
-        .and_then(|set| check_device("total_norm_across", &set, group).map(|()| set));
-    let norm = norm_across("total_norm_across", local, norm_type, group)?;
-    norm.tensor()
+    let agreement = Agreement::new(Call::TotalNorm).norm_type(norm_type);
+    vars_norm_across(
+        "total_norm_across",
+        vars,
+        grads,
+        norm_type,
+        agreement,
+        None,
+        group,
+    )
+}
+
+/// [`total_norm_across`] for the optimizers: their `agreement`, and `prior`, an error that
+/// refused this rank before the call (it still takes part, so that every rank fails with it).
+pub(crate) fn vars_norm_across(
+    caller: &'static str,
+    vars: &[Var],
+    grads: &GradStore,
+    norm_type: NormType,
+    agreement: Agreement,
+    prior: Option<RankError>,
+    group: &dyn ProcessGroup,
+) -> Result<Tensor> {
+    let local = match prior {
+        Some(e) => Err(e),
+        None => agreement::refuse(Refusal::Gradients, GradientSet::collect(vars, grads)),
+    };
+    set_norm_across(caller, local, norm_type, agreement, group).map(|(_, norm)| norm)
 }
 
 /// The norm across ranks of a set of gradients collected by an optimizer: its value (unrounded)
 /// and the tensor to report (in the dtype and on the device of [`total_norm_across`]). `local`
-/// is the set, or the error that refused this rank's gradients: the rank still takes part, so
-/// every rank fails with it.
+/// is the set, or the error that refused this rank (its settings, its gradients, …): the rank
+/// still takes part, so every rank fails with it.
 pub(crate) fn set_norm_across(
     caller: &'static str,
-    local: Result<GradientSet>,
+    local: std::result::Result<GradientSet, RankError>,
     norm_type: NormType,
+    agreement: Agreement,
     group: &dyn ProcessGroup,
 ) -> Result<(f64, Tensor)> {
-    norm_type.validate()?;
-    let local = local.and_then(|set| check_device(caller, &set, group).map(|()| set));
-    let norm = norm_across(caller, local, norm_type, group)?;
+    let local = agreement::refuse(Refusal::Settings, norm_type.validate())
+        .and(local)
+        .and_then(|set| check_device(caller, &set, group).map(|()| set));
+    let norm = norm_across(caller, local, norm_type, agreement, group)?;
     Ok((norm.value, norm.tensor()?))
 }
 
+/// A collective that carries no norm, for a call across ranks that needs none (a fused step
+/// without a clip or a skip): every rank learns whether another refused its call or disagrees,
+/// and fails with it. A max collective of the norm's length.
+pub(crate) fn agree_across(
+    caller: &'static str,
+    local: std::result::Result<(), RankError>,
+    agreement: Agreement,
+    group: &dyn ProcessGroup,
+) -> Result<()> {
+    max_across(caller, local.map(|()| [0u64; 0]), agreement, group).map(|_| ())
+}
+
+/// The element-wise maximum over the ranks of `local`'s words (`GradScaler`'s found-inf), with
+/// the agreement and the refusals of [`agree_across`].
+pub(crate) fn max_across<const N: usize>(
+    caller: &'static str,
+    local: std::result::Result<[u64; N], RankError>,
+    agreement: Agreement,
+    group: &dyn ProcessGroup,
+) -> Result<[u64; N]> {
+    check_world(caller, group)?;
+    let mut across = Across::new(caller, group, (0, 0), None, agreement);
+    across.exchange(local, Collective::Max)
+}
+
 /// `ClipGradNorm::clip_replicated_across_` and `clip_across_` (with no replicated var): the norm
-/// counts `owned` and, on rank 0 only, `replicated`; both are scaled.
+/// counts `owned` and, on rank 0 only, `replicated`; both are scaled. `valid` is the check of the
+/// settings, `prior` an error that refused this rank before the call: either still takes part in
+/// the collective, so that every rank fails with it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn clip_across(
     owned: &[Var],
     replicated: &[Var],
     grads: &GradStore,
     settings: ClipSettings,
+    valid: Result<()>,
+    agreement: Agreement,
+    prior: Option<RankError>,
     group: &dyn ProcessGroup,
 ) -> Result<Tensor> {
+    plan_clip_across(
+        owned, replicated, grads, settings, valid, agreement, prior, group,
+    )?
+    .apply()
+}
+
+/// A clip across ranks past its collective: the global norm, and the scale pass still to run
+/// (on this rank only: a failure there is this rank's alone).
+pub(crate) struct ClipPlan {
+    norm: GlobalNorm,
+    write_set: Option<GradientSet>,
+    settings: ClipSettings,
+}
+
+impl ClipPlan {
+    /// Scales this rank's gradients by the global coefficient (when it is below 1) and returns
+    /// the global norm.
+    pub(crate) fn apply(self) -> Result<Tensor> {
+        let settings = self.settings;
+        let value = self.norm.value;
+        let coefficient = clip_coefficient(value, settings.max_norm, settings.eps);
+        if let Some(write_set) = self.write_set {
+            if needs_scaling(coefficient) && !write_set.grads().is_empty() {
+                // The one-process scale pass of the gradients' device (the CPU's, or the
+                // kernels'), with the norm unrounded (F64): the coefficient is the one above.
+                let norm = Tensor::new(value, write_set.device())?;
+                dispatch::clip::scale_with_norm(
+                    &write_set,
+                    settings.max_norm,
+                    settings.eps,
+                    &norm,
+                )?;
+            }
+        }
+        self.norm.tensor()
+    }
+}
+
+/// [`clip_across`] up to its collective (and `error_if_nonfinite`, which every rank decides
+/// alike): everything that fails on every rank together.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn plan_clip_across(
+    owned: &[Var],
+    replicated: &[Var],
+    grads: &GradStore,
+    settings: ClipSettings,
+    valid: Result<()>,
+    agreement: Agreement,
+    prior: Option<RankError>,
+    group: &dyn ProcessGroup,
+) -> Result<ClipPlan> {
     const CALLER: &str = "clip_grad_norm_across";
+    let agreement = agreement
+        .norm_type(settings.norm_type)
+        .set_f64(Field::MaxNorm, settings.max_norm)
+        .set_f64(Field::Eps, settings.eps)
+        .set_bool(Field::ErrorIfNonfinite, settings.error_if_nonfinite)
+        .set(Field::Replicated, replicated.len() as u64);
     // Everything that can be refused locally is, before any communication.
     let local = (|| {
+        if let Some(e) = prior {
+            return Err(e);
+        }
+        agreement::refuse(Refusal::Settings, valid)?;
         let counted: Vec<Var> = if group.rank() == 0 {
             owned.iter().chain(replicated).cloned().collect()
         } else {
             owned.to_vec()
         };
-        let norm_set = GradientSet::collect(&counted, grads)?;
+        let norm_set =
+            agreement::refuse(Refusal::Gradients, GradientSet::collect(&counted, grads))?;
         let all: Vec<Var> = owned.iter().chain(replicated).cloned().collect();
-        let write_set = GradientSet::collect(&all, grads)?;
+        let write_set = agreement::refuse(Refusal::Gradients, GradientSet::collect(&all, grads))?;
         check_device(CALLER, &write_set, group)?;
         // Gradients that cannot be written are refused whether or not this call clips.
-        write_set.storage_groups()?;
+        agreement::refuse(Refusal::Gradients, write_set.storage_groups())?;
         Ok((norm_set, write_set))
     })();
     let (local, write_set) = match local {
         Ok((norm_set, write_set)) => (Ok(norm_set), Some(write_set)),
         Err(e) => (Err(e), None),
     };
-    let norm = norm_across(CALLER, local, settings.norm_type, group)?;
+    let norm = norm_across(CALLER, local, settings.norm_type, agreement, group)?;
     let value = norm.value;
     // Finite as returned: an F32 norm tensor overflows above f32::MAX.
     let returned = if norm.dtype == DType::F64 {
@@ -228,16 +314,11 @@ pub(crate) fn clip_across(
     if settings.error_if_nonfinite && !returned.is_finite() {
         return Err(nonfinite_error(returned, settings.norm_type));
     }
-    let coefficient = clip_coefficient(value, settings.max_norm, settings.eps);
-    if let Some(write_set) = write_set {
-        if needs_scaling(coefficient) && !write_set.grads().is_empty() {
-            // The one-process scale pass of the gradients' device (the CPU's, or the kernels'),
-            // with the norm unrounded (F64): the coefficient is the one computed above.
-            let norm = Tensor::new(value, write_set.device())?;
-            dispatch::clip::scale_with_norm(&write_set, settings.max_norm, settings.eps, &norm)?;
-        }
-    }
-    norm.tensor()
+    Ok(ClipPlan {
+        norm,
+        write_set,
+        settings,
+    })
 }
 
 /// The global norm as a value, with where and how to return it.
@@ -257,33 +338,34 @@ impl GlobalNorm {
 }
 
 /// Gradients on another device than the group's are refused before any communication.
-fn check_device(caller: &str, set: &GradientSet, group: &dyn ProcessGroup) -> Result<()> {
+fn check_device(
+    caller: &str,
+    set: &GradientSet,
+    group: &dyn ProcessGroup,
+) -> std::result::Result<(), RankError> {
     if set.grads().is_empty() {
         return Ok(());
     }
     let ours = set.device();
     let theirs = group.device();
     if !ours.same_device(&theirs) {
-        bail!(
-            "{caller}: rank {} of {}: the gradients are on {:?} but the process group reduces gradients on {:?}",
-            group.rank(),
-            group.world_size(),
-            ours.location(),
-            theirs.location()
-        )
+        return Err(RankError::new(
+            Refusal::Device,
+            candle_core::Error::Msg(format!(
+                "{caller}: rank {} of {}: the gradients are on {:?} but the process group reduces gradients on {:?}",
+                group.rank(),
+                group.world_size(),
+                ours.location(),
+                theirs.location()
+            ))
+            .bt(),
+        ));
     }
     Ok(())
 }
 
-/// The norm over every rank. `local` is this rank's validated gradients, or the error that refused
-/// them: then the rank still takes part in the first collective (with its failure word set), so
-/// that every rank returns an error instead of some waiting forever, and returns its own error.
-fn norm_across(
-    caller: &'static str,
-    local: Result<GradientSet>,
-    norm_type: NormType,
-    group: &dyn ProcessGroup,
-) -> Result<GlobalNorm> {
+/// A group whose size or rank the norm cannot work with fails before any collective.
+fn check_world(caller: &str, group: &dyn ProcessGroup) -> Result<()> {
     let world = group.world_size();
     if world == 0 || world > u32::MAX as usize || group.rank() >= world {
         bail!(
@@ -291,36 +373,38 @@ fn norm_across(
             group.rank()
         )
     }
+    Ok(())
+}
+
+/// The norm over every rank. `local` is this rank's validated gradients, or the error that refused
+/// this rank: then the rank still takes part in the first collective (with its failure word set),
+/// so that every rank returns an error instead of some waiting forever, and returns its own error.
+fn norm_across(
+    caller: &'static str,
+    local: std::result::Result<GradientSet, RankError>,
+    norm_type: NormType,
+    agreement: Agreement,
+    group: &dyn ProcessGroup,
+) -> Result<GlobalNorm> {
+    check_world(caller, group)?;
     let (set, failure) = match local {
         Ok(set) => (set, None),
         Err(e) => (GradientSet::from_grads(Vec::new())?, Some(e)),
     };
-    let header = Header {
-        f64_grads: set
-            .grads()
-            .iter()
-            .filter(|g| g.dtype() == DType::F64)
-            .count() as u64,
-        other_grads: set
-            .grads()
-            .iter()
-            .filter(|g| g.dtype() != DType::F64)
-            .count() as u64,
-        failed: failure.is_some() as u64,
-    };
-    let mut combine = Across {
-        caller,
-        group,
-        local: header,
-        global: None,
-    };
-    let value = norm_of_reduction(&DeviceReduction { set: &set }, norm_type, &mut combine);
-    if let Some(e) = failure {
-        return Err(e);
+    let f64_grads = set
+        .grads()
+        .iter()
+        .filter(|g| g.dtype() == DType::F64)
+        .count() as u64;
+    let counts = (f64_grads, set.grads().len() as u64 - f64_grads);
+    let mut combine = Across::new(caller, group, counts, failure, agreement);
+    let value = norm_of_reduction(&DeviceReduction { set: &set }, norm_type, &mut combine)?;
+    if let Some(e) = combine.failure.take() {
+        // (Every exchange fails for a rank that failed: not reached.)
+        return Err(e.error);
     }
-    let value = value?;
-    let global = combine.global.unwrap_or(header);
-    let dtype = if global.f64_grads > 0 && global.other_grads == 0 {
+    let (f64_grads, other_grads) = combine.global.unwrap_or(counts);
+    let dtype = if f64_grads > 0 && other_grads == 0 {
         DType::F64
     } else {
         DType::F32
@@ -335,122 +419,4 @@ fn norm_across(
         dtype,
         device,
     })
-}
-
-/// The three words at the end of every buffer (see the module documentation).
-#[derive(Debug, Clone, Copy)]
-struct Header {
-    f64_grads: u64,
-    other_grads: u64,
-    failed: u64,
-}
-
-const HEADER_WORDS: usize = 3;
-
-impl Header {
-    fn words(self) -> [u64; HEADER_WORDS] {
-        [self.f64_grads, self.other_grads, self.failed]
-    }
-}
-
-/// Which collective.
-#[derive(Debug, Clone, Copy)]
-enum Collective {
-    Sum,
-    Max,
-}
-
-/// The partial results combined through `group`'s collectives.
-struct Across<'a> {
-    caller: &'static str,
-    group: &'a dyn ProcessGroup,
-    local: Header,
-    /// The header combined over the ranks, once a collective ran.
-    global: Option<Header>,
-}
-
-impl Across<'_> {
-    /// All-reduces `payload` followed by this rank's header; fails on every rank when one failed.
-    fn exchange<const N: usize>(&mut self, payload: [u64; N], op: Collective) -> Result<[u64; N]> {
-        let mut words = Vec::with_capacity(N + HEADER_WORDS);
-        words.extend_from_slice(&payload);
-        words.extend_from_slice(&self.local.words());
-        let (name, result) = match op {
-            Collective::Sum => (
-                "all_reduce_sum_u64",
-                self.group.all_reduce_sum_u64(&mut words),
-            ),
-            Collective::Max => (
-                "all_reduce_max_u64",
-                self.group.all_reduce_max_u64(&mut words),
-            ),
-        };
-        if let Err(e) = result {
-            bail!(
-                "{}: rank {} of {}: {name} of {} words failed: {e}",
-                self.caller,
-                self.group.rank(),
-                self.group.world_size(),
-                words.len()
-            )
-        }
-        if words.len() != N + HEADER_WORDS {
-            bail!(
-                "{}: rank {}: {name} returned {} words, expected {}",
-                self.caller,
-                self.group.rank(),
-                words.len(),
-                N + HEADER_WORDS
-            )
-        }
-        let global = Header {
-            f64_grads: words[N],
-            other_grads: words[N + 1],
-            failed: words[N + 2],
-        };
-        if global.failed != 0 {
-            // (A rank that failed itself returns its own error instead of this one.)
-            let how_many = match op {
-                Collective::Sum => format!("{} of {}", global.failed, self.group.world_size()),
-                Collective::Max => format!("at least one of {}", self.group.world_size()),
-            };
-            bail!(
-                "{}: rank {}: {how_many} ranks refused their gradients before {name} (see their errors); no gradient was modified",
-                self.caller,
-                self.group.rank()
-            )
-        }
-        self.global = Some(global);
-        let mut out = [0u64; N];
-        out.copy_from_slice(&words[..N]);
-        Ok(out)
-    }
-}
-
-/// The bits of a non-negative `f64` or NaN, ordered as the values: NaN as the positive quiet NaN,
-/// which is above `+inf`.
-fn ordered_bits(x: f64) -> u64 {
-    if x.is_nan() {
-        f64::NAN.to_bits() & !(1 << 63)
-    } else {
-        debug_assert!(x >= 0.0);
-        x.to_bits()
-    }
-}
-
-impl Combine for Across<'_> {
-    fn max_abs(&mut self, local: f64) -> Result<f64> {
-        let [bits] = self.exchange([ordered_bits(local)], Collective::Max)?;
-        Ok(f64::from_bits(bits))
-    }
-
-    fn sum(&mut self, local: ExactSum) -> Result<ExactSum> {
-        let words: [u64; WORDS] = self.exchange(local.to_words(), Collective::Sum)?;
-        Ok(ExactSum::from_words(&words))
-    }
-
-    fn powers_may_leave_f64_range(&self, p: f64) -> bool {
-        let global = self.global.unwrap_or(self.local);
-        p > 6.0 || global.f64_grads > 0
-    }
 }

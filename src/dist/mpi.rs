@@ -4,6 +4,14 @@
 //! through `mpi::ffi` so that a failure code becomes a `candle_core::Error` naming the rank and
 //! the collective. Under MPI's default error handler (`MPI_ERRORS_ARE_FATAL`) a failing collective
 //! aborts the job before returning; set `MPI_ERRORS_RETURN` on the communicator to get the error.
+//!
+//! **A rank that crashes** (or exits, with an error, without `MPI_Finalize`) makes `mpirun`
+//! abort the whole job: Open MPI and MPICH's Hydra kill the other ranks, which would otherwise
+//! wait in their next collective forever. No error this crate detects leads there: a rank
+//! refused by its settings, its gradients or a failing reduction still joins the collective
+//! (its refusal travels in it), so every rank returns an error and the program decides what to
+//! do. A rank that returns early without joining (an error of the caller's own code) leaves the
+//! others waiting until it exits and the job is aborted.
 
 use std::os::raw::{c_char, c_int};
 
@@ -14,7 +22,7 @@ use mpi::topology::{CartesianCommunicator, Communicator, SimpleCommunicator};
 
 use super::ProcessGroup;
 
-/// `MPI_Allreduce` of `words` in place (through a copy of the send buffer: 584 bytes at most).
+/// `MPI_Allreduce` of `words` in place (through a copy of the send buffer: 696 bytes at most).
 fn all_reduce<C: Communicator + AsRaw<Raw = ffi::MPI_Comm>>(
     comm: &C,
     words: &mut [u64],

@@ -1,8 +1,15 @@
 //! [`ProcessGroup`] for cudarc's NCCL communicator (feature `nccl`).
 //!
-//! The buffer of the norm (584 bytes at most) is copied to the device on the communicator's
+//! The buffer of the norm (696 bytes at most) is copied to the device on the communicator's
 //! stream, all-reduced there with `ncclUint64` and `ncclSum` / `ncclMax`, and copied back (which
 //! waits for the stream): a host round trip of a few hundred bytes per collective.
+//!
+//! **A rank that crashes** leaves the others blocked in `ncclAllReduce`: NCCL has no timeout of
+//! its own, and their streams never complete. The application must abort the communicator
+//! (`ncclCommAbort`, from a watchdog thread, as PyTorch's NCCL watchdog does; or set
+//! `NCCL_ASYNC_ERROR_HANDLING`-style handling in its own launcher), after which the others'
+//! collectives fail with an error. No error this crate detects leads there: a refused rank
+//! still joins the collective (its refusal travels in it), so every rank returns an error.
 
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, ReduceOp};
 use candle_core::{bail, Device, Result};

@@ -9,6 +9,7 @@ pub(crate) mod agc;
 pub(crate) mod clip;
 pub(crate) mod element;
 pub(crate) mod exact_sum;
+pub(crate) mod fault;
 pub(crate) mod fused_step;
 pub(crate) mod grad_scaler;
 pub(crate) mod gradients;

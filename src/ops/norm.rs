@@ -8,6 +8,7 @@
 use candle_core::Result;
 
 use crate::ops::exact_sum::ExactSum;
+use crate::ops::fault;
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
 
@@ -48,11 +49,14 @@ pub(crate) trait Reduction {
 /// one process ([`OneProcess`]), through collectives across a process group (`dist`). The norm
 /// is computed by the same code either way, so a group of processes takes exactly the decisions
 /// (rescue or not) that one process holding all the gradients takes.
+///
+/// Each takes this part's result or the error of its reduction: across processes a rank whose
+/// reduction failed still takes part in the collective, so that every rank fails with it.
 pub(crate) trait Combine {
     /// The largest `|g|` over everything combined (NaN if any was NaN), from this part's.
-    fn max_abs(&mut self, local: f64) -> Result<f64>;
+    fn max_abs(&mut self, local: Result<f64>) -> Result<f64>;
     /// The exact sum over everything combined, from this part's.
-    fn sum(&mut self, local: ExactSum) -> Result<ExactSum>;
+    fn sum(&mut self, local: Result<ExactSum>) -> Result<ExactSum>;
     /// [`GradientSet::powers_may_leave_f64_range`] of everything combined.
     fn powers_may_leave_f64_range(&self, p: f64) -> bool;
 }
@@ -61,11 +65,11 @@ pub(crate) trait Combine {
 pub(crate) struct OneProcess<'a>(pub(crate) &'a GradientSet);
 
 impl Combine for OneProcess<'_> {
-    fn max_abs(&mut self, local: f64) -> Result<f64> {
-        Ok(local)
+    fn max_abs(&mut self, local: Result<f64>) -> Result<f64> {
+        local
     }
-    fn sum(&mut self, local: ExactSum) -> Result<ExactSum> {
-        Ok(local)
+    fn sum(&mut self, local: Result<ExactSum>) -> Result<ExactSum> {
+        local
     }
     fn powers_may_leave_f64_range(&self, p: f64) -> bool {
         self.0.powers_may_leave_f64_range(p)
@@ -84,7 +88,9 @@ pub(crate) fn norm_of_reduction(
     combine: &mut dyn Combine,
 ) -> Result<f64> {
     let p = match norm_type.canonical() {
-        NormType::Inf => return combine.max_abs(reduction.max_abs()?),
+        NormType::Inf => {
+            return combine.max_abs(fault::check("reduction").and_then(|()| reduction.max_abs()))
+        }
         NormType::L1 => 1.0,
         NormType::L2 => 2.0,
         NormType::P(p) => p,
@@ -94,17 +100,19 @@ pub(crate) fn norm_of_reduction(
         2.0 => Power::Square,
         _ => Power::Pow { p, divisor: 1.0 },
     };
-    let sum = combine.sum(reduction.sum_powers(power)?)?.value();
+    let local = fault::check("reduction").and_then(|()| reduction.sum_powers(power));
+    let sum = combine.sum(local)?.value();
     let suspicious = sum.is_infinite() || sum < TINY_SUM;
     if sum.is_nan() || !(suspicious && combine.powers_may_leave_f64_range(p)) {
         return Ok(root(sum, p));
     }
-    let max = combine.max_abs(reduction.max_abs()?)?;
+    let local = fault::check("rescue").and_then(|()| reduction.max_abs());
+    let max = combine.max_abs(local)?;
     if max == 0.0 || !max.is_finite() {
         return Ok(max);
     }
     let scaled = combine
-        .sum(reduction.sum_powers(Power::Pow { p, divisor: max })?)?
+        .sum(reduction.sum_powers(Power::Pow { p, divisor: max }))?
         .value();
     Ok(root(scaled, p) * max)
 }

@@ -5,9 +5,10 @@ use candle_core::{bail, Result};
 
 use crate::clip::agc::AGC_DEFAULT_EPS;
 use crate::clip::norm::ClipGradNorm;
+use crate::dist::agreement::{hash_words, Agreement, Field};
 use crate::ops::norm_type::NormType;
 use crate::policy::autoclip::{self, AutoClip};
-use crate::policy::zclip::ZClip;
+use crate::policy::zclip::{ZClip, ZClipMode};
 
 /// How [`Clipped`] clips the gradients before each step.
 ///
@@ -140,4 +141,41 @@ pub(crate) fn prescale_supports(clip: Option<&ClipSetting>) -> bool {
         clip,
         Some(ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. })
     )
+}
+
+/// `agreement` with the fields of `clip` (none: no clip), for the fingerprint that every rank of
+/// a step across ranks must share.
+pub(crate) fn agree_on(clip: Option<&ClipSetting>, agreement: Agreement) -> Agreement {
+    match clip {
+        None => agreement.set(Field::Clip, 0),
+        Some(ClipSetting::Norm {
+            max_norm,
+            norm_type,
+        }) => agreement
+            .set(Field::Clip, 1)
+            .norm_type(*norm_type)
+            .set_f64(Field::MaxNorm, *max_norm),
+        Some(ClipSetting::Value { clip_value }) => agreement
+            .set(Field::Clip, 2)
+            .set_f64(Field::ClipParameter, *clip_value),
+        Some(ClipSetting::AutoClip(autoclip)) => agreement
+            .set(Field::Clip, 3)
+            .set_f64(Field::ClipParameter, autoclip.percentile()),
+        Some(ClipSetting::ZClip(zclip)) => agreement
+            .set(Field::Clip, 4)
+            .set_f64(Field::ClipParameter, zclip.threshold_z())
+            .set(
+                Field::ClipParameters,
+                hash_words(&[
+                    zclip.ema_alpha().to_bits(),
+                    zclip.warmup() as u64,
+                    matches!(zclip.clip_mode(), ZClipMode::Mean) as u64,
+                    zclip.max_norm().map_or(u64::MAX, f64::to_bits),
+                ]),
+            ),
+        Some(ClipSetting::Agc { clipping, eps }) => agreement
+            .set(Field::Clip, 5)
+            .set_f64(Field::ClipParameter, *clipping)
+            .set(Field::ClipParameters, hash_words(&[eps.to_bits()])),
+    }
 }

@@ -9,6 +9,7 @@ use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var}
 use super::grads::{checked_grads, inv_scale};
 use super::{GradScaler, Stage};
 use crate::dispatch;
+use crate::dist::ProcessGroup;
 use crate::ops::gradients::storage_key;
 use crate::optim::adamw::FusedAdamW;
 use crate::optim::clip_setting::{prescale_supports, ClipSetting};
@@ -104,6 +105,7 @@ pub(super) trait FusedStep {
     fn has_skip_limit(&self) -> bool;
     fn skipped_steps_on_device(&self) -> Result<Tensor>;
     fn step_skipping(&mut self, grads: &GradStore, prescale: Option<&Tensor>) -> Result<()>;
+    fn step_skipping_across(&mut self, grads: &GradStore, group: &dyn ProcessGroup) -> Result<()>;
     fn record_skip(&mut self) -> Result<()>;
 }
 
@@ -131,6 +133,13 @@ macro_rules! impl_fused_step {
                 prescale: Option<&Tensor>,
             ) -> Result<()> {
                 self.step_skipping_nonfinite(grads, prescale)
+            }
+            fn step_skipping_across(
+                &mut self,
+                grads: &GradStore,
+                group: &dyn ProcessGroup,
+            ) -> Result<()> {
+                self.step_skipping_nonfinite_across(grads, group)
             }
             fn record_skip(&mut self) -> Result<()> {
                 <$ty>::record_skip(self)

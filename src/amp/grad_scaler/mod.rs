@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
+mod across;
 mod fused;
 mod grads;
 mod state_dict;
@@ -114,6 +115,9 @@ pub struct GradScaler {
     /// The storages of the gradients unscaled since the last `update` (`storage_key`), for
     /// `step`'s check that a fused optimizer's gradients were all unscaled.
     unscaled: HashSet<usize>,
+    /// Found-inf agreed over every rank by the last `unscale_across_` (known on the host from
+    /// its collective); `None` after a local `unscale_`, and before any.
+    agreed_found_inf: Option<bool>,
 }
 
 /// Where the scaler is in a step.
@@ -181,6 +185,7 @@ impl GradScaler {
             state: None,
             stage: Stage::Ready,
             unscaled: HashSet::new(),
+            agreed_found_inf: None,
         }
     }
 
@@ -362,6 +367,7 @@ impl GradScaler {
     /// found-inf and their storages. With no targets nothing is recorded (PyTorch's "no inf
     /// checks": the following `step` or `update` is an error).
     fn unscale_targets(&mut self, targets: Vec<Tensor>) -> Result<()> {
+        self.agreed_found_inf = None;
         let Some(first) = targets.first() else {
             return Ok(());
         };
@@ -515,6 +521,7 @@ impl GradScaler {
             // `unscale_` found no gradient: the step is dropped, the scale kept.
             self.stage = Stage::Ready;
             self.unscaled.clear();
+            self.agreed_found_inf = None;
             bail!("GradScaler::update: no inf checks were recorded prior to update (unscale_ found no gradient); the scale is unchanged and the scaler ready for the next step")
         };
         let found_inf = found_inf.clone();
@@ -549,6 +556,7 @@ impl GradScaler {
         state.found_inf = None;
         self.stage = Stage::Ready;
         self.unscaled.clear();
+        self.agreed_found_inf = None;
         Ok(())
     }
 

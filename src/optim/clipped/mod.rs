@@ -100,6 +100,9 @@ pub struct Clipped<O> {
     pub(super) skipped: usize,
     /// Non-finite steps skipped in a row, up to the last step.
     pub(super) skip_run: usize,
+    /// Why a step across ranks failed on this rank past its collective (the other ranks
+    /// stepped): every later `step_across` is refused on every rank.
+    pub(super) diverged: Option<String>,
 }
 
 impl<O: Optimizer> Optimizer for Clipped<O> {
@@ -129,8 +132,17 @@ impl<O: Optimizer> Clipped<O> {
     /// over the gradients of every rank of `group` (see
     /// [`total_norm_across`](crate::total_norm_across)), so that every rank scales by the same
     /// coefficient. AutoClip's norm and history are the global L2 norm's; value clipping clamps
-    /// each rank's own gradients (its `last_norm` is the global largest `|g|`). Every rank must
-    /// step together with the same setting.
+    /// each rank's own gradients (its `last_norm` is the global largest `|g|`).
+    ///
+    /// **Ranks fail together and agree.** Every check that can refuse this rank's step (its
+    /// gradients, an earlier failure) runs before the step's first collective and travels in
+    /// it: a refused rank still takes part, every rank returns an error that names it, and
+    /// nothing changes on any rank. The settings every rank must share (the clip setting and its
+    /// parameters, `skip_nonfinite`, `max_consecutive_skips`) travel as a fingerprint in the same
+    /// collective; ranks that differ all fail. A failure past the step's last collective (a
+    /// device error in the clip's pass, or the inner optimizer's step refusing) fails this rank
+    /// alone (its gradients may be clipped, its vars unchanged; the other ranks stepped): it then
+    /// refuses every later `step_across`, so every rank fails at the next step's collective.
     ///
     /// ```
     /// use candle_core::{backprop::GradStore, Device, Tensor, Var};
@@ -204,6 +216,7 @@ impl<O> Clipped<O> {
             max_consecutive_skips: None,
             skipped: 0,
             skip_run: 0,
+            diverged: None,
         }
     }
 

@@ -9,11 +9,14 @@ use super::Clipped;
 use crate::clip::agc::adaptive_clip;
 use crate::clip::norm::{clip_grads_with_norm_, total_norm, ClipGradNorm};
 use crate::clip::value::clip_grad_value_;
-use crate::dist::{total_norm_across, ProcessGroup};
-use crate::ops::clip::DEFAULT_EPS;
+use crate::dist::agreement::{refuse, Agreement, Call, Field, RankError, Refusal};
+use crate::dist::{self, ProcessGroup};
+use crate::ops::clip::{returned_norm, DEFAULT_EPS};
 use crate::ops::gradients::{check_matches_var, GradientSet};
 use crate::ops::norm_type::NormType;
-use crate::optim::clip_setting::ClipSetting;
+use crate::optim::clip_setting::{agree_on, ClipSetting};
+
+const CALLER: &str = "Clipped::step_across";
 
 impl<O: Optimizer> Clipped<O> {
     pub(super) fn step_with(
@@ -35,32 +38,52 @@ impl<O: Optimizer> Clipped<O> {
                 view.insert(var.as_tensor(), grad.clone());
             }
         }
+        // Across ranks, everything that can refuse this rank's step (the checks above, gradients
+        // that cannot be written, an earlier step that failed past its collective) is decided
+        // before the first collective, and travels in it (`prior`): a refused rank still takes
+        // part, so that every rank fails with it. Every path below makes a collective first.
+        let mut prior: Option<RankError> = None;
         if let Some(group) = group {
-            // Across ranks, everything that can refuse this rank's gradients (the checks above,
-            // gradients that cannot be written) is decided before the first collective, which a
-            // refusing rank still joins with a failure flag so that every rank fails with it.
-            let local = match refused {
-                Some(e) => Err(e),
-                None => GradientSet::collect(&self.vars, &view)
-                    .and_then(|set| set.storage_groups().map(|_| set)),
+            prior = match (&self.diverged, refused) {
+                (Some(earlier), _) => Some(RankError::new(
+                    Refusal::Diverged,
+                    candle_core::Error::Msg(format!(
+                        "{CALLER}: rank {}: an earlier step failed on this rank after its collective ({earlier}), so its vars differ from the other ranks': restore every rank from a checkpoint; nothing was modified",
+                        group.rank()
+                    ))
+                    .bt(),
+                )),
+                (None, Some(e)) => Some(RankError::new(Refusal::Gradients, e)),
+                (None, None) => GradientSet::collect(&self.vars, &view)
+                    .and_then(|set| set.storage_groups().map(|_| ()))
+                    .err()
+                    .map(|e| RankError::new(Refusal::Gradients, e)),
             };
-            if let Err(e) = local {
-                crate::dist::set_norm_across("step_across", Err(e), self.first_norm_type(), group)?;
-                return unreachable_failure();
-            }
         } else if let Some(e) = refused {
             return Err(e);
         }
+        let agreement = self.agreement();
         // With skipping on, the largest |g| decides first, before anything is written (one host
         // read: whether to call the inner optimizer is decided on the host); across ranks, the
-        // largest over every rank's, so that every rank skips together.
+        // largest over every rank's, so that every rank skips together (its value comes back
+        // from the collective on the host: nothing can fail between it and the clip's).
         let mut largest = None;
         if self.skip_nonfinite {
-            let norm = match group {
-                Some(group) => total_norm_across(&self.vars, &view, NormType::Inf, group)?,
-                None => total_norm(&self.vars, &view, NormType::Inf)?,
+            let (value, norm) = match group {
+                Some(group) => {
+                    let local = match prior.take() {
+                        Some(e) => Err(e),
+                        None => refuse(Refusal::Gradients, GradientSet::collect(&self.vars, &view)),
+                    };
+                    let (value, norm) =
+                        dist::set_norm_across(CALLER, local, NormType::Inf, agreement, group)?;
+                    (returned_norm(value, norm.dtype()), norm)
+                }
+                None => {
+                    let norm = total_norm(&self.vars, &view, NormType::Inf)?;
+                    (norm.to_dtype(DType::F64)?.to_scalar::<f64>()?, norm)
+                }
             };
-            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 if let Some(limit) = self.max_consecutive_skips {
                     if self.skip_run >= limit {
@@ -77,6 +100,34 @@ impl<O: Optimizer> Clipped<O> {
             }
             largest = Some(norm);
         }
+        self.clip_and_step(grads, view, group, largest, prior, agreement)
+    }
+
+    /// The settings every rank's step must agree on.
+    fn agreement(&self) -> Agreement {
+        agree_on(Some(&self.clip), Agreement::new(Call::ClippedStep))
+            .set(Field::Optimizer, 3)
+            .set_bool(Field::SkipNonfinite, self.skip_nonfinite)
+            .set(
+                Field::MaxConsecutiveSkips,
+                self.max_consecutive_skips.map_or(u64::MAX, |l| l as u64),
+            )
+    }
+
+    /// Clips `view` by the setting (across ranks: after the clip's collective, which carries
+    /// `prior`) and steps the inner optimizer.
+    fn clip_and_step(
+        &mut self,
+        grads: &GradStore,
+        mut view: GradStore,
+        group: Option<&dyn ProcessGroup>,
+        largest: Option<Tensor>,
+        mut prior: Option<RankError>,
+        agreement: Agreement,
+    ) -> Result<()> {
+        // Whether this rank is past the step's last collective (set by each path once its
+        // collective returned): across ranks, a failure from then on is this rank's alone.
+        let mut past_collective = false;
         // The policies' state changes with the clip; put it back if the inner step fails.
         let saved_clip = matches!(self.clip, ClipSetting::AutoClip(_) | ClipSetting::ZClip(_))
             .then(|| self.clip.clone());
@@ -89,7 +140,21 @@ impl<O: Optimizer> Clipped<O> {
                 } => {
                     let clip = ClipGradNorm::new(*max_norm).norm_type(*norm_type);
                     let norm = match group {
-                        Some(group) => clip.clip_across_(vars, &mut view, group)?,
+                        Some(group) => {
+                            // The norm's collective, then the scale pass (past it).
+                            let plan = dist::plan_clip_across(
+                                vars,
+                                &[],
+                                &view,
+                                clip.settings(),
+                                Ok(()),
+                                agreement,
+                                prior.take(),
+                                group,
+                            )?;
+                            past_collective = true;
+                            plan.apply()?
+                        }
                         None => clip.clip_(vars, &mut view)?,
                     };
                     let not_clipped = not_clipped_by_norm(&norm, *max_norm, DEFAULT_EPS)?;
@@ -98,11 +163,18 @@ impl<O: Optimizer> Clipped<O> {
                 ClipSetting::Value { clip_value } => {
                     let norm = match (largest, group) {
                         (Some(norm), _) => norm,
-                        (None, Some(group)) => {
-                            total_norm_across(vars, &view, NormType::Inf, group)?
-                        }
+                        (None, Some(group)) => dist::vars_norm_across(
+                            CALLER,
+                            vars,
+                            &view,
+                            NormType::Inf,
+                            agreement,
+                            prior.take(),
+                            group,
+                        )?,
                         (None, None) => total_norm(vars, &view, NormType::Inf)?,
                     };
+                    past_collective = true;
                     clip_grad_value_(vars, &mut view, *clip_value)?;
                     let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
                     (norm, not_clipped)
@@ -111,7 +183,16 @@ impl<O: Optimizer> Clipped<O> {
                     let (norm, threshold) = match group {
                         Some(group) => {
                             // As `AutoClip::clip_`, with the global norm.
-                            let norm = total_norm_across(vars, &view, NormType::L2, group)?;
+                            let norm = dist::vars_norm_across(
+                                CALLER,
+                                vars,
+                                &view,
+                                NormType::L2,
+                                agreement,
+                                prior.take(),
+                                group,
+                            )?;
+                            past_collective = true;
                             let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                             let threshold = autoclip.threshold_with(value);
                             clip_grads_with_norm_(vars, &mut view, threshold, &norm)?;
@@ -133,12 +214,20 @@ impl<O: Optimizer> Clipped<O> {
                             // given norm.
                             // The exact global norm (not its F32 rounding): ZClip's input rule
                             // (`zclip::input`) needs it, as in one process.
-                            let (value, norm) = crate::dist::set_norm_across(
-                                "step_across",
-                                GradientSet::collect(vars, &view),
+                            let local = match prior.take() {
+                                Some(e) => Err(e),
+                                None => {
+                                    refuse(Refusal::Gradients, GradientSet::collect(vars, &view))
+                                }
+                            };
+                            let (value, norm) = dist::set_norm_across(
+                                CALLER,
+                                local,
                                 NormType::L2,
+                                agreement,
                                 group,
                             )?;
+                            past_collective = true;
                             let (given, max_norm, eps) =
                                 zclip.step_for_norm(value, norm.dtype(), norm.device())?;
                             let c = zclip.last_coefficient()?.unwrap_or(1.0);
@@ -167,7 +256,19 @@ impl<O: Optimizer> Clipped<O> {
                     // Unit-wise: each rank clips its own units; across ranks `last_norm` is the
                     // global L2 norm before clipping.
                     let global = match group {
-                        Some(group) => Some(total_norm_across(vars, &view, NormType::L2, group)?),
+                        Some(group) => {
+                            let norm = dist::vars_norm_across(
+                                CALLER,
+                                vars,
+                                &view,
+                                NormType::L2,
+                                agreement,
+                                prior.take(),
+                                group,
+                            )?;
+                            past_collective = true;
+                            Some(norm)
+                        }
                         None => None,
                     };
                     let outcome = adaptive_clip(vars, &view, *clipping, *eps)?;
@@ -187,6 +288,7 @@ impl<O: Optimizer> Clipped<O> {
                 if let Some(clip) = saved_clip {
                     self.clip = clip;
                 }
+                self.diverge_if(group.filter(|_| past_collective), &e);
                 return Err(e);
             }
         };
@@ -194,6 +296,7 @@ impl<O: Optimizer> Clipped<O> {
             if let Some(clip) = saved_clip {
                 self.clip = clip;
             }
+            self.diverge_if(group, &e);
             return Err(e);
         }
         self.count(not_clipped)?;
@@ -205,18 +308,12 @@ impl<O: Optimizer> Clipped<O> {
 }
 
 impl<O> Clipped<O> {
-    /// The norm of a step's first collective across ranks: the largest `|g|` with skipping on
-    /// (it decides first), else the norm of the clip.
-    fn first_norm_type(&self) -> NormType {
-        if self.skip_nonfinite {
-            return NormType::Inf;
-        }
-        match &self.clip {
-            ClipSetting::Norm { norm_type, .. } => *norm_type,
-            ClipSetting::Value { .. } => NormType::Inf,
-            ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. } => {
-                NormType::L2
-            }
+    /// Across ranks (`group`), after a failure past the step's collective on this rank alone
+    /// (the other ranks stepped): every later `step_across` is refused on every rank.
+    fn diverge_if(&mut self, group: Option<&dyn ProcessGroup>, e: &candle_core::Error) {
+        if let Some(group) = group {
+            self.diverged
+                .get_or_insert_with(|| format!("rank {}: {e}", group.rank()));
         }
     }
 
@@ -233,11 +330,6 @@ impl<O> Clipped<O> {
         });
         Ok(())
     }
-}
-
-/// `dist::set_norm_across` always fails for a rank that reports a failure.
-fn unreachable_failure() -> Result<()> {
-    bail!("internal error: a refused rank's collective did not fail")
 }
 
 /// Whether a step with this `norm` was left unclipped by `threshold` (a 0-d `U8` on the norm's

@@ -76,6 +76,27 @@ macro_rules! fused_optimizer_api {
                 self.core.put_back(backup)
             }
 
+            /// [`step_skipping_nonfinite`](Self::step_skipping_nonfinite) across the ranks of
+            /// `group` ([`GradScaler::step_across`](crate::GradScaler::step_across)): invalid
+            /// parameters refuse this rank in the step's collective, so every rank fails.
+            pub(crate) fn step_skipping_nonfinite_across(
+                &mut self,
+                grads: &GradStore,
+                group: &dyn crate::dist::ProcessGroup,
+            ) -> Result<()> {
+                let refused = validate(&self.params).err().map(|e| {
+                    crate::dist::agreement::RankError::new(
+                        crate::dist::agreement::Refusal::Optimizer,
+                        e,
+                    )
+                });
+                self.core.step_skipping_nonfinite_across(
+                    grads,
+                    rule(&self.params),
+                    crate::optim::fused::step::StepAcross { group, refused },
+                )
+            }
+
             /// The core's device and clip, for GradScaler's choice of path.
             pub(crate) fn core(&self) -> &crate::optim::fused::FusedCore {
                 &self.core
@@ -402,8 +423,19 @@ runs on the global L2 norm (its statistics updated on the host, where that norm 
 unit-wise (each rank clips its own units; `last_norm` is the global L2 norm); and
 `skip_nonfinite` without a clip skips on every rank when any rank's gradients are not finite.
 Value clipping is element-wise (each rank clamps its own gradients); with `skip_nonfinite` the
-largest `|g|` over every rank decides the skip (so every rank skips together) and is `last_norm`.
-Every rank must step together with the same settings.
+largest `|g|` over every rank decides the skip (so every rank skips together) and is `last_norm`;
+with AGC the global L2 norm decides it.
+
+**Ranks fail together and agree.** Every step makes one collective (the clip's norm, or a small
+one when the step needs no norm), and every check that can refuse this rank's step runs before
+it: its parameters (a learning rate made invalid by `set_learning_rate`), its gradients, an
+earlier failure. A refused rank still takes part, so every rank returns an error that names it
+and nothing changes on any rank. The settings every rank must share (the optimizer, the clip
+setting and its parameters, `skip_nonfinite`, `max_consecutive_skips`) travel as a fingerprint
+in the same collective: ranks that differ all fail, naming the first rank and setting that
+differ from rank 0's. A device error in the update, after the collective, fails that rank
+alone (its vars and state may be partly updated; the others stepped): its optimizer then
+refuses every later `step_across`, so every rank fails at the next step's collective.
 
 ```
 use candle_core::{backprop::GradStore, Device, Tensor, Var};
@@ -437,8 +469,16 @@ assert_eq!(norms, [5.0, 5.0]); // the norm of both ranks' gradients, on both
                 grads: &GradStore,
                 group: &dyn crate::dist::ProcessGroup,
             ) -> Result<()> {
-                validate(&self.params)?;
-                self.core.step(grads, rule(&self.params), Some(group))
+                // Invalid parameters refuse this rank inside the step's collective, so that every
+                // rank fails with it.
+                let refused = validate(&self.params).err().map(|e| {
+                    crate::dist::agreement::RankError::new(
+                        crate::dist::agreement::Refusal::Optimizer,
+                        e,
+                    )
+                });
+                let across = crate::optim::fused::step::StepAcross { group, refused };
+                self.core.step(grads, rule(&self.params), Some(across))
             }
         }
     };

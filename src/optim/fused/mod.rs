@@ -16,7 +16,7 @@ use crate::ops::fused_step::{
 
 pub(crate) mod api;
 pub(crate) mod state_dict;
-mod step;
+pub(crate) mod step;
 
 /// The shared core of the fused optimizers.
 #[derive(Debug)]
@@ -40,6 +40,9 @@ pub(crate) struct FusedCore {
     /// With a limit: the skipped-step count after the last step, and the non-finite steps
     /// skipped in a row up to it (kept on the host; unknown until the first step with a limit).
     pub(super) skip_run: Option<(usize, usize)>,
+    /// Why a step across ranks failed on this rank after its collective (the other ranks
+    /// stepped): every later `step_across` is refused on every rank.
+    pub(super) diverged: Option<String>,
 }
 
 impl FusedCore {
@@ -137,6 +140,7 @@ impl FusedCore {
             last_norm: None,
             max_consecutive_skips: None,
             skip_run: None,
+            diverged: None,
         })
     }
 

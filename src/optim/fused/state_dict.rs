@@ -78,6 +78,7 @@ pub struct StateBackup {
     control: Tensor,
     buffers: Vec<[Option<Tensor>; 2]>,
     skip_run: Option<(usize, usize)>,
+    diverged: Option<String>,
 }
 
 impl FusedCore {
@@ -250,6 +251,8 @@ impl FusedCore {
             control: std::mem::replace(&mut self.control, control),
             buffers: std::mem::replace(&mut self.state.buffers, buffers),
             skip_run: self.skip_run.take(),
+            // A loaded state supersedes a failed step across ranks (every rank reloads).
+            diverged: self.diverged.take(),
         })
     }
 
@@ -291,6 +294,7 @@ impl FusedCore {
         self.control = backup.control;
         self.state.buffers = backup.buffers;
         self.skip_run = backup.skip_run;
+        self.diverged = backup.diverged;
     }
 
     /// [`load_state_values`](Self::load_state_values) of a state dict keyed as this optimizer

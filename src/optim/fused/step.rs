@@ -6,17 +6,28 @@ use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 use super::{too_many_skips, FusedCore};
 use crate::dispatch;
 use crate::dist;
+use crate::dist::agreement::{refuse, Agreement, Call, Field, RankError, Refusal};
 use crate::dist::ProcessGroup;
 use crate::ops::clip::{returned_norm, DEFAULT_EPS};
+use crate::ops::fault;
 use crate::ops::fused_step::{Rule, Step, StepClip, Target};
 use crate::ops::gradients::{check_matches_var, storage_key, GradientSet};
 use crate::ops::norm_type::NormType;
-use crate::optim::clip_setting::{prescale_supports, ClipSetting};
+use crate::optim::clip_setting::{agree_on, prescale_supports, ClipSetting};
+
+/// A step across the ranks of `group`; `refused`: the error that refused this rank before the
+/// step (its optimizer's parameters). The rank still takes part in the step's collective, so
+/// that every rank fails with it.
+pub(crate) struct StepAcross<'a> {
+    pub(crate) group: &'a dyn ProcessGroup,
+    pub(crate) refused: Option<RankError>,
+}
 
 impl FusedCore {
     /// One step: collect and check the gradients, decide the clip, run the fused update.
-    /// Nothing changes when it fails. With a `group`, the norm of the clip (and the finite check
-    /// of `skip_nonfinite` without a clip) is the one over every rank's gradients (see
+    /// Nothing changes when it fails. Across ranks (`across`), the norm of the clip (and the
+    /// finite check of `skip_nonfinite`) is the one over every rank's gradients, and every step
+    /// makes one collective that carries this rank's refusal and its settings' fingerprint (see
     /// `step_across`). With `max_consecutive_skips`, one host read of the skip count after the
     /// step; a skip beyond the limit is undone (a skipped step changed only the counters and the
     /// clip's bookkeeping) and reported.
@@ -24,9 +35,9 @@ impl FusedCore {
         &mut self,
         grads: &GradStore,
         rule: Rule,
-        group: Option<&dyn ProcessGroup>,
+        across: Option<StepAcross<'_>>,
     ) -> Result<()> {
-        self.step_limited(grads, rule, None, group)
+        self.step_limited(grads, rule, None, across)
     }
 
     /// [`step`](Self::step) with GradScaler's `prescale` (see `ops::fused_step::Step`), and
@@ -36,25 +47,50 @@ impl FusedCore {
         grads: &GradStore,
         rule: Rule,
         prescale: Option<&Tensor>,
-        group: Option<&dyn ProcessGroup>,
+        across: Option<StepAcross<'_>>,
     ) -> Result<()> {
         let Some(limit) = self.max_consecutive_skips.filter(|_| self.skip_nonfinite) else {
             self.skip_run = None;
-            return self.step_with(grads, rule, prescale, group);
+            return self.step_with(grads, rule, prescale, across);
         };
-        let (skipped_before, run) = self.skip_run_so_far()?;
-        let saved = (
-            self.control.copy()?,
-            self.clip.clone(),
-            self.last_norm.clone(),
-        );
-        self.step_with(grads, rule, prescale, group)?;
-        let skipped = self.skipped_steps()?;
+        let prepared = self.skip_run_so_far().and_then(|run| {
+            let saved = (
+                self.control.copy()?,
+                self.clip.clone(),
+                self.last_norm.clone(),
+            );
+            Ok((run, saved))
+        });
+        let (((skipped_before, run), saved), is_across) = match (prepared, across) {
+            (Ok(prepared), across) => {
+                let is_across = across.is_some();
+                self.step_with(grads, rule, prescale, across)?;
+                (prepared, is_across)
+            }
+            // Across ranks this rank still takes part in the step's collective (and fails).
+            (Err(e), Some(mut across)) => {
+                across
+                    .refused
+                    .get_or_insert(RankError::new(Refusal::Reduction, e));
+                return self.step_with(grads, rule, prescale, Some(across));
+            }
+            (Err(e), None) => return Err(e),
+        };
+        let skipped = match self.skipped_steps() {
+            Ok(skipped) => skipped,
+            Err(e) => {
+                if is_across {
+                    self.diverge(&e);
+                }
+                return Err(e);
+            }
+        };
         if skipped == skipped_before {
             self.skip_run = Some((skipped, 0));
             return Ok(());
         }
         if run >= limit {
+            // (Every rank skipped alike, so every rank refuses alike.)
             (self.control, self.clip, self.last_norm) = saved;
             self.skip_run = Some((skipped_before, run));
             return Err(too_many_skips(run, limit));
@@ -63,15 +99,91 @@ impl FusedCore {
         Ok(())
     }
 
-    /// One step, with GradScaler's `prescale` and a process group.
+    /// Marks this optimizer as out of step with the other ranks after `e` failed its update
+    /// past the collective: every later `step_across` fails on every rank.
+    fn diverge(&mut self, e: &candle_core::Error) {
+        self.diverged.get_or_insert_with(|| e.to_string());
+    }
+
+    /// The settings every rank's step must agree on.
+    fn agreement(&self, rule: Rule) -> Agreement {
+        let optimizer = match rule {
+            Rule::AdamW { .. } => 1,
+            Rule::Sgd { .. } => 2,
+        };
+        agree_on(self.clip.as_ref(), Agreement::new(Call::FusedStep))
+            .set(Field::Optimizer, optimizer)
+            .set_bool(Field::SkipNonfinite, self.skip_nonfinite)
+            .set(
+                Field::MaxConsecutiveSkips,
+                self.max_consecutive_skips.map_or(u64::MAX, |l| l as u64),
+            )
+    }
+
+    /// The step's one collective across ranks: the global norm it needs (see
+    /// [`across_norm_type`](Self::across_norm_type)), or none but the agreement. `prepared` and
+    /// `collected` are this rank's preparations; a failure of either (or `across.refused`, or an
+    /// earlier step that failed past its collective) refuses this rank in the collective, so that
+    /// every rank fails with it.
+    fn step_collective(
+        &self,
+        across: StepAcross<'_>,
+        prepared: Result<()>,
+        collected: &Result<GradientSet>,
+        rule: Rule,
+    ) -> Result<Option<(f64, Tensor)>> {
+        let group = across.group;
+        let local = (|| {
+            if let Some(e) = across.refused {
+                return Err(e);
+            }
+            if let Some(earlier) = &self.diverged {
+                return Err(RankError::new(
+                    Refusal::Diverged,
+                    candle_core::Error::Msg(format!(
+                        "step_across: rank {}: an earlier step failed on this rank after its collective ({earlier}), so its vars and state differ from the other ranks': restore every rank from a checkpoint (new optimizers); nothing was modified",
+                        group.rank()
+                    ))
+                    .bt(),
+                ));
+            }
+            refuse(Refusal::Reduction, prepared)?;
+            match collected {
+                Ok(set) => refuse(
+                    Refusal::Gradients,
+                    GradientSet::from_grads(set.grads().to_vec()),
+                ),
+                Err(e) => Err(RankError::new(
+                    Refusal::Gradients,
+                    candle_core::Error::Msg(e.to_string()),
+                )),
+            }
+        })();
+        let agreement = self.agreement(rule);
+        match self.across_norm_type() {
+            Some(norm_type) => Ok(Some(dist::set_norm_across(
+                "step_across",
+                local,
+                norm_type,
+                agreement,
+                group,
+            )?)),
+            None => {
+                dist::agree_across("step_across", local.map(|_| ()), agreement, group)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// One step, with GradScaler's `prescale`, on this rank or across ranks.
     fn step_with(
         &mut self,
         grads: &GradStore,
         rule: Rule,
         prescale: Option<&Tensor>,
-        group: Option<&dyn ProcessGroup>,
+        across: Option<StepAcross<'_>>,
     ) -> Result<()> {
-        self.ensure_state(rule.state_count())?;
+        let prepared = self.ensure_state(rule.state_count());
         let mut targets = Vec::with_capacity(self.vars.len());
         let mut step_grads = Vec::with_capacity(self.vars.len());
         let collected = (|| {
@@ -88,29 +200,44 @@ impl FusedCore {
             }
             GradientSet::from_grads(step_grads)
         })();
-        // Across ranks: the global norm, computed first (a rank whose gradients were refused
-        // still takes part, so that every rank fails with it).
-        let global_norm = match (group, self.across_norm_type()) {
-            (Some(group), Some(norm_type)) => {
-                let local = collected
-                    .as_ref()
-                    .map(|set| GradientSet::from_grads(set.grads().to_vec()))
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
-                    .and_then(|r| r);
-                Some(dist::set_norm_across(
-                    "step_across",
-                    local,
-                    norm_type,
-                    group,
-                )?)
-            }
-            _ => None,
+        let Some(across) = across else {
+            prepared?;
+            return self.finish_step(collected?, targets, rule, prescale, None);
         };
-        let set = collected?;
-        // Value clipping across ranks with skipping on: the largest |g| over every rank decides
-        // the skip (known on the host: the collective returned it), so every rank skips together.
-        if let (Some(ClipSetting::Value { .. }), Some((value, norm))) = (&self.clip, &global_norm) {
-            if !value.is_finite() {
+        // Across ranks: the step's collective first (a rank refused by its parameters, its
+        // state or its gradients still takes part, so that every rank fails with it).
+        let global_norm = self.step_collective(across, prepared, &collected, rule)?;
+        // Past the collective, a failure is this rank's alone: the other ranks step. This rank's
+        // vars and state are then out of step with theirs, and every later `step_across` fails on
+        // every rank (at its collective).
+        let result = collected.and_then(|set| {
+            fault::check("update")?;
+            self.finish_step(set, targets, rule, prescale, global_norm)
+        });
+        if let Err(e) = &result {
+            self.diverge(e);
+        }
+        result
+    }
+
+    /// The step past the collection (and the collective, across ranks, whose global norm is
+    /// `global_norm`): decide the clip and run the fused update.
+    fn finish_step(
+        &mut self,
+        set: GradientSet,
+        targets: Vec<Target>,
+        rule: Rule,
+        prescale: Option<&Tensor>,
+        global_norm: Option<(f64, Tensor)>,
+    ) -> Result<()> {
+        // Value clipping and AGC across ranks with skipping on: the global norm (the largest |g|,
+        // or the L2 norm, non-finite exactly when a gradient is) decides the skip (known on the
+        // host: the collective returned it), so every rank skips together. (The other clips
+        // decide from the global norm in the step itself.)
+        if let (Some(ClipSetting::Value { .. } | ClipSetting::Agc { .. }), Some((value, norm))) =
+            (&self.clip, &global_norm)
+        {
+            if self.skip_nonfinite && !value.is_finite() {
                 self.bump_skipped()?;
                 self.last_norm = Some(norm.clone());
                 return Ok(());
@@ -290,6 +417,21 @@ impl FusedCore {
         }
         let setting = std::mem::replace(&mut self.skip_nonfinite, true);
         let result = self.step_limited(grads, rule, prescale, None);
+        self.skip_nonfinite = setting;
+        result
+    }
+
+    /// [`step_skipping_nonfinite`](Self::step_skipping_nonfinite) across the ranks of `group`
+    /// (no prescale), `across.refused` refusing this rank: [`GradScaler::step_across`](crate::GradScaler::step_across) after a
+    /// found-inf agreed over every rank.
+    pub(crate) fn step_skipping_nonfinite_across(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        across: StepAcross<'_>,
+    ) -> Result<()> {
+        let setting = std::mem::replace(&mut self.skip_nonfinite, true);
+        let result = self.step_limited(grads, rule, None, Some(across));
         self.skip_nonfinite = setting;
         result
     }
