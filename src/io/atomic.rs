@@ -34,7 +34,9 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
 /// (see the module's documentation), through a bounded buffer.
 ///
 /// If writing fails, or `write` streams another number of bytes than `len`, the old file is left
-/// as it was and the temporary file is removed.
+/// as it was and the temporary file is removed. (If the final rename itself fails, the crate
+/// leaves the temporary file under a hidden random name `.<name>.XXXXXX`; a folder in the way,
+/// the common cause, is refused before anything is written.)
 pub(crate) fn write_atomically(
     path: &Path,
     len: u64,
@@ -42,6 +44,11 @@ pub(crate) fn write_atomically(
 ) -> Result<()> {
     if path.file_name().is_none() {
         candle_core::bail!("cannot save to `{}`: it names no file", path.display())
+    }
+    // The rename would fail after the whole write, and the crate leaves its temporary file
+    // behind when a rename fails: refuse up front.
+    if path.is_dir() {
+        candle_core::bail!("cannot save to `{}`: it is a folder", path.display())
     }
     let mut file = AtomicWriteFile::options()
         .open(path)
@@ -191,10 +198,11 @@ mod tests {
     #[test]
     fn a_failed_save_keeps_the_old_file() -> Result<()> {
         let dir = dir("fail")?;
-        // Renaming a file over a non-empty folder fails: the folder stays, no temporary is left.
+        // A folder in the way: refused before anything is written; the folder stays.
         let path = dir.join("taken");
         fs::create_dir_all(path.join("inside"))?;
-        assert!(save(b"state", &path).is_err());
+        let err = save(b"state", &path).expect_err("saved over a folder");
+        assert!(err.to_string().contains("it is a folder"), "{err}");
         assert!(path.join("inside").is_dir());
         assert_eq!(names(&dir)?, ["taken"]);
         // A path that names no file.

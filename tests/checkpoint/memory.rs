@@ -108,7 +108,7 @@ fn extra_peak<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, u64)> {
 /// 8M F32 parameters in 400 vars with AdamW's moments: a 96 MB file. The targets: a
 /// save adds at most 1.5x the file, a load + restore at most 2.5x (0.1 ran out of memory).
 #[test]
-#[ignore = "a peak-RSS probe: run alone (`.ci/run` does: --ignored --test-threads=1)"]
+#[ignore = "a peak-RSS probe: run alone (`.ci/run` runs it with --ignored --exact)"]
 fn save_and_restore_stay_within_a_few_files_of_memory() -> Result<()> {
     let dir = temp_dir("memory");
     let path = dir.join("ckpt.safetensors");
