@@ -12,7 +12,8 @@ impl TrainingCheckpoint {
     /// Saves it as [`save`](Self::save) does, on a new thread, and returns at once: the
     /// checkpoint holds host copies taken when it was built, so the vars and the optimizer may go
     /// on changing (the file holds the state at build time). [`PendingSave::wait`] returns the
-    /// save's result.
+    /// save's result. Wait for one save before starting the next to the same path: two in flight
+    /// at once each succeed, but the one that ends last wins, which need not be the newer.
     ///
     /// ```
     /// use candle_core::{DType, Device};

@@ -49,7 +49,9 @@ pub(super) const USER: &str = "user.";
 /// **Saving** ([`save`](Self::save)) is atomic and durable (the `atomic-write-file` crate): the
 /// file is streamed to an unnamed temporary file in the same folder (`O_TMPFILE` on Linux), fsynced,
 /// renamed over the old checkpoint, and the folder fsynced. A crash at any moment leaves either
-/// the old checkpoint or the new one, never a torn one, and nothing else. Several threads or
+/// the old checkpoint or the new one, never a torn one (and, but for a crash in the instant
+/// between linking the file and renaming it, or on a file system without `O_TMPFILE`, no
+/// temporary file). Several threads or
 /// processes may save to one path at once: each save succeeds, the last rename wins. The file
 /// holds the SHA-256 of every tensor and of its header.
 ///
@@ -167,6 +169,9 @@ impl TrainingCheckpoint {
     pub fn with_optimizer<O: CheckpointOptimizer>(mut self, optimizer: &O) -> Result<Self> {
         if self.meta.contains_key(KEY_OPTIMIZER) {
             bail!("TrainingCheckpoint::with_optimizer: the checkpoint already holds an optimizer")
+        }
+        if self.names_by_id.is_empty() && self.entries.keys().any(|k| k.starts_with(VARS)) {
+            bail!("TrainingCheckpoint::with_optimizer: this checkpoint was loaded from a file, and knows its vars by name only; build a new one with TrainingCheckpoint::new(&varmap, step)")
         }
         let keys = var_keys(
             &self.names_by_id,

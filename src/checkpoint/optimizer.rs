@@ -35,7 +35,7 @@ pub(crate) mod sealed {
             keys: &[String],
         ) -> Result<StateBackup>;
         /// Puts back what [`load_optimizer_values`](Self::load_optimizer_values) replaced.
-        fn put_back_state(&mut self, backup: StateBackup);
+        fn put_back_state(&mut self, backup: StateBackup) -> Result<()>;
         fn clip(&self) -> Option<&ClipSetting>;
         /// Replaces the clip setting by a validated one of the same kind and parameters.
         fn replace_clip(&mut self, clip: ClipSetting) -> Result<()>;
@@ -76,7 +76,7 @@ macro_rules! checkpoint_optimizer {
             ) -> Result<StateBackup> {
                 self.load_state_values(values, keys)
             }
-            fn put_back_state(&mut self, backup: StateBackup) {
+            fn put_back_state(&mut self, backup: StateBackup) -> Result<()> {
                 self.put_back(backup)
             }
             fn clip(&self) -> Option<&ClipSetting> {

@@ -286,7 +286,12 @@ impl<'a> Restore<'a> {
         let old_values = vars
             .iter()
             .map(|(_, v)| Entry::from_tensor(v.as_tensor()))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| {
+                fail(format!(
+                    "cannot read the vars' old values for a rollback: {e}"
+                ))
+            })?;
         let mut rollback_optimizer = None;
         if let Some((opt, keys, new_clip)) = optimizer_plan {
             let values: HashMap<&str, StateValue<'_>> = ck
@@ -299,8 +304,13 @@ impl<'a> Restore<'a> {
             let old_clip = opt.clip().cloned();
             if let Some(c) = new_clip {
                 if let Err(e) = opt.replace_clip(c) {
-                    opt.put_back_state(old_state);
-                    return Err(fail(format!("the optimizer's clip setting: {e}")));
+                    let outcome = match opt.put_back_state(old_state) {
+                        Ok(()) => "nothing was changed",
+                        Err(_) => "putting the optimizer's state back failed as well",
+                    };
+                    return Err(candle_core::Error::Msg(format!(
+                        "TrainingCheckpoint::restore: the optimizer's clip setting: {e}; {outcome}"
+                    )));
                 }
             }
             rollback_optimizer = Some((opt, old_state, old_clip));
@@ -316,7 +326,7 @@ impl<'a> Restore<'a> {
                         .is_ok();
                 }
                 if let Some((opt, state, clip)) = rollback_optimizer {
-                    opt.put_back_state(state);
+                    put_back &= opt.put_back_state(state).is_ok();
                     if let Some(c) = clip {
                         put_back &= opt.replace_clip(c).is_ok();
                     }

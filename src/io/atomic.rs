@@ -2,7 +2,8 @@
 //! unnamed temporary file in the same folder (Linux's `O_TMPFILE`; a randomly named one where the
 //! file system has none), fsynced, linked and renamed over the old one, and the folder fsynced. A
 //! crash at any moment leaves either the old file or the new one under the name, never a torn
-//! one, and (with `O_TMPFILE`) nothing else. Saves to one path from several threads or processes
+//! one, and (with `O_TMPFILE`) no temporary file, but for a crash in the instant between the link
+//! to a hidden name and the rename. Saves to one path from several threads or processes
 //! at once each succeed; the last rename wins.
 
 use std::io::{BufWriter, Write};
@@ -151,14 +152,19 @@ mod tests {
     fn replaces_the_file_and_leaves_no_temporary() -> Result<()> {
         let dir = dir("replace")?;
         let path = dir.join("state.safetensors");
-        // Someone else's file that looks like a temporary one stays.
+        // Someone else's file that looks like a temporary one (the crate's or 0.1's) stays.
         fs::write(dir.join(".state.safetensors.tmp-1-0"), b"not ours")?;
+        fs::write(dir.join(".state.safetensors.AbC123"), b"not ours")?;
         save(b"first, longer", &path)?;
         save(b"second", &path)?;
         assert_eq!(fs::read(&path)?, b"second");
         assert_eq!(
             names(&dir)?,
-            [".state.safetensors.tmp-1-0", "state.safetensors"]
+            [
+                ".state.safetensors.AbC123",
+                ".state.safetensors.tmp-1-0",
+                "state.safetensors"
+            ]
         );
         fs::remove_dir_all(&dir)?;
         Ok(())

@@ -24,12 +24,23 @@ const _: () = assert!(
 /// One tensor as the file holds it: a range of a shared host buffer (a tensor's own host copy,
 /// an optimizer buffer read once for all its vars, or a whole file read once), so that a
 /// checkpoint holds each byte once.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Entry {
     pub(crate) dtype: DType,
     pub(crate) shape: Vec<usize>,
     buffer: Arc<Vec<u8>>,
     range: Range<usize>,
+}
+
+/// Its dtype, shape and place, not its bytes (the buffer may be a whole file).
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .field("bytes", &self.range)
+            .finish()
+    }
 }
 
 /// The elements of a CPU storage from `start` to `end` as little-endian bytes (one copy).
@@ -279,7 +290,8 @@ pub(crate) fn header_digest(
     }
     for (name, e) in entries {
         put(name.as_bytes());
-        put(format!("{:?}", e.dtype).as_bytes());
+        // The safetensors format's name of the dtype ("F32", "BF16", ...), not candle's.
+        put(format!("{:?}", safetensors::Dtype::from(e.dtype)).as_bytes());
         put(format!("{:?}", e.shape).as_bytes());
     }
     hex(&h.finalize())

@@ -126,7 +126,7 @@ mod tests {
         let path = temp("flip");
         save(&state()?, "ZClip", &path)?;
         let good = std::fs::read(&path)?;
-        // Every byte of the file, flipped one at a time: never accepted.
+        // Every third byte of the file, flipped one at a time: never accepted.
         for i in (0..good.len()).step_by(3) {
             let mut bytes = good.clone();
             bytes[i] ^= 0x20;

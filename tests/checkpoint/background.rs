@@ -68,7 +68,8 @@ fn a_save_on_another_thread_holds_the_state_at_build_time() -> Result<()> {
     ck.restore(&fresh).optimizer(&mut restored).apply()?;
     assert_eq!(var_bits(&fresh)?, vars_at_3);
     assert_eq!(state_bits(&restored)?, state_at_3);
-    eprintln!("steps taken while the save was in flight: {stepped_during_save} of 5");
+    // How many steps overlapped the save depends on the machine; the file is checked either way.
+    eprintln!("steps started while the save was in flight: {stepped_during_save} of 5");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

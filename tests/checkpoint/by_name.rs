@@ -165,10 +165,32 @@ fn new_named_refuses_a_name_or_a_var_given_twice() -> Result<()> {
     Ok(())
 }
 
+fn state_bits(opt: &FusedAdamW) -> Result<std::collections::BTreeMap<String, Vec<u64>>> {
+    opt.state_dict()?
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), crate::common::bits(t)?)))
+        .collect()
+}
+
 fn sgd() -> ParamsSgd {
     ParamsSgd {
         lr: 0.1,
         momentum: 0.9,
         ..Default::default()
     }
+}
+
+#[test]
+fn a_loaded_checkpoint_cannot_take_an_optimizer() -> Result<()> {
+    let dir = temp_dir("loaded-with-optimizer");
+    let path = dir.join("ckpt.safetensors");
+    let vm = varmap(1, &SPECS)?;
+    TrainingCheckpoint::new(&vm, 0)?.save(&path)?;
+    let opt = FusedAdamW::from_varmap(&vm, params())?;
+    let err = TrainingCheckpoint::load(&path)?
+        .with_optimizer(&opt)
+        .expect_err("a loaded checkpoint took an optimizer");
+    assert!(err.to_string().contains("loaded from a file"), "{err}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }

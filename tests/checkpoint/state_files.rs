@@ -163,8 +163,21 @@ fn values_the_update_cannot_take_are_refused() -> Result<()> {
             );
         }
     }
-    // The largest step count the update takes loads, and the next step runs.
+    // The largest step count the update takes loads, and the next step runs to finite values.
     let (mut opt, state) = adamw_state_with("step", Tensor::new(i32::MAX as i64 - 1, cpu)?)?;
     opt.load_state_dict(&state)?;
+    let grads = {
+        let mut g = candle_core::backprop::GradStore::default();
+        for v in opt.vars() {
+            g.insert(v, v.ones_like()?);
+        }
+        g
+    };
+    opt.step(&grads)?;
+    assert_eq!(opt.steps()?, i32::MAX as usize);
+    for v in opt.vars() {
+        let values = v.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        assert!(values.iter().all(|x| x.is_finite()), "{values:?}");
+    }
     Ok(())
 }

@@ -72,7 +72,10 @@ macro_rules! fused_optimizer_api {
             }
 
             /// Puts back the state [`load_state_values`](Self::load_state_values) replaced.
-            pub(crate) fn put_back(&mut self, backup: crate::optim::fused::state_dict::StateBackup) {
+            pub(crate) fn put_back(
+                &mut self,
+                backup: crate::optim::fused::state_dict::StateBackup,
+            ) -> Result<()> {
                 self.core.put_back(backup)
             }
 

@@ -246,17 +246,35 @@ impl FusedCore {
             }
             buffers.push(slot);
         }
+        // Checked. The old buffers go to the host for the rollback (no copy on the CPU; on a
+        // device one host copy, before anything changes), then the new ones go up one at a time
+        // after the old ones are dropped: the device never holds two states.
         let control = Tensor::new(control, &self.device)?;
-        Ok(StateBackup {
+        let old_on_host = on_host(&self.state.buffers)?;
+        let backup = StateBackup {
             control: std::mem::replace(&mut self.control, control),
-            buffers: std::mem::replace(&mut self.state.buffers, buffers),
+            buffers: old_on_host,
             skip_run: self.skip_run.take(),
             // A loaded state supersedes a failed step across ranks (every rank reloads).
             diverged: self.diverged.take(),
-        })
+        };
+        self.state.buffers.clear();
+        match to_device(buffers, &self.device) {
+            Ok(new) => {
+                self.state.buffers = new;
+                Ok(backup)
+            }
+            Err(e) => {
+                let outcome = match self.put_back(backup) {
+                    Ok(()) => "the old state was put back",
+                    Err(_) => "putting the old state back failed as well: load a state again",
+                };
+                bail!("load_state_dict: cannot move the state to the device ({e}); {outcome}")
+            }
+        }
     }
 
-    /// One state buffer of `class` for the state tensor `name`, on the device.
+    /// One state buffer of `class` for the state tensor `name`, on the host.
     fn fill_buffer<T: WithDType + bytemuck::Pod + std::fmt::Debug>(
         &self,
         dict: &HashMap<&str, StateValue<'_>>,
@@ -286,15 +304,18 @@ impl FusedCore {
                 }
             }
         }
-        Tensor::from_vec(values, total, &Device::Cpu)?.to_device(&self.device)
+        Tensor::from_vec(values, total, &Device::Cpu)
     }
 
-    /// Puts back what [`load_state_values`](Self::load_state_values) replaced.
-    pub(crate) fn put_back(&mut self, backup: StateBackup) {
+    /// Puts back what [`load_state_values`](Self::load_state_values) replaced (its buffers moved
+    /// back to the device: an error only if the device fails).
+    pub(crate) fn put_back(&mut self, backup: StateBackup) -> Result<()> {
         self.control = backup.control;
-        self.state.buffers = backup.buffers;
         self.skip_run = backup.skip_run;
         self.diverged = backup.diverged;
+        self.state.buffers.clear();
+        self.state.buffers = to_device(backup.buffers, &self.device)?;
+        Ok(())
     }
 
     /// [`load_state_values`](Self::load_state_values) of a state dict keyed as this optimizer
@@ -340,11 +361,12 @@ impl FusedCore {
         if !self.named {
             let mut seen = HashMap::new();
             for (i, var) in self.vars.iter().enumerate() {
-                if let Some(j) = seen.insert((var.dims().to_vec(), var.dtype()), i) {
+                // F16, BF16 and F32 vars all keep F32 state: the state's dtype decides.
+                let state = state_dtype(var.dtype());
+                if let Some(j) = seen.insert((var.dims().to_vec(), state), i) {
                     bail!(
-                        "{kind}::load_state: vars #{j} and #{i} have the same shape {:?} and dtype {:?}, and this optimizer knows them by position only: a state saved by another process may belong to them in the other order. Build the optimizer with `{kind}::from_varmap` or `{kind}::new_named` (state keyed by name), or use a TrainingCheckpoint; nothing was loaded",
-                        var.dims(),
-                        var.dtype()
+                        "{kind}::load_state: vars #{j} and #{i} have the same shape {:?} and state dtype {state:?}, and this optimizer knows them by position only: a state saved by another process may belong to them in the other order. Build the optimizer with `{kind}::from_varmap` or `{kind}::new_named` (state keyed by name), or use a TrainingCheckpoint; nothing was loaded",
+                        var.dims()
                     )
                 }
             }
@@ -358,6 +380,32 @@ impl FusedCore {
         self.load_state_values(&values, names, optional, &keys)?;
         Ok(())
     }
+}
+
+/// State buffers read to the host (the same tensors on the CPU: no copy).
+fn on_host(buffers: &[[Option<Tensor>; 2]]) -> Result<Vec<[Option<Tensor>; 2]>> {
+    buffers
+        .iter()
+        .map(|[a, b]| {
+            let host =
+                |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(&Device::Cpu)).transpose();
+            Ok([host(a)?, host(b)?])
+        })
+        .collect()
+}
+
+/// Host state buffers moved to `device` one at a time, each host buffer dropped once it is up
+/// (no copy on the CPU).
+fn to_device(
+    buffers: Vec<[Option<Tensor>; 2]>,
+    device: &Device,
+) -> Result<Vec<[Option<Tensor>; 2]>> {
+    let mut moved = Vec::with_capacity(buffers.len());
+    for [a, b] in buffers {
+        let up = |t: Option<Tensor>| t.map(|t| t.to_device(device)).transpose();
+        moved.push([up(a)?, up(b)?]);
+    }
+    Ok(moved)
 }
 
 /// The counters' keys and their words in the control tensor.

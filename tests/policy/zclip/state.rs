@@ -122,7 +122,7 @@ fn warmup_and_capacity_past_their_bounds_are_errors() -> Result<()> {
         let mut grads = GradStore::default();
         grads.insert(&w, Tensor::new(&[3f32, 4.], &Device::Cpu)?);
         let err = zclip
-            .clip_(&[w.clone()], &mut grads)
+            .clip_(std::slice::from_ref(&w), &mut grads)
             .expect_err("an unbounded warm-up accepted");
         assert!(
             err.to_string().contains("warmup_steps must be at most"),
