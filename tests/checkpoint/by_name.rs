@@ -126,7 +126,8 @@ fn a_positional_state_file_is_refused_when_two_vars_could_swap() -> Result<()> {
     let opt = FusedAdamW::new(in_order(&vm, &["a", "b", "c"]), params())?;
     opt.save_state(&path)?;
     let mut other = FusedAdamW::new(in_order(&vm, &["b", "a", "c"]), params())?;
-    let before = other.state_dict()?.len();
+    other.step(&grads(&vm, 0)?)?;
+    let before = state_bits(&other)?;
     let err = other
         .load_state(&path)
         .expect_err("loaded by position")
@@ -135,7 +136,22 @@ fn a_positional_state_file_is_refused_when_two_vars_could_swap() -> Result<()> {
         err.contains("vars #0 and #1 have the same shape") && err.contains("new_named"),
         "{err}"
     );
-    assert_eq!(other.state_dict()?.len(), before);
+    assert_eq!(state_bits(&other)?, before);
+    // An F32 and a BF16 var of one shape keep their state in the same dtype (F32): they could
+    // swap as well.
+    let mixed = varmap(
+        1,
+        &[("x", &[4, 3], DType::F32), ("y", &[4, 3], DType::BF16)],
+    )?;
+    FusedAdamW::new(in_order(&mixed, &["x", "y"]), params())?.save_state(&path)?;
+    let err = FusedAdamW::new(in_order(&mixed, &["y", "x"]), params())?
+        .load_state(&path)
+        .expect_err("an F32 and a BF16 var loaded by position");
+    assert!(
+        err.to_string()
+            .contains("same shape [4, 3] and state dtype F32"),
+        "{err}"
+    );
     // The same for FusedSgd; and vars that cannot be confused load by position as before.
     let sgd_path = dir.join("sgd.safetensors");
     FusedSgd::new(in_order(&vm, &["a", "b"]), sgd())?.save_state(&sgd_path)?;
