@@ -178,48 +178,53 @@ fn main() -> Result<()> {
         "save peak",
         "restore peak"
     );
-    for (index, case) in cases().iter().enumerate() {
-        if filter
-            .as_ref()
-            .is_some_and(|f| !case.name.contains(f.as_str()))
-        {
-            continue;
-        }
-        let (varmap, mut opt, grads) = training_state(&case.shapes)?;
-        let path = dir.join("ckpt.safetensors");
-        let floor_path = dir.join("floor.bin");
+    // Every case's state built first, then every case once per round: the cases and their
+    // floors are measured side by side, under the same drift of the machine.
+    let chosen: Vec<(usize, Case)> = cases()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, c)| filter.as_ref().is_none_or(|f| c.name.contains(f.as_str())))
+        .collect();
+    let mut runs = Vec::new();
+    for (index, case) in &chosen {
+        let (varmap, opt, grads) = training_state(&case.shapes)?;
+        let path = dir.join(format!("ckpt-{index}.safetensors"));
         save(&varmap, &opt, &path)?;
         let file = std::fs::metadata(&path)?.len();
-        let bytes = vec![0x5au8; file as usize];
-        let (mut t_save, mut t_save_floor, mut t_load, mut t_load_floor) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
+        runs.push((varmap, opt, grads, path, file, [(); 4].map(|()| Vec::new())));
+    }
+    let floor_path = dir.join("floor.bin");
+    for _ in 0..rounds {
+        for (varmap, opt, _, path, file, times) in runs.iter_mut() {
+            let bytes = vec![0x5au8; *file as usize];
             let t = Instant::now();
-            save(&varmap, &opt, &path)?;
-            t_save.push(t.elapsed().as_secs_f64());
+            save(varmap, opt, path)?;
+            times[0].push(t.elapsed().as_secs_f64());
             let t = Instant::now();
             save_floor(&bytes, &floor_path)?;
-            t_save_floor.push(t.elapsed().as_secs_f64());
+            times[1].push(t.elapsed().as_secs_f64());
+            drop(bytes);
             let t = Instant::now();
-            load_and_restore(&varmap, &mut opt, &path)?;
-            t_load.push(t.elapsed().as_secs_f64());
+            load_and_restore(varmap, opt, path)?;
+            times[2].push(t.elapsed().as_secs_f64());
             let t = Instant::now();
             load_floor(&floor_path)?;
-            t_load_floor.push(t.elapsed().as_secs_f64());
+            times[3].push(t.elapsed().as_secs_f64());
         }
-        drop((varmap, opt, grads, bytes));
+    }
+    let mut rows = Vec::new();
+    for ((index, case), (varmap, opt, grads, path, file, times)) in chosen.iter().zip(runs) {
+        drop((varmap, opt, grads));
+        let [s, sf, l, lf] = times.map(median);
+        rows.push((*index, case.name.clone(), path, file, s, sf, l, lf));
+    }
+    for (index, name, path, file, s, sf, l, lf) in rows {
         let save_peak = child_peak("save", index, &dir.join("child.safetensors"));
         let restore_peak = child_peak("restore", index, &path);
-        let (s, sf, l, lf) = (
-            median(t_save),
-            median(t_save_floor),
-            median(t_load),
-            median(t_load_floor),
-        );
         let gb = file as f64 / 1e9;
         println!(
             "{:<10} {:>9.1} {:>8.3} {:>9.3} {:>6.2} {:>10.3} {:>9.3} {:>6.2} {:>9.2} {:>9.2} {:>8.0} MB {:>4.2}x {:>5.0} MB {:>4.2}x",
-            case.name,
+            name,
             file as f64 / 1e6,
             s,
             sf,
