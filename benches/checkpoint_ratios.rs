@@ -2,8 +2,10 @@
 //! once per round, medians over the rounds. A checkpoint here is a `VarMap` and a `FusedAdamW`'s
 //! state (12 bytes a parameter for F32 vars).
 //!
-//! - **save**: `TrainingCheckpoint::new(..).with_optimizer(..).save(..)`, against a floor of one
-//!   SHA-256 pass over as many bytes (one thread) plus writing them to a file and fsyncing it;
+//! - **build**: `TrainingCheckpoint::new(..).with_optimizer(..)`, the host copy (a memcpy of the
+//!   state into fresh memory; on the training thread, also with `save_in_background`);
+//! - **save**: `save(..)` of that checkpoint, against a floor of one SHA-256 pass over as many
+//!   bytes (one thread) plus writing them to a file and fsyncing it;
 //! - **load + restore**: `TrainingCheckpoint::load(..)` and `restore(..).optimizer(..).apply()`,
 //!   against a floor of reading the file and one SHA-256 pass over it;
 //! - **extra peak memory** of a save and of a load + restore, each measured in a fresh process
@@ -71,9 +73,12 @@ fn training_state(shapes: &[Vec<usize>]) -> Result<(VarMap, FusedAdamW, GradStor
 }
 
 fn save(varmap: &VarMap, opt: &FusedAdamW, path: &Path) -> Result<()> {
-    TrainingCheckpoint::new(varmap, 1)?
-        .with_optimizer(opt)?
-        .save(path)
+    build(varmap, opt)?.save(path)
+}
+
+/// The checkpoint's host copy of the vars and the optimizer's state.
+fn build(varmap: &VarMap, opt: &FusedAdamW) -> Result<TrainingCheckpoint> {
+    TrainingCheckpoint::new(varmap, 1)?.with_optimizer(opt)
 }
 
 fn load_and_restore(varmap: &VarMap, opt: &mut FusedAdamW, path: &Path) -> Result<()> {
@@ -164,9 +169,10 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let rounds = 5;
     println!(
-        "{:<10} {:>9} {:>8} {:>9} {:>6} {:>10} {:>9} {:>6} {:>9} {:>9} {:>13} {:>13}",
+        "{:<10} {:>9} {:>7} {:>8} {:>9} {:>6} {:>10} {:>9} {:>6} {:>9} {:>9} {:>13} {:>13}",
         "case",
         "file MB",
+        "build s",
         "save s",
         "floor s",
         "ratio",
@@ -191,15 +197,19 @@ fn main() -> Result<()> {
         let path = dir.join(format!("ckpt-{index}.safetensors"));
         save(&varmap, &opt, &path)?;
         let file = std::fs::metadata(&path)?.len();
-        runs.push((varmap, opt, grads, path, file, [(); 4].map(|()| Vec::new())));
+        runs.push((varmap, opt, grads, path, file, [(); 5].map(|()| Vec::new())));
     }
     let floor_path = dir.join("floor.bin");
     for _ in 0..rounds {
         for (varmap, opt, _, path, file, times) in runs.iter_mut() {
             let bytes = vec![0x5au8; *file as usize];
             let t = Instant::now();
-            save(varmap, opt, path)?;
+            let checkpoint = build(varmap, opt)?;
+            times[4].push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            checkpoint.save(&**path)?;
             times[0].push(t.elapsed().as_secs_f64());
+            drop(checkpoint);
             let t = Instant::now();
             save_floor(&bytes, &floor_path)?;
             times[1].push(t.elapsed().as_secs_f64());
@@ -215,17 +225,18 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for ((index, case), (varmap, opt, grads, path, file, times)) in chosen.iter().zip(runs) {
         drop((varmap, opt, grads));
-        let [s, sf, l, lf] = times.map(median);
-        rows.push((*index, case.name.clone(), path, file, s, sf, l, lf));
+        let [s, sf, l, lf, b] = times.map(median);
+        rows.push((*index, case.name.clone(), path, file, s, sf, l, lf, b));
     }
-    for (index, name, path, file, s, sf, l, lf) in rows {
+    for (index, name, path, file, s, sf, l, lf, b) in rows {
         let save_peak = child_peak("save", index, &dir.join("child.safetensors"));
         let restore_peak = child_peak("restore", index, &path);
         let gb = file as f64 / 1e9;
         println!(
-            "{:<10} {:>9.1} {:>8.3} {:>9.3} {:>6.2} {:>10.3} {:>9.3} {:>6.2} {:>9.2} {:>9.2} {:>8.0} MB {:>4.2}x {:>5.0} MB {:>4.2}x",
+            "{:<10} {:>9.1} {:>7.3} {:>8.3} {:>9.3} {:>6.2} {:>10.3} {:>9.3} {:>6.2} {:>9.2} {:>9.2} {:>8.0} MB {:>4.2}x {:>5.0} MB {:>4.2}x",
             name,
             file as f64 / 1e6,
+            b,
             s,
             sf,
             s / sf,

@@ -74,23 +74,15 @@ fn a_state_dict_holds_no_more_bytes_than_the_state() -> Result<()> {
     Ok(())
 }
 
-/// Peak resident memory of this process (kB), and its reset (Linux: `clear_refs` 5).
-fn peak_rss_kb() -> u64 {
+/// An entry of `/proc/self/status` in kB: `VmHWM:` (the peak resident memory, reset by
+/// [`reset_peak`]) or `VmRSS:` (now).
+fn status_kb(key: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
-fn current_rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+        .expect("a /proc/self/status entry")
 }
 
 fn reset_peak() {
@@ -100,9 +92,9 @@ fn reset_peak() {
 /// The extra peak memory of `f` above the memory before it, in bytes.
 fn extra_peak<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, u64)> {
     reset_peak();
-    let before = current_rss_kb();
+    let before = status_kb("VmRSS:");
     let out = f()?;
-    Ok((out, (peak_rss_kb().saturating_sub(before)) * 1024))
+    Ok((out, (status_kb("VmHWM:").saturating_sub(before)) * 1024))
 }
 
 /// 8M F32 parameters in 400 vars with AdamW's moments: a 96 MB file. The targets: a
