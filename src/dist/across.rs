@@ -60,6 +60,19 @@ impl<'a> Across<'a> {
         agreement: Agreement,
     ) -> Self {
         let agreement = agreement.in_world(group.world_size());
+        // A call that failed on this rank past its collective: every rank fails now.
+        let failure = failure.or_else(|| {
+            group.is_out_of_step().then(|| {
+                RankError::new(
+                    Refusal::Diverged,
+                    candle_core::Error::Msg(format!(
+                        "{caller}: an earlier step failed on this rank after its collective \
+                         (its gradients or state may differ from the other ranks'): this group \
+                         is out of step; start a new one"
+                    )),
+                )
+            })
+        });
         Self {
             caller,
             group,

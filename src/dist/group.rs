@@ -53,4 +53,32 @@ pub trait ProcessGroup {
     fn device(&self) -> Device {
         Device::Cpu
     }
+
+    /// Marks this rank as out of step with the others: a call failed on it after its collective
+    /// (a device error in the scale pass or the update), so its gradients or state may differ
+    /// from the other ranks'. Every later collective of this crate's functions through this
+    /// group then tells every rank, and fails on every rank. [`LocalGroup`] and `NcclGroup`
+    /// remember it; the default forgets it (MPI's communicators: a rank that exits on the error
+    /// makes `mpirun` abort the job).
+    ///
+    /// ```
+    /// use candle_grad_clip::{LocalGroup, ProcessGroup};
+    /// let group = LocalGroup::new(1)?.remove(0);
+    /// assert!(!group.is_out_of_step());
+    /// group.mark_out_of_step();
+    /// assert!(group.is_out_of_step());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    fn mark_out_of_step(&self) {}
+
+    /// Whether [`mark_out_of_step`](Self::mark_out_of_step) was called on this rank's group.
+    ///
+    /// ```
+    /// use candle_grad_clip::{LocalGroup, ProcessGroup};
+    /// assert!(!LocalGroup::new(1)?[0].is_out_of_step());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    fn is_out_of_step(&self) -> bool {
+        false
+    }
 }

@@ -1,5 +1,6 @@
 //! [`LocalGroup`]: a process group of threads of one process.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,8 @@ pub struct LocalGroup {
     /// How long this rank waits in a collective for the others (none: forever).
     timeout: Option<Duration>,
     shared: Arc<Shared>,
+    /// A call failed on this rank after its collective (see `ProcessGroup::mark_out_of_step`).
+    out_of_step: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -164,6 +167,7 @@ impl LocalGroup {
                 device,
                 timeout: None,
                 shared: shared.clone(),
+                out_of_step: AtomicBool::new(false),
             })
             .collect())
     }
@@ -349,5 +353,13 @@ impl ProcessGroup for LocalGroup {
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+
+    fn mark_out_of_step(&self) {
+        self.out_of_step.store(true, Ordering::SeqCst);
+    }
+
+    fn is_out_of_step(&self) -> bool {
+        self.out_of_step.load(Ordering::SeqCst)
     }
 }

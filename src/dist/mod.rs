@@ -75,6 +75,7 @@ use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var}
 use crate::dispatch;
 use crate::dispatch::norm::DeviceReduction;
 use crate::ops::clip::{clip_coefficient, needs_scaling, nonfinite_error, ClipSettings};
+use crate::ops::fault;
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm::norm_of_reduction;
 use crate::ops::norm_type::NormType;
@@ -225,6 +226,9 @@ pub(crate) fn clip_across(
         owned, replicated, grads, settings, valid, agreement, prior, group,
     )?
     .apply()
+    // Past the collective: the other ranks scaled theirs; this rank's gradients may be partly
+    // scaled, so its next collective through `group` fails on every rank.
+    .inspect_err(|_| group.mark_out_of_step())
 }
 
 /// A clip across ranks past its collective: the global norm, and the scale pass still to run
@@ -247,6 +251,7 @@ impl ClipPlan {
                 // The one-process scale pass of the gradients' device (the CPU's, or the
                 // kernels'), with the norm unrounded (F64): the coefficient is the one above.
                 let norm = Tensor::new(value, write_set.device())?;
+                fault::check("scale")?;
                 dispatch::clip::scale_with_norm(
                     &write_set,
                     settings.max_norm,

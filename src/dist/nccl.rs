@@ -34,6 +34,8 @@ use super::ProcessGroup;
 pub struct NcclGroup {
     comm: Comm,
     device: Device,
+    /// A call failed on this rank after its collective (see `ProcessGroup::mark_out_of_step`).
+    out_of_step: std::sync::atomic::AtomicBool,
 }
 
 impl NcclGroup {
@@ -49,7 +51,11 @@ impl NcclGroup {
                 comm.ordinal()
             ),
         }
-        Ok(Self { comm, device })
+        Ok(Self {
+            comm,
+            device,
+            out_of_step: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// The communicator.
@@ -104,5 +110,14 @@ impl ProcessGroup for NcclGroup {
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+
+    fn mark_out_of_step(&self) {
+        self.out_of_step
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_out_of_step(&self) -> bool {
+        self.out_of_step.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

@@ -31,7 +31,8 @@ pub(crate) fn check(point: &'static str) -> Result<()> {
 /// Not part of the API (hidden; feature `test-hooks`, for this crate's tests): the next call on
 /// this thread that reaches `point` fails there as a device error would. Points: `"reduction"`
 /// (a norm's first reduction), `"rescue"` (the rescue pass of a norm whose sum of powers left
-/// the `f64` range), `"update"` (a fused optimizer's update, after the clip's collective).
+/// the `f64` range), `"update"` (a fused optimizer's update, after the clip's collective),
+/// `"scale"` (the scale pass of a clip across ranks, after its collective).
 ///
 /// ```
 /// candle_grad_clip::__inject_fault("reduction");

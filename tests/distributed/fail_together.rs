@@ -309,3 +309,45 @@ fn a_clipped_inner_step_failing_on_one_rank_fails_every_rank_at_the_next_step() 
         assert!(outcomes[1][1].is_err(), "skip {skip}: rank 1's second step");
     }
 }
+
+/// A failure past the collective of a stateless call (`clip_across_`'s scale pass, injected on
+/// rank 1) fails rank 1 alone; its gradients may be partly scaled, so its group is out of step:
+/// the next call fails on every rank, naming rank 1, instead of going on with ranks that differ.
+#[test]
+fn a_stateless_call_failing_past_the_collective_fails_every_rank_at_the_next_call() {
+    let outcomes = on_ranks_within(2, HANG, |g| {
+        let mut results = Vec::new();
+        for call in 0..3 {
+            if g.rank() == 1 && call == 0 {
+                candle_grad_clip::__inject_fault("scale");
+            }
+            let (w, mut grads) = one_var(&[30.0, 40.0]).expect("grads");
+            results.push(
+                ClipGradNorm::new(1.0)
+                    .clip_across_(std::slice::from_ref(&w), &mut grads, g)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        (results, g.is_out_of_step())
+    });
+    let ((rank0, out0), (rank1, out1)) = (&outcomes[0], &outcomes[1]);
+    assert!(rank0[0].is_ok(), "rank 0's first call: {:?}", rank0[0]);
+    assert!(
+        rank1[0]
+            .as_ref()
+            .is_err_and(|m| m.contains("injected fault at scale")),
+        "rank 1's first call: {:?}",
+        rank1[0]
+    );
+    for call in 1..3 {
+        let m0 = rank0[call].as_ref().expect_err("rank 0 fails");
+        let m1 = rank1[call].as_ref().expect_err("rank 1 fails");
+        assert!(
+            m0.contains("rank 1 (an earlier step failed on it"),
+            "call {call}, rank 0: {m0}"
+        );
+        assert!(m1.contains("out of step"), "call {call}, rank 1: {m1}");
+    }
+    assert_eq!((*out0, *out1), (false, true));
+}

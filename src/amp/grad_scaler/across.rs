@@ -283,7 +283,10 @@ impl GradScaler {
             .first()
             .map_or_else(|| group.device(), |t| t.device().clone());
         if !targets.is_empty() {
-            self.unscale_targets(targets)?;
+            // Past the collective: a failure leaves this rank's gradients partly unscaled, so
+            // its next collective through `group` fails on every rank.
+            self.unscale_targets(targets)
+                .inspect_err(|_| group.mark_out_of_step())?;
         }
         let state = self.state_on(&device)?;
         state.found_inf = Some(Tensor::new(found as u8 as f32, &device)?);

@@ -314,6 +314,7 @@ impl<O> Clipped<O> {
         if let Some(group) = group {
             self.diverged
                 .get_or_insert_with(|| format!("rank {}: {e}", group.rank()));
+            group.mark_out_of_step();
         }
     }
 

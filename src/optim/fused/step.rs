@@ -206,6 +206,7 @@ impl FusedCore {
         };
         // Across ranks: the step's collective first (a rank refused by its parameters, its
         // state or its gradients still takes part, so that every rank fails with it).
+        let group = across.group;
         let global_norm = self.step_collective(across, prepared, &collected, rule)?;
         // Past the collective, a failure is this rank's alone: the other ranks step. This rank's
         // vars and state are then out of step with theirs, and every later `step_across` fails on
@@ -216,6 +217,7 @@ impl FusedCore {
         });
         if let Err(e) = &result {
             self.diverge(e);
+            group.mark_out_of_step();
         }
         result
     }
