@@ -118,3 +118,24 @@ fused_optimizer_api!(
     false,
     "`<key>.exp_avg` and `<key>.exp_avg_sq`"
 );
+
+impl FusedAdamW {
+    /// The optimizer for `vars` with `ParamsAdamW::default()` but the learning rate, as
+    /// `candle_nn::AdamW::new_lr`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// let w = Var::zeros(3, DType::F32, &Device::Cpu)?;
+    /// let opt = candle_grad_clip::FusedAdamW::new_lr(vec![w], 0.5)?;
+    /// assert_eq!(opt.params().lr, 0.5);
+    /// assert_eq!(opt.params().beta1, candle_nn::ParamsAdamW::default().beta1);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn new_lr(vars: Vec<Var>, learning_rate: f64) -> Result<Self> {
+        let params = ParamsAdamW {
+            lr: learning_rate,
+            ..ParamsAdamW::default()
+        };
+        <Self as Optimizer>::new(vars, params)
+    }
+}

@@ -37,6 +37,31 @@ fn adamw_is_bitwise_candles_adamw_for_20_steps() -> Result<()> {
     Ok(())
 }
 
+/// `FusedAdamW::new_lr` is `candle_nn::AdamW::new_lr`: the same defaults, the same steps.
+#[test]
+fn adamw_new_lr_is_bitwise_candles_new_lr() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (ours, theirs) = twin_vars(&mut rng, &SHAPES, &[DType::F32])?;
+    let mut fused = FusedAdamW::new_lr(ours.clone(), 0.03)?;
+    let mut reference = AdamW::new_lr(theirs.clone(), 0.03)?;
+    assert_eq!(
+        format!("{:?}", fused.params()),
+        format!("{:?}", reference.params())
+    );
+    for step in 0..5 {
+        let (ga, gb) = twin_grads(&mut rng, &ours, &theirs, 1.0, None)?;
+        fused.step(&ga)?;
+        reference.step(&gb)?;
+        assert_same(
+            &vars_bits(&ours)?,
+            &vars_bits(&theirs)?,
+            &format!("step {step}"),
+        );
+    }
+    assert!(FusedAdamW::new_lr(ours, f64::NAN).is_err());
+    Ok(())
+}
+
 #[test]
 fn plain_sgd_is_bitwise_candles_sgd() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(2);
