@@ -39,7 +39,7 @@ pub(super) const USER: &str = "user.";
 ///
 /// It holds copies (taken when it is built, so the run may go on while it is saved) of
 /// - the model's vars, every var of a [`VarMap`] by name (tensors `vars/<name>`);
-/// - optionally a fused optimizer's state ([`FusedAdamW`], [`FusedSgd`]: moments or momentum
+/// - optionally a fused optimizer's state ([`FusedAdamW`](crate::FusedAdamW), [`FusedSgd`](crate::FusedSgd): moments or momentum
 ///   buffers and counters, `optimizer/…`), its kind, its hyper-parameters (for information) and
 ///   its clip setting with the state of an AutoClip or ZClip (`optimizer_clip/…`);
 /// - optionally a separate clip setting and its state (for loops with [`Clipped`](crate::Clipped)

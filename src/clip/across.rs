@@ -113,7 +113,7 @@ impl ClipGradNorm {
 /// all ranks) is at most `max_norm`, and returns that norm before clipping, the same on every
 /// rank: [`clip_grad_norm_`](crate::clip_grad_norm_) for gradients spread over processes. Every
 /// rank scales its own gradients by the same coefficient, so the gradients are bitwise those of
-/// the one-process call whenever the norm is (see [`total_norm_across`]).
+/// the one-process call whenever the norm is (see [`total_norm_across`](crate::total_norm_across)).
 ///
 /// The same as `ClipGradNorm::new(max_norm).clip_across_(vars, grads, group)`; use
 /// [`ClipGradNorm`](crate::ClipGradNorm) for the other options and for replicated parameters.

@@ -47,7 +47,7 @@ pub trait ProcessGroup {
     fn all_reduce_sum_u64(&self, words: &mut [u64]) -> Result<()>;
     /// Replaces `words` on every rank with their element-wise maximum over the ranks.
     fn all_reduce_max_u64(&self, words: &mut [u64]) -> Result<()>;
-    /// The device of the gradients this group reduces: the CPU (the default; MPI, [`LocalGroup`])
+    /// The device of the gradients this group reduces: the CPU (the default; MPI, [`LocalGroup`](crate::LocalGroup))
     /// or the CUDA device of an NCCL communicator. A rank whose gradients live elsewhere fails
     /// before sending them; a rank with no gradient gets its norm on this device.
     fn device(&self) -> Device {
@@ -57,7 +57,7 @@ pub trait ProcessGroup {
     /// Marks this rank as out of step with the others: a call failed on it after its collective
     /// (a device error in the scale pass or the update), so its gradients or state may differ
     /// from the other ranks'. Every later collective of this crate's functions through this
-    /// group then tells every rank, and fails on every rank. [`LocalGroup`] and `NcclGroup`
+    /// group then tells every rank, and fails on every rank. [`LocalGroup`](crate::LocalGroup) and `NcclGroup`
     /// remember it; the default forgets it (MPI's communicators: a rank that exits on the error
     /// makes `mpirun` abort the job).
     ///

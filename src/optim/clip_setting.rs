@@ -10,7 +10,7 @@ use crate::ops::norm_type::NormType;
 use crate::policy::autoclip::{self, AutoClip};
 use crate::policy::zclip::{ZClip, ZClipMode};
 
-/// How [`Clipped`] clips the gradients before each step.
+/// How [`Clipped`](crate::Clipped) clips the gradients before each step.
 ///
 /// ```
 /// use candle_grad_clip::{AutoClip, ClipSetting, NormType};
@@ -33,7 +33,7 @@ pub enum ClipSetting {
         /// The norm to measure and bound.
         norm_type: NormType,
     },
-    /// Clamp every gradient element into `[-clip_value, clip_value]`, as [`clip_grad_value_`].
+    /// Clamp every gradient element into `[-clip_value, clip_value]`, as [`clip_grad_value_`](crate::clip_grad_value_).
     Value {
         /// The bound, `>= 0`.
         clip_value: f64,
