@@ -87,12 +87,11 @@ macro_rules! fused_optimizer_api {
                 grads: &GradStore,
                 group: &dyn crate::dist::ProcessGroup,
             ) -> Result<()> {
-                let refused = validate(&self.params).err().map(|e| {
-                    crate::dist::agreement::RankError::new(
-                        crate::dist::agreement::Refusal::Optimizer,
-                        e,
-                    )
-                });
+                let refused = crate::dist::agreement::refuse(
+                    crate::dist::agreement::Refusal::Optimizer,
+                    validate(&self.params),
+                )
+                .err();
                 self.core.step_skipping_nonfinite_across(
                     grads,
                     rule(&self.params),
@@ -405,7 +404,8 @@ opt.save_state(\"optimizer.safetensors\")?;
 [`load_state_dict`](Self::load_state_dict), after verifying the file: a damaged file (a digest
 that does not match), one without digests, or another optimizer's is an error. An optimizer
 built with `new` knows its vars by position only: it refuses a file when two of its vars share a
-shape and dtype (another process may list them in the other order); build it with
+shape and the dtype of their state (F16, BF16 and F32 vars all keep F32 state: another process
+may list them in the other order); build it with
 [`from_varmap`](Self::from_varmap) or [`new_named`](Self::new_named) instead.
 
 ```no_run
@@ -474,12 +474,11 @@ assert_eq!(norms, [5.0, 5.0]); // the norm of both ranks' gradients, on both
             ) -> Result<()> {
                 // Invalid parameters refuse this rank inside the step's collective, so that every
                 // rank fails with it.
-                let refused = validate(&self.params).err().map(|e| {
-                    crate::dist::agreement::RankError::new(
-                        crate::dist::agreement::Refusal::Optimizer,
-                        e,
-                    )
-                });
+                let refused = crate::dist::agreement::refuse(
+                    crate::dist::agreement::Refusal::Optimizer,
+                    validate(&self.params),
+                )
+                .err();
                 let across = crate::optim::fused::step::StepAcross { group, refused };
                 self.core.step(grads, rule(&self.params), Some(across))
             }

@@ -124,13 +124,7 @@ impl FusedCore {
         optional: bool,
         keys: &[String],
     ) -> Result<BTreeMap<String, Entry>> {
-        if keys.len() != self.vars.len() {
-            bail!(
-                "fused optimizer: {} keys for {} vars",
-                keys.len(),
-                self.vars.len()
-            )
-        }
+        self.check_keys(keys)?;
         let control = self.control.to_device(&Device::Cpu)?.to_vec1::<i64>()?;
         let mut entries = BTreeMap::new();
         for (key, index) in counters() {
@@ -138,12 +132,13 @@ impl FusedCore {
             entries.insert(key.to_string(), Entry::from_tensor(&value)?);
         }
         for (name, slot) in names.iter().zip(&self.state.buffers) {
-            for buffer in slot.iter().flatten() {
+            for (class, buffer) in slot.iter().enumerate() {
+                let Some(buffer) = buffer else { continue };
                 let host = Arc::new(host_bytes(buffer)?);
                 let size = buffer.dtype().size_in_bytes();
                 for (i, place) in self.state.places.iter().enumerate() {
                     let absent = optional && control[CONTROL_WORDS + i] == 0;
-                    if state_dtype(self.vars[i].dtype()) != buffer.dtype() || absent {
+                    if place.class != class || absent {
                         continue;
                     }
                     let range = place.offset * size..(place.offset + place.len) * size;
@@ -170,13 +165,7 @@ impl FusedCore {
         optional: bool,
         keys: &[String],
     ) -> Result<StateBackup> {
-        if keys.len() != self.vars.len() {
-            bail!(
-                "fused optimizer: {} keys for {} vars",
-                keys.len(),
-                self.vars.len()
-            )
-        }
+        self.check_keys(keys)?;
         let mut control = Vec::with_capacity(CONTROL_WORDS + self.vars.len());
         for (key, _) in counters() {
             control.push(counter(dict, key)?);
@@ -238,9 +227,9 @@ impl FusedCore {
                     continue;
                 }
                 let filled = if class == 0 {
-                    self.fill_buffer::<f32>(dict, keys, name, class, &present)?
+                    self.fill_buffer::<f32>(dict, keys, name, class, *total, &present)?
                 } else {
-                    self.fill_buffer::<f64>(dict, keys, name, class, &present)?
+                    self.fill_buffer::<f64>(dict, keys, name, class, *total, &present)?
                 };
                 slot[class] = Some(filled);
             }
@@ -281,9 +270,9 @@ impl FusedCore {
         keys: &[String],
         name: &str,
         class: usize,
+        total: usize,
         present: &[bool],
     ) -> Result<Tensor> {
-        let total = self.totals()[class];
         let mut values = vec![T::zero(); total];
         for (i, place) in self.state.places.iter().enumerate() {
             if place.class != class || !present[i] {
@@ -305,6 +294,18 @@ impl FusedCore {
             }
         }
         Tensor::from_vec(values, total, &Device::Cpu)
+    }
+
+    /// One key per var, or an error (a caller's mistake, not the user's).
+    fn check_keys(&self, keys: &[String]) -> Result<()> {
+        if keys.len() != self.vars.len() {
+            bail!(
+                "fused optimizer: {} keys for {} vars",
+                keys.len(),
+                self.vars.len()
+            )
+        }
+        Ok(())
     }
 
     /// Puts back what [`load_state_values`](Self::load_state_values) replaced (its buffers moved
