@@ -6,7 +6,8 @@ use candle_core::{DType, Result, Var};
 use candle_grad_clip::{FusedAdamW, FusedSgd, ParamsSgd, TrainingCheckpoint};
 use candle_nn::{Optimizer, ParamsAdamW, VarMap};
 
-use crate::{grads, params, temp_dir, var, var_bits, varmap};
+use crate::common::{seeded_varmap, state_bits};
+use crate::{grads, params, temp_dir, var, var_bits};
 
 /// `a` and `b` share shape and dtype: a state put on the wrong one of them goes unnoticed by any
 /// shape check.
@@ -32,20 +33,20 @@ fn a_checkpoint_resumes_an_optimizer_built_from_the_vars_in_another_order() -> R
     let dir = temp_dir("by-name");
     let path = dir.join("ckpt.safetensors");
     // The uninterrupted run: 6 steps.
-    let reference = varmap(1, &SPECS)?;
+    let reference = seeded_varmap(1, &SPECS)?;
     let mut opt = FusedAdamW::new(in_order(&reference, &["a", "b", "c"]), params())?;
     steps(&reference, &mut opt, 0, 6)?;
 
     // The interrupted run: 3 steps, a checkpoint, then a "new process" whose optimizer lists
     // the vars in another order.
-    let first = varmap(1, &SPECS)?;
+    let first = seeded_varmap(1, &SPECS)?;
     let mut opt = FusedAdamW::new(in_order(&first, &["a", "b", "c"]), params())?;
     steps(&first, &mut opt, 0, 3)?;
     TrainingCheckpoint::new(&first, 3)?
         .with_optimizer(&opt)?
         .save(&path)?;
     for order in [["b", "a", "c"], ["c", "b", "a"]] {
-        let second = varmap(99, &SPECS)?;
+        let second = seeded_varmap(99, &SPECS)?;
         let mut opt = FusedAdamW::new(in_order(&second, &order), params())?;
         TrainingCheckpoint::load(&path)?
             .restore(&second)
@@ -60,7 +61,7 @@ fn a_checkpoint_resumes_an_optimizer_built_from_the_vars_in_another_order() -> R
 
 #[test]
 fn an_optimizer_var_outside_the_varmap_is_named() -> Result<()> {
-    let vm = varmap(1, &SPECS)?;
+    let vm = seeded_varmap(1, &SPECS)?;
     let stranger = Var::zeros(7, DType::F32, &candle_core::Device::Cpu)?;
     let mut vars = in_order(&vm, &["a", "b", "c"]);
     vars.push(stranger);
@@ -97,15 +98,15 @@ fn state_files_of_named_optimizers_follow_the_names() -> Result<()> {
     let named = |vm: &VarMap, order: &[&str]| -> Vec<(String, Var)> {
         order.iter().map(|n| (n.to_string(), var(vm, n))).collect()
     };
-    let reference = varmap(1, &SPECS)?;
+    let reference = seeded_varmap(1, &SPECS)?;
     let mut opt = FusedAdamW::new_named(named(&reference, &["a", "b", "c"]), params())?;
     steps(&reference, &mut opt, 0, 4)?;
 
-    let first = varmap(1, &SPECS)?;
+    let first = seeded_varmap(1, &SPECS)?;
     let mut opt = FusedAdamW::new_named(named(&first, &["a", "b", "c"]), params())?;
     steps(&first, &mut opt, 0, 2)?;
     opt.save_state(&path)?;
-    let second = varmap(1, &SPECS)?;
+    let second = seeded_varmap(1, &SPECS)?;
     // The vars' values as in the first run at step 2, the state from its file, another order.
     for name in ["a", "b", "c"] {
         var(&second, name).set(&var(&first, name))?;
@@ -122,12 +123,12 @@ fn state_files_of_named_optimizers_follow_the_names() -> Result<()> {
 fn a_positional_state_file_is_refused_when_two_vars_could_swap() -> Result<()> {
     let dir = temp_dir("state-file-positions");
     let path = dir.join("opt.safetensors");
-    let vm = varmap(1, &SPECS)?;
+    let vm = seeded_varmap(1, &SPECS)?;
     let opt = FusedAdamW::new(in_order(&vm, &["a", "b", "c"]), params())?;
     opt.save_state(&path)?;
     let mut other = FusedAdamW::new(in_order(&vm, &["b", "a", "c"]), params())?;
     other.step(&grads(&vm, 0)?)?;
-    let before = state_bits(&other)?;
+    let before = state_bits(&other.state_dict()?)?;
     let err = other
         .load_state(&path)
         .expect_err("loaded by position")
@@ -136,10 +137,10 @@ fn a_positional_state_file_is_refused_when_two_vars_could_swap() -> Result<()> {
         err.contains("vars #0 and #1 have the same shape") && err.contains("new_named"),
         "{err}"
     );
-    assert_eq!(state_bits(&other)?, before);
+    assert_eq!(state_bits(&other.state_dict()?)?, before);
     // An F32 and a BF16 var of one shape keep their state in the same dtype (F32): they could
     // swap as well.
-    let mixed = varmap(
+    let mixed = seeded_varmap(
         1,
         &[("x", &[4, 3], DType::F32), ("y", &[4, 3], DType::BF16)],
     )?;
@@ -167,7 +168,7 @@ fn a_positional_state_file_is_refused_when_two_vars_could_swap() -> Result<()> {
 
 #[test]
 fn new_named_refuses_a_name_or_a_var_given_twice() -> Result<()> {
-    let vm = varmap(1, &SPECS)?;
+    let vm = seeded_varmap(1, &SPECS)?;
     let (a, b) = (var(&vm, "a"), var(&vm, "b"));
     let err = FusedAdamW::new_named(
         vec![("x".into(), a.clone()), ("x".into(), b)],
@@ -179,13 +180,6 @@ fn new_named_refuses_a_name_or_a_var_given_twice() -> Result<()> {
         .expect_err("a var twice");
     assert!(err.to_string().contains("under another name"), "{err}");
     Ok(())
-}
-
-fn state_bits(opt: &FusedAdamW) -> Result<std::collections::BTreeMap<String, Vec<u64>>> {
-    opt.state_dict()?
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), crate::common::bits(t)?)))
-        .collect()
 }
 
 fn sgd() -> ParamsSgd {
@@ -200,7 +194,7 @@ fn sgd() -> ParamsSgd {
 fn a_loaded_checkpoint_cannot_take_an_optimizer() -> Result<()> {
     let dir = temp_dir("loaded-with-optimizer");
     let path = dir.join("ckpt.safetensors");
-    let vm = varmap(1, &SPECS)?;
+    let vm = seeded_varmap(1, &SPECS)?;
     TrainingCheckpoint::new(&vm, 0)?.save(&path)?;
     let opt = FusedAdamW::from_varmap(&vm, params())?;
     let err = TrainingCheckpoint::load(&path)?

@@ -9,7 +9,8 @@ use candle_grad_clip::{FusedSgd, TrainingCheckpoint};
 use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
-use crate::{temp_dir, varmap};
+use crate::common::seeded_varmap;
+use crate::temp_dir;
 
 const SPECS: [(&str, &[usize], DType); 3] = [
     ("x", &[3, 2], DType::F32),
@@ -21,7 +22,7 @@ const SPECS: [(&str, &[usize], DType); 3] = [
 fn candle_reads_a_checkpoint_as_plain_safetensors() -> Result<()> {
     let dir = temp_dir("plain");
     let path = dir.join("ckpt.safetensors");
-    let vm = varmap(5, &SPECS)?;
+    let vm = seeded_varmap(5, &SPECS)?;
     let opt = FusedSgd::from_varmap(&vm, Default::default())?;
     TrainingCheckpoint::new(&vm, 2)?
         .with_optimizer(&opt)?
@@ -67,7 +68,7 @@ fn header_digest(meta: &HashMap<String, String>, file: &SafeTensors<'_>) -> Stri
 fn a_checkpoint_of_the_01_format_is_refused_naming_its_version() -> Result<()> {
     let dir = temp_dir("v1");
     let path = dir.join("ckpt.safetensors");
-    TrainingCheckpoint::new(&varmap(5, &SPECS)?, 4)?.save(&path)?;
+    TrainingCheckpoint::new(&seeded_varmap(5, &SPECS)?, 4)?.save(&path)?;
     // Rewrite it as 0.1 wrote it: format v1, digests valid.
     let bytes = std::fs::read(&path)?;
     let file = SafeTensors::deserialize(&bytes).expect("parses");

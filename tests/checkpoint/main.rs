@@ -17,11 +17,11 @@ mod state_files;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, Result, Var};
 use candle_nn::{ParamsAdamW, VarMap};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 
-use common::bits;
+use common::{bits, uniform_tensor};
 
 /// A fresh folder for one test.
 pub(crate) fn temp_dir(name: &str) -> PathBuf {
@@ -29,34 +29,6 @@ pub(crate) fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
-}
-
-/// Seeded values in `[-scale, scale)`.
-pub(crate) fn random(
-    rng: &mut StdRng,
-    shape: &[usize],
-    dtype: DType,
-    scale: f64,
-) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
-    Tensor::from_vec(v, shape.to_vec(), &Device::Cpu)?.to_dtype(dtype)
-}
-
-/// A VarMap with seeded vars of the given names, shapes and dtypes.
-pub(crate) fn varmap(seed: u64, specs: &[(&str, &[usize], DType)]) -> Result<VarMap> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let varmap = VarMap::new();
-    {
-        let mut data = varmap.data().lock().expect("lock");
-        for &(name, shape, dtype) in specs {
-            data.insert(
-                name.to_string(),
-                Var::from_tensor(&random(&mut rng, shape, dtype, 1.0)?)?,
-            );
-        }
-    }
-    Ok(varmap)
 }
 
 /// The var named `name`.
@@ -75,7 +47,7 @@ pub(crate) fn grads(varmap: &VarMap, k: u64) -> Result<GradStore> {
         let seed = 1000 * k + name.bytes().map(u64::from).sum::<u64>();
         let mut rng = StdRng::seed_from_u64(seed);
         let v = &data[name];
-        g.insert(v, random(&mut rng, v.dims(), v.dtype(), 1.0)?);
+        g.insert(v, uniform_tensor(&mut rng, v.dims(), v.dtype(), 1.0)?);
     }
     Ok(g)
 }

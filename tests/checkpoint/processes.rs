@@ -7,7 +7,8 @@ use std::process::Command;
 use candle_core::{DType, Device, Result};
 use candle_grad_clip::TrainingCheckpoint;
 
-use crate::{temp_dir, varmap};
+use crate::common::seeded_varmap;
+use crate::temp_dir;
 
 /// Set in a child: `<path> <rank>`.
 const SAVER_ENV: &str = "CGC_TEST_CHECKPOINT_SAVER";
@@ -25,7 +26,7 @@ fn child_saver() -> Result<()> {
     };
     let (path, rank) = spec.rsplit_once(' ').expect("<path> <rank>");
     let rank: u64 = rank.parse().expect("a rank");
-    let vm = varmap(rank, &SPECS)?;
+    let vm = seeded_varmap(rank, &SPECS)?;
     for step in 0..SAVES as u64 {
         TrainingCheckpoint::new(&vm, step)?
             .with_metadata("rank", rank.to_string())
@@ -64,7 +65,7 @@ fn saves_from_several_processes_to_one_path_all_succeed() -> Result<()> {
     let ck = TrainingCheckpoint::load(&path)?;
     let rank: u64 = ck.metadata("rank").expect("rank").parse().expect("a rank");
     assert_eq!(ck.step(), SAVES as u64 - 1);
-    let expected = varmap(rank, &SPECS)?;
+    let expected = seeded_varmap(rank, &SPECS)?;
     for (name, _, _) in SPECS {
         let saved = crate::common::bits(&ck.var(name, &Device::Cpu)?)?;
         assert_eq!(

@@ -1,8 +1,9 @@
 //! Seeded gradient values: for optimizer tests, for the optimizer twins (two sets of vars with the
 //! same values, one under test and one for its reference), and scaled ones for `GradScaler`.
 
-use candle_core::{backprop::GradStore, DType, Result, Var};
-use rand::{rngs::StdRng, Rng};
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_nn::VarMap;
+use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::tensor;
 
@@ -102,4 +103,32 @@ pub fn scaled_values(
         values[i][j] = bad[(poison - 1) as usize];
     }
     values
+}
+
+/// A CPU tensor of `shape` and `dtype` with seeded values uniform in `[-scale, scale)`.
+pub fn uniform_tensor(
+    rng: &mut StdRng,
+    shape: &[usize],
+    dtype: DType,
+    scale: f64,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
+    Tensor::from_vec(v, shape.to_vec(), &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// A VarMap of vars with the given names, shapes and dtypes, seeded uniform in `[-1, 1)`.
+pub fn seeded_varmap(seed: u64, specs: &[(&str, &[usize], DType)]) -> Result<VarMap> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().expect("lock");
+        for &(name, shape, dtype) in specs {
+            data.insert(
+                name.to_string(),
+                Var::from_tensor(&uniform_tensor(&mut rng, shape, dtype, 1.0)?)?,
+            );
+        }
+    }
+    Ok(varmap)
 }

@@ -12,7 +12,7 @@ use candle_grad_clip::{
 use candle_nn::{Optimizer, ParamsAdamW, VarMap};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::common::bits;
+use crate::common::{bits, seeded_varmap, uniform_tensor};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cgc-train-lm-{name}-{}", std::process::id()));
@@ -34,28 +34,6 @@ const SPECS: [(&str, &[usize], DType); 6] = [
     ("scalar", &[], DType::F32),
 ];
 
-fn random(rng: &mut StdRng, shape: &[usize], dtype: DType, scale: f64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
-    Tensor::from_vec(v, shape.to_vec(), &Device::Cpu)?.to_dtype(dtype)
-}
-
-/// A VarMap of `SPECS` with seeded values.
-fn varmap(seed: u64, specs: &[(&str, &[usize], DType)]) -> Result<VarMap> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let varmap = VarMap::new();
-    {
-        let mut data = varmap.data().lock().expect("lock");
-        for &(name, shape, dtype) in specs {
-            data.insert(
-                name.to_string(),
-                Var::from_tensor(&random(&mut rng, shape, dtype, 1.0)?)?,
-            );
-        }
-    }
-    Ok(varmap)
-}
-
 fn sorted(varmap: &VarMap) -> Vec<(String, Var)> {
     let data = varmap.data().lock().expect("lock");
     let mut v: Vec<_> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
@@ -69,7 +47,10 @@ fn grads(varmap: &VarMap, k: u64) -> Result<GradStore> {
     let scale = if k % 7 == 6 { 50.0 } else { 1.0 };
     let mut g = GradStore::default();
     for (_, var) in sorted(varmap) {
-        g.insert(&var, random(&mut rng, var.dims(), var.dtype(), scale)?);
+        g.insert(
+            &var,
+            uniform_tensor(&mut rng, var.dims(), var.dtype(), scale)?,
+        );
     }
     Ok(g)
 }
@@ -162,13 +143,13 @@ fn round_trip_and_bitwise_resume() -> Result<()> {
         )),
     ] {
         // The uninterrupted run: 12 steps.
-        let full = varmap(1, &SPECS)?;
+        let full = seeded_varmap(1, &SPECS)?;
         let mut opt_full = adamw(&full, clip.clone())?;
         let mut scaler_full = scaler();
         train(&full, &mut opt_full, &mut scaler_full, 0, 12)?;
 
         // 7 steps, a checkpoint, 3 more steps that the resume forgets.
-        let run = varmap(1, &SPECS)?;
+        let run = seeded_varmap(1, &SPECS)?;
         let mut opt = adamw(&run, clip.clone())?;
         let mut sc = scaler();
         train(&run, &mut opt, &mut sc, 0, 7)?;
@@ -181,7 +162,7 @@ fn round_trip_and_bitwise_resume() -> Result<()> {
         train(&run, &mut opt, &mut sc, 7, 3)?;
 
         // A fresh process: other values, same model; restore, then the last 5 steps.
-        let resumed = varmap(99, &SPECS)?;
+        let resumed = seeded_varmap(99, &SPECS)?;
         let mut opt2 = adamw(&resumed, clip.clone())?;
         let mut sc2 = scaler();
         let ck = TrainingCheckpoint::load(&path)?;
@@ -212,7 +193,7 @@ fn round_trip_and_bitwise_resume() -> Result<()> {
 fn separate_clip_setting_round_trip() -> Result<()> {
     let dir = temp_dir("separate-clip");
     let path = dir.join("ckpt.safetensors");
-    let vm = varmap(3, &SPECS[..2])?;
+    let vm = seeded_varmap(3, &SPECS[..2])?;
     let vars: Vec<Var> = sorted(&vm).into_iter().map(|(_, v)| v).collect();
     let mut clip = ClipSetting::AutoClip(AutoClip::new(30.0)?);
     if let ClipSetting::AutoClip(a) = &mut clip {
@@ -265,7 +246,7 @@ struct Fixture {
 fn fixture(name: &str, clip: Option<ClipSetting>) -> Result<Fixture> {
     let dir = temp_dir(name);
     let path = dir.join("ckpt.safetensors");
-    let varmap = varmap(5, &SPECS)?;
+    let varmap = seeded_varmap(5, &SPECS)?;
     let mut opt = adamw(&varmap, clip)?;
     let mut scaler = scaler();
     train(&varmap, &mut opt, &mut scaler, 0, 4)?;
@@ -430,7 +411,7 @@ fn refuses_mismatched_components() -> Result<()> {
         ),
     ];
     for (what, specs, needle) in cases {
-        let vm = varmap(11, &specs)?;
+        let vm = seeded_varmap(11, &specs)?;
         let vm_before = var_bits(&vm)?;
         let mut opt = adamw(&vm, Some(ClipSetting::ZClip(ZClip::new().warmup_steps(2))))?;
         let opt_before = dict_bits(&opt.state_dict()?)?;
@@ -448,7 +429,7 @@ fn refuses_mismatched_components() -> Result<()> {
     }
 
     // Another optimizer kind; another clip setting; a component missing on either side.
-    let sgd_vm = varmap(5, &SPECS)?;
+    let sgd_vm = seeded_varmap(5, &SPECS)?;
     let sgd = FusedSgd::from_varmap(&sgd_vm, Default::default())?;
     let sgd_file = f.dir.join("sgd.safetensors");
     TrainingCheckpoint::new(&sgd_vm, 1)?
@@ -466,7 +447,7 @@ fn refuses_mismatched_components() -> Result<()> {
         (Some(ClipSetting::ZClip(ZClip::new())), "warmup_steps=25"),
         (None, "this one with zclip"),
     ] {
-        let vm = varmap(5, &SPECS)?;
+        let vm = seeded_varmap(5, &SPECS)?;
         let other = adamw(&vm, clip)?;
         let other_file = f.dir.join("other.safetensors");
         TrainingCheckpoint::new(&vm, 1)?
@@ -496,7 +477,7 @@ fn refuses_mismatched_components() -> Result<()> {
 
     // A missing optimizer tensor: the state of an optimizer over fewer vars (keyed by the vars'
     // names in the checkpoint, the third var's is missing).
-    let vm = varmap(5, &SPECS)?;
+    let vm = seeded_varmap(5, &SPECS)?;
     let vars: Vec<Var> = sorted(&vm).into_iter().map(|(_, v)| v).collect();
     let small = FusedAdamW::new(vars[..2].to_vec(), ParamsAdamW::default())?;
     let mut big = FusedAdamW::new(vars.clone(), ParamsAdamW::default())?;
