@@ -91,9 +91,38 @@ fn load_and_restore(varmap: &VarMap, opt: &mut FusedAdamW, path: &Path) -> Resul
 /// The floor of a save: one SHA-256 pass over `bytes`, then writing them to a file and fsyncing.
 fn save_floor(bytes: &[u8], path: &Path) -> std::io::Result<()> {
     std::hint::black_box(Sha256::digest(bytes));
+    write_and_sync(bytes, path)
+}
+
+fn write_and_sync(bytes: &[u8], path: &Path) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;
     f.write_all(bytes)?;
     f.sync_all()
+}
+
+/// The disk alone: write + fsync, and read, of 512 MB; and SHA-256 on one thread.
+fn disk_rates(dir: &Path) -> Result<()> {
+    let bytes = vec![0x5au8; 512 << 20];
+    let floor_path = dir.join("disk.bin");
+    let (mut w, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        write_and_sync(&bytes, &floor_path)?;
+        w.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::hint::black_box(std::fs::read(&floor_path)?);
+        r.push(t.elapsed().as_secs_f64());
+    }
+    let t = Instant::now();
+    std::hint::black_box(Sha256::digest(&bytes));
+    let sha = t.elapsed().as_secs_f64();
+    println!(
+        "disk: write + fsync {:.2} GB/s, read {:.2} GB/s (page cache: the file was just written); SHA-256 one thread {:.2} GB/s",
+        0.537 / median(w),
+        0.537 / median(r),
+        0.537 / sha
+    );
+    Ok(())
 }
 
 /// The floor of a load: reading the file, then one SHA-256 pass over it.
@@ -251,29 +280,7 @@ fn main() -> Result<()> {
             restore_peak as f64 / file as f64,
         );
     }
-    // The disk alone: write + fsync, and read, of 512 MB.
-    let bytes = vec![0x5au8; 512 << 20];
-    let floor_path = dir.join("disk.bin");
-    let (mut w, mut r) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let t = Instant::now();
-        let mut f = std::fs::File::create(&floor_path)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        w.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        std::hint::black_box(std::fs::read(&floor_path)?);
-        r.push(t.elapsed().as_secs_f64());
-    }
-    let t = Instant::now();
-    std::hint::black_box(Sha256::digest(&bytes));
-    let sha = t.elapsed().as_secs_f64();
-    println!(
-        "disk: write + fsync {:.2} GB/s, read {:.2} GB/s (page cache: the file was just written); SHA-256 one thread {:.2} GB/s",
-        0.537 / median(w),
-        0.537 / median(r),
-        0.537 / sha
-    );
+    disk_rates(&dir)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
