@@ -54,7 +54,7 @@ fn param_sets() -> Vec<ParamSet> {
 fn bench(c: &mut Criterion) {
     for set in param_sets() {
         let (vars, mut grads, n) = make_grads(&set.shapes).expect("gradients");
-        let norm = total_norm(&vars, &grads, NormType::L2)
+        let norm = total_norm(&vars, &grads, NormType::L2, false)
             .and_then(|t| t.to_scalar::<f32>())
             .expect("norm") as f64;
         // In the clip case every call must really scale: each iteration clips to 0.999 of the

@@ -112,7 +112,7 @@ fn bench_gpu(c: &mut Criterion) {
             });
             group.bench_function(id("norm"), |b| {
                 b.iter(|| {
-                    black_box(total_norm(&vars, &grads, NormType::L2).expect("norm"));
+                    black_box(total_norm(&vars, &grads, NormType::L2, false).expect("norm"));
                     dev.synchronize().expect("sync");
                 })
             });
@@ -175,7 +175,7 @@ fn optimizer_cases(
     for (name, setting) in [
         (
             "adamw_zclip",
-            ClipSetting::ZClip(ZClip::new().warmup_steps(3)),
+            ClipSetting::ZClip(ZClip::new().with_warmup_steps(3)),
         ),
         ("adamw_agc", ClipSetting::agc(0.01)),
     ] {

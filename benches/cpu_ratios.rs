@@ -37,7 +37,7 @@ fn main() -> Result<()> {
             continue;
         }
         let (vars, mut grads, n) = make_grads(&shapes)?;
-        let mut target = total_norm(&vars, &grads, NormType::L2)?.to_scalar::<f32>()? as f64;
+        let mut target = total_norm(&vars, &grads, NormType::L2, false)?.to_scalar::<f32>()? as f64;
         let mut buffer = vec![0.01f32; n];
         let mut t: [Vec<f64>; 8] = Default::default();
         let mut time = |slot: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {

@@ -93,7 +93,7 @@ fn main() -> Result<()> {
         // own work: its statistics, on the host here (the kernel on a GPU).
         let zclip_vars = copy(&vars)?;
         let mut fused_zclip = FusedAdamW::new(zclip_vars.clone(), params.clone())?
-            .with_clip(ClipSetting::ZClip(ZClip::new().max_grad_norm(1.0)))?;
+            .with_clip(ClipSetting::ZClip(ZClip::new().with_max_grad_norm(1.0)))?;
         let candle_vars = copy(&vars)?;
         let mut candle = AdamW::new(candle_vars.clone(), params)?;
         let sgd_vars = copy(&vars)?;

@@ -57,7 +57,7 @@ fn main() -> Result<()> {
         let mut two_pass = sgd(&two_vars)?;
         let g_one = rekey(&grads, &vars, &one_vars);
         let mut g_two = rekey(&grads, &vars, &two_vars);
-        let new_scaler = || GradScaler::new().init_scale(1.0).growth_interval(1 << 30);
+        let new_scaler = || GradScaler::new().with_init_scale(1.0).with_growth_interval(1 << 30);
         let (mut scaler_one, mut scaler_two) = (new_scaler(), new_scaler());
         let inv_scale = 1.0 / 65536.0;
 
@@ -73,7 +73,7 @@ fn main() -> Result<()> {
             for slot in [round % 2, 1 - round % 2] {
                 time(slot, &mut || {
                     if slot == 0 {
-                        black_box(total_norm(&vars, &grads, NormType::L2)?);
+                        black_box(total_norm(&vars, &grads, NormType::L2, false)?);
                     } else {
                         black_box(__unscaled_norm_cpu(&vars, &grads, inv_scale, NormType::L2)?);
                     }

@@ -217,7 +217,7 @@ pub fn gradient_growth(
     }
     let loss = (h * u)?.sum_all()?;
     let grads = loss.backward()?;
-    let norm = total_norm(std::slice::from_ref(&h0), &grads, NormType::L2)?;
+    let norm = total_norm(std::slice::from_ref(&h0), &grads, NormType::L2, false)?;
     norm.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 

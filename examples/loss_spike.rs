@@ -133,7 +133,7 @@ fn train(
         };
         let grads = scaled.backward()?;
         let norm =
-            candle_grad_clip::total_norm(opt.vars(), &grads, candle_grad_clip::NormType::L2)?;
+            candle_grad_clip::total_norm(opt.vars(), &grads, candle_grad_clip::NormType::L2, false)?;
         run.norms.push(norm.to_scalar::<f32>()?);
         opt.step(&grads)?;
     }

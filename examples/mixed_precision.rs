@@ -143,7 +143,7 @@ fn main() -> Result<()> {
     };
     let mut opt =
         FusedAdamW::from_varmap(&varmap, params)?.with_clip(ClipSetting::norm(args.max_norm))?;
-    let mut scaler = GradScaler::new().growth_interval(args.growth_interval);
+    let mut scaler = GradScaler::new().with_growth_interval(args.growth_interval);
 
     println!(
         "MLP {INPUTS}-{HIDDEN}-1, F32 vars, F16 forward pass, batch {BATCH}, {} steps on {:?}",

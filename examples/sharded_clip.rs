@@ -14,7 +14,7 @@
 //! and rank 0 checks it against the norm of all 8 layers computed in one process.
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_grad_clip::{clip_grad_norm_across, total_norm, ProcessGroup};
+use candle_grad_clip::{clip_grad_norm_across_, total_norm, ProcessGroup};
 use candle_nn::{Linear, Optimizer, SGD};
 use mpi::traits::Communicator;
 
@@ -62,9 +62,9 @@ fn main() -> Result<()> {
         .iter()
         .flat_map(|(w, b)| [w.clone(), b.clone()])
         .collect();
-    let one_process = total_norm(&all_vars, &grads, candle_grad_clip::NormType::L2)?;
+    let one_process = total_norm(&all_vars, &grads, candle_grad_clip::NormType::L2, false)?;
 
-    let norm = clip_grad_norm_across(&my_vars, &mut grads, 0.5, &world)?;
+    let norm = clip_grad_norm_across_(&my_vars, &mut grads, 0.5, &world)?;
     let value = norm.to_scalar::<f32>()?;
     println!(
         "rank {rank} of {size}: layers {mine:?}, global L2 norm {value} (bits {:#010x})",

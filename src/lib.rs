@@ -74,23 +74,26 @@ mod policy;
 mod stats;
 
 // Clipping functions.
-pub use clip::across::clip_grad_norm_across;
-pub use clip::agc::{adaptive_clip_grad_, AGC_DEFAULT_EPS};
+pub use clip::across::clip_grad_norm_across_;
+pub use clip::agc::adaptive_clip_grad_;
 pub use clip::norm::{clip_grad_norm_, clip_grads_with_norm_, total_norm, ClipGradNorm};
 pub use clip::value::clip_grad_value_;
-pub use ops::clip::DEFAULT_EPS;
 pub use ops::norm_type::NormType;
 // Training-loop integration: optimizers, policies, loss scaling, statistics.
 pub use amp::grad_scaler::GradScaler;
-pub use optim::adamw::FusedAdamW;
+pub use amp::scaled::{FusedHandle, ScaledOptimizer};
+pub use optim::adamw::{AdamWRule, FusedAdamW};
+pub use optim::fused::api::{Fused, FusedRule};
 pub use optim::clip_setting::ClipSetting;
 pub use optim::clipped::{Clipped, ClippedConfig};
-pub use optim::sgd::{FusedSgd, ParamsSgd};
+pub use optim::sgd::{FusedSgd, ParamsSgd, SgdRule};
 pub use policy::autoclip::AutoClip;
-pub use policy::zclip::{ZClip, ZClipMode};
+pub use policy::zclip::{ZClip, ZClipMode, ZClipStatistics};
 pub use stats::{grad_norms, GradNormStats};
 // Training checkpoints: vars, optimizer, clip policy, GradScaler, step and metadata in one file.
-pub use checkpoint::{CheckpointOptimizer, PendingSave, Restore, TrainingCheckpoint};
+pub use checkpoint::{
+    CheckpointOptimizer, CheckpointStatus, PendingSave, Restore, TrainingCheckpoint,
+};
 // For benches/scaler_ratios.rs only.
 #[doc(hidden)]
 pub use amp::grad_scaler::__unscaled_norm_cpu;

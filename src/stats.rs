@@ -6,6 +6,7 @@ use candle_nn::VarMap;
 
 use crate::dispatch;
 use crate::ops::gradients::GradientSet;
+use crate::ops::varmap::sorted_vars;
 use crate::ops::norm_type::NormType;
 
 /// The norm of the gradient of every named var of `varmap`, sorted by name, so that you can see
@@ -40,16 +41,7 @@ pub fn grad_norms(
     norm_type: NormType,
 ) -> Result<Vec<(String, f32)>> {
     norm_type.validate()?;
-    // Copy the (name, var) handles out so that the lock is not held while computing.
-    let mut named: Vec<(String, Var)> = {
-        let data = varmap.data().lock().map_err(|_| {
-            candle_core::Error::Msg("grad_norms: the VarMap's lock is poisoned".into())
-        })?;
-        data.iter()
-            .map(|(name, var)| (name.clone(), var.clone()))
-            .collect()
-    };
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut named = sorted_vars(varmap, "grad_norms")?;
     named.retain(|(_, var)| grads.get(var.as_tensor()).is_some());
     let vars: Vec<Var> = named.iter().map(|(_, var)| var.clone()).collect();
     let set = GradientSet::collect(&vars, grads)?;
@@ -145,8 +137,8 @@ impl GradNormStats {
     /// ```
     /// assert_eq!(candle_grad_clip::GradNormStats::new().count(), 0);
     /// ```
-    pub fn count(&self) -> usize {
-        self.values.len() + self.pending.len()
+    pub fn count(&self) -> u64 {
+        (self.values.len() + self.pending.len()) as u64
     }
 
     /// How many recorded norms are NaN or infinite.
@@ -160,9 +152,9 @@ impl GradNormStats {
     /// assert_eq!(stats.mean()?, 2.0);
     /// # Ok::<(), candle_core::Error>(())
     /// ```
-    pub fn nonfinite(&mut self) -> Result<usize> {
+    pub fn nonfinite(&mut self) -> Result<u64> {
         self.read_pending()?;
-        Ok(self.values.iter().filter(|v| !v.is_finite()).count())
+        Ok(self.values.iter().filter(|v| !v.is_finite()).count() as u64)
     }
 
     /// All recorded norms in recording order, read to the host (non-finite ones included).

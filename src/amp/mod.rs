@@ -2,3 +2,4 @@
 //! the optimizers it drives.
 
 pub(crate) mod grad_scaler;
+pub(crate) mod scaled;

@@ -12,10 +12,13 @@ use crate::optim::clip_setting::ClipSetting;
 pub(crate) fn describe(clip: Option<&ClipSetting>) -> String {
     match clip {
         None => "none".to_string(),
-        Some(ClipSetting::Norm {
-            max_norm,
-            norm_type,
-        }) => format!("norm(max_norm={max_norm:?}, norm_type={norm_type:?})"),
+        Some(ClipSetting::Norm(clip)) => format!(
+            "norm(max_norm={:?}, norm_type={:?}, eps={:?}, error_if_nonfinite={})",
+            clip.max_norm(),
+            clip.norm_type(),
+            clip.eps(),
+            clip.error_if_nonfinite()
+        ),
         Some(ClipSetting::Value { clip_value }) => format!("value(clip_value={clip_value:?})"),
         Some(ClipSetting::AutoClip(a)) => format!(
             "autoclip(percentile={:?}, capacity={})",
@@ -24,11 +27,11 @@ pub(crate) fn describe(clip: Option<&ClipSetting>) -> String {
         ),
         Some(ClipSetting::ZClip(z)) => format!(
             "zclip(alpha={:?}, z_threshold={:?}, warmup_steps={}, mode={:?}, max_grad_norm={:?})",
-            z.ema_alpha(),
-            z.threshold_z(),
-            z.warmup(),
-            z.clip_mode(),
-            z.max_norm()
+            z.alpha(),
+            z.z_threshold(),
+            z.warmup_steps(),
+            z.mode(),
+            z.max_grad_norm()
         ),
         Some(ClipSetting::Agc { clipping, eps }) => {
             format!("agc(clipping={clipping:?}, eps={eps:?})")

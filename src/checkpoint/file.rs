@@ -476,12 +476,7 @@ pub(super) fn var_keys(
 
 /// The vars of a VarMap sorted by name.
 pub(super) fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
-    let data = varmap.data().lock().map_err(|_| {
-        candle_core::Error::Msg("TrainingCheckpoint: the VarMap's lock is poisoned".into())
-    })?;
-    let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(vars)
+    crate::ops::varmap::sorted_vars(varmap, "TrainingCheckpoint")
 }
 
 #[cfg(test)]

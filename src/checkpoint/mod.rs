@@ -11,10 +11,12 @@
 mod background;
 mod clip;
 mod file;
+mod inspect;
 mod optimizer;
 mod restore;
 
 pub use background::PendingSave;
 pub use file::TrainingCheckpoint;
+pub use inspect::CheckpointStatus;
 pub use optimizer::CheckpointOptimizer;
 pub use restore::Restore;

@@ -1,4 +1,4 @@
-//! Norm clipping across processes: [`clip_grad_norm_across`] and the [`ClipGradNorm`] methods
+//! Norm clipping across processes: [`clip_grad_norm_across_`] and the [`ClipGradNorm`] methods
 //! that take a process group (the norm itself is `dist`'s).
 
 use candle_core::{backprop::GradStore, Result, Tensor, Var};
@@ -36,7 +36,7 @@ impl ClipGradNorm {
     ///                 let w = Var::new(&[0f32], &Device::Cpu)?;
     ///                 let mut grads = GradStore::default();
     ///                 grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
-    ///                 let clip = ClipGradNorm::new(4.0).norm_type(NormType::Inf).eps(0.0);
+    ///                 let clip = ClipGradNorm::new(4.0).with_norm_type(NormType::Inf).with_eps(0.0);
     ///                 clip.clip_across_(&[w.clone()], &mut grads, &group)?;
     ///                 grads.get(&w).unwrap().to_vec1::<f32>().map(|v| v[0])
     ///             })
@@ -120,7 +120,7 @@ impl ClipGradNorm {
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
-/// use candle_grad_clip::{clip_grad_norm_across, LocalGroup};
+/// use candle_grad_clip::{clip_grad_norm_across_, LocalGroup};
 /// # fn main() -> candle_core::Result<()> {
 /// let results = std::thread::scope(|s| {
 ///     let handles: Vec<_> = LocalGroup::new(2)?
@@ -131,7 +131,7 @@ impl ClipGradNorm {
 ///                 let w = Var::new(&[0f32], &Device::Cpu)?;
 ///                 let mut grads = GradStore::default();
 ///                 grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
-///                 let norm = clip_grad_norm_across(&[w.clone()], &mut grads, 1.0, &group)?;
+///                 let norm = clip_grad_norm_across_(&[w.clone()], &mut grads, 1.0, &group)?;
 ///                 let clipped = grads.get(&w).unwrap().to_vec1::<f32>()?[0];
 ///                 Ok((norm.to_scalar::<f32>()?, clipped))
 ///             })
@@ -144,7 +144,7 @@ impl ClipGradNorm {
 /// assert!((results[0].1 - 0.6).abs() < 1e-6 && (results[1].1 - 0.8).abs() < 1e-6);
 /// # Ok(()) }
 /// ```
-pub fn clip_grad_norm_across(
+pub fn clip_grad_norm_across_(
     vars: &[Var],
     grads: &mut GradStore,
     max_norm: f64,

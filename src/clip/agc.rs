@@ -6,12 +6,9 @@ use crate::dispatch;
 use crate::ops::agc::{self, AgcSet};
 
 /// The default `eps` of adaptive gradient clipping (as in the paper and timm): the smallest
-/// parameter norm a unit is measured against, so that zero-initialised units can still move.
-///
-/// ```
-/// assert_eq!(candle_grad_clip::AGC_DEFAULT_EPS, 1e-3);
-/// ```
-pub const AGC_DEFAULT_EPS: f64 = 1e-3;
+/// parameter norm a unit is measured against, so that zero-initialised units can still move
+/// (public as `ClipSetting::AGC_DEFAULT_EPS`).
+pub(crate) const AGC_DEFAULT_EPS: f64 = 1e-3;
 
 /// Adaptive gradient clipping (AGC, Brock et al., 2021, "High-Performance Large-Scale Image
 /// Recognition Without Normalization"), in place, unit by unit; returns the global L2 norm of the
@@ -34,7 +31,7 @@ pub const AGC_DEFAULT_EPS: f64 = 1e-3;
 /// gradients cannot overflow it.
 ///
 /// `clipping` must be finite and `> 0` (the paper uses 0.01 to 0.16 depending on batch size),
-/// `eps` `>= 0` and not NaN ([`AGC_DEFAULT_EPS`] is the usual value). Vars without a gradient are
+/// `eps` `>= 0` and not NaN ([`ClipSetting::AGC_DEFAULT_EPS`](crate::ClipSetting::AGC_DEFAULT_EPS) is the usual value). Vars without a gradient are
 /// skipped, a var listed twice is clipped once. The gradients must have their var's dtype and
 /// shape, and neither share storage with another gradient or a parameter nor be broadcast views;
 /// anything refused changes nothing.

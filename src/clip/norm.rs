@@ -4,7 +4,7 @@
 use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
 
 use crate::dispatch;
-use crate::ops::clip::{ClipSettings, DEFAULT_EPS};
+use crate::ops::clip::{nonfinite_error, ClipSettings, DEFAULT_EPS};
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
 
@@ -13,6 +13,8 @@ use crate::ops::norm_type::NormType;
 /// Vars without a gradient in `grads` are skipped. Returns a 0-d tensor on the gradients'
 /// device: `F64` when every gradient is `F64`, else `F32`; a 0-d `F32` zero on the CPU when no
 /// var has a gradient. Accumulates in `f64`, bitwise the same whatever the order of `vars`.
+/// With `error_if_nonfinite` (PyTorch's `get_total_norm`), a NaN or infinite norm is an error
+/// (one host read of the norm).
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
@@ -21,14 +23,28 @@ use crate::ops::norm_type::NormType;
 /// let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
 /// let mut grads = GradStore::default();
 /// grads.insert(&w, Tensor::new(&[3f32, 4.], &Device::Cpu)?);
-/// let norm = total_norm(&[w], &grads, NormType::L2)?;
+/// let norm = total_norm(&[w.clone()], &grads, NormType::L2, false)?;
 /// assert_eq!(norm.to_scalar::<f32>()?, 5.0);
+/// grads.insert(&w, Tensor::new(&[f32::NAN, 4.], &Device::Cpu)?);
+/// assert!(total_norm(&[w], &grads, NormType::L2, true).is_err());
 /// # Ok(()) }
 /// ```
-pub fn total_norm(vars: &[Var], grads: &GradStore, norm_type: NormType) -> Result<Tensor> {
+pub fn total_norm(
+    vars: &[Var],
+    grads: &GradStore,
+    norm_type: NormType,
+    error_if_nonfinite: bool,
+) -> Result<Tensor> {
     norm_type.validate()?;
     let set = GradientSet::collect(vars, grads)?;
-    dispatch::norm::total_norm(&set, norm_type)
+    let norm = dispatch::norm::total_norm(&set, norm_type)?;
+    if error_if_nonfinite {
+        let value = norm.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(nonfinite_error(value, norm_type));
+        }
+    }
+    Ok(norm)
 }
 
 /// Rescales the gradients of `vars` in place so that their global L2 norm is at most `max_norm`,
@@ -67,7 +83,7 @@ pub fn clip_grad_norm_(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Re
 /// let mut grads = GradStore::default();
 /// grads.insert(&w, Tensor::new(&[3f32, 4.], &Device::Cpu)?);
 /// let vars = [w.clone()];
-/// let norm = total_norm(&vars, &grads, NormType::L2)?;
+/// let norm = total_norm(&vars, &grads, NormType::L2, false)?;
 /// clip_grads_with_norm_(&vars, &mut grads, 2.5, &norm)?;
 /// let g = grads.get(&w).unwrap().to_vec1::<f32>()?;
 /// assert!((g[0] - 1.5).abs() < 1e-5);
@@ -79,31 +95,7 @@ pub fn clip_grads_with_norm_(
     max_norm: f64,
     total_norm: &Tensor,
 ) -> Result<()> {
-    validate_max_norm(max_norm)?;
-    if total_norm.rank() != 0 {
-        bail!(
-            "clip_grads_with_norm_: total_norm must be a 0-d tensor (as returned by total_norm), got shape {:?}",
-            total_norm.dims()
-        )
-    }
-    if !total_norm.dtype().is_float() {
-        bail!(
-            "clip_grads_with_norm_: total_norm must be a float tensor, got {:?}",
-            total_norm.dtype()
-        )
-    }
-    let set = GradientSet::collect(vars, grads)?;
-    if set.grads().is_empty() {
-        return Ok(());
-    }
-    if !total_norm.device().same_device(set.device()) {
-        bail!(
-            "clip_grads_with_norm_: total_norm is on {:?} but the gradients are on {:?}",
-            total_norm.device().location(),
-            set.device().location()
-        )
-    }
-    dispatch::clip::scale_with_norm(&set, max_norm, DEFAULT_EPS, total_norm)
+    ClipGradNorm::new(max_norm).clip_grads_with_norm_(vars, grads, total_norm)
 }
 
 /// [`clip_grads_with_norm_`] with any `eps`, unchecked (for the policies that express their
@@ -134,9 +126,9 @@ pub(crate) fn scale_with_given_norm(
 /// let mut grads = GradStore::default();
 /// grads.insert(&w, Tensor::new(&[-8f32, 2.], &Device::Cpu)?);
 /// let norm = ClipGradNorm::new(4.0)
-///     .norm_type(NormType::Inf)
-///     .error_if_nonfinite(true)
-///     .eps(0.0)
+///     .with_norm_type(NormType::Inf)
+///     .with_error_if_nonfinite(true)
+///     .with_eps(0.0)
 ///     .clip_(&[w.clone()], &mut grads)?;
 /// assert_eq!(norm.to_scalar::<f32>()?, 8.0);
 /// assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?, [-4.0, 1.0]);
@@ -151,6 +143,13 @@ pub struct ClipGradNorm {
 }
 
 impl ClipGradNorm {
+    /// The default `eps` added to the norm before dividing, as in PyTorch.
+    ///
+    /// ```
+    /// assert_eq!(candle_grad_clip::ClipGradNorm::DEFAULT_EPS, 1e-6);
+    /// ```
+    pub const DEFAULT_EPS: f64 = DEFAULT_EPS;
+
     /// Clipping to a global norm of at most `max_norm` (checked when clipping: it must be `>= 0`).
     ///
     /// ```
@@ -170,9 +169,9 @@ impl ClipGradNorm {
     ///
     /// ```
     /// use candle_grad_clip::{ClipGradNorm, NormType};
-    /// assert!(ClipGradNorm::new(1.0).norm_type(NormType::P(0.0)).validate().is_err());
+    /// assert!(ClipGradNorm::new(1.0).with_norm_type(NormType::P(0.0)).validate().is_err());
     /// ```
-    pub fn norm_type(mut self, norm_type: NormType) -> Self {
+    pub fn with_norm_type(mut self, norm_type: NormType) -> Self {
         self.norm_type = norm_type;
         self
     }
@@ -187,11 +186,11 @@ impl ClipGradNorm {
     /// let w = Var::new(&[0f32], &Device::Cpu)?;
     /// let mut grads = GradStore::default();
     /// grads.insert(&w, Tensor::new(&[f32::NAN], &Device::Cpu)?);
-    /// let err = ClipGradNorm::new(1.0).error_if_nonfinite(true).clip_(&[w], &mut grads);
+    /// let err = ClipGradNorm::new(1.0).with_error_if_nonfinite(true).clip_(&[w], &mut grads);
     /// assert!(err.is_err());
     /// # Ok(()) }
     /// ```
-    pub fn error_if_nonfinite(mut self, error_if_nonfinite: bool) -> Self {
+    pub fn with_error_if_nonfinite(mut self, error_if_nonfinite: bool) -> Self {
         self.error_if_nonfinite = error_if_nonfinite;
         self
     }
@@ -200,10 +199,10 @@ impl ClipGradNorm {
     ///
     /// ```
     /// use candle_grad_clip::ClipGradNorm;
-    /// assert!(ClipGradNorm::new(1.0).eps(0.0).validate().is_ok());
-    /// assert!(ClipGradNorm::new(1.0).eps(-1.0).validate().is_err());
+    /// assert!(ClipGradNorm::new(1.0).with_eps(0.0).validate().is_ok());
+    /// assert!(ClipGradNorm::new(1.0).with_eps(-1.0).validate().is_err());
     /// ```
-    pub fn eps(mut self, eps: f64) -> Self {
+    pub fn with_eps(mut self, eps: f64) -> Self {
         self.eps = eps;
         self
     }
@@ -215,6 +214,39 @@ impl ClipGradNorm {
     /// ```
     pub fn max_norm(&self) -> f64 {
         self.max_norm
+    }
+
+    /// The norm measured and bounded.
+    ///
+    /// ```
+    /// use candle_grad_clip::{ClipGradNorm, NormType};
+    /// assert_eq!(ClipGradNorm::new(1.0).norm_type(), NormType::L2);
+    /// assert_eq!(ClipGradNorm::new(1.0).with_norm_type(NormType::Inf).norm_type(), NormType::Inf);
+    /// ```
+    pub fn norm_type(&self) -> NormType {
+        self.norm_type
+    }
+
+    /// Whether a non-finite total norm is an error.
+    ///
+    /// ```
+    /// let clip = candle_grad_clip::ClipGradNorm::new(1.0);
+    /// assert!(!clip.error_if_nonfinite());
+    /// assert!(clip.with_error_if_nonfinite(true).error_if_nonfinite());
+    /// ```
+    pub fn error_if_nonfinite(&self) -> bool {
+        self.error_if_nonfinite
+    }
+
+    /// The `eps` added to the norm before dividing.
+    ///
+    /// ```
+    /// use candle_grad_clip::ClipGradNorm;
+    /// assert_eq!(ClipGradNorm::new(1.0).eps(), ClipGradNorm::DEFAULT_EPS);
+    /// assert_eq!(ClipGradNorm::new(1.0).with_eps(0.0).eps(), 0.0);
+    /// ```
+    pub fn eps(&self) -> f64 {
+        self.eps
     }
 
     /// Checks every setting; `clip_` calls this before touching anything.
@@ -239,7 +271,7 @@ impl ClipGradNorm {
     /// let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
     /// let mut grads = GradStore::default();
     /// grads.insert(&w, Tensor::new(&[3f32, -4.], &Device::Cpu)?);
-    /// let norm = ClipGradNorm::new(3.5).norm_type(NormType::L1).clip_(&[w.clone()], &mut grads)?;
+    /// let norm = ClipGradNorm::new(3.5).with_norm_type(NormType::L1).clip_(&[w.clone()], &mut grads)?;
     /// assert_eq!(norm.to_scalar::<f32>()?, 7.0);
     /// let g = grads.get(&w).unwrap().to_vec1::<f32>()?;
     /// assert!((g[0] - 1.5).abs() < 1e-5 && (g[1] + 2.0).abs() < 1e-5);
@@ -252,6 +284,64 @@ impl ClipGradNorm {
             return Tensor::new(0f32, &candle_core::Device::Cpu);
         }
         dispatch::clip::clip_norm(&set, self.settings())
+    }
+
+    /// [`clip_grads_with_norm_`](crate::clip_grads_with_norm_) with this clip's `max_norm` and
+    /// `eps`: scales the gradients of `vars` in place by `min(1, max_norm / (total_norm + eps))`,
+    /// with a norm computed before (by [`total_norm`](crate::total_norm), possibly across
+    /// devices); with `error_if_nonfinite`, a non-finite `total_norm` is an error (one host read).
+    /// The norm type is not used: `total_norm` was already measured.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
+    /// use candle_grad_clip::{total_norm, ClipGradNorm, NormType};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
+    /// let mut grads = GradStore::default();
+    /// grads.insert(&w, Tensor::new(&[3f32, 4.], &Device::Cpu)?);
+    /// let vars = [w.clone()];
+    /// let norm = total_norm(&vars, &grads, NormType::L2, false)?;
+    /// ClipGradNorm::new(2.5).with_eps(0.0).clip_grads_with_norm_(&vars, &mut grads, &norm)?;
+    /// assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?, [1.5, 2.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn clip_grads_with_norm_(
+        &self,
+        vars: &[Var],
+        grads: &mut GradStore,
+        total_norm: &Tensor,
+    ) -> Result<()> {
+        self.validate()?;
+        if total_norm.rank() != 0 {
+            bail!(
+                "clip_grads_with_norm_: total_norm must be a 0-d tensor (as returned by total_norm), got shape {:?}",
+                total_norm.dims()
+            )
+        }
+        if !total_norm.dtype().is_float() {
+            bail!(
+                "clip_grads_with_norm_: total_norm must be a float tensor, got {:?}",
+                total_norm.dtype()
+            )
+        }
+        let set = GradientSet::collect(vars, grads)?;
+        if set.grads().is_empty() {
+            return Ok(());
+        }
+        if !total_norm.device().same_device(set.device()) {
+            bail!(
+                "clip_grads_with_norm_: total_norm is on {:?} but the gradients are on {:?}",
+                total_norm.device().location(),
+                set.device().location()
+            )
+        }
+        if self.error_if_nonfinite {
+            let value = total_norm.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(nonfinite_error(value, self.norm_type));
+            }
+        }
+        dispatch::clip::scale_with_norm(&set, self.max_norm, self.eps, total_norm)
     }
 
     /// The settings as the back ends take them (not validated).

@@ -131,7 +131,7 @@ impl Agreement {
     }
 
     /// The norm type (canonical: `P(2)` is `L2`) and its `p`.
-    pub(crate) fn norm_type(self, norm_type: NormType) -> Self {
+    pub(crate) fn set_norm_type(self, norm_type: NormType) -> Self {
         let (code, p) = match norm_type.canonical() {
             NormType::L1 => (1, 0.0),
             NormType::L2 => (2, 0.0),

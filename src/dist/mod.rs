@@ -134,7 +134,7 @@ pub fn total_norm_across(
     norm_type: NormType,
     group: &dyn ProcessGroup,
 ) -> Result<Tensor> {
-    let agreement = Agreement::new(Call::TotalNorm).norm_type(norm_type);
+    let agreement = Agreement::new(Call::TotalNorm).set_norm_type(norm_type);
     vars_norm_across(
         "total_norm_across",
         vars,
@@ -277,9 +277,9 @@ pub(crate) fn plan_clip_across(
     prior: Option<RankError>,
     group: &dyn ProcessGroup,
 ) -> Result<ClipPlan> {
-    const CALLER: &str = "clip_grad_norm_across";
+    const CALLER: &str = "clip_grad_norm_across_";
     let agreement = agreement
-        .norm_type(settings.norm_type)
+        .set_norm_type(settings.norm_type)
         .set_f64(Field::MaxNorm, settings.max_norm)
         .set_f64(Field::Eps, settings.eps)
         .set_bool(Field::ErrorIfNonfinite, settings.error_if_nonfinite)

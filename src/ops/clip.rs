@@ -5,12 +5,9 @@ use candle_core::DType;
 
 use crate::ops::norm_type::NormType;
 
-/// Default `eps` added to the norm before dividing, as in PyTorch.
-///
-/// ```
-/// assert_eq!(candle_grad_clip::DEFAULT_EPS, 1e-6);
-/// ```
-pub const DEFAULT_EPS: f64 = 1e-6;
+/// Default `eps` added to the norm before dividing, as in PyTorch (public as
+/// `ClipGradNorm::DEFAULT_EPS`).
+pub(crate) const DEFAULT_EPS: f64 = 1e-6;
 
 /// An in-place element-wise update.
 #[derive(Debug, Clone, Copy, PartialEq)]

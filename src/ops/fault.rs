@@ -39,8 +39,8 @@ pub(crate) fn check(point: &'static str) -> Result<()> {
 /// let w = candle_core::Var::new(&[1f32], &candle_core::Device::Cpu)?;
 /// let mut grads = candle_core::backprop::GradStore::default();
 /// grads.insert(&w, candle_core::Tensor::new(&[1f32], &candle_core::Device::Cpu)?);
-/// assert!(candle_grad_clip::total_norm(&[w.clone()], &grads, candle_grad_clip::NormType::L2).is_err());
-/// assert!(candle_grad_clip::total_norm(&[w], &grads, candle_grad_clip::NormType::L2).is_ok());
+/// assert!(candle_grad_clip::total_norm(&[w.clone()], &grads, candle_grad_clip::NormType::L2, false).is_err());
+/// assert!(candle_grad_clip::total_norm(&[w], &grads, candle_grad_clip::NormType::L2, false).is_ok());
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 #[cfg(feature = "test-hooks")]

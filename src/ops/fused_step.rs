@@ -26,7 +26,7 @@ pub(crate) const SKIPPED: usize = 2;
 
 /// The update rule of a step, with its hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Rule {
+pub enum Rule {
     /// candle's `AdamW` (decoupled weight decay), with the bias corrections of step `steps + 1`.
     AdamW {
         lr: f64,

@@ -16,4 +16,5 @@ pub(crate) mod gradients;
 pub(crate) mod layout_runs;
 pub(crate) mod norm;
 pub(crate) mod norm_type;
+pub(crate) mod varmap;
 pub(crate) mod zclip;

@@ -1,19 +1,12 @@
 //! [`FusedAdamW`]: candle's `AdamW`, bitwise, as one fused pass over all parameters, with the clip
 //! folded in.
 
-use std::collections::HashMap;
-use std::path::Path;
 
-use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
-use candle_nn::{Optimizer, ParamsAdamW, VarMap};
+use candle_core::{bail, Result, Var};
+use candle_nn::{Optimizer, ParamsAdamW};
 
-use super::clip_setting::ClipSetting;
-use super::fused::api::fused_optimizer_api;
-use super::fused::FusedCore;
+use super::fused::api::{sealed::RuleParts, Fused, FusedRule};
 use crate::ops::fused_step::Rule;
-
-/// Names of the state tensors of each var (PyTorch's).
-const STATE: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 
 /// `candle_nn::AdamW` as one fused pass over every parameter, with gradient clipping folded into
 /// it and non-finite steps optionally skipped.
@@ -66,10 +59,42 @@ const STATE: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 /// assert!(opt.last_norm().unwrap().to_scalar::<f32>()? > 1.0);
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
-pub struct FusedAdamW {
-    core: FusedCore,
-    params: ParamsAdamW,
+pub type FusedAdamW = Fused<AdamWRule>;
+
+/// The update rule of [`FusedAdamW`]: candle's `AdamW` (the `R` of [`Fused`]).
+///
+/// ```
+/// let opt: candle_grad_clip::Fused<candle_grad_clip::AdamWRule> =
+///     candle_grad_clip::FusedAdamW::new_named(vec![], Default::default())?;
+/// assert!(opt.vars().is_empty());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWRule;
+
+impl FusedRule for AdamWRule {}
+
+impl RuleParts for AdamWRule {
+    type Params = ParamsAdamW;
+    const NAME: &'static str = "FusedAdamW";
+    const STATE: &'static [&'static str] = &["exp_avg", "exp_avg_sq"];
+    const OPTIONAL: bool = false;
+
+    fn validate(params: &ParamsAdamW) -> Result<()> {
+        validate(params)
+    }
+
+    fn rule(params: &ParamsAdamW) -> Rule {
+        rule(params)
+    }
+
+    fn learning_rate(params: &ParamsAdamW) -> f64 {
+        params.lr
+    }
+
+    fn set_learning_rate(params: &mut ParamsAdamW, lr: f64) {
+        params.lr = lr;
+    }
 }
 
 /// Refuses what `torch.optim.AdamW` refuses, and NaN or infinite values anywhere.
@@ -110,14 +135,6 @@ fn rule(p: &ParamsAdamW) -> Rule {
     }
 }
 
-fused_optimizer_api!(
-    FusedAdamW,
-    ParamsAdamW,
-    "use candle_nn::ParamsAdamW;",
-    STATE,
-    false,
-    "`<key>.exp_avg` and `<key>.exp_avg_sq`"
-);
 
 impl FusedAdamW {
     /// The optimizer for `vars` with `ParamsAdamW::default()` but the learning rate, as

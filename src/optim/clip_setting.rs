@@ -6,16 +6,17 @@ use candle_core::{bail, Result};
 use crate::clip::agc::AGC_DEFAULT_EPS;
 use crate::clip::norm::ClipGradNorm;
 use crate::dist::agreement::{hash_words, Agreement, Field};
-use crate::ops::norm_type::NormType;
 use crate::policy::autoclip::{self, AutoClip};
 use crate::policy::zclip::{ZClip, ZClipMode};
 
-/// How [`Clipped`](crate::Clipped) clips the gradients before each step.
+/// How an optimizer clips the gradients before each step: [`Clipped`](crate::Clipped),
+/// the fused optimizers' [`with_clip`](crate::FusedAdamW::with_clip), and a training
+/// checkpoint's [`with_clip`](crate::TrainingCheckpoint::with_clip).
 ///
 /// ```
-/// use candle_grad_clip::{AutoClip, ClipSetting, NormType};
+/// use candle_grad_clip::{AutoClip, ClipGradNorm, ClipSetting, NormType};
 /// let by_norm = ClipSetting::norm(1.0); // global L2 norm at most 1
-/// let by_inf_norm = ClipSetting::Norm { max_norm: 0.5, norm_type: NormType::Inf };
+/// let by_inf_norm = ClipSetting::Norm(ClipGradNorm::new(0.5).with_norm_type(NormType::Inf));
 /// let by_value = ClipSetting::value(0.1); // every element in [-0.1, 0.1]
 /// let adaptive = ClipSetting::AutoClip(AutoClip::default()); // 10th percentile of the history
 /// let spikes = ClipSetting::ZClip(candle_grad_clip::ZClip::new()); // z-scores of an EMA
@@ -25,14 +26,10 @@ use crate::policy::zclip::{ZClip, ZClipMode};
 /// ```
 #[derive(Debug, Clone)]
 pub enum ClipSetting {
-    /// Scale all gradients together so that their global norm is at most `max_norm`, as
-    /// [`ClipGradNorm`] does (with its default `eps = 1e-6`).
-    Norm {
-        /// Largest allowed global norm, `>= 0` (`f64::INFINITY` never clips).
-        max_norm: f64,
-        /// The norm to measure and bound.
-        norm_type: NormType,
-    },
+    /// Scale all gradients together so that their global norm is at most `max_norm`, exactly as
+    /// [`ClipGradNorm::clip_`] does with the same settings (norm type, `eps`,
+    /// `error_if_nonfinite`: a non-finite norm is then an error and nothing is stepped).
+    Norm(ClipGradNorm),
     /// Clamp every gradient element into `[-clip_value, clip_value]`, as [`clip_grad_value_`](crate::clip_grad_value_).
     Value {
         /// The bound, `>= 0`.
@@ -57,20 +54,26 @@ pub enum ClipSetting {
 }
 
 impl ClipSetting {
-    /// Global L2-norm clipping to `max_norm`.
+    /// The default `eps` of adaptive gradient clipping (as in the paper and timm): the smallest
+    /// parameter norm a unit is measured against, so that zero-initialised units can still move.
     ///
     /// ```
-    /// use candle_grad_clip::{ClipSetting, NormType};
+    /// assert_eq!(candle_grad_clip::ClipSetting::AGC_DEFAULT_EPS, 1e-3);
+    /// ```
+    pub const AGC_DEFAULT_EPS: f64 = AGC_DEFAULT_EPS;
+
+    /// Global L2-norm clipping to `max_norm`, with [`ClipGradNorm`]'s defaults: the short form
+    /// of `ClipSetting::Norm(ClipGradNorm::new(max_norm))`.
+    ///
+    /// ```
+    /// use candle_grad_clip::{ClipGradNorm, ClipSetting};
     /// assert!(matches!(
     ///     ClipSetting::norm(1.0),
-    ///     ClipSetting::Norm { max_norm, norm_type: NormType::L2 } if max_norm == 1.0
+    ///     ClipSetting::Norm(clip) if clip == ClipGradNorm::new(1.0)
     /// ));
     /// ```
     pub fn norm(max_norm: f64) -> Self {
-        ClipSetting::Norm {
-            max_norm,
-            norm_type: NormType::L2,
-        }
+        ClipSetting::Norm(ClipGradNorm::new(max_norm))
     }
 
     /// Value clipping to `[-clip_value, clip_value]`.
@@ -83,7 +86,7 @@ impl ClipSetting {
     }
 
     /// Adaptive gradient clipping with ratio `clipping` and the default `eps`
-    /// ([`AGC_DEFAULT_EPS`](crate::AGC_DEFAULT_EPS), 1e-3).
+    /// ([`ClipSetting::AGC_DEFAULT_EPS`], 1e-3).
     ///
     /// ```
     /// use candle_grad_clip::ClipSetting;
@@ -104,21 +107,16 @@ impl ClipSetting {
     /// checks them, AGC's `clipping` finite and `> 0` and its `eps` `>= 0` (not NaN).
     ///
     /// ```
-    /// use candle_grad_clip::{ClipSetting, NormType};
+    /// use candle_grad_clip::{ClipGradNorm, ClipSetting, NormType};
     /// assert!(ClipSetting::value(f64::NAN).validate().is_err());
-    /// let bad_p = ClipSetting::Norm { max_norm: 1.0, norm_type: NormType::P(0.0) };
+    /// let bad_p = ClipSetting::Norm(ClipGradNorm::new(1.0).with_norm_type(NormType::P(0.0)));
     /// assert!(bad_p.validate().is_err());
     /// assert!(ClipSetting::agc(0.0).validate().is_err());
     /// assert!(ClipSetting::Agc { clipping: 0.01, eps: f64::NAN }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
         match self {
-            ClipSetting::Norm {
-                max_norm,
-                norm_type,
-            } => ClipGradNorm::new(*max_norm)
-                .norm_type(*norm_type)
-                .validate(),
+            ClipSetting::Norm(clip) => clip.validate(),
             ClipSetting::Value { clip_value } => {
                 if clip_value.is_nan() || *clip_value < 0.0 {
                     bail!("clip_value must be >= 0, got {clip_value}")
@@ -148,13 +146,12 @@ pub(crate) fn prescale_supports(clip: Option<&ClipSetting>) -> bool {
 pub(crate) fn agree_on(clip: Option<&ClipSetting>, agreement: Agreement) -> Agreement {
     match clip {
         None => agreement.set(Field::Clip, 0),
-        Some(ClipSetting::Norm {
-            max_norm,
-            norm_type,
-        }) => agreement
+        Some(ClipSetting::Norm(clip)) => agreement
             .set(Field::Clip, 1)
-            .norm_type(*norm_type)
-            .set_f64(Field::MaxNorm, *max_norm),
+            .set_norm_type(clip.norm_type())
+            .set_f64(Field::MaxNorm, clip.max_norm())
+            .set_f64(Field::Eps, clip.eps())
+            .set_bool(Field::ErrorIfNonfinite, clip.error_if_nonfinite()),
         Some(ClipSetting::Value { clip_value }) => agreement
             .set(Field::Clip, 2)
             .set_f64(Field::ClipParameter, *clip_value),
@@ -163,14 +160,14 @@ pub(crate) fn agree_on(clip: Option<&ClipSetting>, agreement: Agreement) -> Agre
             .set_f64(Field::ClipParameter, autoclip.percentile()),
         Some(ClipSetting::ZClip(zclip)) => agreement
             .set(Field::Clip, 4)
-            .set_f64(Field::ClipParameter, zclip.threshold_z())
+            .set_f64(Field::ClipParameter, zclip.z_threshold())
             .set(
                 Field::ClipParameters,
                 hash_words(&[
-                    zclip.ema_alpha().to_bits(),
-                    zclip.warmup() as u64,
-                    matches!(zclip.clip_mode(), ZClipMode::Mean) as u64,
-                    zclip.max_norm().map_or(u64::MAX, f64::to_bits),
+                    zclip.alpha().to_bits(),
+                    zclip.warmup_steps() as u64,
+                    matches!(zclip.mode(), ZClipMode::Mean) as u64,
+                    zclip.max_grad_norm().map_or(u64::MAX, f64::to_bits),
                 ]),
             ),
         Some(ClipSetting::Agc { clipping, eps }) => agreement

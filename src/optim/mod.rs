@@ -9,3 +9,4 @@ pub(crate) mod clip_setting;
 pub(crate) mod clipped;
 pub(crate) mod fused;
 pub(crate) mod sgd;
+pub(crate) mod skip;

@@ -2,26 +2,19 @@
 //! fused pass over all parameters, with the clip folded in; bitwise candle's `SGD` when momentum
 //! and weight decay are off.
 
-use std::collections::HashMap;
-use std::path::Path;
 
-use candle_core::{backprop::GradStore, bail, Result, Tensor, Var};
-use candle_nn::{Optimizer, VarMap};
+use candle_core::{bail, Result};
 
-use super::clip_setting::ClipSetting;
-use super::fused::api::fused_optimizer_api;
-use super::fused::FusedCore;
+
+use super::fused::api::{sealed::RuleParts, Fused, FusedRule};
 use crate::ops::fused_step::Rule;
 
-/// Name of the state tensor of each var (PyTorch's); it exists once momentum is on and the var has
-/// had a gradient.
-const STATE: [&str; 1] = ["momentum_buffer"];
-
-/// The hyper-parameters of [`FusedSgd`], with `torch.optim.SGD`'s meaning.
+/// The hyper-parameters of [`FusedSgd`], with `torch.optim.SGD`'s meaning and defaults (`lr`
+/// 1e-3, everything else off).
 ///
 /// ```
 /// let p = candle_grad_clip::ParamsSgd::default();
-/// assert_eq!((p.lr, p.momentum, p.dampening, p.weight_decay, p.nesterov), (0.01, 0.0, 0.0, 0.0, false));
+/// assert_eq!((p.lr, p.momentum, p.dampening, p.weight_decay, p.nesterov), (1e-3, 0.0, 0.0, 0.0, false));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamsSgd {
@@ -40,7 +33,7 @@ pub struct ParamsSgd {
 impl Default for ParamsSgd {
     fn default() -> Self {
         Self {
-            lr: 0.01,
+            lr: 1e-3,
             momentum: 0.0,
             dampening: 0.0,
             weight_decay: 0.0,
@@ -78,10 +71,42 @@ impl Default for ParamsSgd {
 /// assert_eq!(w.to_vec1::<f32>()?, [1.0 - 0.5 - 0.95, 1.0 + 0.5 + 0.95]);
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
-pub struct FusedSgd {
-    core: FusedCore,
-    params: ParamsSgd,
+pub type FusedSgd = Fused<SgdRule>;
+
+/// The update rule of [`FusedSgd`]: PyTorch's `torch.optim.SGD` (the `R` of [`Fused`]).
+///
+/// ```
+/// let opt: candle_grad_clip::Fused<candle_grad_clip::SgdRule> =
+///     candle_grad_clip::FusedSgd::new_named(vec![], Default::default())?;
+/// assert!(opt.vars().is_empty());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct SgdRule;
+
+impl FusedRule for SgdRule {}
+
+impl RuleParts for SgdRule {
+    type Params = ParamsSgd;
+    const NAME: &'static str = "FusedSgd";
+    const STATE: &'static [&'static str] = &["momentum_buffer"];
+    const OPTIONAL: bool = true;
+
+    fn validate(params: &ParamsSgd) -> Result<()> {
+        validate(params)
+    }
+
+    fn rule(params: &ParamsSgd) -> Rule {
+        rule(params)
+    }
+
+    fn learning_rate(params: &ParamsSgd) -> f64 {
+        params.lr
+    }
+
+    fn set_learning_rate(params: &mut ParamsSgd, lr: f64) {
+        params.lr = lr;
+    }
 }
 
 /// Refuses what `torch.optim.SGD` refuses, and NaN or infinite values anywhere.
@@ -124,11 +149,3 @@ fn rule(p: &ParamsSgd) -> Rule {
     }
 }
 
-fused_optimizer_api!(
-    FusedSgd,
-    ParamsSgd,
-    "use candle_grad_clip::ParamsSgd;",
-    STATE,
-    true,
-    "whose momentum buffer exists `<key>.momentum_buffer`"
-);

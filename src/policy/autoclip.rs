@@ -240,7 +240,7 @@ impl AutoClip {
         vars: &[Var],
         grads: &mut GradStore,
     ) -> Result<(Tensor, f64)> {
-        let norm = total_norm(vars, grads, NormType::L2)?;
+        let norm = total_norm(vars, grads, NormType::L2, false)?;
         let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let threshold = self.threshold_with(value);
         clip_grads_with_norm_(vars, grads, threshold, &norm)?;

@@ -20,8 +20,8 @@ use crate::ops::zclip::{input, update_on_host, word, ZClipParams, ZCLIP_EPS};
 ///
 /// ```
 /// use candle_grad_clip::{ZClip, ZClipMode};
-/// let zclip = ZClip::new().mode(ZClipMode::Mean);
-/// assert_eq!(zclip.clip_mode(), ZClipMode::Mean);
+/// let zclip = ZClip::new().with_mode(ZClipMode::Mean);
+/// assert_eq!(zclip.mode(), ZClipMode::Mean);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ZClipMode {
@@ -30,6 +30,21 @@ pub enum ZClipMode {
     AdaptiveScaling,
     /// The EMA mean `μ`.
     Mean,
+}
+
+/// [`ZClip`]'s statistics of the global norm after its warm-up
+/// ([`ZClip::statistics`]).
+///
+/// ```
+/// let stats = candle_grad_clip::ZClipStatistics { mean: 2.0, std: 1.0 };
+/// assert_eq!(stats.mean + 2.5 * stats.std, 4.5); // the norm a z threshold of 2.5 starts at
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZClipStatistics {
+    /// The EMA mean μ of the norm.
+    pub mean: f64,
+    /// The EMA standard deviation σ of the norm (the square root of its EMA variance).
+    pub std: f64,
 }
 
 /// ZClip, z-score adaptive gradient clipping (Kumar et al., 2025): an EMA of the global L2 norm
@@ -70,7 +85,7 @@ pub enum ZClipMode {
 /// use candle_grad_clip::ZClip;
 /// # fn main() -> candle_core::Result<()> {
 /// let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
-/// let mut zclip = ZClip::new().warmup_steps(3);
+/// let mut zclip = ZClip::new().with_warmup_steps(3);
 /// for (i, scale) in [1.0f32, 1.1, 0.9, 1.0, 100.0].into_iter().enumerate() {
 ///     let mut grads = GradStore::default();
 ///     grads.insert(&w, Tensor::new(&[3f32 * scale, 4. * scale], &Device::Cpu)?);
@@ -100,7 +115,7 @@ impl Default for ZClip {
     /// [`ZClip::new`].
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::default().warmup(), 25);
+    /// assert_eq!(candle_grad_clip::ZClip::default().warmup_steps(), 25);
     /// ```
     fn default() -> Self {
         Self::new()
@@ -113,8 +128,8 @@ impl ZClip {
     ///
     /// ```
     /// use candle_grad_clip::ZClip;
-    /// assert!(ZClip::new().warmup_steps(ZClip::MAX_WARMUP_STEPS).validate().is_ok());
-    /// assert!(ZClip::new().warmup_steps(ZClip::MAX_WARMUP_STEPS + 1).validate().is_err());
+    /// assert!(ZClip::new().with_warmup_steps(ZClip::MAX_WARMUP_STEPS).validate().is_ok());
+    /// assert!(ZClip::new().with_warmup_steps(ZClip::MAX_WARMUP_STEPS + 1).validate().is_err());
     /// ```
     pub const MAX_WARMUP_STEPS: usize = 1 << 20;
 
@@ -123,8 +138,8 @@ impl ZClip {
     ///
     /// ```
     /// let zclip = candle_grad_clip::ZClip::new();
-    /// assert_eq!((zclip.ema_alpha(), zclip.threshold_z(), zclip.warmup()), (0.97, 2.5, 25));
-    /// assert_eq!(zclip.max_norm(), None);
+    /// assert_eq!((zclip.alpha(), zclip.z_threshold(), zclip.warmup_steps()), (0.97, 2.5, 25));
+    /// assert_eq!(zclip.max_grad_norm(), None);
     /// ```
     pub fn new() -> Self {
         Self {
@@ -137,102 +152,105 @@ impl ZClip {
         }
     }
 
-    /// The EMA factor α, in `(0, 1)` (checked by [`validate`](Self::validate)).
+    /// Sets the EMA factor α, in `(0, 1)` (checked on use, as every setting).
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::new().alpha(0.9).ema_alpha(), 0.9);
+    /// assert_eq!(candle_grad_clip::ZClip::new().with_alpha(0.9).alpha(), 0.9);
     /// ```
-    pub fn alpha(mut self, alpha: f64) -> Self {
+    pub fn with_alpha(mut self, alpha: f64) -> Self {
         self.alpha = alpha;
         self
     }
 
-    /// The z-score above which a norm is a spike, `> 0`.
+    /// Sets the z-score above which a norm is a spike, `> 0`.
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::new().z_threshold(3.0).threshold_z(), 3.0);
+    /// assert_eq!(candle_grad_clip::ZClip::new().with_z_threshold(3.0).z_threshold(), 3.0);
     /// ```
-    pub fn z_threshold(mut self, z_threshold: f64) -> Self {
+    pub fn with_z_threshold(mut self, z_threshold: f64) -> Self {
         self.z_threshold = z_threshold;
         self
     }
 
-    /// How many finite norms initialise the statistics, `>= 1`. Setting it starts the statistics
+    /// Sets how many finite norms initialise the statistics, in
+    /// `1..=`[`MAX_WARMUP_STEPS`](Self::MAX_WARMUP_STEPS). Setting it starts the statistics
     /// afresh.
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::new().warmup_steps(10).warmup(), 10);
+    /// assert_eq!(candle_grad_clip::ZClip::new().with_warmup_steps(10).warmup_steps(), 10);
     /// ```
-    pub fn warmup_steps(mut self, warmup_steps: usize) -> Self {
+    pub fn with_warmup_steps(mut self, warmup_steps: usize) -> Self {
         self.warmup_steps = warmup_steps;
         self.state = None;
         self
     }
 
-    /// What a spike is clipped to.
+    /// Sets what a spike is clipped to.
     ///
     /// ```
     /// use candle_grad_clip::{ZClip, ZClipMode};
-    /// assert_eq!(ZClip::new().mode(ZClipMode::Mean).clip_mode(), ZClipMode::Mean);
+    /// assert_eq!(ZClip::new().with_mode(ZClipMode::Mean).mode(), ZClipMode::Mean);
     /// ```
-    pub fn mode(mut self, mode: ZClipMode) -> Self {
+    pub fn with_mode(mut self, mode: ZClipMode) -> Self {
         self.mode = mode;
         self
     }
 
-    /// A fixed bound on the norm after ZClip (and during the warm-up), `>= 0`; off by default.
+    /// Sets a fixed bound on the norm after ZClip (and during the warm-up), `>= 0`; off by
+    /// default.
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::new().max_grad_norm(1.0).max_norm(), Some(1.0));
+    /// let zclip = candle_grad_clip::ZClip::new().with_max_grad_norm(1.0);
+    /// assert_eq!(zclip.max_grad_norm(), Some(1.0));
     /// ```
-    pub fn max_grad_norm(mut self, max_grad_norm: f64) -> Self {
+    pub fn with_max_grad_norm(mut self, max_grad_norm: f64) -> Self {
         self.max_grad_norm = Some(max_grad_norm);
         self
     }
 
-    /// α.
+    /// The EMA factor α.
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::new().ema_alpha(), 0.97);
+    /// assert_eq!(candle_grad_clip::ZClip::new().alpha(), 0.97);
     /// ```
-    pub fn ema_alpha(&self) -> f64 {
+    pub fn alpha(&self) -> f64 {
         self.alpha
     }
 
     /// The z-score threshold.
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::new().threshold_z(), 2.5);
+    /// assert_eq!(candle_grad_clip::ZClip::new().z_threshold(), 2.5);
     /// ```
-    pub fn threshold_z(&self) -> f64 {
+    pub fn z_threshold(&self) -> f64 {
         self.z_threshold
     }
 
     /// The number of warm-up steps.
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::new().warmup(), 25);
+    /// assert_eq!(candle_grad_clip::ZClip::new().warmup_steps(), 25);
     /// ```
-    pub fn warmup(&self) -> usize {
+    pub fn warmup_steps(&self) -> usize {
         self.warmup_steps
     }
 
-    /// The clip mode.
+    /// What a spike is clipped to.
     ///
     /// ```
     /// use candle_grad_clip::{ZClip, ZClipMode};
-    /// assert_eq!(ZClip::new().clip_mode(), ZClipMode::AdaptiveScaling);
+    /// assert_eq!(ZClip::new().mode(), ZClipMode::AdaptiveScaling);
     /// ```
-    pub fn clip_mode(&self) -> ZClipMode {
+    pub fn mode(&self) -> ZClipMode {
         self.mode
     }
 
     /// `max_grad_norm`, if set.
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::ZClip::new().max_norm(), None);
+    /// assert_eq!(candle_grad_clip::ZClip::new().max_grad_norm(), None);
     /// ```
-    pub fn max_norm(&self) -> Option<f64> {
+    pub fn max_grad_norm(&self) -> Option<f64> {
         self.max_grad_norm
     }
 
@@ -243,9 +261,9 @@ impl ZClip {
     /// ```
     /// use candle_grad_clip::ZClip;
     /// assert!(ZClip::new().validate().is_ok());
-    /// assert!(ZClip::new().alpha(1.0).validate().is_err());
-    /// assert!(ZClip::new().z_threshold(f64::NAN).validate().is_err());
-    /// assert!(ZClip::new().max_grad_norm(-1.0).validate().is_err());
+    /// assert!(ZClip::new().with_alpha(1.0).validate().is_err());
+    /// assert!(ZClip::new().with_z_threshold(f64::NAN).validate().is_err());
+    /// assert!(ZClip::new().with_max_grad_norm(-1.0).validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
         if !(self.alpha > 0.0 && self.alpha < 1.0) {
@@ -344,7 +362,7 @@ impl ZClip {
     /// let mut grads = GradStore::default();
     /// grads.insert(&w, Tensor::new(&[30f32, 40.], &Device::Cpu)?);
     /// // During the warm-up only max_grad_norm clips.
-    /// let mut zclip = candle_grad_clip::ZClip::new().max_grad_norm(5.0);
+    /// let mut zclip = candle_grad_clip::ZClip::new().with_max_grad_norm(5.0);
     /// assert_eq!(zclip.clip_(&[w.clone()], &mut grads)?.to_scalar::<f32>()?, 50.0);
     /// let g = grads.get(&w).unwrap().to_vec1::<f32>()?;
     /// assert!((g[0] - 3.0).abs() < 1e-5 && (g[1] - 4.0).abs() < 1e-5);
@@ -362,26 +380,30 @@ impl ZClip {
         Ok(norm)
     }
 
-    /// The current statistics `(μ, σ)` after the warm-up, `None` before (or before the first
-    /// step). Reads the device (one transfer).
+    /// The current statistics (the EMA mean μ and standard deviation σ of the norm) after the
+    /// warm-up, `None` before (or before the first step). Reads the device (one transfer).
     ///
     /// ```
     /// use candle_core::{Device, Tensor, Var, backprop::GradStore};
     /// # fn main() -> candle_core::Result<()> {
     /// let w = Var::new(&[0f64], &Device::Cpu)?;
-    /// let mut zclip = candle_grad_clip::ZClip::new().warmup_steps(2);
+    /// let mut zclip = candle_grad_clip::ZClip::new().with_warmup_steps(2);
     /// for g in [1.0f64, 3.0] {
     ///     let mut grads = GradStore::default();
     ///     grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
     ///     zclip.clip_(&[w.clone()], &mut grads)?;
     /// }
-    /// assert_eq!(zclip.statistics()?, Some((2.0, 1.0))); // mean 2, population std 1
+    /// let stats = zclip.statistics()?.unwrap();
+    /// assert_eq!((stats.mean, stats.std), (2.0, 1.0)); // mean 2, population std 1
     /// # Ok(()) }
     /// ```
-    pub fn statistics(&self) -> Result<Option<(f64, f64)>> {
-        Ok(self
-            .words()?
-            .and_then(|w| (w[word::READY] != 0.0).then(|| (w[word::MEAN], w[word::VAR].sqrt()))))
+    pub fn statistics(&self) -> Result<Option<ZClipStatistics>> {
+        Ok(self.words()?.and_then(|w| {
+            (w[word::READY] != 0.0).then(|| ZClipStatistics {
+                mean: w[word::MEAN],
+                std: w[word::VAR].sqrt(),
+            })
+        }))
     }
 
     /// The coefficient the last step multiplied the gradients by (1 when they were left

@@ -85,7 +85,7 @@ fn linear_model_clip_then_adamw() -> Result<()> {
         // the order of all_vars() is HashMap order: it must not matter
         let mut rev = vars.clone();
         rev.reverse();
-        let n_rev = total_norm(&rev, &grads, NormType::L2)?;
+        let n_rev = total_norm(&rev, &grads, NormType::L2, false)?;
 
         let norm = clip_grad_norm_(&vars, &mut grads, MAX_NORM)?;
         assert_eq!(norm.dtype(), DType::F32);

@@ -238,7 +238,7 @@ fn random_total_norm_and_clip() -> Result<()> {
                 .iter()
                 .map(|t| t.as_ref().map(bits).transpose())
                 .collect::<Result<_>>()?;
-            let n = total_norm(&b.vars, &b.store, nt)?;
+            let n = total_norm(&b.vars, &b.store, nt, false)?;
             if !present.is_empty() {
                 assert_eq!(n.dtype(), expected_dtype, "{what}");
             }
@@ -248,7 +248,7 @@ fn random_total_norm_and_clip() -> Result<()> {
             }
             let mut shuffled = b.vars.clone();
             shuffled.shuffle(&mut rng);
-            let n2 = total_norm(&shuffled, &b.store, nt)?;
+            let n2 = total_norm(&shuffled, &b.store, nt, false)?;
             assert_eq!(
                 scalar(&n2)?.to_bits(),
                 scalar(&n)?.to_bits(),
@@ -278,8 +278,8 @@ fn random_total_norm_and_clip() -> Result<()> {
             let held: Vec<Option<Tensor>> =
                 b.vars.iter().map(|v| b.store.get(v).cloned()).collect();
             let n3 = ClipGradNorm::new(max_norm)
-                .norm_type(nt)
-                .eps(eps)
+                .with_norm_type(nt)
+                .with_eps(eps)
                 .clip_(&b.vars, &mut b.store)?;
             assert_eq!(
                 scalar(&n3)?.to_bits(),
@@ -458,7 +458,7 @@ fn large_case(
 fn norms_bits(vars: &[Var], store: &GradStore) -> Result<Vec<u64>> {
     [NormType::L1, NormType::L2, NormType::Inf, NormType::P(3.0)]
         .iter()
-        .map(|&nt| Ok(scalar(&total_norm(vars, store, nt)?)?.to_bits()))
+        .map(|&nt| Ok(scalar(&total_norm(vars, store, nt, false)?)?.to_bits()))
         .collect()
 }
 
@@ -512,7 +512,7 @@ fn large_norms_are_deterministic_over_var_order_and_threads() -> Result<()> {
                 .expect("thread pool");
             let n = pool.install(|| {
                 ClipGradNorm::new(1.0)
-                    .norm_type(NormType::L2)
+                    .with_norm_type(NormType::L2)
                     .clip_(&vars, &mut store)
             })?;
             assert_eq!(scalar(&n)?.to_bits(), reference_bits[1]);

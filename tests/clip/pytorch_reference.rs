@@ -54,7 +54,7 @@ fn clip_grad_norm_large_gradients_are_scaled_to_max_norm() -> Result<()> {
         let norm_before = ref_norm(&before, p);
 
         let norm = ClipGradNorm::new(MAX_NORM)
-            .norm_type(nt)
+            .with_norm_type(nt)
             .clip_(&vars, &mut store)?;
         assert_eq!(norm.dtype(), DType::F32);
         assert_norm(&norm, norm_before, 0.0, &format!("{nt}: returned norm"))?;
@@ -100,7 +100,7 @@ fn clip_grad_norm_default_is_l2() -> Result<()> {
     let before = grad_values(&vars, &a)?;
     let na = clip_grad_norm_(&vars, &mut a, MAX_NORM)?;
     let nb = ClipGradNorm::new(MAX_NORM)
-        .norm_type(NormType::P(2.0))
+        .with_norm_type(NormType::P(2.0))
         .clip_(&vars, &mut b)?;
     let reference = ref_norm(&before, 2.0);
     assert_norm(&na, reference, 0.0, "clip_grad_norm_")?;
@@ -133,7 +133,7 @@ fn clip_grad_norm_small_gradients_are_left_unchanged() -> Result<()> {
         let reference = ref_norm(&before, nt.order());
         assert!(reference < MAX_NORM);
         let norm = ClipGradNorm::new(MAX_NORM)
-            .norm_type(nt)
+            .with_norm_type(nt)
             .clip_(&vars, &mut store)?;
         assert_norm(&norm, reference, 0.0, &format!("{nt}: small gradients"))?;
         assert_eq!(
@@ -158,7 +158,7 @@ fn clip_grad_norm_successive_norm_types() -> Result<()> {
         let before = grad_values(&vars, &store)?;
         let reference = ref_norm(&before, nt.order());
         let norm = ClipGradNorm::new(MAX_NORM)
-            .norm_type(nt)
+            .with_norm_type(nt)
             .clip_(&vars, &mut store)?;
         assert_norm(&norm, reference, 0.0, &format!("successive {nt}"))?;
         let after = grad_values(&vars, &store)?;
@@ -261,8 +261,8 @@ fn clip_grad_norm_error_if_nonfinite_pytorch() -> Result<()> {
                             let reference = ref_norm(&values, nt.order());
                             let before = store_bits(&vars, &store)?;
                             let clip = ClipGradNorm::new(1.0)
-                                .norm_type(nt)
-                                .error_if_nonfinite(error_if_nonfinite);
+                                .with_norm_type(nt)
+                                .with_error_if_nonfinite(error_if_nonfinite);
                             if nonfinite {
                                 if error_if_nonfinite {
                                     let msg = err_msg(clip.clip_(&vars, &mut store), &what);

@@ -198,7 +198,7 @@ fn clip_grad_norm_on_f64_gradients_scales_bit_for_bit() -> Result<()> {
             clip_grad_norm_(&vars, &mut store, max_norm)?
         } else {
             ClipGradNorm::new(max_norm)
-                .norm_type(nt)
+                .with_norm_type(nt)
                 .clip_(&vars, &mut store)?
         };
         assert_eq!(norm.dtype(), DType::F64);

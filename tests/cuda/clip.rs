@@ -17,7 +17,7 @@ fn clip_matches_cpu_for_every_dtype_and_norm() -> Result<()> {
                 .collect::<Result<_>>()?;
             check_clip(
                 &grads,
-                ClipGradNorm::new(0.5).norm_type(norm),
+                ClipGradNorm::new(0.5).with_norm_type(norm),
                 &format!("{dtype:?} {norm}"),
             )?;
         }
@@ -59,14 +59,14 @@ fn mixed_dtypes_in_one_call() -> Result<()> {
     for norm in NORMS {
         check_clip(
             &grads,
-            ClipGradNorm::new(0.25).norm_type(norm),
+            ClipGradNorm::new(0.25).with_norm_type(norm),
             &format!("mixed {norm}"),
         )?;
     }
     // All F64: the norm is F64.
     let f64s = vec![tensor(&[3.0, 4.0], &[2], DType::F64, &dev)?];
     let (vars, gs) = store(&f64s)?;
-    let n = total_norm(&vars, &gs, NormType::L2)?;
+    let n = total_norm(&vars, &gs, NormType::L2, false)?;
     assert_eq!(n.dtype(), DType::F64);
     assert_eq!(scalar(&n)?, 5.0);
     Ok(())
@@ -103,15 +103,15 @@ fn huge_tiny_and_nonfinite_values() -> Result<()> {
             let grads = vec![tensor(vals, &[vals.len()], *dtype, &dev)?];
             let (vars, gs) = store(&grads)?;
             let (cvars, cgs) = store(&to_cpu(&grads)?)?;
-            let g = scalar(&total_norm(&vars, &gs, norm)?)?;
-            let c = scalar(&total_norm(&cvars, &cgs, norm)?)?;
+            let g = scalar(&total_norm(&vars, &gs, norm, false)?)?;
+            let c = scalar(&total_norm(&cvars, &cgs, norm, false)?)?;
             assert!(
                 close(g, c, 1e-12),
                 "{dtype:?} {vals:?} {norm}: gpu {g} cpu {c}"
             );
             check_clip(
                 &grads,
-                ClipGradNorm::new(1.0).norm_type(norm),
+                ClipGradNorm::new(1.0).with_norm_type(norm),
                 &format!("{dtype:?} {vals:?} {norm}"),
             )?;
         }
@@ -131,7 +131,7 @@ fn error_if_nonfinite_modifies_nothing() -> Result<()> {
             let before: Vec<Vec<f64>> = grads.iter().map(values).collect::<Result<_>>()?;
             let (vars, mut gs) = store(&grads)?;
             let r = ClipGradNorm::new(1.0)
-                .error_if_nonfinite(true)
+                .with_error_if_nonfinite(true)
                 .clip_(&vars, &mut gs);
             assert!(r.is_err(), "{dtype:?} {bad}: expected an error");
             for (b, g) in before.iter().zip(&grads) {
@@ -143,7 +143,7 @@ fn error_if_nonfinite_modifies_nothing() -> Result<()> {
     let grads = vec![tensor(&[30.0, 40.0], &[2], DType::F32, &dev)?];
     let (vars, mut gs) = store(&grads)?;
     let n = ClipGradNorm::new(5.0)
-        .error_if_nonfinite(true)
+        .with_error_if_nonfinite(true)
         .clip_(&vars, &mut gs)?;
     assert_eq!(scalar(&n)?, 50.0);
     let c = 5.0 / (50.0 + 1e-6);
@@ -177,7 +177,7 @@ fn empty_tensors() -> Result<()> {
     };
     let (vars, mut gs) = store(&empty)?;
     for norm in NORMS {
-        let n = total_norm(&vars, &gs, norm)?;
+        let n = total_norm(&vars, &gs, norm, false)?;
         assert_eq!(scalar(&n)?, 0.0);
         assert!(n.device().is_cuda());
     }
@@ -212,7 +212,7 @@ fn one_and_5000_tensors() -> Result<()> {
     check_clip(&many, ClipGradNorm::new(1.0), "5000 tensors")?;
     check_clip(
         &many,
-        ClipGradNorm::new(1.0).norm_type(NormType::Inf),
+        ClipGradNorm::new(1.0).with_norm_type(NormType::Inf),
         "5000 tensors, inf",
     )?;
     Ok(())
@@ -245,8 +245,8 @@ fn offsets_transposes_and_aliases() -> Result<()> {
         for norm in [NormType::L2, NormType::L1, NormType::Inf] {
             let (vars, gs) = store(&views)?;
             let (cvars, cgs) = store(&cviews)?;
-            let g = scalar(&total_norm(&vars, &gs, norm)?)?;
-            let c = scalar(&total_norm(&cvars, &cgs, norm)?)?;
+            let g = scalar(&total_norm(&vars, &gs, norm, false)?)?;
+            let c = scalar(&total_norm(&cvars, &cgs, norm, false)?)?;
             assert!(close(g, c, 1e-6), "{dtype:?} {norm}: gpu {g} cpu {c}");
         }
         let (vars, mut gs) = store(&views)?;

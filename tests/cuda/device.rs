@@ -65,11 +65,11 @@ fn more_than_2_pow_31_elements() -> Result<()> {
     drop(head);
     let (vars, mut gs) = store(std::slice::from_ref(&big))?;
     // The maximum sits past 2^31: the reduction reads it.
-    assert_eq!(scalar(&total_norm(&vars, &gs, NormType::Inf)?)?, 4.0);
-    let l1 = scalar(&total_norm(&vars, &gs, NormType::L1)?)?;
+    assert_eq!(scalar(&total_norm(&vars, &gs, NormType::Inf, false)?)?, 4.0);
+    let l1 = scalar(&total_norm(&vars, &gs, NormType::L1, false)?)?;
     assert_eq!(l1, ((n - 1) as f64 + 4.0) as f32 as f64);
     // Scale by exactly 1/2 (norm 2 * max_norm with eps 0): every element, the last included.
-    let l1_norm = ClipGradNorm::new(l1 / 2.0).norm_type(NormType::L1).eps(0.0);
+    let l1_norm = ClipGradNorm::new(l1 / 2.0).with_norm_type(NormType::L1).with_eps(0.0);
     let norm = scalar(&l1_norm.clip_(&vars, &mut gs)?)?;
     assert_eq!(norm, l1);
     let last = values(&big.narrow(0, n - 2, 2)?)?;
@@ -104,7 +104,7 @@ fn no_host_synchronisation() -> Result<()> {
     let norm = clip_grad_norm_(&vars, &mut gs, 1.0)?;
     clip_grads_with_norm_(&vars, &mut gs, 1.0, &norm)?;
     clip_grad_value_(&vars, &mut gs, 1.0)?;
-    total_norm(&vars, &gs, NormType::L2)?;
+    total_norm(&vars, &gs, NormType::L2, false)?;
     let _ = a.matmul(&a)?;
     dev.synchronize()?;
     // Size the queue: at least ~300 ms of device work.
@@ -120,7 +120,7 @@ fn no_host_synchronisation() -> Result<()> {
     let count = count.clamp(5, 800);
     drop(m);
 
-    let zclip = std::cell::RefCell::new(ZClip::new().warmup_steps(2));
+    let zclip = std::cell::RefCell::new(ZClip::new().with_warmup_steps(2));
     zclip.borrow_mut().clip_(&vars, &mut gs)?;
     type Call<'a> = &'a dyn Fn(&mut GradStore) -> Result<()>;
     let calls: [(&str, Call); 6] = [
@@ -128,7 +128,7 @@ fn no_host_synchronisation() -> Result<()> {
             clip_grad_norm_(&vars, gs, 1.0).map(|_| ())
         }),
         ("total_norm", &|gs| {
-            total_norm(&vars, gs, NormType::L2).map(|_| ())
+            total_norm(&vars, gs, NormType::L2, false).map(|_| ())
         }),
         ("clip_grads_with_norm_", &|gs| {
             clip_grads_with_norm_(&vars, gs, 1.0, &norm)
@@ -181,7 +181,7 @@ fn graph_capture_is_refused_before_any_work() -> Result<()> {
         .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
     let results = [
         clip_grad_norm_(&vars, &mut gs, 0.1).map(|_| ()),
-        total_norm(&vars, &gs, NormType::L2).map(|_| ()),
+        total_norm(&vars, &gs, NormType::L2, false).map(|_| ()),
         clip_grad_value_(&vars, &mut gs, 0.1),
     ];
     let graph = stream
@@ -214,7 +214,7 @@ fn gradients_on_two_devices_are_refused_and_nothing_is_written() -> Result<()> {
     for r in [
         clip_grad_norm_(&vars, &mut gs, 1.0).map(|_| ()),
         clip_grad_value_(&vars, &mut gs, 1.0),
-        total_norm(&vars, &gs, NormType::L2).map(|_| ()),
+        total_norm(&vars, &gs, NormType::L2, false).map(|_| ()),
     ] {
         let msg = r.expect_err("two devices").to_string();
         assert!(msg.contains("different devices"), "{msg}");

@@ -31,7 +31,7 @@ fn norm_across_ranks_of_cuda_gradients_is_the_one_process_cuda_norm() -> Result<
                 .iter()
                 .map(|s| Var::zeros(s.to_vec(), dtype, &dev))
                 .collect::<Result<_>>()?;
-            let clip = ClipGradNorm::new(0.5).norm_type(norm_type);
+            let clip = ClipGradNorm::new(0.5).with_norm_type(norm_type);
             let mut one_process = GradStore::default();
             for (v, g) in vars.iter().zip(&grads) {
                 one_process.insert(v, g.copy()?);
@@ -126,7 +126,7 @@ fn norm_across_ranks_of_cuda_gradients_is_the_one_process_cuda_norm() -> Result<
         let w = Var::zeros(2, DType::F32, &dev)?;
         let mut store = GradStore::default();
         store.insert(&w, Tensor::new(&[30f32, 40.], &dev)?);
-        let norm = candle_grad_clip::clip_grad_norm_across(
+        let norm = candle_grad_clip::clip_grad_norm_across_(
             std::slice::from_ref(&w),
             &mut store,
             1.0,

@@ -22,7 +22,7 @@ fn emulation_is_bitwise_the_gpu() -> Result<()> {
             })
             .collect::<Result<_>>()?;
         for norm in [NormType::L1, NormType::L2, NormType::Inf, NormType::P(3.0)] {
-            let clip = ClipGradNorm::new(0.5).norm_type(norm);
+            let clip = ClipGradNorm::new(0.5).with_norm_type(norm);
             let cpu_grads = to_cpu(&grads)?;
             let gpu_grads: Vec<Tensor> = grads.iter().map(|g| g.copy()).collect::<Result<_>>()?;
             let (vars, mut gs) = store(&gpu_grads)?;

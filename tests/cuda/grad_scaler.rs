@@ -85,7 +85,7 @@ fn grad_scaler_one_read_path_on_the_gpu_is_the_cpus() -> Result<()> {
                 };
                 let ((mut step_g, norm_g), (mut step_h, norm_h)) = (build(&g)?, build(&h)?);
                 let init = if *dyadic { 512.0 } else { 1000.0 };
-                let mut scaler_g = GradScaler::new().init_scale(init).growth_interval(2);
+                let mut scaler_g = GradScaler::new().with_init_scale(init).with_growth_interval(2);
                 let mut scaler_h = scaler_g.clone();
                 for step in 0..5 {
                     let poison = [0u8, 1, 0, 2, 3][(step + c) % 5];
@@ -152,7 +152,7 @@ fn grad_scaler_steps_do_not_synchronise() -> Result<()> {
         if let Some(s) = setting {
             opt = opt.with_clip(s)?;
         }
-        let mut scaler = GradScaler::new().init_scale(1000.0);
+        let mut scaler = GradScaler::new().with_init_scale(1000.0);
         scaler.step(&mut opt, &grads)?; // warm up: module load, scratch, the scaler's state
         scaler.update()?;
         returns_before_the_device(&dev, &a, &format!("{what}: the scaled step"), || {

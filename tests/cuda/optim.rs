@@ -192,7 +192,7 @@ fn fused_steps_do_not_synchronise() -> Result<()> {
     let a = Tensor::ones((4096, 4096), DType::F32, &dev)?;
     for setting in [
         ClipSetting::norm(1.0),
-        ClipSetting::ZClip(ZClip::new().warmup_steps(1)),
+        ClipSetting::ZClip(ZClip::new().with_warmup_steps(1)),
         ClipSetting::agc(0.01),
     ] {
         let what = format!("{setting:?}");

@@ -10,8 +10,8 @@ fn zclip_on_the_gpu_is_bitwise_the_cpu() -> Result<()> {
     let dev = cuda_or_skip!("zclip_on_the_gpu_is_bitwise_the_cpu");
     let mut rng = StdRng::seed_from_u64(21);
     for setting in [
-        ZClip::new().warmup_steps(5),
-        ZClip::new().warmup_steps(3).max_grad_norm(2.0),
+        ZClip::new().with_warmup_steps(5),
+        ZClip::new().with_warmup_steps(3).with_max_grad_norm(2.0),
     ] {
         let (mut gpu, mut cpu) = (setting.clone(), setting);
         let vg = Var::new(&[0f64], &dev)?;

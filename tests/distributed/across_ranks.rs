@@ -58,7 +58,7 @@ fn under_the_emulation_the_rescue_pass_agrees_across_ranks() {
                 for (v, g) in model.vars.iter().zip(&model.grads) {
                     all.insert(v, g.clone());
                 }
-                let want = candle_grad_clip::total_norm(&model.vars, &all, norm_type)
+                let want = candle_grad_clip::total_norm(&model.vars, &all, norm_type, false)
                     .and_then(|n| n.to_dtype(DType::F64)?.to_scalar::<f64>())
                     .expect("one-process norm");
                 let got = on_ranks(3, |g| -> Result<u64> {
@@ -132,7 +132,7 @@ fn empty_ranks_get_the_norm_with_the_global_dtype() {
             grads.insert(&w, Tensor::new(&[6f64, 8.], &Device::Cpu)?);
             vars.push(w);
         }
-        let norm = clip_grad_norm_across(&vars, &mut grads, 1.0, g)?;
+        let norm = clip_grad_norm_across_(&vars, &mut grads, 1.0, g)?;
         Ok((norm.dtype(), norm.to_scalar::<f64>()?))
     });
     for r in results {
@@ -141,7 +141,7 @@ fn empty_ranks_get_the_norm_with_the_global_dtype() {
     let results = on_ranks(2, |g| {
         let (w, mut grads) = one_var(&[if g.rank() == 0 { f32::INFINITY } else { 1.0 }])?;
         ClipGradNorm::new(1.0)
-            .error_if_nonfinite(true)
+            .with_error_if_nonfinite(true)
             .clip_across_(std::slice::from_ref(&w), &mut grads, g)?;
         grads.get(&w).expect("grad").to_vec1::<f32>()
     });

@@ -52,7 +52,7 @@ fn assert_refused(
 fn ranks_clipping_with_different_norm_types_are_refused() {
     let outcomes = clip_with([
         ClipGradNorm::new(1.0),
-        ClipGradNorm::new(1.0).norm_type(NormType::L1),
+        ClipGradNorm::new(1.0).with_norm_type(NormType::L1),
     ]);
     assert_refused(
         &outcomes,
@@ -74,11 +74,11 @@ fn ranks_clipping_with_different_max_norms_are_refused() {
 
 #[test]
 fn ranks_with_different_eps_or_error_if_nonfinite_are_refused() {
-    let outcomes = clip_with([ClipGradNorm::new(1.0), ClipGradNorm::new(1.0).eps(0.0)]);
+    let outcomes = clip_with([ClipGradNorm::new(1.0), ClipGradNorm::new(1.0).with_eps(0.0)]);
     assert_refused(&outcomes, "eps", "this rank's eps is 0");
     let outcomes = clip_with([
         ClipGradNorm::new(1.0),
-        ClipGradNorm::new(1.0).error_if_nonfinite(true),
+        ClipGradNorm::new(1.0).with_error_if_nonfinite(true),
     ]);
     assert_refused(
         &outcomes,

@@ -278,7 +278,7 @@ fn check_case(
 ) -> Result<()> {
     let model = model(seed, dtype, kind)?;
     let max_norm = 1.0;
-    let clip = ClipGradNorm::new(max_norm).norm_type(norm_type);
+    let clip = ClipGradNorm::new(max_norm).with_norm_type(norm_type);
     // The one-process reference over every gradient (under `within` too).
     let all = store(&model.vars, &model.grads);
     let mut clipped = store(
@@ -291,7 +291,7 @@ fn check_case(
     );
     let (mut reference, mut reference_clip) = (None, None);
     within(&mut || {
-        reference = Some(total_norm(&model.vars, &all, norm_type)?);
+        reference = Some(total_norm(&model.vars, &all, norm_type, false)?);
         reference_clip = Some(clip.clip_(&model.vars, &mut clipped)?);
         Ok(())
     })?;
@@ -464,7 +464,7 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
         ClipSetting::value(0.5),
         autoclip(50.0),
         // ZClip on the global norm (statistics on the host across ranks); AGC per rank.
-        ClipSetting::ZClip(ZClip::new().warmup_steps(2).z_threshold(0.5)),
+        ClipSetting::ZClip(ZClip::new().with_warmup_steps(2).with_z_threshold(0.5)),
         ClipSetting::agc(0.01),
     ] {
         check(format!("Clipped<SGD> {clip:?}"), None, &|group| {
@@ -499,7 +499,7 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
         (Some(autoclip(30.0)), false, None),
         (
             Some(ClipSetting::ZClip(
-                ZClip::new().warmup_steps(2).z_threshold(0.5),
+                ZClip::new().with_warmup_steps(2).with_z_threshold(0.5),
             )),
             false,
             None,

@@ -18,7 +18,7 @@ fn a_refusing_rank_fails_every_rank_and_nothing_is_modified() {
         };
         let mut grads = GradStore::default();
         grads.insert(&w, grad);
-        let err = clip_grad_norm_across(std::slice::from_ref(&w), &mut grads, 1.0, g)
+        let err = clip_grad_norm_across_(std::slice::from_ref(&w), &mut grads, 1.0, g)
             .expect_err("every rank fails");
         let after = grads
             .get(&w)
@@ -188,7 +188,7 @@ fn transport_errors_name_the_rank_and_the_collective_and_modify_nothing() -> Res
     let vars = [w.clone()];
     let broken = Broken { world: 2 };
     let message = common::err_msg(
-        clip_grad_norm_across(&vars, &mut grads, 1.0, &broken),
+        clip_grad_norm_across_(&vars, &mut grads, 1.0, &broken),
         "broken transport",
     );
     assert!(

@@ -60,7 +60,7 @@ type Run = (Vec<Vec<f32>>, Vec<f64>, usize);
 fn one_process() -> Run {
     let vars = model();
     let mut opt = optimizer(vars.clone());
-    let mut scaler = GradScaler::new().init_scale(1024.0).growth_interval(2);
+    let mut scaler = GradScaler::new().with_init_scale(1024.0).with_growth_interval(2);
     let mut scales = Vec::new();
     for step in 0..STEPS {
         let grads = store(&vars, |_| true, step);
@@ -88,7 +88,7 @@ fn two_ranks(explicit_unscale: bool) -> Vec<Run> {
             .map(|(_, v)| v.clone())
             .collect();
         let mut opt = optimizer(mine.clone());
-        let mut scaler = GradScaler::new().init_scale(1024.0).growth_interval(2);
+        let mut scaler = GradScaler::new().with_init_scale(1024.0).with_growth_interval(2);
         let mut scales = Vec::new();
         for step in 0..STEPS {
             let mut grads = store(&vars, |i| i % 2 == rank, step);
@@ -180,7 +180,7 @@ fn a_refused_rank_fails_every_rank_and_nothing_is_unscaled() {
             grad
         };
         grads.insert(&w, grad);
-        let mut scaler = GradScaler::new().init_scale(4.0);
+        let mut scaler = GradScaler::new().with_init_scale(4.0);
         let err = scaler
             .unscale_across_(std::slice::from_ref(&w), &mut grads, g)
             .expect_err("every rank fails")
@@ -213,7 +213,7 @@ fn a_refused_rank_fails_every_rank_and_nothing_is_unscaled() {
 fn ranks_whose_scales_differ_are_refused() {
     let outcomes = on_ranks_within(2, HANG, |g| {
         let (w, mut grads) = one_var(&[1.0, 2.0]).expect("grads");
-        let mut scaler = GradScaler::new().init_scale(if g.rank() == 0 { 8.0 } else { 16.0 });
+        let mut scaler = GradScaler::new().with_init_scale(if g.rank() == 0 { 8.0 } else { 16.0 });
         scaler
             .unscale_across_(&[w], &mut grads, g)
             .map_err(|e| e.to_string())

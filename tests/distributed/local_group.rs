@@ -123,7 +123,7 @@ fn a_clip_across_ranks_times_out_naming_the_missing_rank() {
         .with_timeout(Duration::from_millis(200));
     let _rank1 = ranks.next().expect("rank 1 (never calls)");
     let (w, mut grads) = one_var(&[3.0, 4.0]).expect("grads");
-    let message = clip_grad_norm_across(std::slice::from_ref(&w), &mut grads, 1.0, &rank0)
+    let message = clip_grad_norm_across_(std::slice::from_ref(&w), &mut grads, 1.0, &rank0)
         .expect_err("rank 1 never calls")
         .to_string();
     assert!(message.contains("rank 1 never arrived"), "{message}");

@@ -27,7 +27,7 @@ mod local_group;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
-    clip_grad_norm_across, total_norm_across, BlockOrder, ClipGradNorm, KernelEmulation,
+    clip_grad_norm_across_, total_norm_across, BlockOrder, ClipGradNorm, KernelEmulation,
     LocalGroup, NormType, ProcessGroup,
 };
 use rand::{rngs::StdRng, SeedableRng};

@@ -25,7 +25,7 @@ fn emulated_fused_path_equals_the_cpu() -> Result<()> {
             emulated = emulated.with_clip(ClipSetting::value(0.01))?;
             cpu = cpu.with_clip(ClipSetting::value(0.01))?;
         }
-        let mut scaler_e = GradScaler::new().init_scale(512.0).growth_interval(2);
+        let mut scaler_e = GradScaler::new().with_init_scale(512.0).with_growth_interval(2);
         let mut scaler_c = scaler_e.clone();
         for step in 0..5 {
             let poison = [0u8, 1, 0, 0, 2][step];
@@ -79,7 +79,7 @@ fn emulated_unscale_equals_the_cpu() -> Result<()> {
                             g.insert(&vars[2], first.flatten_all()?.narrow(0, 0, 33)?);
                         }
                     }
-                    let mut scaler_e = GradScaler::new().init_scale(1000.0);
+                    let mut scaler_e = GradScaler::new().with_init_scale(1000.0);
                     let mut scaler_c = scaler_e.clone();
                     let ((), _) = emulation.run(|| scaler_e.unscale_(&vars, &mut ge))?;
                     scaler_c.unscale_(&vars, &mut gc)?;
@@ -237,7 +237,7 @@ fn emulated_one_read_path_equals_the_cpus() -> Result<()> {
             };
             let (mut emulated, mut cpu) = (build(&a)?, build(&b)?);
             let init = if *dyadic { 512.0 } else { 1000.0 };
-            let mut scaler_e = GradScaler::new().init_scale(init).growth_interval(2);
+            let mut scaler_e = GradScaler::new().with_init_scale(init).with_growth_interval(2);
             let mut scaler_c = scaler_e.clone();
             for step in 0..6 {
                 let poison = [0u8, 1, 0, 0, 2, 3][step];
@@ -312,7 +312,7 @@ fn a_scaled_step_is_the_reduction_and_the_fused_step() -> Result<()> {
     ];
     for (clip, want) in cases {
         for adamw in [true, false] {
-            let mut scaler = GradScaler::new().init_scale(1000.0);
+            let mut scaler = GradScaler::new().with_init_scale(1000.0);
             let values = common::scaled_values(&vars, 1000.0, false, 0, &mut rng);
             let grads = store(&vars, &values, DType::F32)?;
             let ((), log) = if adamw {

@@ -17,7 +17,7 @@ fn scripted_sequence_matches_pytorch() -> Result<()> {
     for path in ["candle SGD", "FusedSgd", "FusedAdamW"] {
         let mut rng = StdRng::seed_from_u64(1);
         let vars = f32_vars(&[&[3, 2], &[4]], &mut rng)?;
-        let mut scaler = GradScaler::new().growth_interval(2);
+        let mut scaler = GradScaler::new().with_growth_interval(2);
         let mut sgd = SGD::new(vars.clone(), 0.1)?;
         let mut fused_sgd = FusedSgd::new(vars.clone(), sgd_lr(0.1))?;
         let mut adamw = FusedAdamW::new(vars.clone(), ParamsAdamW::default())?;
@@ -69,10 +69,10 @@ fn odd_settings_follow_pytorch_step_by_step() -> Result<()> {
             .map(|s| Var::zeros(s.to_vec(), dtype, &Device::Cpu))
             .collect::<Result<_>>()?;
         let mut scaler = GradScaler::new()
-            .init_scale(1000.0)
-            .growth_factor(1.7)
-            .backoff_factor(0.3)
-            .growth_interval(3);
+            .with_init_scale(1000.0)
+            .with_growth_factor(1.7)
+            .with_backoff_factor(0.3)
+            .with_growth_interval(3);
         let mut torch = TorchScaler::new(1000.0, 1.7, 0.3, 3);
         for step in 0..60 {
             let poison = if rng.gen_bool(0.2) {
@@ -120,7 +120,7 @@ fn odd_settings_follow_pytorch_step_by_step() -> Result<()> {
 fn growth_is_capped_at_f32_max() -> Result<()> {
     let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
     let init = f32::MAX as f64 / 1.5;
-    let mut scaler = GradScaler::new().init_scale(init).growth_interval(1);
+    let mut scaler = GradScaler::new().with_init_scale(init).with_growth_interval(1);
     let mut torch = TorchScaler::new(init, 2.0, 0.5, 1);
     let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(0.1))?;
     for _ in 0..3 {
@@ -134,8 +134,8 @@ fn growth_is_capped_at_f32_max() -> Result<()> {
     }
     // Growing from just below the cap lands on a finite value: taken.
     let mut scaler = GradScaler::new()
-        .init_scale(f32::MAX as f64 / 2.0)
-        .growth_interval(1);
+        .with_init_scale(f32::MAX as f64 / 2.0)
+        .with_growth_interval(1);
     let grads = store(from_ref(&w), &[vec![1.0, -1.0]], DType::F32)?;
     scaler.step(&mut opt, &grads)?;
     scaler.update()?;
@@ -315,10 +315,10 @@ fn pytorch_values_step_by_step() -> Result<()> {
             let w = Var::zeros(steps[0].len(), dtype, &Device::Cpu)?;
             let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(0.0))?;
             let mut scaler = GradScaler::new()
-                .init_scale(init)
-                .growth_factor(growth)
-                .backoff_factor(backoff)
-                .growth_interval(interval as usize);
+                .with_init_scale(init)
+                .with_growth_factor(growth)
+                .with_backoff_factor(backoff)
+                .with_growth_interval(interval as usize);
             for (k, g) in steps.iter().enumerate() {
                 let t = Tensor::from_vec(g.clone(), g.len(), &Device::Cpu)?;
                 // PyTorch converts a Python float to bf16 through f32.

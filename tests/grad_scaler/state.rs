@@ -9,24 +9,24 @@ use super::*;
 #[test]
 fn invalid_settings_are_refused_at_first_use() -> Result<()> {
     let bad: Vec<(&str, GradScaler)> = vec![
-        ("init_scale", GradScaler::new().init_scale(0.0)),
-        ("init_scale", GradScaler::new().init_scale(-1.0)),
-        ("init_scale", GradScaler::new().init_scale(f64::NAN)),
-        ("init_scale", GradScaler::new().init_scale(f64::INFINITY)),
-        ("init_scale", GradScaler::new().init_scale(1e39)), // not finite as an f32
-        ("init_scale", GradScaler::new().init_scale(1e-50)), // zero as an f32
-        ("growth_factor", GradScaler::new().growth_factor(1.0)),
-        ("growth_factor", GradScaler::new().growth_factor(0.5)),
-        ("growth_factor", GradScaler::new().growth_factor(f64::NAN)),
+        ("init_scale", GradScaler::new().with_init_scale(0.0)),
+        ("init_scale", GradScaler::new().with_init_scale(-1.0)),
+        ("init_scale", GradScaler::new().with_init_scale(f64::NAN)),
+        ("init_scale", GradScaler::new().with_init_scale(f64::INFINITY)),
+        ("init_scale", GradScaler::new().with_init_scale(1e39)), // not finite as an f32
+        ("init_scale", GradScaler::new().with_init_scale(1e-50)), // zero as an f32
+        ("growth_factor", GradScaler::new().with_growth_factor(1.0)),
+        ("growth_factor", GradScaler::new().with_growth_factor(0.5)),
+        ("growth_factor", GradScaler::new().with_growth_factor(f64::NAN)),
         (
             "growth_factor",
-            GradScaler::new().growth_factor(f64::INFINITY),
+            GradScaler::new().with_growth_factor(f64::INFINITY),
         ),
-        ("backoff_factor", GradScaler::new().backoff_factor(0.0)),
-        ("backoff_factor", GradScaler::new().backoff_factor(1.0)),
-        ("backoff_factor", GradScaler::new().backoff_factor(-0.5)),
-        ("backoff_factor", GradScaler::new().backoff_factor(f64::NAN)),
-        ("growth_interval", GradScaler::new().growth_interval(0)),
+        ("backoff_factor", GradScaler::new().with_backoff_factor(0.0)),
+        ("backoff_factor", GradScaler::new().with_backoff_factor(1.0)),
+        ("backoff_factor", GradScaler::new().with_backoff_factor(-0.5)),
+        ("backoff_factor", GradScaler::new().with_backoff_factor(f64::NAN)),
+        ("growth_interval", GradScaler::new().with_growth_interval(0)),
     ];
     let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
     for (name, scaler) in bad {
@@ -49,10 +49,10 @@ fn invalid_settings_are_refused_at_first_use() -> Result<()> {
     }
     // The limits themselves are accepted.
     GradScaler::new()
-        .init_scale(f32::MAX as f64)
-        .growth_factor(1.0001)
-        .backoff_factor(0.9999)
-        .growth_interval(1)
+        .with_init_scale(f32::MAX as f64)
+        .with_growth_factor(1.0001)
+        .with_backoff_factor(0.9999)
+        .with_growth_interval(1)
         .scale_value()?;
     Ok(())
 }
@@ -64,7 +64,7 @@ fn state_machine_errors() -> Result<()> {
     let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
     let fresh = || store(from_ref(&w), &[vec![4.0, 8.0]], DType::F32);
     let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?;
-    let mut scaler = GradScaler::new().init_scale(4.0);
+    let mut scaler = GradScaler::new().with_init_scale(4.0);
 
     let err = scaler.update().unwrap_err().to_string();
     assert!(err.contains("no inf checks were recorded"), "{err}");
@@ -114,7 +114,7 @@ fn state_machine_errors() -> Result<()> {
 fn refused_skip_leaves_the_scaler_consistent() -> Result<()> {
     for adamw in [false, true] {
         let w = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
-        let mut scaler = GradScaler::new().init_scale(4.0);
+        let mut scaler = GradScaler::new().with_init_scale(4.0);
         let scaled = [8.0, f64::INFINITY, 4.0];
         let grads = store(from_ref(&w), &[scaled.to_vec()], DType::F32)?;
         let step = |scaler: &mut GradScaler, grads: &GradStore| -> Result<[usize; 2]> {
@@ -177,7 +177,7 @@ fn step_after_unscale_follows_its_found_inf() -> Result<()> {
     let mut opt = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
         .skip_nonfinite(true)
         .max_consecutive_skips(1);
-    let mut scaler = GradScaler::new().init_scale(8.0);
+    let mut scaler = GradScaler::new().with_init_scale(8.0);
     let overflowed = |scaler: &mut GradScaler, opt: &mut FusedAdamW| -> Result<()> {
         let mut grads = store(from_ref(&w), &[vec![f64::INFINITY, 8.0]], DType::F32)?;
         scaler.unscale_(from_ref(&w), &mut grads)?;
@@ -223,7 +223,7 @@ fn step_refuses_gradients_unscale_left_scaled() -> Result<()> {
     let a = Var::new(&[1f32, 2.0], &Device::Cpu)?;
     let b = Var::new(&[3f32], &Device::Cpu)?;
     let mut opt = FusedSgd::new(vec![a.clone(), b.clone()], sgd_lr(1.0))?;
-    let mut scaler = GradScaler::new().init_scale(4.0);
+    let mut scaler = GradScaler::new().with_init_scale(4.0);
     let vars = [a.clone(), b.clone()];
     let mut grads = store(&vars, &[vec![4.0, 4.0], vec![8.0]], DType::F32)?;
     scaler.unscale_(from_ref(&a), &mut grads)?;
@@ -251,7 +251,7 @@ fn no_inf_checks_are_errors() -> Result<()> {
     let w = Var::new(&[1f32], &Device::Cpu)?;
     let other = Var::new(&[1f32], &Device::Cpu)?;
     let grads = store(from_ref(&other), &[vec![64.0]], DType::F32)?;
-    let mut scaler = GradScaler::new().init_scale(4.0);
+    let mut scaler = GradScaler::new().with_init_scale(4.0);
     let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?;
     let err = scaler.step(&mut opt, &grads).unwrap_err().to_string();
     assert!(err.contains("no inf checks were recorded"), "{err}");
@@ -288,8 +288,8 @@ fn no_inf_checks_are_errors() -> Result<()> {
 #[test]
 fn load_state_dict_mid_step_is_refused() -> Result<()> {
     let w = Var::new(&[1f32], &Device::Cpu)?;
-    let saved = GradScaler::new().init_scale(2.0).state_dict()?;
-    let mut scaler = GradScaler::new().init_scale(8.0);
+    let saved = GradScaler::new().with_init_scale(2.0).state_dict()?;
+    let mut scaler = GradScaler::new().with_init_scale(8.0);
     let mut grads = store(from_ref(&w), &[vec![8.0]], DType::F32)?;
     scaler.unscale_(from_ref(&w), &mut grads)?;
     let err = scaler.load_state_dict(&saved).unwrap_err().to_string();
@@ -309,10 +309,10 @@ fn load_state_dict_mid_step_is_refused() -> Result<()> {
 fn state_resumes_bitwise() -> Result<()> {
     let make = || {
         GradScaler::new()
-            .init_scale(700.0)
-            .growth_factor(1.3)
-            .backoff_factor(0.6)
-            .growth_interval(3)
+            .with_init_scale(700.0)
+            .with_growth_factor(1.3)
+            .with_backoff_factor(0.6)
+            .with_growth_interval(3)
     };
     let w = Var::zeros(4, DType::F32, &Device::Cpu)?;
     let poison = [0u8, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0];

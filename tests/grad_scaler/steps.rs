@@ -12,7 +12,7 @@ fn non_finite_steps_change_nothing() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(3);
     let shapes: [&[usize]; 3] = [&[6, 4], &[4], &[33]];
     let vars = f32_vars(&shapes, &mut rng)?;
-    let mut scaler = GradScaler::new().init_scale(1024.0);
+    let mut scaler = GradScaler::new().with_init_scale(1024.0);
     let mut adamw =
         FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.with_clip(ClipSetting::norm(0.5))?;
     let mut sgd = FusedSgd::new(
@@ -66,7 +66,7 @@ fn non_finite_steps_change_nothing() -> Result<()> {
         .collect::<Result<_>>()?;
     let mut ours = AdamW::new(a.clone(), ParamsAdamW::default())?;
     let mut theirs = AdamW::new(b.clone(), ParamsAdamW::default())?;
-    let mut scaler = GradScaler::new().init_scale(256.0).growth_interval(100);
+    let mut scaler = GradScaler::new().with_init_scale(256.0).with_growth_interval(100);
     for poison in [0u8, 2, 0] {
         let scale = scaler.scale_value()?;
         let values = scaled_values(&a, scale, poison, &mut rng);
@@ -111,9 +111,9 @@ fn fused_step_is_unscale_then_clipped_step() -> Result<()> {
         FusedAdamW::new(a.clone(), params.clone())?.with_clip(ClipSetting::norm(1.0))?;
     let mut reference = AdamW::new(b.clone(), params)?;
     let mut scaler = GradScaler::new()
-        .init_scale(3000.0)
-        .growth_factor(1.5)
-        .growth_interval(2);
+        .with_init_scale(3000.0)
+        .with_growth_factor(1.5)
+        .with_growth_interval(2);
     let mut torch = TorchScaler::new(3000.0, 1.5, 0.5, 2);
     for step in 0..7 {
         let poison = if step == 3 { 2 } else { 0 };
@@ -235,7 +235,7 @@ fn one_read_path_equals_unscale_then_step() -> Result<()> {
                 }
             };
             let (mut one_read, mut two_pass) = (build(&a)?, build(&b)?);
-            let mut scaler_a = GradScaler::new().init_scale(1000.0).growth_interval(2);
+            let mut scaler_a = GradScaler::new().with_init_scale(1000.0).with_growth_interval(2);
             let mut scaler_b = scaler_a.clone();
             for step in 0..5 {
                 let poison = [0u8, 0, 2, 0, 1][step];
@@ -311,7 +311,7 @@ fn step_without_unscale_in_the_other_cases() -> Result<()> {
     let mut grads = GradStore::default();
     grads.insert(&a, shared.clone());
     grads.insert(&b, shared.clone());
-    let mut scaler = GradScaler::new().init_scale(8.0);
+    let mut scaler = GradScaler::new().with_init_scale(8.0);
     let mut opt = FusedSgd::new(vec![a.clone(), b.clone()], sgd_lr(1.0))?;
     scaler.step(&mut opt, &grads)?;
     scaler.update()?;

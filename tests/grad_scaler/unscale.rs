@@ -18,7 +18,7 @@ fn unscale_handles_the_nasty_cases() -> Result<()> {
     grads.insert(&b, shared.clone());
     grads.insert(&empty, Tensor::zeros(0, DType::F32, &dev)?);
     let vars = [a.clone(), b.clone(), empty.clone(), without.clone()];
-    let mut scaler = GradScaler::new().init_scale(8.0);
+    let mut scaler = GradScaler::new().with_init_scale(8.0);
     scaler.unscale_(&vars, &mut grads)?;
     let expected: Vec<f32> = [8f32, -16.0, 3.0, 1e-30]
         .iter()
@@ -59,7 +59,7 @@ fn unscale_handles_the_nasty_cases() -> Result<()> {
 #[test]
 fn overflow_on_unscaling_counts_as_non_finite() -> Result<()> {
     let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
-    let mut scaler = GradScaler::new().init_scale(0.25);
+    let mut scaler = GradScaler::new().with_init_scale(0.25);
     let mut grads = store(from_ref(&w), &[vec![f32::MAX as f64, 1.0]], DType::F32)?;
     scaler.unscale_(from_ref(&w), &mut grads)?;
     assert_eq!(grads.get(&w).unwrap().to_vec1::<f32>()?[0], f32::INFINITY);
@@ -86,7 +86,7 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
         &w16,
         Tensor::new(&[4f32, 8.0, 16.0], &dev)?.to_dtype(DType::F16)?,
     );
-    let mut scaler = GradScaler::new().init_scale(4.0);
+    let mut scaler = GradScaler::new().with_init_scale(4.0);
     let err = scaler
         .unscale_(&[w32.clone(), w16.clone()], &mut grads)
         .unwrap_err()
@@ -117,7 +117,7 @@ fn f16_gradients_are_refused_bf16_allowed() -> Result<()> {
         &wb,
         Tensor::new(&[4f32, 8.0, 3.0], &dev)?.to_dtype(DType::BF16)?,
     );
-    let mut scaler = GradScaler::new().init_scale(4.0);
+    let mut scaler = GradScaler::new().with_init_scale(4.0);
     scaler.unscale_(from_ref(&wb), &mut grads)?;
     assert_eq!(
         grads
@@ -205,7 +205,7 @@ fn scaled_loss_is_f32_and_differentiable() -> Result<()> {
         assert_eq!(value, 140.0 * 65536.0, "{dtype:?}");
         // d/dw (10 w²) · 1024 = 20480 w: exact in every dtype, within F16's range.
         let grads = GradScaler::new()
-            .init_scale(1024.0)
+            .with_init_scale(1024.0)
             .scale(&loss)?
             .backward()?;
         let g = grads.get(&w).expect("a gradient").to_vec1::<f32>()?;

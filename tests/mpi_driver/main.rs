@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{backprop::GradStore, Device, Tensor, Var};
 use candle_grad_clip::{
-    clip_grad_norm_across, ClipGradNorm, ClipSetting, FusedAdamW, ProcessGroup,
+    clip_grad_norm_across_, ClipGradNorm, ClipSetting, FusedAdamW, ProcessGroup,
 };
 use candle_nn::{Optimizer, ParamsAdamW};
 use mpi::traits::Communicator;
@@ -114,7 +114,7 @@ fn refusal_fails_every_rank(world: &mpi::topology::SimpleCommunicator) {
     };
     let mut grads = GradStore::default();
     grads.insert(&w, grad);
-    let err = clip_grad_norm_across(std::slice::from_ref(&w), &mut grads, 1.0, world)
+    let err = clip_grad_norm_across_(std::slice::from_ref(&w), &mut grads, 1.0, world)
         .expect_err("a refused rank fails every rank");
     let message = err.to_string();
     if rank == last {

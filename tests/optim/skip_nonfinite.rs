@@ -36,7 +36,7 @@ fn clipped_skips_nonfinite_steps_as_if_they_never_happened() -> Result<()> {
         },
         ClipSetting::value(1.0),
         ClipSetting::AutoClip(AutoClip::new(50.0)?),
-        ClipSetting::ZClip(ZClip::new().warmup_steps(2)),
+        ClipSetting::ZClip(ZClip::new().with_warmup_steps(2)),
     ];
     for setting in settings {
         let what = format!("{setting:?}");
@@ -193,7 +193,7 @@ fn fused_pair(kind: usize, w: &Var, limit: usize) -> Result<Box<dyn Fused>> {
         ),
         _ => Box::new(
             FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
-                .with_clip(ClipSetting::ZClip(ZClip::new().warmup_steps(1)))?
+                .with_clip(ClipSetting::ZClip(ZClip::new().with_warmup_steps(1)))?
                 .skip_nonfinite(true)
                 .max_consecutive_skips(limit),
         ),

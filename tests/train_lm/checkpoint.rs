@@ -127,7 +127,7 @@ fn train(
 }
 
 fn scaler() -> GradScaler {
-    GradScaler::new().init_scale(1.0).growth_interval(3)
+    GradScaler::new().with_init_scale(1.0).with_growth_interval(3)
 }
 
 #[test]
@@ -137,7 +137,7 @@ fn round_trip_and_bitwise_resume() -> Result<()> {
     for clip in [
         None,
         Some(ClipSetting::norm(1.0)),
-        Some(ClipSetting::ZClip(ZClip::new().warmup_steps(3))),
+        Some(ClipSetting::ZClip(ZClip::new().with_warmup_steps(3))),
         Some(ClipSetting::AutoClip(
             AutoClip::new(50.0)?.with_capacity(4)?,
         )),
@@ -293,7 +293,7 @@ fn refused_restore(f: &mut Fixture, file: &Path, needle: &str) -> Result<()> {
 fn refuses_truncated_and_corrupt_files() -> Result<()> {
     let mut f = fixture(
         "corrupt",
-        Some(ClipSetting::ZClip(ZClip::new().warmup_steps(2))),
+        Some(ClipSetting::ZClip(ZClip::new().with_warmup_steps(2))),
     )?;
     let bytes = std::fs::read(&f.path)?;
     let bad = f.dir.join("bad.safetensors");
@@ -360,7 +360,7 @@ fn refuses_truncated_and_corrupt_files() -> Result<()> {
 fn refuses_mismatched_components() -> Result<()> {
     let mut f = fixture(
         "mismatch",
-        Some(ClipSetting::ZClip(ZClip::new().warmup_steps(2))),
+        Some(ClipSetting::ZClip(ZClip::new().with_warmup_steps(2))),
     )?;
     let file = f.path.clone();
     let before = snapshot(&f.varmap, &f.opt, &f.scaler)?;
@@ -413,7 +413,7 @@ fn refuses_mismatched_components() -> Result<()> {
     for (what, specs, needle) in cases {
         let vm = seeded_varmap(11, &specs)?;
         let vm_before = var_bits(&vm)?;
-        let mut opt = adamw(&vm, Some(ClipSetting::ZClip(ZClip::new().warmup_steps(2))))?;
+        let mut opt = adamw(&vm, Some(ClipSetting::ZClip(ZClip::new().with_warmup_steps(2))))?;
         let opt_before = dict_bits(&opt.state_dict()?)?;
         let mut sc = scaler();
         let err = TrainingCheckpoint::load(&file)?

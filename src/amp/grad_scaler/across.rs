@@ -2,21 +2,18 @@
 //! every rank, as PyTorch's `ShardedGradScaler`, so that every rank skips the same steps and
 //! backs the scale off alike.
 
-use std::any::Any;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
-use candle_nn::Optimizer;
 
-use super::fused::FusedStep;
+use crate::amp::scaled::FusedStep;
 use super::grads::{checked_grads, inv_scale, store_grads, unscale};
+use crate::amp::scaled::ScaledOptimizer;
 use super::{GradScaler, Stage};
 use crate::dispatch;
 use crate::dist::agreement::{hash_words, refuse, Agreement, Call, Field, RankError, Refusal};
 use crate::dist::{max_across, ProcessGroup};
 use crate::ops::gradients::GradientSet;
 use crate::ops::norm_type::NormType;
-use crate::optim::adamw::FusedAdamW;
-use crate::optim::sgd::FusedSgd;
 
 const UNSCALE: &str = "GradScaler::unscale_across_";
 const STEP: &str = "GradScaler::step_across";
@@ -54,7 +51,7 @@ impl GradScaler {
     ///         .zip([1f32, f32::INFINITY])
     ///         .map(|(group, g)| {
     ///             s.spawn(move || -> candle_core::Result<f64> {
-    ///                 let mut scaler = GradScaler::new().init_scale(4.0);
+    ///                 let mut scaler = GradScaler::new().with_init_scale(4.0);
     ///                 let w = Var::new(&[0f32], &Device::Cpu)?;
     ///                 let mut grads = GradStore::default();
     ///                 grads.insert(&w, Tensor::new(&[g], &Device::Cpu)?);
@@ -120,22 +117,15 @@ impl GradScaler {
     /// assert_eq!(skipped, [1, 1]); // rank 1's NaN skips the step on both ranks
     /// # Ok(()) }
     /// ```
-    pub fn step_across<O: Optimizer + 'static>(
+    pub fn step_across<O: ScaledOptimizer>(
         &mut self,
         opt: &mut O,
         grads: &GradStore,
         group: &dyn ProcessGroup,
     ) -> Result<()> {
-        let opt: &mut dyn Any = opt;
-        if let Some(opt) = opt.downcast_mut::<FusedAdamW>() {
-            return self.step_fused_across(opt, grads, group);
+        if let Some(fused) = opt.fused() {
+            return self.step_fused_across(fused.0, grads, group);
         }
-        if let Some(opt) = opt.downcast_mut::<FusedSgd>() {
-            return self.step_fused_across(opt, grads, group);
-        }
-        let Some(opt) = opt.downcast_mut::<O>() else {
-            candle_core::bail!("internal error: the optimizer is not of its own type")
-        };
         if self.stage != Stage::Unscaled {
             // The optimizer's vars are unknown: every gradient of the store, as `step`.
             self.unscale_targets_across(STEP, store_grads(grads), self.out_of_order(), group)?;

@@ -4,16 +4,15 @@
 
 use std::collections::HashSet;
 
-use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, bail, DType, Result, Tensor};
 
 use super::grads::{checked_grads, inv_scale};
 use super::{GradScaler, Stage};
 use crate::dispatch;
 use crate::dist::ProcessGroup;
 use crate::ops::gradients::storage_key;
-use crate::optim::adamw::FusedAdamW;
-use crate::optim::clip_setting::{prescale_supports, ClipSetting};
-use crate::optim::sgd::FusedSgd;
+use crate::amp::scaled::FusedStep;
+use crate::optim::clip_setting::prescale_supports;
 
 impl GradScaler {
     /// `step` with a fused optimizer (see [`step`](Self::step)).
@@ -96,56 +95,3 @@ impl GradScaler {
         Ok(())
     }
 }
-
-/// What [`GradScaler::step`] needs of [`FusedAdamW`] and [`FusedSgd`].
-pub(super) trait FusedStep {
-    fn vars(&self) -> &[Var];
-    fn device(&self) -> &Device;
-    fn clip(&self) -> Option<&ClipSetting>;
-    fn has_skip_limit(&self) -> bool;
-    fn skipped_steps_on_device(&self) -> Result<Tensor>;
-    fn step_skipping(&mut self, grads: &GradStore, prescale: Option<&Tensor>) -> Result<()>;
-    fn step_skipping_across(&mut self, grads: &GradStore, group: &dyn ProcessGroup) -> Result<()>;
-    fn record_skip(&mut self) -> Result<()>;
-}
-
-macro_rules! impl_fused_step {
-    ($ty:ty) => {
-        impl FusedStep for $ty {
-            fn vars(&self) -> &[Var] {
-                self.core().vars()
-            }
-            fn device(&self) -> &Device {
-                self.core().device()
-            }
-            fn clip(&self) -> Option<&ClipSetting> {
-                self.core().clip()
-            }
-            fn has_skip_limit(&self) -> bool {
-                self.core().has_skip_limit()
-            }
-            fn skipped_steps_on_device(&self) -> Result<Tensor> {
-                self.core().skipped_steps_on_device()
-            }
-            fn step_skipping(
-                &mut self,
-                grads: &GradStore,
-                prescale: Option<&Tensor>,
-            ) -> Result<()> {
-                self.step_skipping_nonfinite(grads, prescale)
-            }
-            fn step_skipping_across(
-                &mut self,
-                grads: &GradStore,
-                group: &dyn ProcessGroup,
-            ) -> Result<()> {
-                self.step_skipping_nonfinite_across(grads, group)
-            }
-            fn record_skip(&mut self) -> Result<()> {
-                <$ty>::record_skip(self)
-            }
-        }
-    };
-}
-impl_fused_step!(FusedAdamW);
-impl_fused_step!(FusedSgd);

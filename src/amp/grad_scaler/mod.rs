@@ -1,22 +1,19 @@
 //! [`GradScaler`]: dynamic loss scaling for mixed-precision training, PyTorch's
 //! `torch.amp.GradScaler`, with its state on the gradients' device.
 
-use std::any::Any;
 use std::collections::HashSet;
 
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
-use candle_nn::Optimizer;
 
 mod across;
 mod fused;
 mod grads;
 mod state_dict;
 
+use crate::amp::scaled::ScaledOptimizer;
 use crate::dispatch;
 use crate::ops::gradients::{storage_key, GradientSet};
 use crate::ops::norm_type::NormType;
-use crate::optim::adamw::FusedAdamW;
-use crate::optim::sgd::FusedSgd;
 use grads::{checked_grads, found_inf_of, inv_scale, store_grads, unscale};
 
 /// Keys of the state dict.
@@ -92,7 +89,7 @@ pub(super) const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// let model = linear(4, 1, vb.pp("fc"))?;
 /// let mut opt = FusedAdamW::from_varmap(&varmap, ParamsAdamW::default())?
 ///     .with_clip(ClipSetting::norm(1.0))?;
-/// let mut scaler = GradScaler::new().growth_interval(100);
+/// let mut scaler = GradScaler::new().with_growth_interval(100);
 ///
 /// let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
 /// let loss = (model.forward(&x)? - 10.0)?.sqr()?.mean_all()?;
@@ -194,11 +191,11 @@ impl GradScaler {
     ///
     /// ```
     /// use candle_grad_clip::GradScaler;
-    /// assert_eq!(GradScaler::new().init_scale(1024.0).scale_value()?, 1024.0);
-    /// assert!(GradScaler::new().init_scale(0.0).scale_value().is_err());
+    /// assert_eq!(GradScaler::new().with_init_scale(1024.0).scale_value()?, 1024.0);
+    /// assert!(GradScaler::new().with_init_scale(0.0).scale_value().is_err());
     /// # Ok::<(), candle_core::Error>(())
     /// ```
-    pub fn init_scale(mut self, init_scale: f64) -> Self {
+    pub fn with_init_scale(mut self, init_scale: f64) -> Self {
         self.init_scale = init_scale;
         self
     }
@@ -208,10 +205,10 @@ impl GradScaler {
     ///
     /// ```
     /// use candle_grad_clip::GradScaler;
-    /// let err = GradScaler::new().growth_factor(1.0).scale_value().unwrap_err();
+    /// let err = GradScaler::new().with_growth_factor(1.0).scale_value().unwrap_err();
     /// assert!(err.to_string().contains("growth_factor"));
     /// ```
-    pub fn growth_factor(mut self, growth_factor: f64) -> Self {
+    pub fn with_growth_factor(mut self, growth_factor: f64) -> Self {
         self.growth_factor = growth_factor;
         self
     }
@@ -221,10 +218,10 @@ impl GradScaler {
     ///
     /// ```
     /// use candle_grad_clip::GradScaler;
-    /// let err = GradScaler::new().backoff_factor(1.0).scale_value().unwrap_err();
+    /// let err = GradScaler::new().with_backoff_factor(1.0).scale_value().unwrap_err();
     /// assert!(err.to_string().contains("backoff_factor"));
     /// ```
-    pub fn backoff_factor(mut self, backoff_factor: f64) -> Self {
+    pub fn with_backoff_factor(mut self, backoff_factor: f64) -> Self {
         self.backoff_factor = backoff_factor;
         self
     }
@@ -234,16 +231,58 @@ impl GradScaler {
     ///
     /// ```
     /// use candle_grad_clip::GradScaler;
-    /// let err = GradScaler::new().growth_interval(0).scale_value().unwrap_err();
+    /// let err = GradScaler::new().with_growth_interval(0).scale_value().unwrap_err();
     /// assert!(err.to_string().contains("growth_interval"));
     /// ```
-    pub fn growth_interval(mut self, growth_interval: usize) -> Self {
+    pub fn with_growth_interval(mut self, growth_interval: usize) -> Self {
         self.growth_interval = growth_interval;
         self
     }
 
-    /// Checks the settings, naming the first bad one.
-    fn validate(&self) -> Result<()> {
+    /// The initial scale.
+    ///
+    /// ```
+    /// assert_eq!(candle_grad_clip::GradScaler::new().init_scale(), 65536.0);
+    /// ```
+    pub fn init_scale(&self) -> f64 {
+        self.init_scale
+    }
+
+    /// The growth factor.
+    ///
+    /// ```
+    /// assert_eq!(candle_grad_clip::GradScaler::new().growth_factor(), 2.0);
+    /// ```
+    pub fn growth_factor(&self) -> f64 {
+        self.growth_factor
+    }
+
+    /// The backoff factor.
+    ///
+    /// ```
+    /// assert_eq!(candle_grad_clip::GradScaler::new().backoff_factor(), 0.5);
+    /// ```
+    pub fn backoff_factor(&self) -> f64 {
+        self.backoff_factor
+    }
+
+    /// The growth interval.
+    ///
+    /// ```
+    /// assert_eq!(candle_grad_clip::GradScaler::new().growth_interval(), 2000);
+    /// ```
+    pub fn growth_interval(&self) -> usize {
+        self.growth_interval
+    }
+
+    /// Checks the settings, naming the first bad one; every call that uses them runs it first.
+    ///
+    /// ```
+    /// use candle_grad_clip::GradScaler;
+    /// assert!(GradScaler::new().validate().is_ok());
+    /// assert!(GradScaler::new().with_backoff_factor(2.0).validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
         let init = self.init_scale as f32;
         if !(init.is_finite() && init > 0.0) || self.init_scale.is_nan() {
             bail!(
@@ -305,7 +344,7 @@ impl GradScaler {
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor, Var};
-    /// let scaler = candle_grad_clip::GradScaler::new().init_scale(8.0);
+    /// let scaler = candle_grad_clip::GradScaler::new().with_init_scale(8.0);
     /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
     /// let loss = w.as_tensor().to_dtype(DType::F16)?.sum_all()?; // an F16 loss
     /// let scaled = scaler.scale(&loss)?;
@@ -338,7 +377,7 @@ impl GradScaler {
     ///
     /// ```
     /// use candle_core::{DType, Device, Var};
-    /// let mut scaler = candle_grad_clip::GradScaler::new().init_scale(4.0);
+    /// let mut scaler = candle_grad_clip::GradScaler::new().with_init_scale(4.0);
     /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
     /// let mut grads = scaler.scale(&w.as_tensor().sum_all()?)?.backward()?;
     /// scaler.unscale_(&[w.clone()], &mut grads)?;
@@ -452,21 +491,14 @@ impl GradScaler {
     /// assert_eq!(w.to_vec1::<f32>()?, [0.5, 1.5]);
     /// # Ok::<(), candle_core::Error>(())
     /// ```
-    pub fn step<O: Optimizer + 'static>(&mut self, opt: &mut O, grads: &GradStore) -> Result<()> {
+    pub fn step<O: ScaledOptimizer>(&mut self, opt: &mut O, grads: &GradStore) -> Result<()> {
         self.validate()?;
         if self.stage == Stage::Stepped {
             bail!("GradScaler::step has already been called since the last update()")
         }
-        let opt: &mut dyn Any = opt;
-        if let Some(opt) = opt.downcast_mut::<FusedAdamW>() {
-            return self.step_fused(opt, grads);
+        if let Some(fused) = opt.fused() {
+            return self.step_fused(fused.0, grads);
         }
-        if let Some(opt) = opt.downcast_mut::<FusedSgd>() {
-            return self.step_fused(opt, grads);
-        }
-        let Some(opt) = opt.downcast_mut::<O>() else {
-            bail!("internal error: the optimizer is not of its own type")
-        };
         if self.stage == Stage::Ready {
             // The optimizer's vars are unknown: unscale every gradient of the store (refused
             // when one is F16: see above).
@@ -569,7 +601,7 @@ impl GradScaler {
     /// use.
     ///
     /// ```
-    /// assert_eq!(candle_grad_clip::GradScaler::new().init_scale(2.0).scale_value()?, 2.0);
+    /// assert_eq!(candle_grad_clip::GradScaler::new().with_init_scale(2.0).scale_value()?, 2.0);
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn scale_value(&self) -> Result<f64> {

@@ -43,7 +43,7 @@ impl GradScaler {
     ///
     /// ```
     /// use candle_grad_clip::GradScaler;
-    /// let mut state = GradScaler::new().init_scale(8.0).state_dict()?;
+    /// let mut state = GradScaler::new().with_init_scale(8.0).state_dict()?;
     /// let mut other = GradScaler::new();
     /// other.load_state_dict(&state)?;
     /// assert_eq!(other.scale_value()?, 8.0);

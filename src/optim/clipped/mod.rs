@@ -9,6 +9,7 @@ use candle_nn::Optimizer;
 mod step;
 
 use super::clip_setting::ClipSetting;
+use super::skip::SkipSetting;
 use crate::dist::ProcessGroup;
 
 /// The [`Optimizer::Config`] of [`Clipped`]: the inner optimizer's config and the clip setting.
@@ -91,15 +92,14 @@ pub struct Clipped<O> {
     pub(super) vars: Vec<Var>,
     pub(super) clip: ClipSetting,
     /// Steps taken (skipped ones not counted).
-    pub(super) steps: usize,
+    pub(super) steps: u64,
     pub(super) last_norm: Option<Tensor>,
     /// 0-d `U32` on the gradients' device: steps that were *not* clipped.
     pub(super) unclipped: Option<Tensor>,
-    pub(super) skip_nonfinite: bool,
-    pub(super) max_consecutive_skips: Option<usize>,
-    pub(super) skipped: usize,
+    pub(super) skip: SkipSetting,
+    pub(super) skipped: u64,
     /// Non-finite steps skipped in a row, up to the last step.
-    pub(super) skip_run: usize,
+    pub(super) skip_run: u64,
     /// Why a step across ranks failed on this rank past its collective (the other ranks
     /// stepped): every later `step_across` is refused on every rank.
     pub(super) diverged: Option<String>,
@@ -187,7 +187,7 @@ impl<O: Optimizer> Clipped<O> {
     /// let w = Var::zeros(3, candle_core::DType::F32, &Device::Cpu)?;
     /// let adamw = AdamW::new_lr(vec![w.clone()], 1e-3)?;
     /// let opt = Clipped::from_optimizer(adamw, vec![w], ClipSetting::norm(1.0))?;
-    /// assert_eq!(opt.steps(), 0);
+    /// assert_eq!(opt.steps()?, 0);
     /// assert!(Clipped::from_optimizer(AdamW::new_lr(vec![], 1e-3)?, vec![], ClipSetting::norm(-1.0)).is_err());
     /// # Ok(()) }
     /// ```
@@ -212,16 +212,15 @@ impl<O> Clipped<O> {
             steps: 0,
             last_norm: None,
             unclipped: None,
-            skip_nonfinite: false,
-            max_consecutive_skips: None,
+            skip: SkipSetting::default(),
             skipped: 0,
             skip_run: 0,
             diverged: None,
         }
     }
 
-    /// Skips steps whose gradients are not all finite (some NaN or ±inf): the inner optimizer is
-    /// not called, nothing is clipped or changed, and the step is counted by
+    /// Sets whether to skip steps whose gradients are not all finite (some NaN or ±inf; off by
+    /// default): the inner optimizer is not called, nothing is clipped or changed, and the step is counted by
     /// [`skipped_steps`](Self::skipped_steps) (not by [`steps`](Self::steps)); `last_norm` is then
     /// the largest `|g|` (NaN or inf). Optax's `apply_if_finite`. Deciding whether to call the
     /// inner optimizer is a host decision: with skipping on, each step reads one number back (on
@@ -234,20 +233,35 @@ impl<O> Clipped<O> {
     /// # fn main() -> candle_core::Result<()> {
     /// let w = Var::new(&[1f32, 1.], &Device::Cpu)?;
     /// let config = ClippedConfig::new(0.1, ClipSetting::norm(1.0));
-    /// let mut opt = Clipped::<SGD>::new(vec![w.clone()], config)?.skip_nonfinite(true);
+    /// let mut opt = Clipped::<SGD>::new(vec![w.clone()], config)?.with_skip_nonfinite(true);
     /// let mut grads = GradStore::default();
     /// grads.insert(&w, Tensor::new(&[f32::NAN, 1.], &Device::Cpu)?);
     /// opt.step(&grads)?;
     /// assert_eq!(w.to_vec1::<f32>()?, [1.0, 1.0]); // untouched
-    /// assert_eq!((opt.steps(), opt.skipped_steps()), (0, 1));
+    /// assert_eq!((opt.steps()?, opt.skipped_steps()?), (0, 1));
+    /// assert!(opt.last_step_skipped()?);
     /// # Ok(()) }
     /// ```
-    pub fn skip_nonfinite(mut self, skip: bool) -> Self {
-        self.skip_nonfinite = skip;
+    pub fn with_skip_nonfinite(mut self, skip: bool) -> Self {
+        self.skip.skip_nonfinite = skip;
         self
     }
 
-    /// With [`skip_nonfinite`](Self::skip_nonfinite): skip at most `limit` non-finite steps in a
+    /// Whether non-finite steps are skipped.
+    ///
+    /// ```
+    /// use candle_nn::{Optimizer, SGD};
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
+    /// let opt = Clipped::<SGD>::new(vec![], ClippedConfig::new(0.1, ClipSetting::norm(1.0)))?;
+    /// assert!(!opt.skip_nonfinite());
+    /// assert!(opt.with_skip_nonfinite(true).skip_nonfinite());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn skip_nonfinite(&self) -> bool {
+        self.skip.skip_nonfinite
+    }
+
+    /// With [`with_skip_nonfinite`](Self::with_skip_nonfinite): skip at most `limit` non-finite steps in a
     /// row; the next non-finite one in the run is an error saying that the training is broken,
     /// and changes nothing. A finite step starts the count again.
     ///
@@ -259,33 +273,75 @@ impl<O> Clipped<O> {
     /// let w = Var::new(&[1f32], &Device::Cpu)?;
     /// let config = ClippedConfig::new(0.1, ClipSetting::norm(1.0));
     /// let mut opt = Clipped::<SGD>::new(vec![w.clone()], config)?
-    ///     .skip_nonfinite(true)
-    ///     .max_consecutive_skips(2);
+    ///     .with_skip_nonfinite(true)
+    ///     .with_max_consecutive_skips(2);
     /// let mut grads = GradStore::default();
     /// grads.insert(&w, Tensor::new(&[f32::INFINITY], &Device::Cpu)?);
     /// opt.step(&grads)?;
     /// opt.step(&grads)?;
     /// assert!(opt.step(&grads).is_err()); // the third in a row
-    /// assert_eq!(opt.skipped_steps(), 2);
+    /// assert_eq!((opt.skipped_steps()?, opt.consecutive_skips()?), (2, 2));
     /// # Ok(()) }
     /// ```
-    pub fn max_consecutive_skips(mut self, limit: usize) -> Self {
-        self.max_consecutive_skips = Some(limit);
+    pub fn with_max_consecutive_skips(mut self, limit: usize) -> Self {
+        self.skip.max_consecutive_skips = Some(limit);
         self
     }
 
-    /// Steps skipped because a gradient was not finite (see
-    /// [`skip_nonfinite`](Self::skip_nonfinite)).
+    /// The limit on non-finite steps skipped in a row, if any.
     ///
     /// ```
     /// use candle_nn::{Optimizer, SGD};
     /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
     /// let opt = Clipped::<SGD>::new(vec![], ClippedConfig::new(0.1, ClipSetting::norm(1.0)))?;
-    /// assert_eq!(opt.skipped_steps(), 0);
+    /// assert_eq!(opt.max_consecutive_skips(), None);
     /// # Ok::<(), candle_core::Error>(())
     /// ```
-    pub fn skipped_steps(&self) -> usize {
-        self.skipped
+    pub fn max_consecutive_skips(&self) -> Option<usize> {
+        self.skip.max_consecutive_skips
+    }
+
+    /// The non-finite steps skipped in a row up to the last step (0 when the last step ran):
+    /// what a loop reacts to, e.g. by lowering the learning rate. A `Result` as on the fused
+    /// optimizers (which keep it on the device); here it is known on the host.
+    ///
+    /// ```
+    /// use candle_nn::{Optimizer, SGD};
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
+    /// let opt = Clipped::<SGD>::new(vec![], ClippedConfig::new(0.1, ClipSetting::norm(1.0)))?;
+    /// assert_eq!(opt.consecutive_skips()?, 0);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn consecutive_skips(&self) -> Result<u64> {
+        Ok(self.skip_run)
+    }
+
+    /// Whether the last step was skipped (`false` before the first step).
+    ///
+    /// ```
+    /// use candle_nn::{Optimizer, SGD};
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
+    /// let opt = Clipped::<SGD>::new(vec![], ClippedConfig::new(0.1, ClipSetting::norm(1.0)))?;
+    /// assert!(!opt.last_step_skipped()?);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn last_step_skipped(&self) -> Result<bool> {
+        Ok(self.skip_run > 0)
+    }
+
+    /// Steps skipped because a gradient was not finite (see
+    /// [`with_skip_nonfinite`](Self::with_skip_nonfinite)). A `Result` as on the fused
+    /// optimizers, whose counters live on the device.
+    ///
+    /// ```
+    /// use candle_nn::{Optimizer, SGD};
+    /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
+    /// let opt = Clipped::<SGD>::new(vec![], ClippedConfig::new(0.1, ClipSetting::norm(1.0)))?;
+    /// assert_eq!(opt.skipped_steps()?, 0);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn skipped_steps(&self) -> Result<u64> {
+        Ok(self.skipped)
     }
 
     /// The norm of the last step's gradients before clipping, as a 0-d tensor on their device
@@ -313,17 +369,18 @@ impl<O> Clipped<O> {
         self.last_norm.as_ref()
     }
 
-    /// How many steps were taken (skipped ones not counted).
+    /// How many steps were taken (skipped ones not counted). A `Result` as on the fused
+    /// optimizers, whose counters live on the device.
     ///
     /// ```
     /// use candle_nn::{Optimizer, SGD};
     /// use candle_grad_clip::{ClipSetting, Clipped, ClippedConfig};
     /// let opt = Clipped::<SGD>::new(vec![], ClippedConfig::new(0.1, ClipSetting::norm(1.0)))?;
-    /// assert_eq!(opt.steps(), 0);
+    /// assert_eq!(opt.steps()?, 0);
     /// # Ok::<(), candle_core::Error>(())
     /// ```
-    pub fn steps(&self) -> usize {
-        self.steps
+    pub fn steps(&self) -> Result<u64> {
+        Ok(self.steps)
     }
 
     /// How many steps were clipped (see the type's documentation for the definition). Reads the
@@ -341,12 +398,12 @@ impl<O> Clipped<O> {
     ///     grads.insert(&w, Tensor::new(&g, &Device::Cpu)?);
     ///     opt.step(&grads)?;
     /// }
-    /// assert_eq!((opt.steps(), opt.clipped_steps()?), (2, 1));
+    /// assert_eq!((opt.steps()?, opt.clipped_steps()?), (2, 1));
     /// # Ok(()) }
     /// ```
-    pub fn clipped_steps(&self) -> Result<usize> {
+    pub fn clipped_steps(&self) -> Result<u64> {
         let unclipped = match &self.unclipped {
-            Some(count) => count.to_scalar::<u32>()? as usize,
+            Some(count) => u64::from(count.to_scalar::<u32>()?),
             None => 0,
         };
         Ok(self.steps.saturating_sub(unclipped))
@@ -375,7 +432,7 @@ impl<O> Clipped<O> {
     /// let mut opt = Clipped::<SGD>::new(vec![], ClippedConfig::new(0.1, ClipSetting::norm(f64::INFINITY)))?;
     /// opt.set_clip_setting(ClipSetting::norm(2.0))?;
     /// assert!(opt.set_clip_setting(ClipSetting::norm(f64::NAN)).is_err());
-    /// assert!(matches!(opt.clip_setting(), ClipSetting::Norm { max_norm, .. } if *max_norm == 2.0));
+    /// assert!(matches!(opt.clip_setting(), ClipSetting::Norm(clip) if clip.max_norm() == 2.0));
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn set_clip_setting(&mut self, clip: ClipSetting) -> Result<()> {

@@ -2,12 +2,12 @@
 //! (on this rank or across a process group), skip a non-finite step, step the inner optimizer,
 //! keep the counters.
 
-use candle_core::{backprop::GradStore, bail, DType, Result, Tensor};
+use candle_core::{backprop::GradStore, DType, Result, Tensor};
 use candle_nn::Optimizer;
 
 use super::Clipped;
 use crate::clip::agc::adaptive_clip;
-use crate::clip::norm::{clip_grads_with_norm_, total_norm, ClipGradNorm};
+use crate::clip::norm::{clip_grads_with_norm_, total_norm};
 use crate::clip::value::clip_grad_value_;
 use crate::dist::agreement::{refuse, Agreement, Call, Field, RankError, Refusal};
 use crate::dist::{self, ProcessGroup};
@@ -68,7 +68,7 @@ impl<O: Optimizer> Clipped<O> {
         // largest over every rank's, so that every rank skips together (its value comes back
         // from the collective on the host: nothing can fail between it and the clip's).
         let mut largest = None;
-        if self.skip_nonfinite {
+        if self.skip.skip_nonfinite {
             let (value, norm) = match group {
                 Some(group) => {
                     let local = match prior.take() {
@@ -80,19 +80,12 @@ impl<O: Optimizer> Clipped<O> {
                     (returned_norm(value, norm.dtype()), norm)
                 }
                 None => {
-                    let norm = total_norm(&self.vars, &view, NormType::Inf)?;
+                    let norm = total_norm(&self.vars, &view, NormType::Inf, false)?;
                     (norm.to_dtype(DType::F64)?.to_scalar::<f64>()?, norm)
                 }
             };
             if !value.is_finite() {
-                if let Some(limit) = self.max_consecutive_skips {
-                    if self.skip_run >= limit {
-                        bail!(
-                            "Clipped::step: {} non-finite steps in a row (the largest |gradient| of this one is {value}), more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
-                            self.skip_run + 1
-                        )
-                    }
-                }
+                self.skip.check_run("Clipped::step", self.skip_run)?;
                 self.skip_run += 1;
                 self.skipped += 1;
                 self.last_norm = Some(norm);
@@ -105,13 +98,9 @@ impl<O: Optimizer> Clipped<O> {
 
     /// The settings every rank's step must agree on.
     fn agreement(&self) -> Agreement {
-        agree_on(Some(&self.clip), Agreement::new(Call::ClippedStep))
+        self.skip
+            .agree_on(agree_on(Some(&self.clip), Agreement::new(Call::ClippedStep)))
             .set(Field::Optimizer, 3)
-            .set_bool(Field::SkipNonfinite, self.skip_nonfinite)
-            .set(
-                Field::MaxConsecutiveSkips,
-                self.max_consecutive_skips.map_or(u64::MAX, |l| l as u64),
-            )
     }
 
     /// Clips `view` by the setting (across ranks: after the clip's collective, which carries
@@ -134,11 +123,7 @@ impl<O: Optimizer> Clipped<O> {
         let vars = &self.vars;
         let clipped = (|| -> Result<(Tensor, Tensor)> {
             Ok(match &mut self.clip {
-                ClipSetting::Norm {
-                    max_norm,
-                    norm_type,
-                } => {
-                    let clip = ClipGradNorm::new(*max_norm).norm_type(*norm_type);
+                ClipSetting::Norm(clip) => {
                     let norm = match group {
                         Some(group) => {
                             // The norm's collective, then the scale pass (past it).
@@ -157,7 +142,7 @@ impl<O: Optimizer> Clipped<O> {
                         }
                         None => clip.clip_(vars, &mut view)?,
                     };
-                    let not_clipped = not_clipped_by_norm(&norm, *max_norm, DEFAULT_EPS)?;
+                    let not_clipped = not_clipped_by_norm(&norm, clip.max_norm(), clip.eps())?;
                     (norm, not_clipped)
                 }
                 ClipSetting::Value { clip_value } => {
@@ -172,7 +157,7 @@ impl<O: Optimizer> Clipped<O> {
                             prior.take(),
                             group,
                         )?,
-                        (None, None) => total_norm(vars, &view, NormType::Inf)?,
+                        (None, None) => total_norm(vars, &view, NormType::Inf, false)?,
                     };
                     past_collective = true;
                     clip_grad_value_(vars, &mut view, *clip_value)?;

@@ -10,6 +10,8 @@ use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 
 use super::clip_setting::ClipSetting;
+use super::skip::SkipSetting;
+use crate::ops::varmap::sorted_vars;
 use crate::ops::fused_step::{
     state_class, FlatState, Place, Rule, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
 };
@@ -34,12 +36,14 @@ pub(crate) struct FusedCore {
     pub(super) control: Tensor,
     pub(super) device: Device,
     pub(super) clip: Option<ClipSetting>,
-    pub(super) skip_nonfinite: bool,
+    pub(crate) skip: SkipSetting,
     pub(super) last_norm: Option<Tensor>,
-    pub(super) max_consecutive_skips: Option<usize>,
     /// With a limit: the skipped-step count after the last step, and the non-finite steps
     /// skipped in a row up to it (kept on the host; unknown until the first step with a limit).
-    pub(super) skip_run: Option<(usize, usize)>,
+    pub(super) skip_run: Option<(u64, u64)>,
+    /// The non-finite steps skipped in a row up to the last step, kept lazily on the device
+    /// (0-d `I64`; `None`: 0).
+    pub(super) run: Option<Tensor>,
     /// Why a step across ranks failed on this rank after its collective (the other ranks
     /// stepped): every later `step_across` is refused on every rank.
     pub(super) diverged: Option<String>,
@@ -78,15 +82,7 @@ impl FusedCore {
 
     /// The core for every var of `varmap`, ordered and keyed by name.
     pub(crate) fn from_varmap(varmap: &VarMap) -> Result<Self> {
-        let mut named: Vec<(String, Var)> = {
-            let data = varmap.data().lock().map_err(|_| {
-                candle_core::Error::Msg("from_varmap: the VarMap's lock is poisoned".into())
-            })?;
-            data.iter()
-                .map(|(name, var)| (name.clone(), var.clone()))
-                .collect()
-        };
-        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut named = sorted_vars(varmap, "from_varmap")?;
         named.retain(|(_, v)| v.dtype().is_float());
         let (keys, vars) = named.into_iter().unzip();
         Self::with_keys(vars, keys, true)
@@ -136,10 +132,10 @@ impl FusedCore {
             control,
             device,
             clip: None,
-            skip_nonfinite: false,
+            skip: SkipSetting::default(),
             last_norm: None,
-            max_consecutive_skips: None,
             skip_run: None,
+            run: None,
             diverged: None,
         })
     }
@@ -159,12 +155,12 @@ impl FusedCore {
     }
 
     pub(crate) fn set_skip_nonfinite(&mut self, skip: bool) {
-        self.skip_nonfinite = skip;
+        self.skip.skip_nonfinite = skip;
         self.skip_run = None;
     }
 
     pub(crate) fn set_max_consecutive_skips(&mut self, limit: usize) {
-        self.max_consecutive_skips = Some(limit);
+        self.skip.max_consecutive_skips = Some(limit);
         self.skip_run = None;
     }
 
@@ -175,7 +171,7 @@ impl FusedCore {
     /// Whether `max_consecutive_skips` is set (GradScaler then keeps off the one-read path,
     /// whose gradients a refused skip would leave unscaled).
     pub(crate) fn has_skip_limit(&self) -> bool {
-        self.max_consecutive_skips.is_some()
+        self.skip.max_consecutive_skips.is_some()
     }
 
     /// A step skipped without running ([`GradScaler`](crate::GradScaler)'s step after an
@@ -184,25 +180,49 @@ impl FusedCore {
     /// `step_skipping_nonfinite` does (with a limit, a skip beyond it is refused and changes
     /// nothing).
     pub(crate) fn record_skip(&mut self) -> Result<()> {
-        let run = match self.max_consecutive_skips {
-            Some(limit) => {
+        let run = match self.skip.max_consecutive_skips {
+            Some(_) => {
                 let (skipped_before, run) = self.skip_run_so_far()?;
-                if run >= limit {
+                // GradScaler's skips count whatever `skip_nonfinite` says.
+                let forced = SkipSetting {
+                    skip_nonfinite: true,
+                    ..self.skip
+                };
+                if let Err(e) = forced.check_run(CALLER, run) {
                     self.skip_run = Some((skipped_before, run));
-                    return Err(too_many_skips(run, limit));
+                    return Err(e);
                 }
                 Some((skipped_before + 1, run + 1))
             }
             None => None,
         };
+        let before = self.skipped_steps_on_device()?;
         self.bump_skipped()?;
+        self.note_run(&before)?;
         self.skip_run = run;
         Ok(())
     }
 
-    /// The skipped-step count after the last step and the non-finite steps skipped in a row up to
-    /// it: kept on the host, read once (the count) when unknown.
-    pub(super) fn skip_run_so_far(&self) -> Result<(usize, usize)> {
+    /// Updates the lazy run of skips after a step: one longer when the skipped count moved
+    /// from `before`, else 0 (a few tiny device ops; nothing is read back).
+    pub(super) fn note_run(&mut self, before: &Tensor) -> Result<()> {
+        let skipped = (self.skipped_steps_on_device()? - before)?.squeeze(0)?;
+        self.run = Some(match &self.run {
+            Some(run) => ((run + Tensor::new(1i64, &self.device)?)? * skipped)?,
+            None => skipped,
+        });
+        Ok(())
+    }
+
+    /// The non-finite steps skipped in a row up to the last step.
+    pub(crate) fn consecutive_skips(&self) -> Result<u64> {
+        match &self.run {
+            Some(run) => Ok(run.to_scalar::<i64>()?.max(0) as u64),
+            None => Ok(0),
+        }
+    }
+
+    pub(super) fn skip_run_so_far(&self) -> Result<(u64, u64)> {
         match self.skip_run {
             Some(known) => Ok(known),
             None => Ok((self.skipped_steps()?, 0)),
@@ -222,19 +242,19 @@ impl FusedCore {
         Ok(())
     }
 
-    pub(super) fn counter(&self, index: usize) -> Result<usize> {
-        Ok(self.control.narrow(0, index, 1)?.to_vec1::<i64>()?[0] as usize)
+    pub(super) fn counter(&self, index: usize) -> Result<u64> {
+        Ok(self.control.narrow(0, index, 1)?.to_vec1::<i64>()?[0].max(0) as u64)
     }
 
-    pub(crate) fn steps(&self) -> Result<usize> {
+    pub(crate) fn steps(&self) -> Result<u64> {
         self.counter(STEPS)
     }
 
-    pub(crate) fn clipped_steps(&self) -> Result<usize> {
+    pub(crate) fn clipped_steps(&self) -> Result<u64> {
         self.counter(CLIPPED)
     }
 
-    pub(crate) fn skipped_steps(&self) -> Result<usize> {
+    pub(crate) fn skipped_steps(&self) -> Result<u64> {
         self.counter(SKIPPED)
     }
 
@@ -281,10 +301,6 @@ impl FusedCore {
 }
 
 /// The error of a non-finite step past `max_consecutive_skips = limit`, `run` skipped before it.
-fn too_many_skips(run: usize, limit: usize) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "fused optimizer step: {} non-finite steps in a row, more than max_consecutive_skips = {limit}: the training is broken (a diverged model, a bad batch, a loss scale out of range); nothing was changed",
-        run + 1
-    ))
-    .bt()
-}
+
+/// The caller named in the errors of a fused optimizer's step.
+pub(super) const CALLER: &str = "fused optimizer step";

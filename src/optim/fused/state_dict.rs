@@ -77,7 +77,8 @@ impl StateValue<'_> {
 pub struct StateBackup {
     control: Tensor,
     buffers: Vec<[Option<Tensor>; 2]>,
-    skip_run: Option<(usize, usize)>,
+    skip_run: Option<(u64, u64)>,
+    run: Option<Tensor>,
     diverged: Option<String>,
 }
 
@@ -244,6 +245,7 @@ impl FusedCore {
             control: std::mem::replace(&mut self.control, control),
             buffers: old_on_host,
             skip_run: self.skip_run.take(),
+            run: self.run.take(),
             // A loaded state supersedes a failed step across ranks (every rank reloads).
             diverged: self.diverged.take(),
         };
@@ -313,6 +315,7 @@ impl FusedCore {
     pub(crate) fn put_back(&mut self, backup: StateBackup) -> Result<()> {
         self.control = backup.control;
         self.skip_run = backup.skip_run;
+        self.run = backup.run;
         self.diverged = backup.diverged;
         self.state.buffers.clear();
         self.state.buffers = to_device(backup.buffers, &self.device)?;

@@ -3,12 +3,12 @@
 
 use candle_core::{backprop::GradStore, bail, DType, Result, Tensor, Var};
 
-use super::{too_many_skips, FusedCore};
+use super::{FusedCore, CALLER};
 use crate::dispatch;
 use crate::dist;
 use crate::dist::agreement::{refuse, Agreement, Call, Field, RankError, Refusal};
 use crate::dist::ProcessGroup;
-use crate::ops::clip::{returned_norm, DEFAULT_EPS};
+use crate::ops::clip::{nonfinite_error, returned_norm, DEFAULT_EPS};
 use crate::ops::fault;
 use crate::ops::fused_step::{Rule, Step, StepClip, Target};
 use crate::ops::gradients::{check_matches_var, storage_key, GradientSet};
@@ -40,8 +40,8 @@ impl FusedCore {
         self.step_limited(grads, rule, None, across)
     }
 
-    /// [`step`](Self::step) with GradScaler's `prescale` (see `ops::fused_step::Step`), and
-    /// `max_consecutive_skips` enforced.
+    /// [`step`](Self::step) with GradScaler's `prescale` (see `ops::fused_step::Step`),
+    /// `max_consecutive_skips` enforced, and the run of skips noted.
     fn step_limited(
         &mut self,
         grads: &GradStore,
@@ -49,7 +49,20 @@ impl FusedCore {
         prescale: Option<&Tensor>,
         across: Option<StepAcross<'_>>,
     ) -> Result<()> {
-        let Some(limit) = self.max_consecutive_skips.filter(|_| self.skip_nonfinite) else {
+        let before = self.skipped_steps_on_device();
+        self.step_within_limit(grads, rule, prescale, across)?;
+        self.note_run(&before?)
+    }
+
+    /// [`step_limited`](Self::step_limited) but for the run of skips.
+    fn step_within_limit(
+        &mut self,
+        grads: &GradStore,
+        rule: Rule,
+        prescale: Option<&Tensor>,
+        across: Option<StepAcross<'_>>,
+    ) -> Result<()> {
+        let Some(limit) = self.skip.limit() else {
             self.skip_run = None;
             return self.step_with(grads, rule, prescale, across);
         };
@@ -93,7 +106,7 @@ impl FusedCore {
             // (Every rank skipped alike, so every rank refuses alike.)
             (self.control, self.clip, self.last_norm) = saved;
             self.skip_run = Some((skipped_before, run));
-            return Err(too_many_skips(run, limit));
+            return self.skip.check_run(CALLER, run);
         }
         self.skip_run = Some((skipped, run + 1));
         Ok(())
@@ -111,13 +124,9 @@ impl FusedCore {
             Rule::AdamW { .. } => 1,
             Rule::Sgd { .. } => 2,
         };
-        agree_on(self.clip.as_ref(), Agreement::new(Call::FusedStep))
+        self.skip
+            .agree_on(agree_on(self.clip.as_ref(), Agreement::new(Call::FusedStep)))
             .set(Field::Optimizer, optimizer)
-            .set_bool(Field::SkipNonfinite, self.skip_nonfinite)
-            .set(
-                Field::MaxConsecutiveSkips,
-                self.max_consecutive_skips.map_or(u64::MAX, |l| l as u64),
-            )
     }
 
     /// The step's one collective across ranks: the global norm it needs (see
@@ -211,6 +220,14 @@ impl FusedCore {
         // Past the collective, a failure is this rank's alone: the other ranks step. This rank's
         // vars and state are then out of step with theirs, and every later `step_across` fails on
         // every rank (at its collective).
+        // Every rank has the same global norm: with `error_if_nonfinite` every rank fails alike,
+        // before any update, so none is out of step.
+        if let (Some(ClipSetting::Norm(clip)), Some((value, norm))) = (&self.clip, &global_norm) {
+            let value = returned_norm(*value, norm.dtype());
+            if clip.error_if_nonfinite() && !value.is_finite() {
+                return Err(nonfinite_error(value, clip.norm_type()));
+            }
+        }
         let result = collected.and_then(|set| {
             fault::check("update")?;
             self.finish_step(set, targets, rule, prescale, global_norm)
@@ -232,6 +249,21 @@ impl FusedCore {
         prescale: Option<&Tensor>,
         global_norm: Option<(f64, Tensor)>,
     ) -> Result<()> {
+        // `error_if_nonfinite`: a non-finite norm is an error before anything changes (one host
+        // read; on this rank, one more read pass for the norm).
+        if let Some(ClipSetting::Norm(clip)) = &self.clip {
+            if clip.error_if_nonfinite() {
+                let value = match &global_norm {
+                    Some((value, norm)) => returned_norm(*value, norm.dtype()),
+                    None => dispatch::norm::total_norm(&set, clip.norm_type())?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?,
+                };
+                if !value.is_finite() {
+                    return Err(nonfinite_error(value, clip.norm_type()));
+                }
+            }
+        }
         // Value clipping and AGC across ranks with skipping on: the global norm (the largest |g|,
         // or the L2 norm, non-finite exactly when a gradient is) decides the skip (known on the
         // host: the collective returned it), so every rank skips together. (The other clips
@@ -239,7 +271,7 @@ impl FusedCore {
         if let (Some(ClipSetting::Value { .. } | ClipSetting::Agc { .. }), Some((value, norm))) =
             (&self.clip, &global_norm)
         {
-            if self.skip_nonfinite && !value.is_finite() {
+            if self.skip.skip_nonfinite && !value.is_finite() {
                 self.bump_skipped()?;
                 self.last_norm = Some(norm.clone());
                 return Ok(());
@@ -277,10 +309,10 @@ impl FusedCore {
         let mut autoclip_norm: Option<(Tensor, f64)> = None;
         let mut zclip_state: Option<Tensor> = None;
         let clip = match (&self.clip, &given, &global_norm) {
-            (Some(ClipSetting::Norm { max_norm, .. }), Some(given), _) => StepClip::GivenNorm {
+            (Some(ClipSetting::Norm(norm_clip)), Some(given), _) => StepClip::GivenNorm {
                 norm: given,
-                max_norm: *max_norm,
-                eps: DEFAULT_EPS,
+                max_norm: norm_clip.max_norm(),
+                eps: norm_clip.eps(),
             },
             (Some(ClipSetting::AutoClip(autoclip)), Some(given), Some((value, norm))) => {
                 let value = returned_norm(*value, norm.dtype());
@@ -310,17 +342,10 @@ impl FusedCore {
                 eps: 0.0,
             },
             (None, _, _) => StepClip::None,
-            (
-                Some(ClipSetting::Norm {
-                    max_norm,
-                    norm_type,
-                }),
-                _,
-                _,
-            ) => StepClip::Norm {
-                norm_type: *norm_type,
-                max_norm: *max_norm,
-                eps: DEFAULT_EPS,
+            (Some(ClipSetting::Norm(norm_clip)), _, _) => StepClip::Norm {
+                norm_type: norm_clip.norm_type(),
+                max_norm: norm_clip.max_norm(),
+                eps: norm_clip.eps(),
             },
             (Some(ClipSetting::Value { clip_value }), _, _) => StepClip::Value(*clip_value),
             // A step without gradients leaves the statistics alone.
@@ -349,7 +374,7 @@ impl FusedCore {
             grads: &set,
             rule,
             clip,
-            skip_nonfinite: self.skip_nonfinite,
+            skip_nonfinite: self.skip.skip_nonfinite,
             prescale,
             control: &self.control,
             state: &self.state,
@@ -389,14 +414,14 @@ impl FusedCore {
     /// for value clipping (element-wise: each rank clamps and checks its own gradients).
     fn across_norm_type(&self) -> Option<NormType> {
         match &self.clip {
-            Some(ClipSetting::Norm { norm_type, .. }) => Some(*norm_type),
+            Some(ClipSetting::Norm(clip)) => Some(clip.norm_type()),
             Some(ClipSetting::AutoClip(_) | ClipSetting::ZClip(_) | ClipSetting::Agc { .. }) => {
                 Some(NormType::L2)
             }
             // Element-wise; with skipping on, the global largest |g| decides the skip.
-            Some(ClipSetting::Value { .. }) if self.skip_nonfinite => Some(NormType::Inf),
+            Some(ClipSetting::Value { .. }) if self.skip.skip_nonfinite => Some(NormType::Inf),
             Some(ClipSetting::Value { .. }) => None,
-            None if self.skip_nonfinite => Some(NormType::Inf),
+            None if self.skip.skip_nonfinite => Some(NormType::Inf),
             None => None,
         }
     }
@@ -417,9 +442,9 @@ impl FusedCore {
         if prescale.is_some() && !prescale_supports(self.clip.as_ref()) {
             bail!("internal error: a prescaled step with a clip that decides before the step")
         }
-        let setting = std::mem::replace(&mut self.skip_nonfinite, true);
+        let setting = std::mem::replace(&mut self.skip.skip_nonfinite, true);
         let result = self.step_limited(grads, rule, prescale, None);
-        self.skip_nonfinite = setting;
+        self.skip.skip_nonfinite = setting;
         result
     }
 
@@ -432,9 +457,9 @@ impl FusedCore {
         rule: Rule,
         across: StepAcross<'_>,
     ) -> Result<()> {
-        let setting = std::mem::replace(&mut self.skip_nonfinite, true);
+        let setting = std::mem::replace(&mut self.skip.skip_nonfinite, true);
         let result = self.step_limited(grads, rule, None, Some(across));
-        self.skip_nonfinite = setting;
+        self.skip.skip_nonfinite = setting;
         result
     }
 }

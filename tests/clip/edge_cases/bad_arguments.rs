@@ -21,7 +21,7 @@ fn integer_gradients_are_an_error_and_nothing_changes() -> Result<()> {
             )
         };
         check(err_msg(
-            total_norm(&vars, &store, NormType::L2),
+            total_norm(&vars, &store, NormType::L2, false),
             "total_norm",
         ));
         check(err_msg(
@@ -31,7 +31,7 @@ fn integer_gradients_are_an_error_and_nothing_changes() -> Result<()> {
         assert_eq!(store_bits(&vars, &store)?, before);
         check(err_msg(
             ClipGradNorm::new(1.0)
-                .norm_type(NormType::Inf)
+                .with_norm_type(NormType::Inf)
                 .clip_(&vars, &mut store),
             "clip_ inf",
         ));
@@ -71,8 +71,8 @@ fn bad_max_norm_is_an_error_and_changes_nothing() -> Result<()> {
         for nt in ALL_NORMS {
             let msg = err_msg(
                 ClipGradNorm::new(max_norm)
-                    .norm_type(nt)
-                    .error_if_nonfinite(true)
+                    .with_norm_type(nt)
+                    .with_error_if_nonfinite(true)
                     .clip_(&vars, &mut store),
                 "max_norm builder",
             );
@@ -102,11 +102,11 @@ fn bad_p_is_an_error_and_changes_nothing() -> Result<()> {
         (f64::NEG_INFINITY, "-inf"),
     ] {
         let (vars, mut store, before) = bad_args_setup()?;
-        let msg = err_msg(total_norm(&vars, &store, NormType::P(p)), "total_norm p");
+        let msg = err_msg(total_norm(&vars, &store, NormType::P(p), false), "total_norm p");
         assert!(msg.contains(shown), "message should show p = {p}: {msg}");
         let msg = err_msg(
             ClipGradNorm::new(1.0)
-                .norm_type(NormType::P(p))
+                .with_norm_type(NormType::P(p))
                 .clip_(&vars, &mut store),
             "clip_ p",
         );
@@ -114,10 +114,10 @@ fn bad_p_is_an_error_and_changes_nothing() -> Result<()> {
         assert_eq!(store_bits(&vars, &store)?, before, "p = {p}");
         // also with no gradients at all
         let mut empty = GradStore::default();
-        err_msg(total_norm(&vars, &empty, NormType::P(p)), "p, no grads");
+        err_msg(total_norm(&vars, &empty, NormType::P(p), false), "p, no grads");
         err_msg(
             ClipGradNorm::new(1.0)
-                .norm_type(NormType::P(p))
+                .with_norm_type(NormType::P(p))
                 .clip_(&vars, &mut empty),
             "p, no grads (clip_)",
         );
@@ -181,9 +181,9 @@ fn bad_eps_is_an_error_and_changes_nothing() -> Result<()> {
             for error_if_nonfinite in [false, true] {
                 let (vars, mut store, before) = clean_setup()?;
                 let clip = ClipGradNorm::new(1.0)
-                    .norm_type(nt)
-                    .eps(eps)
-                    .error_if_nonfinite(error_if_nonfinite);
+                    .with_norm_type(nt)
+                    .with_eps(eps)
+                    .with_error_if_nonfinite(error_if_nonfinite);
                 assert!(clip.validate().is_err(), "eps {eps} validated");
                 let msg = err_msg(clip.clip_(&vars, &mut store), &format!("eps {eps}, {nt}"));
                 assert!(msg.contains("eps"), "unclear message: {msg}");
@@ -249,7 +249,7 @@ fn broadcast_gradients_are_refused_before_anything_is_written() -> Result<()> {
             let values = grad_values(&vars, &store)?;
             assert_eq!(values.len(), 8);
             for nt in ALL_NORMS {
-                let n = total_norm(&vars, &store, nt)?;
+                let n = total_norm(&vars, &store, nt, false)?;
                 assert_norm(&n, ref_norm(&values, nt.order()), 1e-13, &what)?;
             }
 
@@ -266,7 +266,7 @@ fn broadcast_gradients_are_refused_before_anything_is_written() -> Result<()> {
             unchanged(&store, "clip_grad_norm_")?;
             for nt in ALL_NORMS {
                 let r = ClipGradNorm::new(1.0)
-                    .norm_type(nt)
+                    .with_norm_type(nt)
                     .clip_(&vars, &mut store);
                 refused(err_msg(r, &what), "ClipGradNorm::clip_");
                 unchanged(&store, "ClipGradNorm::clip_")?;

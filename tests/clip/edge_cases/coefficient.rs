@@ -14,11 +14,11 @@ fn eps_is_added_to_the_norm() -> Result<()> {
     assert_ne!(got[0], 1.5, "eps must be added");
     // eps 0: exactly 0.5
     let (vars, mut store) = setup(&[f32s(&[3.0, 4.0])?])?;
-    ClipGradNorm::new(2.5).eps(0.0).clip_(&vars, &mut store)?;
+    ClipGradNorm::new(2.5).with_eps(0.0).clip_(&vars, &mut store)?;
     assert_eq!(vals(store.get(&vars[0]).unwrap())?, [1.5, 2.0]);
     // a large eps
     let (vars, mut store) = setup(&[f32s(&[3.0, 4.0])?])?;
-    ClipGradNorm::new(2.5).eps(5.0).clip_(&vars, &mut store)?;
+    ClipGradNorm::new(2.5).with_eps(5.0).clip_(&vars, &mut store)?;
     assert_eq!(vals(store.get(&vars[0]).unwrap())?, [0.75, 1.0]);
     Ok(())
 }
@@ -28,7 +28,7 @@ fn coefficient_of_at_least_one_writes_nothing() -> Result<()> {
     // norm 5: max_norm 5 gives 5 / (5 + 1e-6) < 1 (scaled), eps 0 gives exactly 1 (untouched).
     let g = f32s(&[3.0, -4.0])?;
     let (vars, mut store) = setup(std::slice::from_ref(&g))?;
-    ClipGradNorm::new(5.0).eps(0.0).clip_(&vars, &mut store)?;
+    ClipGradNorm::new(5.0).with_eps(0.0).clip_(&vars, &mut store)?;
     assert_eq!(vals(&g)?, [3.0, -4.0]);
     clip_grad_norm_(&vars, &mut store, 5.0 + 2e-6)?;
     assert_eq!(vals(&g)?, [3.0, -4.0]);
@@ -61,16 +61,16 @@ fn max_norm_zero_zeroes_the_gradients_without_nan() -> Result<()> {
                     tensor(&[0.5], &[], dtype)?,
                 ])?;
                 ClipGradNorm::new(0.0)
-                    .norm_type(nt)
-                    .eps(eps)
+                    .with_norm_type(nt)
+                    .with_eps(eps)
                     .clip_(&vars, &mut store)?;
                 let after = grad_values(&vars, &store)?;
                 assert!(after.iter().all(|&x| x == 0.0), "{what}: {after:?}");
                 // all-zero gradients and eps 0: 0 / 0 must not give NaN
                 let (vars, mut store) = setup(&[tensor(&[0.0, 0.0], &[2], dtype)?])?;
                 let n = ClipGradNorm::new(0.0)
-                    .norm_type(nt)
-                    .eps(eps)
+                    .with_norm_type(nt)
+                    .with_eps(eps)
                     .clip_(&vars, &mut store)?;
                 assert_eq!(scalar(&n)?, 0.0);
                 let after = grad_values(&vars, &store)?;
@@ -176,7 +176,7 @@ fn clip_grads_with_norm_uses_the_given_norm() -> Result<()> {
     // the result of total_norm round-trips (PyTorch's get_total_norm + clip_grads_with_norm_)
     let (vars, mut store) = setup(&[f32s(&[30.0, 40.0])?, f32s(&[0.0])?])?;
     let (vars2, mut store2) = setup(&[f32s(&[30.0, 40.0])?, f32s(&[0.0])?])?;
-    let n = total_norm(&vars, &store, NormType::L2)?;
+    let n = total_norm(&vars, &store, NormType::L2, false)?;
     clip_grads_with_norm_(&vars, &mut store, 1.0, &n)?;
     clip_grad_norm_(&vars2, &mut store2, 1.0)?;
     assert_eq!(store_bits(&vars, &store)?, store_bits(&vars2, &store2)?);

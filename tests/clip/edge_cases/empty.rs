@@ -9,11 +9,11 @@ fn no_gradients_give_a_zero_scalar_on_the_cpu() -> Result<()> {
     let mut store = GradStore::default();
     for nt in ALL_NORMS {
         for vs in [&vars[..], &[][..]] {
-            let n = total_norm(vs, &store, nt)?;
+            let n = total_norm(vs, &store, nt, false)?;
             assert_eq!(n.rank(), 0);
             assert!(n.device().is_cpu());
             assert_eq!(scalar(&n)?, 0.0);
-            let n = ClipGradNorm::new(1.0).norm_type(nt).clip_(vs, &mut store)?;
+            let n = ClipGradNorm::new(1.0).with_norm_type(nt).clip_(vs, &mut store)?;
             assert_eq!(n.rank(), 0);
             assert!(n.device().is_cpu());
             assert_eq!(scalar(&n)?, 0.0);
@@ -36,15 +36,15 @@ fn vars_without_gradient_are_skipped() -> Result<()> {
     store.insert(&a, f32s(&[3.0, 0.0])?);
     store.insert(&c, f32s(&[4.0])?);
     let vars = [a.clone(), b.clone(), c.clone()];
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L2)?)?, 5.0);
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L1)?)?, 7.0);
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::Inf)?)?, 4.0);
+    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L2, false)?)?, 5.0);
+    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L1, false)?)?, 7.0);
+    assert_eq!(scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?, 4.0);
     // only the listed vars count
     assert_eq!(
-        scalar(&total_norm(std::slice::from_ref(&c), &store, NormType::L2)?)?,
+        scalar(&total_norm(std::slice::from_ref(&c), &store, NormType::L2, false)?)?,
         4.0
     );
-    let n = ClipGradNorm::new(2.5).eps(0.0).clip_(&vars, &mut store)?;
+    let n = ClipGradNorm::new(2.5).with_eps(0.0).clip_(&vars, &mut store)?;
     assert_eq!(scalar(&n)?, 5.0);
     assert!(
         store.get(&b).is_none(),
@@ -87,10 +87,10 @@ fn result_dtype_is_f64_only_when_every_gradient_is_f64() -> Result<()> {
         // a var without gradient does not count
         vars.push(var(&[2])?);
         for nt in ALL_NORMS {
-            let n = total_norm(&vars, &store, nt)?;
+            let n = total_norm(&vars, &store, nt, false)?;
             assert_eq!(n.dtype(), expected, "{dtypes:?} {nt}");
             let n = ClipGradNorm::new(1e9)
-                .norm_type(nt)
+                .with_norm_type(nt)
                 .clip_(&vars, &mut store)?;
             assert_eq!(n.dtype(), expected, "{dtypes:?} {nt} (clip_)");
         }

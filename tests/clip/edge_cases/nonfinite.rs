@@ -15,10 +15,10 @@ fn nan_norm_makes_the_gradients_nan_by_default() -> Result<()> {
     for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
         for nt in ALL_NORMS {
             let (vars, mut store) = nonfinite_setup(dtype, f64::NAN)?;
-            let n = total_norm(&vars, &store, nt)?;
+            let n = total_norm(&vars, &store, nt, false)?;
             assert!(scalar(&n)?.is_nan(), "{dtype:?} {nt}: total_norm");
             let n = ClipGradNorm::new(1.0)
-                .norm_type(nt)
+                .with_norm_type(nt)
                 .clip_(&vars, &mut store)?;
             assert!(scalar(&n)?.is_nan(), "{dtype:?} {nt}: returned norm");
             let after = grad_values(&vars, &store)?;
@@ -37,10 +37,10 @@ fn infinite_norm_zeroes_finite_elements_by_default() -> Result<()> {
         for nt in ALL_NORMS {
             for bad in [f64::INFINITY, f64::NEG_INFINITY] {
                 let (vars, mut store) = nonfinite_setup(dtype, bad)?;
-                let n = total_norm(&vars, &store, nt)?;
+                let n = total_norm(&vars, &store, nt, false)?;
                 assert_eq!(scalar(&n)?, f64::INFINITY, "{dtype:?} {nt}");
                 let n = ClipGradNorm::new(1.0)
-                    .norm_type(nt)
+                    .with_norm_type(nt)
                     .clip_(&vars, &mut store)?;
                 assert_eq!(scalar(&n)?, f64::INFINITY);
                 let after = grad_values(&vars, &store)?;
@@ -103,8 +103,8 @@ fn error_if_nonfinite_errors_and_changes_nothing() -> Result<()> {
                 let before = store_bits(&vars, &store)?;
                 let msg = err_msg(
                     ClipGradNorm::new(1.0)
-                        .norm_type(nt)
-                        .error_if_nonfinite(true)
+                        .with_norm_type(nt)
+                        .with_error_if_nonfinite(true)
                         .clip_(&vars, &mut store),
                     &what,
                 );
@@ -122,8 +122,8 @@ fn error_if_nonfinite_errors_and_changes_nothing() -> Result<()> {
             let values = grad_values(&vars, &store)?;
             let reference = ref_norm(&values, nt.order());
             let n = ClipGradNorm::new(1.0)
-                .norm_type(nt)
-                .error_if_nonfinite(true)
+                .with_norm_type(nt)
+                .with_error_if_nonfinite(true)
                 .clip_(&vars, &mut store)?;
             assert_norm(&n, reference, 1e-13, &format!("{dtype:?} {nt} finite"))?;
             assert_scaled(
@@ -150,7 +150,7 @@ fn error_if_nonfinite_refuses_a_norm_that_overflows_its_f32_tensor() -> Result<(
     let vars = [a, b];
     let before = store_bits(&vars, &store)?;
     let result = ClipGradNorm::new(1.0)
-        .error_if_nonfinite(true)
+        .with_error_if_nonfinite(true)
         .clip_(&vars, &mut store);
     assert!(result.is_err(), "an F32 norm of 1e300 is inf: {result:?}");
     assert_eq!(store_bits(&vars, &store)?, before);

@@ -66,7 +66,7 @@ fn emulated_zclip_on_mixed_dtypes_is_bitwise_the_cpu() -> Result<()> {
         .zip(dtypes)
         .map(|(s, d)| Var::zeros(*s, d, &Device::Cpu))
         .collect::<Result<_>>()?;
-    let setting = ZClip::new().warmup_steps(3).z_threshold(1.0);
+    let setting = ZClip::new().with_warmup_steps(3).with_z_threshold(1.0);
     let (mut cpu, mut emu) = (setting.clone(), setting);
     for step in 0..12 {
         let spike = if step % 4 == 3 { 64.0 } else { 1.0 };
@@ -129,7 +129,7 @@ fn an_f32_norm_overflow_is_a_spike_not_a_nonfinite_step() -> Result<()> {
         grads.get(&w).expect("g").to_vec1::<f32>()
     };
     for emulated in [false, true] {
-        let mut z = ZClip::new().warmup_steps(3);
+        let mut z = ZClip::new().with_warmup_steps(3);
         for s in [1.0, 1.1, 0.9] {
             step(&mut z, s)?;
         }

@@ -36,11 +36,11 @@ struct Reference {
 impl Reference {
     fn new(z: &ZClip) -> Self {
         Self {
-            alpha: z.ema_alpha(),
-            z_thresh: z.threshold_z(),
-            warmup_steps: z.warmup(),
-            mean_mode: z.clip_mode() == ZClipMode::Mean,
-            max_grad_norm: z.max_norm(),
+            alpha: z.alpha(),
+            z_thresh: z.z_threshold(),
+            warmup_steps: z.warmup_steps(),
+            mean_mode: z.mode() == ZClipMode::Mean,
+            max_grad_norm: z.max_grad_norm(),
             buffer: Vec::new(),
             stats: None,
         }
@@ -127,11 +127,11 @@ fn sequence(rng: &mut StdRng, len: usize) -> Vec<f64> {
 fn settings() -> Vec<ZClip> {
     vec![
         ZClip::new(),
-        ZClip::new().mode(ZClipMode::Mean).warmup_steps(5),
-        ZClip::new().alpha(0.9).z_threshold(1.5).warmup_steps(3),
-        ZClip::new().warmup_steps(1).max_grad_norm(2.5),
-        ZClip::new().warmup_steps(4).max_grad_norm(0.0),
-        ZClip::new().warmup_steps(7).max_grad_norm(1e9),
+        ZClip::new().with_mode(ZClipMode::Mean).with_warmup_steps(5),
+        ZClip::new().with_alpha(0.9).with_z_threshold(1.5).with_warmup_steps(3),
+        ZClip::new().with_warmup_steps(1).with_max_grad_norm(2.5),
+        ZClip::new().with_warmup_steps(4).with_max_grad_norm(0.0),
+        ZClip::new().with_warmup_steps(7).with_max_grad_norm(1e9),
     ]
 }
 

@@ -60,7 +60,7 @@ fn spike_scale(step: usize) -> f64 {
 #[test]
 fn clipped_with_zclip_is_zclip_then_the_step() -> Result<()> {
     let (ours, theirs) = twin_models(DType::F32)?;
-    let setting = ZClip::new().warmup_steps(5);
+    let setting = ZClip::new().with_warmup_steps(5);
     let mut opt = Clipped::<SGD>::new(
         ours.clone(),
         ClippedConfig::new(0.05, ClipSetting::ZClip(setting.clone())),
@@ -108,7 +108,7 @@ fn fused_optimizers_with_zclip_are_zclip_then_the_step() -> Result<()> {
             for adamw in [true, false] {
                 let what = format!("{dtype:?} emulated {emulated} adamw {adamw}");
                 let (ours, theirs) = twin_models(dtype)?;
-                let setting = ZClip::new().warmup_steps(5);
+                let setting = ZClip::new().with_warmup_steps(5);
                 let mut zclip = setting.clone();
                 let (mut fused, mut plain): (Box<dyn StepWith>, Box<dyn StepWith>) = if adamw {
                     let p = ParamsAdamW {
@@ -237,7 +237,7 @@ step_with!(FusedSgd);
 #[test]
 fn an_empty_step_is_not_clipped() -> Result<()> {
     let w = Var::new(&[0f32, 0.], &Device::Cpu)?;
-    let setting = ZClip::new().warmup_steps(1).max_grad_norm(1.0);
+    let setting = ZClip::new().with_warmup_steps(1).with_max_grad_norm(1.0);
     let mut opt = Clipped::<SGD>::new(
         vec![w.clone()],
         ClippedConfig::new(0.1, ClipSetting::ZClip(setting)),

@@ -10,7 +10,7 @@ fn zclip_checkpoints_resume_bitwise() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(14);
     let norms = sequence(&mut rng, 60);
     let w = Var::new(&[0f64], &Device::Cpu)?;
-    let setting = ZClip::new().warmup_steps(10);
+    let setting = ZClip::new().with_warmup_steps(10);
     let mut straight = setting.clone();
     let straight_out: Vec<(f64, f64)> = norms
         .iter()
@@ -55,14 +55,14 @@ fn zclip_checkpoints_resume_bitwise() -> Result<()> {
 #[test]
 fn zclip_refusals() -> Result<()> {
     let bad = [
-        (ZClip::new().alpha(0.0), "alpha"),
-        (ZClip::new().alpha(1.0), "alpha"),
-        (ZClip::new().alpha(f64::NAN), "alpha"),
-        (ZClip::new().z_threshold(0.0), "z_threshold"),
-        (ZClip::new().z_threshold(f64::NAN), "z_threshold"),
-        (ZClip::new().warmup_steps(0), "warmup_steps"),
-        (ZClip::new().max_grad_norm(-1.0), "max_grad_norm"),
-        (ZClip::new().max_grad_norm(f64::NAN), "max_grad_norm"),
+        (ZClip::new().with_alpha(0.0), "alpha"),
+        (ZClip::new().with_alpha(1.0), "alpha"),
+        (ZClip::new().with_alpha(f64::NAN), "alpha"),
+        (ZClip::new().with_z_threshold(0.0), "z_threshold"),
+        (ZClip::new().with_z_threshold(f64::NAN), "z_threshold"),
+        (ZClip::new().with_warmup_steps(0), "warmup_steps"),
+        (ZClip::new().with_max_grad_norm(-1.0), "max_grad_norm"),
+        (ZClip::new().with_max_grad_norm(f64::NAN), "max_grad_norm"),
     ];
     let w = Var::new(&[1f32, 2.], &Device::Cpu)?;
     for (zclip, name) in bad {
@@ -87,7 +87,7 @@ fn zclip_refusals() -> Result<()> {
         assert_eq!(z.last_coefficient()?, None);
     }
     // States: unknown keys, wrong dtypes, too many warm-up norms, non-finite statistics.
-    let good = ZClip::new().warmup_steps(3).state_dict()?;
+    let good = ZClip::new().with_warmup_steps(3).state_dict()?;
     let mut cases = Vec::new();
     let mut extra = good.clone();
     extra.insert("other".into(), Tensor::new(0f64, &Device::Cpu)?);
@@ -105,7 +105,7 @@ fn zclip_refusals() -> Result<()> {
     nan.insert("var".into(), Tensor::new(f64::NAN, &Device::Cpu)?);
     cases.push(nan);
     for (i, state) in cases.iter().enumerate() {
-        let mut z = ZClip::new().warmup_steps(3);
+        let mut z = ZClip::new().with_warmup_steps(3);
         assert!(z.load_state_dict(state).is_err(), "state case {i}");
         assert_eq!(z.last_coefficient()?, None, "nothing loaded");
     }
@@ -118,7 +118,7 @@ fn zclip_refusals() -> Result<()> {
 fn warmup_and_capacity_past_their_bounds_are_errors() -> Result<()> {
     let w = Var::new(&[1f32, 2.], &Device::Cpu)?;
     for warmup in [usize::MAX, 1 << 40, ZClip::MAX_WARMUP_STEPS + 1] {
-        let mut zclip = ZClip::new().warmup_steps(warmup);
+        let mut zclip = ZClip::new().with_warmup_steps(warmup);
         let mut grads = GradStore::default();
         grads.insert(&w, Tensor::new(&[3f32, 4.], &Device::Cpu)?);
         let err = zclip

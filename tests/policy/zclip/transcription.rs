@@ -54,7 +54,7 @@ fn zclip_matches_the_reference_on_recorded_norm_sequences() -> Result<()> {
 #[test]
 fn zclip_on_f32_gradients_uses_the_returned_norm() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(8);
-    let setting = ZClip::new().warmup_steps(4);
+    let setting = ZClip::new().with_warmup_steps(4);
     let mut zclip = setting.clone();
     let mut reference = Reference::new(&setting);
     let w = Var::zeros(3, DType::F32, &Device::Cpu)?;
@@ -97,7 +97,7 @@ fn zclip_on_f32_gradients_uses_the_returned_norm() -> Result<()> {
 /// instead of the clipped value drifts away from the reference after the first spike.
 #[test]
 fn the_reference_tells_the_ema_input_apart() {
-    let setting = ZClip::new().warmup_steps(3);
+    let setting = ZClip::new().with_warmup_steps(3);
     let mut a = Reference::new(&setting);
     let norms = [1.0, 1.2, 0.8, 1.1, 50.0, 1.0];
     for n in norms {
