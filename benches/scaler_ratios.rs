@@ -57,7 +57,11 @@ fn main() -> Result<()> {
         let mut two_pass = sgd(&two_vars)?;
         let g_one = rekey(&grads, &vars, &one_vars);
         let mut g_two = rekey(&grads, &vars, &two_vars);
-        let new_scaler = || GradScaler::new().with_init_scale(1.0).with_growth_interval(1 << 30);
+        let new_scaler = || {
+            GradScaler::new()
+                .with_init_scale(1.0)
+                .with_growth_interval(1 << 30)
+        };
         let (mut scaler_one, mut scaler_two) = (new_scaler(), new_scaler());
         let inv_scale = 1.0 / 65536.0;
 

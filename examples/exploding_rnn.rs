@@ -111,7 +111,7 @@ pub struct RunLog {
     /// with candle's own ops in `f64`, not with this crate.
     pub norms_after: Vec<f64>,
     /// Steps where clipping changed the gradients (from `Clipped::clipped_steps`).
-    pub clipped_steps: usize,
+    pub clipped_steps: u64,
     /// The first step whose loss or gradient was NaN or infinite; training stops there.
     pub diverged_at: Option<usize>,
     /// Per-layer gradient norms (`grad_norms`) at the step with the largest gradient norm.

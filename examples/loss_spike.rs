@@ -71,7 +71,7 @@ struct Run {
     label: String,
     losses: Vec<f32>,
     norms: Vec<f32>,
-    clipped: usize,
+    clipped: u64,
 }
 
 fn batches(steps: usize) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
@@ -132,8 +132,12 @@ fn train(
             loss
         };
         let grads = scaled.backward()?;
-        let norm =
-            candle_grad_clip::total_norm(opt.vars(), &grads, candle_grad_clip::NormType::L2, false)?;
+        let norm = candle_grad_clip::total_norm(
+            opt.vars(),
+            &grads,
+            candle_grad_clip::NormType::L2,
+            false,
+        )?;
         run.norms.push(norm.to_scalar::<f32>()?);
         opt.step(&grads)?;
     }

@@ -6,8 +6,8 @@ use candle_nn::VarMap;
 
 use crate::dispatch;
 use crate::ops::gradients::GradientSet;
-use crate::ops::varmap::sorted_vars;
 use crate::ops::norm_type::NormType;
+use crate::ops::varmap::sorted_vars;
 
 /// The norm of the gradient of every named var of `varmap`, sorted by name, so that you can see
 /// which layer's gradient explodes. Vars without a gradient in `grads` are left out.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::bail;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_grad_clip::{
-    adaptive_clip_grad_, clip_grad_norm_, FusedAdamW, GradScaler, ZClip, AGC_DEFAULT_EPS,
+    adaptive_clip_grad_, clip_grad_norm_, ClipSetting, FusedAdamW, GradScaler, ZClip,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 
@@ -154,7 +154,12 @@ impl Trainer {
                     }
                     (Clip::Zclip, None) => bail!("internal error: ZClip without its state"),
                     (Clip::Agc, _) => {
-                        adaptive_clip_grad_(vars, &mut grads, AGC_CLIPPING, AGC_DEFAULT_EPS)?;
+                        adaptive_clip_grad_(
+                            vars,
+                            &mut grads,
+                            AGC_CLIPPING,
+                            ClipSetting::AGC_DEFAULT_EPS,
+                        )?;
                     }
                 }
                 self.device.synchronize()?;

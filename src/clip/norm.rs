@@ -336,7 +336,9 @@ impl ClipGradNorm {
             )
         }
         if self.error_if_nonfinite {
-            let value = total_norm.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let value = total_norm
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(nonfinite_error(value, self.norm_type));
             }

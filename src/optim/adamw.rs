@@ -1,7 +1,6 @@
 //! [`FusedAdamW`]: candle's `AdamW`, bitwise, as one fused pass over all parameters, with the clip
 //! folded in.
 
-
 use candle_core::{bail, Result, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 
@@ -134,7 +133,6 @@ fn rule(p: &ParamsAdamW) -> Rule {
         weight_decay: p.weight_decay,
     }
 }
-
 
 impl FusedAdamW {
     /// The optimizer for `vars` with `ParamsAdamW::default()` but the learning rate, as

@@ -2,9 +2,7 @@
 //! fused pass over all parameters, with the clip folded in; bitwise candle's `SGD` when momentum
 //! and weight decay are off.
 
-
 use candle_core::{bail, Result};
-
 
 use super::fused::api::{sealed::RuleParts, Fused, FusedRule};
 use crate::ops::fused_step::Rule;
@@ -148,4 +146,3 @@ fn rule(p: &ParamsSgd) -> Rule {
         nesterov: p.nesterov,
     }
 }
-

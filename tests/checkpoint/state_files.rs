@@ -169,7 +169,7 @@ fn values_the_update_cannot_take_are_refused() -> Result<()> {
         g
     };
     opt.step(&grads)?;
-    assert_eq!(opt.steps()?, i32::MAX as usize);
+    assert_eq!(opt.steps()?, i32::MAX as u64);
     for v in opt.vars() {
         let values = v.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         assert!(values.iter().all(|x| x.is_finite()), "{values:?}");

@@ -69,7 +69,9 @@ fn more_than_2_pow_31_elements() -> Result<()> {
     let l1 = scalar(&total_norm(&vars, &gs, NormType::L1, false)?)?;
     assert_eq!(l1, ((n - 1) as f64 + 4.0) as f32 as f64);
     // Scale by exactly 1/2 (norm 2 * max_norm with eps 0): every element, the last included.
-    let l1_norm = ClipGradNorm::new(l1 / 2.0).with_norm_type(NormType::L1).with_eps(0.0);
+    let l1_norm = ClipGradNorm::new(l1 / 2.0)
+        .with_norm_type(NormType::L1)
+        .with_eps(0.0);
     let norm = scalar(&l1_norm.clip_(&vars, &mut gs)?)?;
     assert_eq!(norm, l1);
     let last = values(&big.narrow(0, n - 2, 2)?)?;

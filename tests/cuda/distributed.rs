@@ -2,6 +2,7 @@
 //! `nccl` feature) is the one-process CUDA norm.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 /// The norm across ranks on CUDA gradients (`dist`): two `LocalGroup` ranks on this GPU, each
 /// owning every other tensor. The local sums are the kernels' own chunk partials (read back and

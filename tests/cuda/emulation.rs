@@ -1,6 +1,7 @@
 //! The host emulation against the GPU: the same kernels and tables give the same bits.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 /// The host emulation computes the GPU's bits: the same kernels, the same tables, and arithmetic
 /// that no compiler may contract (L1, L2 and the max; general `p` uses another `pow`). Clipped

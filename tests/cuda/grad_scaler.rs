@@ -18,17 +18,18 @@ fn same_or_both_nan(a: &[f64], b: &[f64]) -> bool {
 /// (L2 on dyadic values, Inf) and value clips, FusedAdamW and FusedSgd.
 #[test]
 fn grad_scaler_one_read_path_on_the_gpu_is_the_cpus() -> Result<()> {
-    use candle_grad_clip::{ClipSetting, FusedAdamW, FusedSgd, GradScaler, ParamsSgd};
+    use candle_grad_clip::{
+        ClipGradNorm, ClipSetting, FusedAdamW, FusedSgd, GradScaler, ParamsSgd,
+    };
     use candle_nn::{Optimizer, ParamsAdamW};
     let dev = cuda_or_skip!("grad_scaler_one_read_path_on_the_gpu_is_the_cpus");
     let clips: [(Option<ClipSetting>, bool); 4] = [
         (None, false),
         (Some(ClipSetting::value(0.5)), false),
         (
-            Some(ClipSetting::Norm {
-                max_norm: 0.4,
-                norm_type: NormType::Inf,
-            }),
+            Some(ClipSetting::Norm(
+                ClipGradNorm::new(0.4).with_norm_type(NormType::Inf),
+            )),
             false,
         ),
         (Some(ClipSetting::norm(5.0)), true),
@@ -85,7 +86,9 @@ fn grad_scaler_one_read_path_on_the_gpu_is_the_cpus() -> Result<()> {
                 };
                 let ((mut step_g, norm_g), (mut step_h, norm_h)) = (build(&g)?, build(&h)?);
                 let init = if *dyadic { 512.0 } else { 1000.0 };
-                let mut scaler_g = GradScaler::new().with_init_scale(init).with_growth_interval(2);
+                let mut scaler_g = GradScaler::new()
+                    .with_init_scale(init)
+                    .with_growth_interval(2);
                 let mut scaler_h = scaler_g.clone();
                 for step in 0..5 {
                     let poison = [0u8, 1, 0, 2, 3][(step + c) % 5];

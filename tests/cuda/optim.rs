@@ -124,7 +124,7 @@ fn fused_steps_match_the_emulation_and_skip_on_the_device() -> Result<()> {
                             },
                         )?
                         .with_clip(ClipSetting::norm(0.5))?
-                        .skip_nonfinite(true);
+                        .with_skip_nonfinite(true);
                         Box::new(move |g| o.step(g))
                     } else {
                         let mut o = FusedAdamW::new(
@@ -135,7 +135,7 @@ fn fused_steps_match_the_emulation_and_skip_on_the_device() -> Result<()> {
                             },
                         )?
                         .with_clip(ClipSetting::value(0.05))?
-                        .skip_nonfinite(true);
+                        .with_skip_nonfinite(true);
                         Box::new(move |g| o.step(g))
                     };
                     o
@@ -198,7 +198,7 @@ fn fused_steps_do_not_synchronise() -> Result<()> {
         let what = format!("{setting:?}");
         let mut opt = FusedAdamW::new(vars.clone(), ParamsAdamW::default())?
             .with_clip(setting)?
-            .skip_nonfinite(true);
+            .with_skip_nonfinite(true);
         opt.step(&grads)?; // warm up: module load, scratch
         returns_before_the_device(&dev, &a, &format!("{what}: the fused step"), || {
             opt.step(&grads)

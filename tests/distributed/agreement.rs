@@ -116,8 +116,8 @@ fn fused_with<O: Optimizer + Send + 'static>(
     bad: [f32; 2],
     make: impl Fn(usize, Var) -> O + Send + Sync + 'static,
     step: impl Fn(&mut O, &GradStore, &LocalGroup) -> Result<()> + Send + Sync + 'static,
-    counts: impl Fn(&O) -> (usize, usize) + Send + Sync + 'static,
-) -> Vec<(std::result::Result<(), String>, Vec<f32>, (usize, usize))> {
+    counts: impl Fn(&O) -> (u64, u64) + Send + Sync + 'static,
+) -> Vec<(std::result::Result<(), String>, Vec<f32>, (u64, u64))> {
     on_ranks_within(2, HANG, move |g| {
         let values = if g.rank() == 1 { bad } else { [3.0, 4.0] };
         let (w, grads) = one_var(&values).expect("grads");
@@ -135,7 +135,7 @@ fn adamw(clip: Option<ClipSetting>, var: Var) -> FusedAdamW {
     }
 }
 
-fn fused_counts(opt: &FusedAdamW) -> (usize, usize) {
+fn fused_counts(opt: &FusedAdamW) -> (u64, u64) {
     (
         opt.steps().expect("steps"),
         opt.skipped_steps().expect("skipped"),
@@ -157,7 +157,7 @@ fn a_nan_on_one_rank_skips_the_fused_step_on_every_rank_for_every_clip() {
         let what = format!("{clip:?}");
         let outcomes = fused_with(
             [f32::NAN, 1.0],
-            move |_, w| adamw(clip.clone(), w).skip_nonfinite(true),
+            move |_, w| adamw(clip.clone(), w).with_skip_nonfinite(true),
             |opt, grads, g| opt.step_across(grads, g),
             fused_counts,
         );
@@ -186,7 +186,7 @@ fn fused_steps_with_different_settings_are_refused() {
             adamw(Some(ClipSetting::agc(0.01 * (1 + r) as f64)), w)
         }),
         ("skip_nonfinite", |r, w| {
-            adamw(None, w).skip_nonfinite(r == 1)
+            adamw(None, w).with_skip_nonfinite(r == 1)
         }),
     ];
     for (field, make) in cases {
@@ -237,10 +237,15 @@ fn clipped_steps_with_different_settings_are_refused() {
                     ClipSetting::norm(1.0 + r as f64),
                 )
                 .expect("clipped")
-                .skip_nonfinite(skip)
+                .with_skip_nonfinite(skip)
             },
             |opt, grads, g| opt.step_across(grads, g),
-            |opt| (opt.steps(), opt.skipped_steps()),
+            |opt| {
+                (
+                    opt.steps().expect("steps"),
+                    opt.skipped_steps().expect("skipped"),
+                )
+            },
         );
         for (rank, (result, var, counts)) in outcomes.iter().enumerate() {
             let message = result.as_ref().expect_err("refused");

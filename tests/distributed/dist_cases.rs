@@ -389,18 +389,14 @@ fn owned_vars(rank: usize, world: usize) -> Result<Vec<(usize, Var)>> {
 
 /// What an optimizer run leaves: each var's bits by index, the last norm's bits per step, and
 /// the skipped steps.
-type Run = (Vec<(usize, Vec<u64>)>, Vec<Option<u64>>, usize);
+type Run = (Vec<(usize, Vec<u64>)>, Vec<Option<u64>>, u64);
 
 /// Three steps over this rank's vars (`group = None`: one process, every var); `step` makes the
 /// optimizer on its first call and steps it, returning its last norm and skipped steps.
 fn run_steps(
     group: Option<&dyn ProcessGroup>,
     nan_step: Option<usize>,
-    mut step: impl FnMut(
-        &[Var],
-        &GradStore,
-        Option<&dyn ProcessGroup>,
-    ) -> Result<(Option<Tensor>, usize)>,
+    mut step: impl FnMut(&[Var], &GradStore, Option<&dyn ProcessGroup>) -> Result<(Option<Tensor>, u64)>,
 ) -> Result<Run> {
     let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
     let vars = owned_vars(rank, world)?;
@@ -457,10 +453,7 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
     };
     for clip in [
         ClipSetting::norm(1.0),
-        ClipSetting::Norm {
-            max_norm: 2.0,
-            norm_type: NormType::P(3.0),
-        },
+        ClipSetting::Norm(ClipGradNorm::new(2.0).with_norm_type(NormType::P(3.0))),
         ClipSetting::value(0.5),
         autoclip(50.0),
         // ZClip on the global norm (statistics on the host across ranks); AGC per rank.
@@ -489,10 +482,9 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
     for (clip, skip, nan_step) in [
         (Some(ClipSetting::norm(1.0)), false, None),
         (
-            Some(ClipSetting::Norm {
-                max_norm: 0.5,
-                norm_type: NormType::Inf,
-            }),
+            Some(ClipSetting::Norm(
+                ClipGradNorm::new(0.5).with_norm_type(NormType::Inf),
+            )),
             false,
             None,
         ),
@@ -518,7 +510,7 @@ pub fn check_optimizers(group: &dyn ProcessGroup) -> usize {
                     Some(o) => o,
                     None => {
                         let mut o = FusedAdamW::new(vars.to_vec(), ParamsAdamW::default())?
-                            .skip_nonfinite(skip);
+                            .with_skip_nonfinite(skip);
                         if let Some(c) = &clip {
                             o = o.with_clip(c.clone())?;
                         }

@@ -169,7 +169,7 @@ fn the_rescue_pass_across_ranks_is_the_one_process_norm() {
 }
 
 /// Each rank's step results, var and steps taken.
-type Steps = (Vec<std::result::Result<(), String>>, Vec<f32>, usize);
+type Steps = (Vec<std::result::Result<(), String>>, Vec<f32>, u64);
 
 /// A FusedAdamW on each of two ranks over one var with gradient `g`, the first `steps` steps
 /// across; `setup` adjusts rank 1's optimizer. Each rank's step results, var and counts.
@@ -291,7 +291,7 @@ fn a_clipped_inner_step_failing_on_one_rank_fails_every_rank_at_the_next_step() 
             let inner = Refusing::new(vec![w.clone()], (0.1, g.rank() == 1)).expect("inner");
             let mut opt = Clipped::from_optimizer(inner, vec![w.clone()], ClipSetting::norm(1.0))
                 .expect("clipped")
-                .skip_nonfinite(skip);
+                .with_skip_nonfinite(skip);
             let results: Vec<_> = (0..2)
                 .map(|_| opt.step_across(&grads, g).map_err(|e| e.to_string()))
                 .collect();

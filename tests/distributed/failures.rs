@@ -3,6 +3,7 @@
 //! transport errors are errors that name the rank and the collective.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 #[test]
 fn a_refusing_rank_fails_every_rank_and_nothing_is_modified() {
@@ -59,7 +60,7 @@ fn a_refusing_rank_fails_every_clipped_step_across() {
             ClipSetting::agc(0.01),
         ] {
             let what = format!("skip {skip} {clip:?}");
-            let results = on_ranks(2, |g| -> (String, Vec<f32>, Vec<f32>, usize) {
+            let results = on_ranks(2, |g| -> (String, Vec<f32>, Vec<f32>, u64) {
                 let w = Var::zeros(4, DType::F32, &Device::Cpu).expect("var");
                 let grad = if g.rank() == 1 {
                     Tensor::new(&[50f32], &Device::Cpu)
@@ -76,7 +77,7 @@ fn a_refusing_rank_fails_every_clipped_step_across() {
                     clip.clone(),
                 )
                 .expect("clipped")
-                .skip_nonfinite(skip);
+                .with_skip_nonfinite(skip);
                 let err = opt.step_across(&grads, g).expect_err("every rank fails");
                 let after = grads
                     .get(&w)
@@ -88,7 +89,7 @@ fn a_refusing_rank_fails_every_clipped_step_across() {
                     err.to_string(),
                     after,
                     var,
-                    opt.steps() + opt.skipped_steps(),
+                    opt.steps().expect("steps") + opt.skipped_steps().expect("skipped"),
                 )
             });
             for (rank, (message, after, var, counted)) in results.iter().enumerate() {

@@ -55,12 +55,14 @@ fn optimizer(vars: Vec<Var>) -> FusedAdamW {
 }
 
 /// The vars' values, the scale after each update and the skipped steps.
-type Run = (Vec<Vec<f32>>, Vec<f64>, usize);
+type Run = (Vec<Vec<f32>>, Vec<f64>, u64);
 
 fn one_process() -> Run {
     let vars = model();
     let mut opt = optimizer(vars.clone());
-    let mut scaler = GradScaler::new().with_init_scale(1024.0).with_growth_interval(2);
+    let mut scaler = GradScaler::new()
+        .with_init_scale(1024.0)
+        .with_growth_interval(2);
     let mut scales = Vec::new();
     for step in 0..STEPS {
         let grads = store(&vars, |_| true, step);
@@ -88,7 +90,9 @@ fn two_ranks(explicit_unscale: bool) -> Vec<Run> {
             .map(|(_, v)| v.clone())
             .collect();
         let mut opt = optimizer(mine.clone());
-        let mut scaler = GradScaler::new().with_init_scale(1024.0).with_growth_interval(2);
+        let mut scaler = GradScaler::new()
+            .with_init_scale(1024.0)
+            .with_growth_interval(2);
         let mut scales = Vec::new();
         for step in 0..STEPS {
             let mut grads = store(&vars, |i| i % 2 == rank, step);

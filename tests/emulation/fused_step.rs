@@ -11,8 +11,8 @@ use crate::common;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
-    AutoClip, ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd, KernelEmulation, NormType,
-    ParamsSgd,
+    AutoClip, ClipGradNorm, ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd,
+    KernelEmulation, NormType, ParamsSgd,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use common::{
@@ -79,18 +79,9 @@ fn folded_clip_under_emulation_is_clip_then_step() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(5);
     let settings = [
         ClipSetting::norm(0.5),
-        ClipSetting::Norm {
-            max_norm: 0.3,
-            norm_type: NormType::L1,
-        },
-        ClipSetting::Norm {
-            max_norm: 0.2,
-            norm_type: NormType::P(7.5),
-        },
-        ClipSetting::Norm {
-            max_norm: 0.05,
-            norm_type: NormType::Inf,
-        },
+        ClipSetting::Norm(ClipGradNorm::new(0.3).with_norm_type(NormType::L1)),
+        ClipSetting::Norm(ClipGradNorm::new(0.2).with_norm_type(NormType::P(7.5))),
+        ClipSetting::Norm(ClipGradNorm::new(0.05).with_norm_type(NormType::Inf)),
         ClipSetting::value(0.02),
         ClipSetting::AutoClip(AutoClip::new(25.0)?),
         ClipSetting::agc(0.02),
@@ -166,14 +157,14 @@ fn optimizer(
 ) -> Result<Box<dyn Fused>> {
     Ok(match rule {
         0 => {
-            let mut o = FusedAdamW::new(vars, adamw_params())?.skip_nonfinite(skip);
+            let mut o = FusedAdamW::new(vars, adamw_params())?.with_skip_nonfinite(skip);
             if let Some(c) = clip {
                 o = o.with_clip(c)?;
             }
             Box::new(o)
         }
         r => {
-            let mut o = FusedSgd::new(vars, sgd_params(r))?.skip_nonfinite(skip);
+            let mut o = FusedSgd::new(vars, sgd_params(r))?.with_skip_nonfinite(skip);
             if let Some(c) = clip {
                 o = o.with_clip(c)?;
             }
@@ -202,7 +193,7 @@ trait Fused {
     fn take_step(&mut self, grads: &GradStore) -> Result<()>;
     fn state_dict(&self) -> Result<HashMap<String, Tensor>>;
     fn last_norm(&self) -> Option<&Tensor>;
-    fn clipped_steps(&self) -> Result<usize>;
+    fn clipped_steps(&self) -> Result<u64>;
 }
 
 macro_rules! fused {
@@ -217,7 +208,7 @@ macro_rules! fused {
             fn last_norm(&self) -> Option<&Tensor> {
                 <$t>::last_norm(self)
             }
-            fn clipped_steps(&self) -> Result<usize> {
+            fn clipped_steps(&self) -> Result<u64> {
                 <$t>::clipped_steps(self)
             }
         }
@@ -237,7 +228,7 @@ impl<O: Fused + Optimizer> Fused for Clipped<O> {
     fn last_norm(&self) -> Option<&Tensor> {
         Clipped::<O>::last_norm(self)
     }
-    fn clipped_steps(&self) -> Result<usize> {
+    fn clipped_steps(&self) -> Result<u64> {
         Clipped::<O>::clipped_steps(self)
     }
 }
@@ -293,10 +284,9 @@ fn a_step_is_at_most_three_launches_and_one_table() -> Result<()> {
             &["grad_clip_reduce_inf", "grad_clip_fused_step"],
         ),
         (
-            Some(ClipSetting::Norm {
-                max_norm: 1.0,
-                norm_type: NormType::P(8.0),
-            }),
+            Some(ClipSetting::Norm(
+                ClipGradNorm::new(1.0).with_norm_type(NormType::P(8.0)),
+            )),
             true,
             &[
                 "grad_clip_reduce_pow",
@@ -311,7 +301,8 @@ fn a_step_is_at_most_three_launches_and_one_table() -> Result<()> {
         ),
     ];
     for (clip, skip, want) in cases {
-        let mut opt = FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.skip_nonfinite(skip);
+        let mut opt =
+            FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.with_skip_nonfinite(skip);
         if let Some(c) = &clip {
             opt = opt.with_clip(c.clone())?;
         }
@@ -336,7 +327,7 @@ fn skipped_steps_change_nothing_on_the_device() -> Result<()> {
         ] {
             let (vars, _) = twin_vars(&mut rng, &SHAPES, &DTYPES)?;
             let mut opt =
-                FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.skip_nonfinite(true);
+                FusedAdamW::new(vars.clone(), ParamsAdamW::default())?.with_skip_nonfinite(true);
             if let Some(c) = &clip {
                 opt = opt.with_clip(c.clone())?;
             }
@@ -393,7 +384,7 @@ fn bias_corrections_at_large_step_counts() -> Result<()> {
             cpu.step(&gb)?;
             assert_same(&vars_bits(&ours)?, &vars_bits(&theirs)?, &format!("t {t}"));
         }
-        assert_eq!(emulated.steps()?, t as usize + 2);
+        assert_eq!(emulated.steps()?, t as u64 + 2);
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! one-read path bitwise the CPU's; the launches of a scaled step.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 /// Under the kernel emulation (several grids and block orders), the fused path without a clip
 /// and with value clipping gives the CPU's results bit for bit.
@@ -25,7 +26,9 @@ fn emulated_fused_path_equals_the_cpu() -> Result<()> {
             emulated = emulated.with_clip(ClipSetting::value(0.01))?;
             cpu = cpu.with_clip(ClipSetting::value(0.01))?;
         }
-        let mut scaler_e = GradScaler::new().with_init_scale(512.0).with_growth_interval(2);
+        let mut scaler_e = GradScaler::new()
+            .with_init_scale(512.0)
+            .with_growth_interval(2);
         let mut scaler_c = scaler_e.clone();
         for step in 0..5 {
             let poison = [0u8, 1, 0, 0, 2][step];
@@ -120,7 +123,7 @@ fn assert_same_values(x: &Tensor, y: &Tensor, what: &str) -> Result<()> {
 trait ScaledFused {
     fn scaled_step(&mut self, scaler: &mut GradScaler, grads: &GradStore) -> Result<()>;
     fn norm(&self) -> Option<Tensor>;
-    fn counts(&self) -> Result<[usize; 3]>;
+    fn counts(&self) -> Result<[u64; 3]>;
     fn state(&self) -> Result<std::collections::HashMap<String, Tensor>>;
 }
 
@@ -133,7 +136,7 @@ macro_rules! impl_scaled_fused {
             fn norm(&self) -> Option<Tensor> {
                 self.last_norm().cloned()
             }
-            fn counts(&self) -> Result<[usize; 3]> {
+            fn counts(&self) -> Result<[u64; 3]> {
                 Ok([self.steps()?, self.clipped_steps()?, self.skipped_steps()?])
             }
             fn state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
@@ -164,25 +167,22 @@ fn emulated_one_read_path_equals_the_cpus() -> Result<()> {
         (None, false),
         (Some(ClipSetting::value(0.5)), false),
         (
-            Some(ClipSetting::Norm {
-                max_norm: 0.4,
-                norm_type: NormType::Inf,
-            }),
+            Some(ClipSetting::Norm(
+                ClipGradNorm::new(0.4).with_norm_type(NormType::Inf),
+            )),
             false,
         ),
         (Some(ClipSetting::norm(5.0)), true),
         (
-            Some(ClipSetting::Norm {
-                max_norm: 500.0,
-                norm_type: NormType::L1,
-            }),
+            Some(ClipSetting::Norm(
+                ClipGradNorm::new(500.0).with_norm_type(NormType::L1),
+            )),
             true,
         ),
         (
-            Some(ClipSetting::Norm {
-                max_norm: 2.0,
-                norm_type: NormType::P(3.0),
-            }),
+            Some(ClipSetting::Norm(
+                ClipGradNorm::new(2.0).with_norm_type(NormType::P(3.0)),
+            )),
             true,
         ),
     ];
@@ -237,7 +237,9 @@ fn emulated_one_read_path_equals_the_cpus() -> Result<()> {
             };
             let (mut emulated, mut cpu) = (build(&a)?, build(&b)?);
             let init = if *dyadic { 512.0 } else { 1000.0 };
-            let mut scaler_e = GradScaler::new().with_init_scale(init).with_growth_interval(2);
+            let mut scaler_e = GradScaler::new()
+                .with_init_scale(init)
+                .with_growth_interval(2);
             let mut scaler_c = scaler_e.clone();
             for step in 0..6 {
                 let poison = [0u8, 1, 0, 0, 2, 3][step];
@@ -299,10 +301,9 @@ fn a_scaled_step_is_the_reduction_and_the_fused_step() -> Result<()> {
             &["grad_clip_reduce_sq", "grad_clip_fused_step"],
         ),
         (
-            Some(ClipSetting::Norm {
-                max_norm: 1.0,
-                norm_type: NormType::L1,
-            }),
+            Some(ClipSetting::Norm(
+                ClipGradNorm::new(1.0).with_norm_type(NormType::L1),
+            )),
             &["grad_clip_reduce_abs", "grad_clip_fused_step"],
         ),
         (

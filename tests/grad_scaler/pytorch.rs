@@ -40,12 +40,12 @@ fn scripted_sequence_matches_pytorch() -> Result<()> {
             let changed = vars_bits(&vars)? != before;
             assert_eq!(changed, p == 0, "{what}: stepped iff finite");
         }
-        let skipped = poison.iter().filter(|&&p| p != 0).count();
+        let skipped = poison.iter().filter(|&&p| p != 0).count() as u64;
         match path {
             "FusedSgd" => assert_eq!(fused_sgd.skipped_steps()?, skipped),
             "FusedAdamW" => {
                 assert_eq!(adamw.skipped_steps()?, skipped);
-                assert_eq!(adamw.steps()?, poison.len() - skipped);
+                assert_eq!(adamw.steps()?, poison.len() as u64 - skipped);
             }
             _ => {}
         }
@@ -120,7 +120,9 @@ fn odd_settings_follow_pytorch_step_by_step() -> Result<()> {
 fn growth_is_capped_at_f32_max() -> Result<()> {
     let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
     let init = f32::MAX as f64 / 1.5;
-    let mut scaler = GradScaler::new().with_init_scale(init).with_growth_interval(1);
+    let mut scaler = GradScaler::new()
+        .with_init_scale(init)
+        .with_growth_interval(1);
     let mut torch = TorchScaler::new(init, 2.0, 0.5, 1);
     let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(0.1))?;
     for _ in 0..3 {

@@ -12,20 +12,32 @@ fn invalid_settings_are_refused_at_first_use() -> Result<()> {
         ("init_scale", GradScaler::new().with_init_scale(0.0)),
         ("init_scale", GradScaler::new().with_init_scale(-1.0)),
         ("init_scale", GradScaler::new().with_init_scale(f64::NAN)),
-        ("init_scale", GradScaler::new().with_init_scale(f64::INFINITY)),
+        (
+            "init_scale",
+            GradScaler::new().with_init_scale(f64::INFINITY),
+        ),
         ("init_scale", GradScaler::new().with_init_scale(1e39)), // not finite as an f32
         ("init_scale", GradScaler::new().with_init_scale(1e-50)), // zero as an f32
         ("growth_factor", GradScaler::new().with_growth_factor(1.0)),
         ("growth_factor", GradScaler::new().with_growth_factor(0.5)),
-        ("growth_factor", GradScaler::new().with_growth_factor(f64::NAN)),
+        (
+            "growth_factor",
+            GradScaler::new().with_growth_factor(f64::NAN),
+        ),
         (
             "growth_factor",
             GradScaler::new().with_growth_factor(f64::INFINITY),
         ),
         ("backoff_factor", GradScaler::new().with_backoff_factor(0.0)),
         ("backoff_factor", GradScaler::new().with_backoff_factor(1.0)),
-        ("backoff_factor", GradScaler::new().with_backoff_factor(-0.5)),
-        ("backoff_factor", GradScaler::new().with_backoff_factor(f64::NAN)),
+        (
+            "backoff_factor",
+            GradScaler::new().with_backoff_factor(-0.5),
+        ),
+        (
+            "backoff_factor",
+            GradScaler::new().with_backoff_factor(f64::NAN),
+        ),
         ("growth_interval", GradScaler::new().with_growth_interval(0)),
     ];
     let w = Var::zeros(2, DType::F32, &Device::Cpu)?;
@@ -117,11 +129,11 @@ fn refused_skip_leaves_the_scaler_consistent() -> Result<()> {
         let mut scaler = GradScaler::new().with_init_scale(4.0);
         let scaled = [8.0, f64::INFINITY, 4.0];
         let grads = store(from_ref(&w), &[scaled.to_vec()], DType::F32)?;
-        let step = |scaler: &mut GradScaler, grads: &GradStore| -> Result<[usize; 2]> {
+        let step = |scaler: &mut GradScaler, grads: &GradStore| -> Result<[u64; 2]> {
             if adamw {
                 let mut opt = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
                     .with_clip(ClipSetting::norm(1.0))?
-                    .max_consecutive_skips(0);
+                    .with_max_consecutive_skips(0);
                 let r = scaler.step(&mut opt, grads);
                 r.map(|()| [0, 0]).or_else(|e| {
                     assert!(e.to_string().contains("max_consecutive_skips"), "{e}");
@@ -130,7 +142,7 @@ fn refused_skip_leaves_the_scaler_consistent() -> Result<()> {
             } else {
                 let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?
                     .with_clip(ClipSetting::norm(1.0))?
-                    .max_consecutive_skips(0);
+                    .with_max_consecutive_skips(0);
                 let r = scaler.step(&mut opt, grads);
                 r.map(|()| [0, 0]).or_else(|e| {
                     assert!(e.to_string().contains("max_consecutive_skips"), "{e}");
@@ -157,7 +169,7 @@ fn refused_skip_leaves_the_scaler_consistent() -> Result<()> {
         assert_eq!(scaler.scale_value()?, 2.0, "adamw {adamw}: backed off");
         // The next (finite) step works, on the one-read path or not.
         let grads = store(from_ref(&w), &[vec![0.5, 0.5, 0.5]], DType::F32)?;
-        let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?.max_consecutive_skips(0);
+        let mut opt = FusedSgd::new(vec![w.clone()], sgd_lr(1.0))?.with_max_consecutive_skips(0);
         scaler.step(&mut opt, &grads)?;
         scaler.update()?;
         assert_eq!(opt.steps()?, 1);
@@ -175,8 +187,8 @@ fn refused_skip_leaves_the_scaler_consistent() -> Result<()> {
 fn step_after_unscale_follows_its_found_inf() -> Result<()> {
     let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
     let mut opt = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
-        .skip_nonfinite(true)
-        .max_consecutive_skips(1);
+        .with_skip_nonfinite(true)
+        .with_max_consecutive_skips(1);
     let mut scaler = GradScaler::new().with_init_scale(8.0);
     let overflowed = |scaler: &mut GradScaler, opt: &mut FusedAdamW| -> Result<()> {
         let mut grads = store(from_ref(&w), &[vec![f64::INFINITY, 8.0]], DType::F32)?;

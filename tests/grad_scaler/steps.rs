@@ -3,6 +3,7 @@
 //! where it does not apply.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 /// A step with a non-finite gradient leaves the vars and the optimizer state bitwise unchanged:
 /// the fused optimizers (state dicts compared), and candle's AdamW (a skipped step followed by a
@@ -66,7 +67,9 @@ fn non_finite_steps_change_nothing() -> Result<()> {
         .collect::<Result<_>>()?;
     let mut ours = AdamW::new(a.clone(), ParamsAdamW::default())?;
     let mut theirs = AdamW::new(b.clone(), ParamsAdamW::default())?;
-    let mut scaler = GradScaler::new().with_init_scale(256.0).with_growth_interval(100);
+    let mut scaler = GradScaler::new()
+        .with_init_scale(256.0)
+        .with_growth_interval(100);
     for poison in [0u8, 2, 0] {
         let scale = scaler.scale_value()?;
         let values = scaled_values(&a, scale, poison, &mut rng);
@@ -151,7 +154,7 @@ fn fused_step_is_unscale_then_clipped_step() -> Result<()> {
 }
 
 /// A fused optimizer's step through a scaler: its last norm and `[steps, clipped, skipped]`.
-type Stepper = Box<dyn FnMut(&mut GradScaler, &GradStore) -> Result<(Option<Tensor>, [usize; 3])>>;
+type Stepper = Box<dyn FnMut(&mut GradScaler, &GradStore) -> Result<(Option<Tensor>, [u64; 3])>>;
 
 /// The fused step's one-read path on the CPU (`step` without `unscale_`: the reduction and the
 /// update unscale each element as they read it) equals `unscale_` then `step` (unscale pass, then
@@ -166,14 +169,12 @@ fn one_read_path_equals_unscale_then_step() -> Result<()> {
     let clips: Vec<Option<ClipSetting>> = vec![
         None,
         Some(ClipSetting::norm(0.5)),
-        Some(ClipSetting::Norm {
-            max_norm: 0.05,
-            norm_type: NormType::Inf,
-        }),
-        Some(ClipSetting::Norm {
-            max_norm: 1.0,
-            norm_type: NormType::P(3.0),
-        }),
+        Some(ClipSetting::Norm(
+            ClipGradNorm::new(0.05).with_norm_type(NormType::Inf),
+        )),
+        Some(ClipSetting::Norm(
+            ClipGradNorm::new(1.0).with_norm_type(NormType::P(3.0)),
+        )),
         Some(ClipSetting::value(0.01)),
     ];
     let shapes: [&[usize]; 4] = [&[300, 257], &[257], &[1], &[0]];
@@ -235,7 +236,9 @@ fn one_read_path_equals_unscale_then_step() -> Result<()> {
                 }
             };
             let (mut one_read, mut two_pass) = (build(&a)?, build(&b)?);
-            let mut scaler_a = GradScaler::new().with_init_scale(1000.0).with_growth_interval(2);
+            let mut scaler_a = GradScaler::new()
+                .with_init_scale(1000.0)
+                .with_growth_interval(2);
             let mut scaler_b = scaler_a.clone();
             for step in 0..5 {
                 let poison = [0u8, 0, 2, 0, 1][step];

@@ -198,7 +198,7 @@ fn nan_on_one_rank_with_agc_skips_on_every_rank(world: &mpi::topology::SimpleCom
     let mut opt = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())
         .and_then(|o| o.with_clip(ClipSetting::agc(0.01)))
         .expect("optimizer")
-        .skip_nonfinite(true);
+        .with_skip_nonfinite(true);
     let g = if rank == last { f32::NAN } else { 1.0 };
     let mut grads = GradStore::default();
     grads.insert(&w, Tensor::new(&[g, 2.0], &Device::Cpu).expect("grad"));

@@ -127,7 +127,9 @@ fn train(
 }
 
 fn scaler() -> GradScaler {
-    GradScaler::new().with_init_scale(1.0).with_growth_interval(3)
+    GradScaler::new()
+        .with_init_scale(1.0)
+        .with_growth_interval(3)
 }
 
 #[test]
@@ -413,7 +415,10 @@ fn refuses_mismatched_components() -> Result<()> {
     for (what, specs, needle) in cases {
         let vm = seeded_varmap(11, &specs)?;
         let vm_before = var_bits(&vm)?;
-        let mut opt = adamw(&vm, Some(ClipSetting::ZClip(ZClip::new().with_warmup_steps(2))))?;
+        let mut opt = adamw(
+            &vm,
+            Some(ClipSetting::ZClip(ZClip::new().with_warmup_steps(2))),
+        )?;
         let opt_before = dict_bits(&opt.state_dict()?)?;
         let mut sc = scaler();
         let err = TrainingCheckpoint::load(&file)?

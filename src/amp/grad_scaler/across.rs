@@ -2,13 +2,12 @@
 //! every rank, as PyTorch's `ShardedGradScaler`, so that every rank skips the same steps and
 //! backs the scale off alike.
 
-
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 
-use crate::amp::scaled::FusedStep;
 use super::grads::{checked_grads, inv_scale, store_grads, unscale};
-use crate::amp::scaled::ScaledOptimizer;
 use super::{GradScaler, Stage};
+use crate::amp::scaled::FusedStep;
+use crate::amp::scaled::ScaledOptimizer;
 use crate::dispatch;
 use crate::dist::agreement::{hash_words, refuse, Agreement, Call, Field, RankError, Refusal};
 use crate::dist::{max_across, ProcessGroup};

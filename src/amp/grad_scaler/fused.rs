@@ -8,10 +8,9 @@ use candle_core::{backprop::GradStore, bail, DType, Result, Tensor};
 
 use super::grads::{checked_grads, inv_scale};
 use super::{GradScaler, Stage};
-use crate::dispatch;
-use crate::dist::ProcessGroup;
-use crate::ops::gradients::storage_key;
 use crate::amp::scaled::FusedStep;
+use crate::dispatch;
+use crate::ops::gradients::storage_key;
 use crate::optim::clip_setting::prescale_supports;
 
 impl GradScaler {

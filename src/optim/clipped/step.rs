@@ -99,7 +99,10 @@ impl<O: Optimizer> Clipped<O> {
     /// The settings every rank's step must agree on.
     fn agreement(&self) -> Agreement {
         self.skip
-            .agree_on(agree_on(Some(&self.clip), Agreement::new(Call::ClippedStep)))
+            .agree_on(agree_on(
+                Some(&self.clip),
+                Agreement::new(Call::ClippedStep),
+            ))
             .set(Field::Optimizer, 3)
     }
 

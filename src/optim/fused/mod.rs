@@ -11,10 +11,10 @@ use candle_nn::VarMap;
 
 use super::clip_setting::ClipSetting;
 use super::skip::SkipSetting;
-use crate::ops::varmap::sorted_vars;
 use crate::ops::fused_step::{
     state_class, FlatState, Place, Rule, CLIPPED, CONTROL_WORDS, SKIPPED, STEPS,
 };
+use crate::ops::varmap::sorted_vars;
 
 pub(crate) mod api;
 pub(crate) mod state_dict;

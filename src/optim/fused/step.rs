@@ -125,7 +125,10 @@ impl FusedCore {
             Rule::Sgd { .. } => 2,
         };
         self.skip
-            .agree_on(agree_on(self.clip.as_ref(), Agreement::new(Call::FusedStep)))
+            .agree_on(agree_on(
+                self.clip.as_ref(),
+                Agreement::new(Call::FusedStep),
+            ))
             .set(Field::Optimizer, optimizer)
     }
 

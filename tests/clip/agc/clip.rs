@@ -10,7 +10,11 @@ use super::*;
 fn matches_the_f64_reference_for_every_dtype_and_shape() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(9);
     for (k, &dtype) in DTYPES.iter().enumerate() {
-        for (clipping, eps) in [(0.05, AGC_DEFAULT_EPS), (0.01, 0.0), (1.5, 0.1)] {
+        for (clipping, eps) in [
+            (0.05, ClipSetting::AGC_DEFAULT_EPS),
+            (0.01, 0.0),
+            (1.5, 0.1),
+        ] {
             let mut vars = Vec::new();
             let mut grads = Vec::new();
             for shape in SHAPES {

@@ -16,7 +16,7 @@ use crate::common::{
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
     adaptive_clip_grad_, ClipSetting, Clipped, ClippedConfig, FusedAdamW, FusedSgd,
-    KernelEmulation, ParamsSgd, AGC_DEFAULT_EPS,
+    KernelEmulation, ParamsSgd,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, SGD};
 use rand::{rngs::StdRng, Rng, SeedableRng};

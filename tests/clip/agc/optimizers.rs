@@ -99,16 +99,23 @@ fn clipped_optimizers_are_agc_then_step() -> Result<()> {
             for (step, grads) in steps.iter().enumerate() {
                 let what = format!("inner {inner} step {step} emulated {emulate}");
                 let (ga, mut gb) = (store(&ours, grads)?, store(&theirs, grads)?);
-                want_clipped += some_unit_clips(&ours, grads, clipping)? as usize;
+                want_clipped += some_unit_clips(&ours, grads, clipping)? as u64;
                 let norm = if emulate {
                     let (_, log) = emulation.run(|| clipped.step(&ga))?;
                     assert_eq!(kernels(&log), ["grad_clip_agc"], "{what}");
                     emulation
-                        .run(|| adaptive_clip_grad_(&theirs, &mut gb, clipping, AGC_DEFAULT_EPS))?
+                        .run(|| {
+                            adaptive_clip_grad_(
+                                &theirs,
+                                &mut gb,
+                                clipping,
+                                ClipSetting::AGC_DEFAULT_EPS,
+                            )
+                        })?
                         .0
                 } else {
                     clipped.step(&ga)?;
-                    adaptive_clip_grad_(&theirs, &mut gb, clipping, AGC_DEFAULT_EPS)?
+                    adaptive_clip_grad_(&theirs, &mut gb, clipping, ClipSetting::AGC_DEFAULT_EPS)?
                 };
                 plain.step(&gb)?;
                 assert_eq!(params_bits(&ours)?, params_bits(&theirs)?, "{what}");
@@ -131,7 +138,7 @@ fn clipped_optimizers_are_agc_then_step() -> Result<()> {
                 "inner {inner} emulated {emulate}"
             );
             assert!(
-                want_clipped > 0 && want_clipped < steps.len(),
+                want_clipped > 0 && want_clipped < steps.len() as u64,
                 "the case clips some steps only"
             );
         }
@@ -147,7 +154,7 @@ fn some_unit_clips(vars: &[Var], grads: &[Tensor], clipping: f64) -> Result<bool
             &vals(g)?,
             v.dims(),
             clipping,
-            AGC_DEFAULT_EPS,
+            ClipSetting::AGC_DEFAULT_EPS,
         );
         if c.iter().any(Option::is_some) {
             return Ok(true);
@@ -210,7 +217,7 @@ fn fused_optimizers_are_agc_then_unclipped_step() -> Result<()> {
                     .iter()
                     .map(|v| bits(ga.get(v).expect("g")))
                     .collect::<Result<_>>()?;
-                want_clipped += some_unit_clips(&ours, grads, clipping)? as usize;
+                want_clipped += some_unit_clips(&ours, grads, clipping)? as u64;
                 let norm = if emulate {
                     let (_, log) = emulation.run(|| folded.step(&ga))?;
                     assert_eq!(
@@ -218,13 +225,24 @@ fn fused_optimizers_are_agc_then_unclipped_step() -> Result<()> {
                         ["grad_clip_agc", "grad_clip_fused_step"],
                         "{what}"
                     );
-                    let (norm, _) = emulation
-                        .run(|| adaptive_clip_grad_(&theirs, &mut gb, clipping, AGC_DEFAULT_EPS))?;
+                    let (norm, _) = emulation.run(|| {
+                        adaptive_clip_grad_(
+                            &theirs,
+                            &mut gb,
+                            clipping,
+                            ClipSetting::AGC_DEFAULT_EPS,
+                        )
+                    })?;
                     emulation.run(|| unclipped.step(&gb))?;
                     norm
                 } else {
                     folded.step(&ga)?;
-                    let norm = adaptive_clip_grad_(&theirs, &mut gb, clipping, AGC_DEFAULT_EPS)?;
+                    let norm = adaptive_clip_grad_(
+                        &theirs,
+                        &mut gb,
+                        clipping,
+                        ClipSetting::AGC_DEFAULT_EPS,
+                    )?;
                     unclipped.step(&gb)?;
                     norm
                 };
@@ -248,7 +266,7 @@ fn fused_optimizers_are_agc_then_unclipped_step() -> Result<()> {
                 want_clipped,
                 "rule {rule} emulated {emulate}"
             );
-            assert!(want_clipped > 0 && want_clipped < steps.len());
+            assert!(want_clipped > 0 && want_clipped < steps.len() as u64);
             // The emulated parameters are bitwise the CPU's.
             if emulate {
                 assert_eq!(
@@ -270,7 +288,7 @@ trait Step {
     fn last_norm(&self) -> Option<&Tensor> {
         None
     }
-    fn clipped_steps(&self) -> Result<usize> {
+    fn clipped_steps(&self) -> Result<u64> {
         Ok(0)
     }
 }
@@ -284,7 +302,7 @@ macro_rules! impl_step {
             fn last_norm(&self) -> Option<&Tensor> {
                 <$t>::last_norm(self)
             }
-            fn clipped_steps(&self) -> Result<usize> {
+            fn clipped_steps(&self) -> Result<u64> {
                 <$t>::clipped_steps(self)
             }
         }
@@ -324,7 +342,7 @@ fn fused_agc_skips_nonfinite_steps() -> Result<()> {
             },
         )?
         .with_clip(ClipSetting::agc(0.02))?
-        .skip_nonfinite(true);
+        .with_skip_nonfinite(true);
         let mut grads = steps[1].clone();
         let mut poisoned = vals(&grads[4])?;
         poisoned[100] = f64::NAN;

@@ -14,11 +14,15 @@ fn eps_is_added_to_the_norm() -> Result<()> {
     assert_ne!(got[0], 1.5, "eps must be added");
     // eps 0: exactly 0.5
     let (vars, mut store) = setup(&[f32s(&[3.0, 4.0])?])?;
-    ClipGradNorm::new(2.5).with_eps(0.0).clip_(&vars, &mut store)?;
+    ClipGradNorm::new(2.5)
+        .with_eps(0.0)
+        .clip_(&vars, &mut store)?;
     assert_eq!(vals(store.get(&vars[0]).unwrap())?, [1.5, 2.0]);
     // a large eps
     let (vars, mut store) = setup(&[f32s(&[3.0, 4.0])?])?;
-    ClipGradNorm::new(2.5).with_eps(5.0).clip_(&vars, &mut store)?;
+    ClipGradNorm::new(2.5)
+        .with_eps(5.0)
+        .clip_(&vars, &mut store)?;
     assert_eq!(vals(store.get(&vars[0]).unwrap())?, [0.75, 1.0]);
     Ok(())
 }
@@ -28,7 +32,9 @@ fn coefficient_of_at_least_one_writes_nothing() -> Result<()> {
     // norm 5: max_norm 5 gives 5 / (5 + 1e-6) < 1 (scaled), eps 0 gives exactly 1 (untouched).
     let g = f32s(&[3.0, -4.0])?;
     let (vars, mut store) = setup(std::slice::from_ref(&g))?;
-    ClipGradNorm::new(5.0).with_eps(0.0).clip_(&vars, &mut store)?;
+    ClipGradNorm::new(5.0)
+        .with_eps(0.0)
+        .clip_(&vars, &mut store)?;
     assert_eq!(vals(&g)?, [3.0, -4.0]);
     clip_grad_norm_(&vars, &mut store, 5.0 + 2e-6)?;
     assert_eq!(vals(&g)?, [3.0, -4.0]);

@@ -2,6 +2,7 @@
 //! the result.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 #[test]
 fn no_gradients_give_a_zero_scalar_on_the_cpu() -> Result<()> {
@@ -13,7 +14,9 @@ fn no_gradients_give_a_zero_scalar_on_the_cpu() -> Result<()> {
             assert_eq!(n.rank(), 0);
             assert!(n.device().is_cpu());
             assert_eq!(scalar(&n)?, 0.0);
-            let n = ClipGradNorm::new(1.0).with_norm_type(nt).clip_(vs, &mut store)?;
+            let n = ClipGradNorm::new(1.0)
+                .with_norm_type(nt)
+                .clip_(vs, &mut store)?;
             assert_eq!(n.rank(), 0);
             assert!(n.device().is_cpu());
             assert_eq!(scalar(&n)?, 0.0);
@@ -36,15 +39,31 @@ fn vars_without_gradient_are_skipped() -> Result<()> {
     store.insert(&a, f32s(&[3.0, 0.0])?);
     store.insert(&c, f32s(&[4.0])?);
     let vars = [a.clone(), b.clone(), c.clone()];
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L2, false)?)?, 5.0);
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L1, false)?)?, 7.0);
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?, 4.0);
-    // only the listed vars count
     assert_eq!(
-        scalar(&total_norm(std::slice::from_ref(&c), &store, NormType::L2, false)?)?,
+        scalar(&total_norm(&vars, &store, NormType::L2, false)?)?,
+        5.0
+    );
+    assert_eq!(
+        scalar(&total_norm(&vars, &store, NormType::L1, false)?)?,
+        7.0
+    );
+    assert_eq!(
+        scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?,
         4.0
     );
-    let n = ClipGradNorm::new(2.5).with_eps(0.0).clip_(&vars, &mut store)?;
+    // only the listed vars count
+    assert_eq!(
+        scalar(&total_norm(
+            std::slice::from_ref(&c),
+            &store,
+            NormType::L2,
+            false
+        )?)?,
+        4.0
+    );
+    let n = ClipGradNorm::new(2.5)
+        .with_eps(0.0)
+        .clip_(&vars, &mut store)?;
     assert_eq!(scalar(&n)?, 5.0);
     assert!(
         store.get(&b).is_none(),

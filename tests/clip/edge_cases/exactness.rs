@@ -2,15 +2,25 @@
 //! infinity norm, mixed dtypes in one call, orders whose powers leave the f64 range.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 #[test]
 fn f16_gradients_whose_squares_overflow_give_the_exact_norm() -> Result<()> {
     let g = tensor(&[60000.0; 4], &[2, 2], DType::F16)?;
     assert_eq!(vals(&g)?, [60000.0; 4]);
     let (vars, mut store) = setup(&[g])?;
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L2, false)?)?, 120000.0);
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L1, false)?)?, 240000.0);
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?, 60000.0);
+    assert_eq!(
+        scalar(&total_norm(&vars, &store, NormType::L2, false)?)?,
+        120000.0
+    );
+    assert_eq!(
+        scalar(&total_norm(&vars, &store, NormType::L1, false)?)?,
+        240000.0
+    );
+    assert_eq!(
+        scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?,
+        60000.0
+    );
     let p3 = total_norm(&vars, &store, NormType::P(3.0), false)?;
     assert_norm(&p3, ref_norm(&[60000.0; 4], 3.0), 0.0, "f16 P(3)")?;
     let n = clip_grad_norm_(&vars, &mut store, 1.0)?;
@@ -62,9 +72,18 @@ fn f32_gradients_whose_squares_overflow_give_the_exact_norm() -> Result<()> {
 fn a_million_bf16_ones_give_exactly_1000() -> Result<()> {
     let g = Tensor::ones((1000, 1000), DType::BF16, &Device::Cpu)?;
     let (vars, mut store) = setup(&[g])?;
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L2, false)?)?, 1000.0);
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::L1, false)?)?, 1e6);
-    assert_eq!(scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?, 1.0);
+    assert_eq!(
+        scalar(&total_norm(&vars, &store, NormType::L2, false)?)?,
+        1000.0
+    );
+    assert_eq!(
+        scalar(&total_norm(&vars, &store, NormType::L1, false)?)?,
+        1e6
+    );
+    assert_eq!(
+        scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?,
+        1.0
+    );
     let n = clip_grad_norm_(&vars, &mut store, 1.0)?;
     assert_eq!(scalar(&n)?, 1000.0);
     let g = store.get(&vars[0]).unwrap();

@@ -2,6 +2,7 @@
 //! views.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 #[test]
 fn transposed_gradient_is_read_and_written_correctly() -> Result<()> {
@@ -127,9 +128,17 @@ fn same_tensor_for_two_vars_counts_twice_and_is_scaled_once() -> Result<()> {
         let vars = [a.clone(), b.clone()];
         let l2 = total_norm(&vars, &store, NormType::L2, false)?;
         assert_norm(&l2, 50f64.sqrt(), 1e-15, "shared L2")?;
-        assert_eq!(scalar(&total_norm(&vars, &store, NormType::L1, false)?)?, 14.0);
-        assert_eq!(scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?, 4.0);
-        let n = ClipGradNorm::new(1.0).with_eps(0.0).clip_(&vars, &mut store)?;
+        assert_eq!(
+            scalar(&total_norm(&vars, &store, NormType::L1, false)?)?,
+            14.0
+        );
+        assert_eq!(
+            scalar(&total_norm(&vars, &store, NormType::Inf, false)?)?,
+            4.0
+        );
+        let n = ClipGradNorm::new(1.0)
+            .with_eps(0.0)
+            .clip_(&vars, &mut store)?;
         assert_norm(&n, 50f64.sqrt(), 1e-15, "shared clip")?;
         let coef = 1.0 / 50f64.sqrt();
         let f64n = 1e-12;

@@ -3,6 +3,7 @@
 //! ten thousand tensors in one table, `error_if_nonfinite`, empty gradients.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 /// Runs `op` on a fresh build of `scenario` on the CPU and emulated (grid `grid`, `order`), and
 /// returns the buffers afterwards and the results.

@@ -20,7 +20,7 @@ use crate::common::{assert_named_norms, bits, kernels, scalar, ulp, DTYPES, ORDE
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_grad_clip::{
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, grad_norms, total_norm, BlockOrder,
-    ClipGradNorm, KernelEmulation, NormType,
+    KernelEmulation, NormType,
 };
 use candle_nn::{linear, Module, VarBuilder, VarMap};
 use half::{bf16, f16};

@@ -2,6 +2,7 @@
 //! momentum against clipping a copy of the gradients and stepping an unclipped `FusedSgd`.
 
 use super::*;
+use candle_grad_clip::ClipGradNorm;
 
 /// For every setting: the fused, clipped step is bitwise the clip followed by candle's step, as
 /// `Clipped<AdamW>` does it (clip the store in place, then `AdamW::step`), with the same norm and
@@ -12,18 +13,9 @@ fn folded_clip_is_bitwise_clip_then_step() -> Result<()> {
     let settings = [
         ClipSetting::norm(0.5),
         ClipSetting::norm(1e6),
-        ClipSetting::Norm {
-            max_norm: 0.3,
-            norm_type: NormType::L1,
-        },
-        ClipSetting::Norm {
-            max_norm: 0.01,
-            norm_type: NormType::Inf,
-        },
-        ClipSetting::Norm {
-            max_norm: 0.7,
-            norm_type: NormType::P(3.0),
-        },
+        ClipSetting::Norm(ClipGradNorm::new(0.3).with_norm_type(NormType::L1)),
+        ClipSetting::Norm(ClipGradNorm::new(0.01).with_norm_type(NormType::Inf)),
+        ClipSetting::Norm(ClipGradNorm::new(0.7).with_norm_type(NormType::P(3.0))),
         ClipSetting::value(0.05),
         ClipSetting::AutoClip(AutoClip::new(30.0)?),
     ];
@@ -70,7 +62,7 @@ fn folded_clip_is_bitwise_clip_then_step() -> Result<()> {
             );
             assert!(
                 fused.clipped_steps()? > 0
-                    || matches!(setting, ClipSetting::Norm { max_norm, .. } if *max_norm > 1.0)
+                    || matches!(setting, ClipSetting::Norm(clip) if clip.max_norm() > 1.0)
             );
         }
     }

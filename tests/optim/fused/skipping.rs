@@ -16,7 +16,7 @@ fn a_skipped_step_changes_nothing_and_the_run_goes_on_as_without_it() -> Result<
                 let (ours, theirs) = twin_vars(&mut rng, &SHAPES, &[dtype])?;
                 let params = ParamsAdamW::default();
                 let make = |vars: Vec<Var>| -> Result<FusedAdamW> {
-                    let opt = FusedAdamW::new(vars, params.clone())?.skip_nonfinite(true);
+                    let opt = FusedAdamW::new(vars, params.clone())?.with_skip_nonfinite(true);
                     match &clip {
                         Some(c) => opt.with_clip(c.clone()),
                         None => Ok(opt),

@@ -31,7 +31,7 @@ fn example_training_clips_as_an_independent_reference_says() -> Result<()> {
         (2.0, &train(&cfg, Some(2.0), &Device::Cpu, &hidden)?),
     ] {
         let counts = check_example_clipping(log, max_norm);
-        assert_eq!(log.clipped_steps, counts[1], "max_norm {max_norm}");
+        assert_eq!(log.clipped_steps, counts[1] as u64, "max_norm {max_norm}");
         branches = [branches[0] + counts[0], branches[1] + counts[1]];
     }
     assert!(

@@ -126,6 +126,6 @@ fn clipped_matches_reference<O: Optimizer>(
             );
         }
     }
-    assert_eq!(wrapped.steps(), 4);
+    assert_eq!(wrapped.steps()?, 4);
     Ok(())
 }

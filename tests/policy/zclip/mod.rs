@@ -128,7 +128,10 @@ fn settings() -> Vec<ZClip> {
     vec![
         ZClip::new(),
         ZClip::new().with_mode(ZClipMode::Mean).with_warmup_steps(5),
-        ZClip::new().with_alpha(0.9).with_z_threshold(1.5).with_warmup_steps(3),
+        ZClip::new()
+            .with_alpha(0.9)
+            .with_z_threshold(1.5)
+            .with_warmup_steps(3),
         ZClip::new().with_warmup_steps(1).with_max_grad_norm(2.5),
         ZClip::new().with_warmup_steps(4).with_max_grad_norm(0.0),
         ZClip::new().with_warmup_steps(7).with_max_grad_norm(1e9),
