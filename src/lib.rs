@@ -106,3 +106,31 @@ pub use dist::{total_norm_across, ProcessGroup};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]
 pub use backend::emulated::{BlockOrder, EmulatedLaunch, EmulationLog, KernelEmulation};
+
+/// The Rust blocks of the README and of the guides in `docs/`, compiled and run as doctests by
+/// `cargo test` (`--doc`); never built otherwise.
+#[cfg(doctest)]
+mod doc_files {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/training-loops.md")]
+    struct TrainingLoops;
+    #[doc = include_str!("../docs/clip-policies.md")]
+    struct ClipPolicies;
+    #[doc = include_str!("../docs/mixed-precision.md")]
+    struct MixedPrecision;
+    #[doc = include_str!("../docs/checkpoints.md")]
+    struct Checkpoints;
+    #[doc = include_str!("../docs/across-processes.md")]
+    struct AcrossProcesses;
+    #[doc = include_str!("../docs/train_lm.md")]
+    struct TrainLm;
+    #[doc = include_str!("../docs/semantics.md")]
+    struct Semantics;
+    #[doc = include_str!("../docs/emulation.md")]
+    struct Emulation;
+    #[doc = include_str!("../docs/cuda.md")]
+    struct Cuda;
+    #[doc = include_str!("../docs/ARCHITECTURE.md")]
+    struct Architecture;
+}
