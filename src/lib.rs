@@ -1,6 +1,7 @@
-//! Gradient clipping for [candle](https://github.com/huggingface/candle).
+//! Gradient clipping, fused optimizers, loss scaling and training checkpoints for
+//! [candle](https://github.com/huggingface/candle).
 //!
-//! Rescale the gradients that `loss.backward()` returns so that their global norm is at most
+//! The simplest use: rescale the gradients that `loss.backward()` returns so that their global norm is at most
 //! `max_norm`, in place, in one pass over the data:
 //!
 //! ```
@@ -35,28 +36,51 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The crate is one mechanism with back ends — collect the gradients, build a segment table,
-//! reduce, form a coefficient or run a policy, then an element-wise pass or a fused optimizer
-//! step — on the CPU, on CUDA and under the kernels' host emulation, and the features built on
-//! it, bottom first (`docs/ARCHITECTURE.md` draws it):
-//! - `io`: crash-safe file replacement and safetensors bytes with digests;
-//! - `ops`: what each operation is on any device (parameters, constants, the host arithmetic
-//!   every back end reproduces bitwise), the gradients' collection and the exact summation that
-//!   makes the norm deterministic;
-//! - `backend`: the CPU twin (`backend::cpu`, rayon), the kernel plan (`backend::kernels`: what
-//!   the multi-tensor kernels of `kernels/` are asked to do), run on CUDA (`backend::cuda`,
-//!   feature `cuda`) or emulated on the CPU (`backend::emulated`, feature `emulation`);
-//! - `dispatch`: picks the back end for a set of gradients;
-//! - `dist`: process groups and the global norm across processes ([`ProcessGroup`],
-//!   [`total_norm_across`]);
-//! - `clip`: the public clipping functions; `stats`: per-layer norms and norm statistics;
-//! - `policy`: thresholds decided by the run itself ([`AutoClip`], [`ZClip`]);
-//! - `optim`: optimizers ([`Clipped`], [`FusedAdamW`], [`FusedSgd`]);
-//! - `amp`: dynamic loss scaling for mixed precision ([`GradScaler`]);
-//! - `checkpoint`: training checkpoints in one file ([`TrainingCheckpoint`]).
+//! # What to reach for
 //!
-//! Semantics follow PyTorch's `torch.nn.utils.clip_grad_norm_`; see the README for where and why
-//! they differ.
+//! | you want | reach for |
+//! | --- | --- |
+//! | to clip the `GradStore` of your own loop | [`clip_grad_norm_`], [`clip_grad_value_`], [`ClipGradNorm`] (every option: [`NormType`], `eps`, `error_if_nonfinite`), [`clip_grads_with_norm_`] (a norm computed earlier), [`adaptive_clip_grad_`] (AGC, unit-wise) |
+//! | to measure without clipping | [`total_norm`]; [`grad_norms`] (per named var), [`GradNormStats`] (norms recorded step by step, `suggest_max_norm`) |
+//! | your `candle_nn::Optimizer` (`SGD`, `AdamW`, your own), clipped before each step | [`Clipped`] with [`ClippedConfig`]; `skip_nonfinite`, `max_consecutive_skips` |
+//! | the fastest step: AdamW or SGD as one pass with the clip folded in | [`FusedAdamW`] (bitwise `candle_nn::AdamW`), [`FusedSgd`] with [`ParamsSgd`] (PyTorch's SGD); `with_clip`, `skip_nonfinite`, `state_dict` / `save_state` |
+//! | how to clip, in an optimizer or a checkpoint | [`ClipSetting`]: a norm, a value, [`AutoClip`], [`ZClip`] ([`ZClipMode`]) or AGC — the setting of [`Clipped`], of the fused optimizers' `with_clip` and of [`TrainingCheckpoint::with_clip`] |
+//! | no threshold to tune, or only the spikes clipped | [`AutoClip`] (a percentile of the norms seen so far), [`ZClip`] (z-scores against an EMA, statistics on the device); each also clips a `GradStore` on its own (`clip_`) |
+//! | an F16 forward pass with F32 master weights | [`GradScaler`]: PyTorch's dynamic loss scaling, state on the device |
+//! | to stop and resume bitwise | [`TrainingCheckpoint`]: vars, optimizer, clip policy, `GradScaler`, step and metadata in one verified file, saved atomically (or in the background: [`PendingSave`]), restored all or nothing ([`Restore`]); any [`CheckpointOptimizer`] |
+//! | the global norm of gradients spread over processes | [`clip_grad_norm_across`], [`total_norm_across`], [`ClipGradNorm::clip_across_`], the optimizers' `step_across`, `GradScaler::step_across`, over a [`ProcessGroup`]: [`LocalGroup`] (threads), the `mpi` crate's communicators (feature `mpi`), `NcclGroup` (feature `nccl`) |
+//! | to test CUDA kernels without a GPU | `KernelEmulation`, `BlockOrder`, `EmulationLog` (feature `emulation`) |
+//!
+//! Every function returns `candle_core::Result`: bad input is an error that names the problem,
+//! and no gradient is modified. `vars` is typically `varmap.all_vars()` and `grads` the
+//! `GradStore` that `loss.backward()` returns.
+//!
+//! # Semantics
+//!
+//! Those of PyTorch's `torch.nn.utils.clip_grad_norm_`, made exact: the norm is accumulated in
+//! `f64` and its partial sums added exactly, so it is right where PyTorch overflows or rounds and
+//! bitwise the same for any order of the vars and any thread count; the coefficient is
+//! `min(1, max_norm / (norm + eps))` with `eps =` [`DEFAULT_EPS`], and the gradients are not
+//! written at all when it is 1. `docs/semantics.md` in the repository lists every rule and each
+//! difference from PyTorch.
+//!
+//! # Feature flags
+//!
+//! - `cuda`: the CUDA back end (multi-tensor kernels; turns on candle's `cuda`). Needs nvcc at
+//!   build time. The kernels have so far run only under the host emulation, not on a GPU.
+//! - `emulation`: the CUDA kernels compiled for the host and run on the CPU (`KernelEmulation`),
+//!   for tests; needs a C++17 compiler.
+//! - `mpi`: [`ProcessGroup`] for the `mpi` crate's communicators (needs an MPI library and
+//!   libclang).
+//! - `nccl`: `NcclGroup`, a [`ProcessGroup`] over cudarc's NCCL communicator (implies `cuda`).
+//! - `test-hooks`: internal, for this crate's own tests; do not enable it.
+//!
+//! # Guides
+//!
+//! The repository's `docs/` holds a guide per topic — training loops, clip policies, mixed
+//! precision, checkpoints, across processes, the `train_lm` example, semantics, CUDA, the
+//! emulation — whose examples are doctests like the one above; `BENCHMARKS.md` holds every
+//! measurement, and `docs/ARCHITECTURE.md` the crate's internal layering.
 
 // The layers, bottom first: `io` and `ops` (definitions), `backend`, `dispatch`, then the public
 // layers `dist`, `clip`, `stats`, `policy`, `optim`, `amp`, `checkpoint` (docs/ARCHITECTURE.md;
@@ -109,3 +133,31 @@ pub use dist::{total_norm_across, ProcessGroup};
 // The CUDA kernels run on the CPU, for tests (feature `emulation`).
 #[cfg(feature = "emulation")]
 pub use backend::emulated::{BlockOrder, EmulatedLaunch, EmulationLog, KernelEmulation};
+
+/// The Rust blocks of the README and of the guides in `docs/`, compiled and run as doctests by
+/// `cargo test` (`--doc`); never built otherwise.
+#[cfg(doctest)]
+mod doc_files {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/training-loops.md")]
+    struct TrainingLoops;
+    #[doc = include_str!("../docs/clip-policies.md")]
+    struct ClipPolicies;
+    #[doc = include_str!("../docs/mixed-precision.md")]
+    struct MixedPrecision;
+    #[doc = include_str!("../docs/checkpoints.md")]
+    struct Checkpoints;
+    #[doc = include_str!("../docs/across-processes.md")]
+    struct AcrossProcesses;
+    #[doc = include_str!("../docs/train_lm.md")]
+    struct TrainLm;
+    #[doc = include_str!("../docs/semantics.md")]
+    struct Semantics;
+    #[doc = include_str!("../docs/emulation.md")]
+    struct Emulation;
+    #[doc = include_str!("../docs/cuda.md")]
+    struct Cuda;
+    #[doc = include_str!("../docs/ARCHITECTURE.md")]
+    struct Architecture;
+}
