@@ -48,7 +48,7 @@
 //! | no threshold to tune, or only the spikes clipped | [`AutoClip`] (a percentile of the norms seen so far), [`ZClip`] (z-scores against an EMA, statistics on the device); each also clips a `GradStore` on its own (`clip_`) |
 //! | an F16 forward pass with F32 master weights | [`GradScaler`]: PyTorch's dynamic loss scaling, state on the device |
 //! | to stop and resume bitwise | [`TrainingCheckpoint`]: vars, optimizer, clip policy, `GradScaler`, step and metadata in one verified file, saved atomically (or in the background: [`PendingSave`]), restored all or nothing ([`Restore`]); any [`CheckpointOptimizer`] |
-//! | the global norm of gradients spread over processes | [`clip_grad_norm_across`], [`total_norm_across`], [`ClipGradNorm::clip_across_`], the optimizers' `step_across`, `GradScaler::step_across`, over a [`ProcessGroup`]: [`LocalGroup`] (threads), the `mpi` crate's communicators (feature `mpi`), `NcclGroup` (feature `nccl`) |
+//! | the global norm of gradients spread over processes | [`clip_grad_norm_across_`], [`total_norm_across`], [`ClipGradNorm::clip_across_`], the optimizers' `step_across`, `GradScaler::step_across`, over a [`ProcessGroup`]: [`LocalGroup`] (threads), the `mpi` crate's communicators (feature `mpi`), `NcclGroup` (feature `nccl`) |
 //! | to test CUDA kernels without a GPU | `KernelEmulation`, `BlockOrder`, `EmulationLog` (feature `emulation`) |
 //!
 //! Every function returns `candle_core::Result`: bad input is an error that names the problem,
@@ -60,7 +60,7 @@
 //! Those of PyTorch's `torch.nn.utils.clip_grad_norm_`, made exact: the norm is accumulated in
 //! `f64` and its partial sums added exactly, so it is right where PyTorch overflows or rounds and
 //! bitwise the same for any order of the vars and any thread count; the coefficient is
-//! `min(1, max_norm / (norm + eps))` with `eps =` [`DEFAULT_EPS`], and the gradients are not
+//! `min(1, max_norm / (norm + eps))` with `eps =` [`ClipGradNorm::DEFAULT_EPS`], and the gradients are not
 //! written at all when it is 1. `docs/semantics.md` in the repository lists every rule and each
 //! difference from PyTorch.
 //!

@@ -101,6 +101,7 @@ pub trait ScaledOptimizer: Optimizer {
     /// default) for the plain path.
     ///
     /// ```
+    /// use candle_nn::Optimizer;
     /// use candle_grad_clip::ScaledOptimizer;
     /// let mut sgd = candle_nn::SGD::new(vec![], 0.1)?;
     /// assert!(sgd.fused().is_none());

@@ -82,6 +82,47 @@ pub(crate) fn load(path: &Path, kind: &str) -> Result<HashMap<String, Tensor>> {
         .collect()
 }
 
+/// The entries of a state dict given to `load_state_dict`, read with the checks every component
+/// makes (the fused optimizers have their own, per var): each expected entry is there with its
+/// dtype and rank, and nothing else is. The errors name the component's call and say that
+/// nothing was loaded.
+pub(crate) struct StateDictReader<'a> {
+    pub(crate) dict: &'a HashMap<String, Tensor>,
+    /// The public call, e.g. `"ZClip::load_state_dict"`.
+    pub(crate) caller: &'static str,
+}
+
+impl<'a> StateDictReader<'a> {
+    /// The entry `key`, a `rank`-d tensor of `dtype`.
+    pub(crate) fn get(
+        &self,
+        key: &str,
+        dtype: candle_core::DType,
+        rank: usize,
+    ) -> Result<&'a Tensor> {
+        let caller = self.caller;
+        let Some(t) = self.dict.get(key) else {
+            candle_core::bail!("{caller}: the state has no `{key}`; nothing was loaded")
+        };
+        if t.dtype() != dtype || t.rank() != rank {
+            candle_core::bail!(
+                "{caller}: `{key}` must be a {rank}-d {dtype:?} tensor, got {:?} {:?}; nothing was loaded",
+                t.dtype(),
+                t.dims()
+            )
+        }
+        Ok(t)
+    }
+
+    /// Refuses an entry outside `known`.
+    pub(crate) fn refuse_unknown(&self, known: &[&str]) -> Result<()> {
+        if let Some(extra) = self.dict.keys().find(|k| !known.contains(&k.as_str())) {
+            candle_core::bail!("{}: unexpected `{extra}`; nothing was loaded", self.caller)
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 pub(crate) mod adamw;
 pub(crate) mod clip_setting;
 pub(crate) mod clipped;
+pub(crate) mod decide;
 pub(crate) mod fused;
 pub(crate) mod sgd;
 pub(crate) mod skip;

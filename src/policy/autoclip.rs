@@ -1,10 +1,12 @@
 //! AutoClip: clip to a percentile of the gradient norms seen so far.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
 use crate::clip::norm::{clip_grads_with_norm_, total_norm};
+use crate::io::state_file::{self, StateDictReader};
 use crate::ops::norm_type::NormType;
 use crate::stats::quantile_linear;
 
@@ -342,26 +344,14 @@ impl AutoClip {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        const KEYS: [&str; 3] = ["kept_norms", "observed", "rng_state"];
-        let get = |key: &str, dtype: DType, rank: usize| -> Result<&Tensor> {
-            let Some(t) = state.get(key) else {
-                bail!("AutoClip::load_state_dict: the state has no `{key}`; nothing was loaded")
-            };
-            if t.dtype() != dtype || t.rank() != rank {
-                bail!(
-                    "AutoClip::load_state_dict: `{key}` must be a {rank}-d {dtype:?} tensor, got {:?} {:?}; nothing was loaded",
-                    t.dtype(),
-                    t.dims()
-                )
-            }
-            Ok(t)
+        let reader = StateDictReader {
+            dict: state,
+            caller: "AutoClip::load_state_dict",
         };
-        let kept = get("kept_norms", DType::F64, 1)?.to_vec1::<f64>()?;
-        let observed = get("observed", DType::I64, 0)?.to_scalar::<i64>()?;
-        let rng = get("rng_state", DType::I64, 0)?.to_scalar::<i64>()?;
-        if let Some(extra) = state.keys().find(|k| !KEYS.contains(&k.as_str())) {
-            bail!("AutoClip::load_state_dict: unexpected `{extra}`; nothing was loaded")
-        }
+        let kept = reader.get("kept_norms", DType::F64, 1)?.to_vec1::<f64>()?;
+        let observed = reader.get("observed", DType::I64, 0)?.to_scalar::<i64>()?;
+        let rng = reader.get("rng_state", DType::I64, 0)?.to_scalar::<i64>()?;
+        reader.refuse_unknown(&["kept_norms", "observed", "rng_state"])?;
         if let Some(bad) = kept.iter().find(|&&x| !is_usable(x)) {
             bail!("AutoClip::load_state_dict: `kept_norms` holds {bad}, not a norm; nothing was loaded")
         }
@@ -389,6 +379,39 @@ impl AutoClip {
         self.seen = seen;
         self.rng = u64::from_ne_bytes(rng.to_ne_bytes());
         Ok(())
+    }
+
+    /// Saves [`state_dict`](Self::state_dict) as a safetensors file, atomically, with the
+    /// SHA-256 of every tensor and of its header.
+    ///
+    /// ```
+    /// use candle_grad_clip::AutoClip;
+    /// let path = std::env::temp_dir().join(format!("doc-autoclip-{}.safetensors", std::process::id()));
+    /// let mut autoclip = AutoClip::new(50.0)?;
+    /// autoclip.observe(2.0);
+    /// autoclip.save_state(&path)?;
+    /// let mut resumed = AutoClip::new(50.0)?;
+    /// resumed.load_state(&path)?;
+    /// assert_eq!(resumed.observed(), 1);
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        state_file::save(&self.state_dict()?, "AutoClip", path.as_ref())
+    }
+
+    /// Loads a state saved by [`save_state`](Self::save_state), as
+    /// [`load_state_dict`](Self::load_state_dict), after verifying the file: a damaged file, one
+    /// without digests or one of another kind is an error and nothing changes.
+    ///
+    /// ```no_run
+    /// let mut autoclip = candle_grad_clip::AutoClip::new(10.0)?;
+    /// autoclip.load_state("autoclip.safetensors")?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let dict = state_file::load(path.as_ref(), "AutoClip")?;
+        self.load_state_dict(&dict)
     }
 
     /// Uniform in `[0, n)` (SplitMix64, then Lemire's multiply-shift; bias below `n / 2^64`).

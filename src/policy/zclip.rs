@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::{backprop::GradStore, bail, DType, Device, Result, Tensor, Var};
 
 use crate::dispatch;
-use crate::io::state_file;
+use crate::io::state_file::{self, StateDictReader};
 use crate::ops::gradients::GradientSet;
 use crate::ops::zclip::{input, update_on_host, word, ZClipParams, ZCLIP_EPS};
 
@@ -477,29 +477,17 @@ impl ZClip {
     /// ```
     pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         self.validate()?;
-        let get = |key: &str, dtype: DType, rank: usize| -> Result<&Tensor> {
-            let Some(t) = state.get(key) else {
-                bail!("ZClip::load_state_dict: the state has no `{key}`; nothing was loaded")
-            };
-            if t.dtype() != dtype || t.rank() != rank {
-                bail!(
-                    "ZClip::load_state_dict: `{key}` must be a {rank}-d {dtype:?} tensor, got {:?} {:?}; nothing was loaded",
-                    t.dtype(),
-                    t.dims()
-                )
-            }
-            Ok(t)
+        let reader = StateDictReader {
+            dict: state,
+            caller: "ZClip::load_state_dict",
         };
-        let ready = get("ready", DType::U8, 0)?.to_scalar::<u8>()? != 0;
-        let mean = get("mean", DType::F64, 0)?.to_scalar::<f64>()?;
-        let var = get("var", DType::F64, 0)?.to_scalar::<f64>()?;
-        let norms = get("warmup_norms", DType::F64, 1)?.to_vec1::<f64>()?;
-        if let Some(extra) = state
-            .keys()
-            .find(|k| !["ready", "mean", "var", "warmup_norms"].contains(&k.as_str()))
-        {
-            bail!("ZClip::load_state_dict: unexpected `{extra}`; nothing was loaded")
-        }
+        let ready = reader.get("ready", DType::U8, 0)?.to_scalar::<u8>()? != 0;
+        let mean = reader.get("mean", DType::F64, 0)?.to_scalar::<f64>()?;
+        let var = reader.get("var", DType::F64, 0)?.to_scalar::<f64>()?;
+        let norms = reader
+            .get("warmup_norms", DType::F64, 1)?
+            .to_vec1::<f64>()?;
+        reader.refuse_unknown(&["ready", "mean", "var", "warmup_norms"])?;
         if norms.len() >= self.warmup_steps || (ready && !norms.is_empty()) {
             bail!(
                 "ZClip::load_state_dict: {} warm-up norms{} do not fit warmup_steps = {}; nothing was loaded",

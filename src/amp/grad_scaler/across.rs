@@ -98,7 +98,7 @@ impl GradScaler {
     ///         .into_iter()
     ///         .zip([1f32, f32::NAN])
     ///         .map(|(group, g)| {
-    ///             s.spawn(move || -> candle_core::Result<usize> {
+    ///             s.spawn(move || -> candle_core::Result<u64> {
     ///                 let w = Var::new(&[0f32], &Device::Cpu)?;
     ///                 let mut opt = FusedAdamW::new(vec![w.clone()], ParamsAdamW::default())?
     ///                     .with_clip(ClipSetting::norm(1.0))?;

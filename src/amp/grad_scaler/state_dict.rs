@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::io::state_file;
+use crate::io::state_file::{self, StateDictReader};
 
 use super::{GradScaler, ScalerState, Stage, KEY_GROWTH_TRACKER, KEY_SCALE};
 
@@ -55,21 +55,12 @@ impl GradScaler {
         if self.step_in_progress() {
             bail!("GradScaler::load_state_dict: a step is in progress (unscale_ or step since the last update()); call update() first; nothing was loaded")
         }
-        let entry = |key: &str, dtype: DType| -> Result<&Tensor> {
-            let Some(t) = dict.get(key) else {
-                bail!("GradScaler::load_state_dict: the state has no `{key}`; nothing was loaded")
-            };
-            if t.rank() != 0 || t.dtype() != dtype {
-                bail!(
-                    "GradScaler::load_state_dict: `{key}` must be a 0-d {dtype:?} tensor, got {:?} {:?}; nothing was loaded",
-                    t.dtype(),
-                    t.dims()
-                )
-            }
-            Ok(t)
+        let reader = StateDictReader {
+            dict,
+            caller: "GradScaler::load_state_dict",
         };
-        let scale = entry(KEY_SCALE, DType::F32)?;
-        let tracker = entry(KEY_GROWTH_TRACKER, DType::I64)?;
+        let scale = reader.get(KEY_SCALE, DType::F32, 0)?;
+        let tracker = reader.get(KEY_GROWTH_TRACKER, DType::I64, 0)?;
         let scale_value = scale.to_scalar::<f32>()?;
         if !(scale_value.is_finite() && scale_value > 0.0) {
             bail!("GradScaler::load_state_dict: `scale` must be > 0 and finite, got {scale_value}; nothing was loaded")
@@ -78,12 +69,7 @@ impl GradScaler {
         if !(0..=1 << 53).contains(&tracker_value) {
             bail!("GradScaler::load_state_dict: `growth_tracker` must be in [0, 2^53], got {tracker_value}; nothing was loaded")
         }
-        if let Some(extra) = dict
-            .keys()
-            .find(|k| *k != KEY_SCALE && *k != KEY_GROWTH_TRACKER)
-        {
-            bail!("GradScaler::load_state_dict: unexpected `{extra}`; nothing was loaded")
-        }
+        reader.refuse_unknown(&[KEY_SCALE, KEY_GROWTH_TRACKER])?;
         let device = self
             .state
             .as_ref()

@@ -2,12 +2,12 @@
 //! (on this rank or across a process group), skip a non-finite step, step the inner optimizer,
 //! keep the counters.
 
-use candle_core::{backprop::GradStore, DType, Result, Tensor};
+use candle_core::{backprop::GradStore, bail, DType, Result, Tensor};
 use candle_nn::Optimizer;
 
 use super::Clipped;
 use crate::clip::agc::adaptive_clip;
-use crate::clip::norm::{clip_grads_with_norm_, total_norm};
+use crate::clip::norm::{scale_with_given_norm, total_norm};
 use crate::clip::value::clip_grad_value_;
 use crate::dist::agreement::{refuse, Agreement, Call, Field, RankError, Refusal};
 use crate::dist::{self, ProcessGroup};
@@ -15,6 +15,7 @@ use crate::ops::clip::{returned_norm, DEFAULT_EPS};
 use crate::ops::gradients::{check_matches_var, GradientSet};
 use crate::ops::norm_type::NormType;
 use crate::optim::clip_setting::{agree_on, ClipSetting};
+use crate::optim::decide::PolicyStep;
 
 const CALLER: &str = "Clipped::step_across";
 
@@ -107,192 +108,193 @@ impl<O: Optimizer> Clipped<O> {
     }
 
     /// Clips `view` by the setting (across ranks: after the clip's collective, which carries
-    /// `prior`) and steps the inner optimizer.
+    /// `prior`) and steps the inner optimizer; a failure leaves the policies as they were.
     fn clip_and_step(
         &mut self,
         grads: &GradStore,
         mut view: GradStore,
         group: Option<&dyn ProcessGroup>,
         largest: Option<Tensor>,
-        mut prior: Option<RankError>,
+        prior: Option<RankError>,
         agreement: Agreement,
     ) -> Result<()> {
-        // Whether this rank is past the step's last collective (set by each path once its
-        // collective returned): across ranks, a failure from then on is this rank's alone.
+        let mut policy = PolicyStep::begin(Some(&self.clip));
+        // Whether this rank is past the step's last collective: across ranks, a failure from
+        // then on is this rank's alone.
         let mut past_collective = false;
-        // The policies' state changes with the clip; put it back if the inner step fails.
-        let saved_clip = matches!(self.clip, ClipSetting::AutoClip(_) | ClipSetting::ZClip(_))
-            .then(|| self.clip.clone());
-        let vars = &self.vars;
-        let clipped = (|| -> Result<(Tensor, Tensor)> {
-            Ok(match &mut self.clip {
-                ClipSetting::Norm(clip) => {
-                    let norm = match group {
-                        Some(group) => {
-                            // The norm's collective, then the scale pass (past it).
-                            let plan = dist::plan_clip_across(
-                                vars,
-                                &[],
-                                &view,
-                                clip.settings(),
-                                Ok(()),
-                                agreement,
-                                prior.take(),
-                                group,
-                            )?;
-                            past_collective = true;
-                            plan.apply()?
-                        }
-                        None => clip.clip_(vars, &mut view)?,
-                    };
-                    let not_clipped = not_clipped_by_norm(&norm, clip.max_norm(), clip.eps())?;
-                    (norm, not_clipped)
-                }
-                ClipSetting::Value { clip_value } => {
-                    let norm = match (largest, group) {
-                        (Some(norm), _) => norm,
-                        (None, Some(group)) => dist::vars_norm_across(
-                            CALLER,
-                            vars,
-                            &view,
-                            NormType::Inf,
-                            agreement,
-                            prior.take(),
-                            group,
-                        )?,
-                        (None, None) => total_norm(vars, &view, NormType::Inf, false)?,
-                    };
-                    past_collective = true;
-                    clip_grad_value_(vars, &mut view, *clip_value)?;
-                    let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
-                    (norm, not_clipped)
-                }
-                ClipSetting::AutoClip(autoclip) => {
-                    let (norm, threshold) = match group {
-                        Some(group) => {
-                            // As `AutoClip::clip_`, with the global norm.
-                            let norm = dist::vars_norm_across(
-                                CALLER,
-                                vars,
-                                &view,
-                                NormType::L2,
-                                agreement,
-                                prior.take(),
-                                group,
-                            )?;
-                            past_collective = true;
-                            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                            let threshold = autoclip.threshold_with(value);
-                            clip_grads_with_norm_(vars, &mut view, threshold, &norm)?;
-                            autoclip.record(value);
-                            (norm, threshold)
-                        }
-                        None => autoclip.clip_with_threshold_(vars, &mut view)?,
-                    };
-                    let not_clipped = not_clipped_by_norm(&norm, threshold, DEFAULT_EPS)?;
-                    (norm, not_clipped)
-                }
-                ClipSetting::ZClip(zclip) => {
-                    // A step without gradients leaves ZClip alone (and is not clipped).
-                    let any = self.vars.iter().any(|v| view.get(v.as_tensor()).is_some());
-                    match group {
-                        Some(group) => {
-                            // ZClip on the global norm: its statistics updated on the host (the norm
-                            // across ranks is read there anyway), the coefficient applied as a
-                            // given norm.
-                            // The exact global norm (not its F32 rounding): ZClip's input rule
-                            // (`zclip::input`) needs it, as in one process.
-                            let local = match prior.take() {
-                                Some(e) => Err(e),
-                                None => {
-                                    refuse(Refusal::Gradients, GradientSet::collect(vars, &view))
-                                }
-                            };
-                            let (value, norm) = dist::set_norm_across(
-                                CALLER,
-                                local,
-                                NormType::L2,
-                                agreement,
-                                group,
-                            )?;
-                            past_collective = true;
-                            let (given, max_norm, eps) =
-                                zclip.step_for_norm(value, norm.dtype(), norm.device())?;
-                            let c = zclip.last_coefficient()?.unwrap_or(1.0);
-                            if any {
-                                let given =
-                                    Tensor::new(given, norm.device())?.to_dtype(DType::F64)?;
-                                crate::clip::norm::scale_with_given_norm(
-                                    vars, &mut view, max_norm, eps, &given,
-                                )?;
-                            }
-                            let not_clipped = Tensor::new(u8::from(c >= 1.0), norm.device())?;
-                            (norm, not_clipped)
-                        }
-                        None => {
-                            let norm = zclip.clip_(vars, &mut view)?;
-                            // Not clipped iff the coefficient was 1 (false for NaN), on the device.
-                            let not_clipped = match zclip.last_coefficient_tensor()? {
-                                Some(c) if any => c.ge(1.0)?,
-                                _ => Tensor::new(1u8, norm.device())?,
-                            };
-                            (norm, not_clipped)
-                        }
-                    }
-                }
-                ClipSetting::Agc { clipping, eps } => {
-                    // Unit-wise: each rank clips its own units; across ranks `last_norm` is the
-                    // global L2 norm before clipping.
-                    let global = match group {
-                        Some(group) => {
-                            let norm = dist::vars_norm_across(
-                                CALLER,
-                                vars,
-                                &view,
-                                NormType::L2,
-                                agreement,
-                                prior.take(),
-                                group,
-                            )?;
-                            past_collective = true;
-                            Some(norm)
-                        }
-                        None => None,
-                    };
-                    let outcome = adaptive_clip(vars, &view, *clipping, *eps)?;
-                    // Not clipped iff no unit was, on the device.
-                    let clipped = outcome.clipped;
-                    (
-                        global.unwrap_or(outcome.norm),
-                        clipped.eq(&clipped.zeros_like()?)?,
-                    )
-                }
-            })
-        })();
-        // A failed clip leaves the policies as they were (nothing was written then either).
+        let clipped = match group {
+            Some(group) => {
+                let across = Across {
+                    group,
+                    prior,
+                    agreement,
+                    past_collective: &mut past_collective,
+                };
+                self.clip_across(&mut view, largest, across, &mut policy)
+            }
+            None => self.clip_here(&mut view, largest),
+        };
         let (norm, not_clipped) = match clipped {
             Ok(done) => done,
             Err(e) => {
-                if let Some(clip) = saved_clip {
-                    self.clip = clip;
-                }
+                policy.roll_back(Some(&mut self.clip));
                 self.diverge_if(group.filter(|_| past_collective), &e);
                 return Err(e);
             }
         };
         if let Err(e) = self.inner.step(grads) {
-            if let Some(clip) = saved_clip {
-                self.clip = clip;
-            }
+            policy.roll_back(Some(&mut self.clip));
             self.diverge_if(group, &e);
             return Err(e);
         }
+        policy.commit(Some(&mut self.clip));
         self.count(not_clipped)?;
         self.steps += 1;
         self.skip_run = 0;
         self.last_norm = Some(norm);
         Ok(())
     }
+
+    /// Clips `view` in place on this process; returns the norm before clipping and whether the
+    /// step was left unclipped (0-d `U8`, on the device). `largest`: the largest `|g|`, when
+    /// skipping measured it.
+    fn clip_here(
+        &mut self,
+        view: &mut GradStore,
+        largest: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let vars = &self.vars;
+        Ok(match &mut self.clip {
+            ClipSetting::Norm(clip) => {
+                let norm = clip.clip_(vars, view)?;
+                let not_clipped = not_clipped_by_norm(&norm, clip.max_norm(), clip.eps())?;
+                (norm, not_clipped)
+            }
+            ClipSetting::Value { clip_value } => {
+                let norm = match largest {
+                    Some(norm) => norm,
+                    None => total_norm(vars, view, NormType::Inf, false)?,
+                };
+                clip_grad_value_(vars, view, *clip_value)?;
+                let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
+                (norm, not_clipped)
+            }
+            ClipSetting::AutoClip(autoclip) => {
+                let (norm, threshold) = autoclip.clip_with_threshold_(vars, view)?;
+                let not_clipped = not_clipped_by_norm(&norm, threshold, DEFAULT_EPS)?;
+                (norm, not_clipped)
+            }
+            ClipSetting::ZClip(zclip) => {
+                // A step without gradients leaves ZClip alone (and is not clipped).
+                let any = vars.iter().any(|v| view.get(v.as_tensor()).is_some());
+                let norm = zclip.clip_(vars, view)?;
+                // Not clipped iff the coefficient was 1 (false for NaN), on the device.
+                let not_clipped = match zclip.last_coefficient_tensor()? {
+                    Some(c) if any => c.ge(1.0)?,
+                    _ => Tensor::new(1u8, norm.device())?,
+                };
+                (norm, not_clipped)
+            }
+            ClipSetting::Agc { clipping, eps } => {
+                let outcome = adaptive_clip(vars, view, *clipping, *eps)?;
+                let not_clipped = outcome.clipped.eq(&outcome.clipped.zeros_like()?)?;
+                (outcome.norm, not_clipped)
+            }
+        })
+    }
+
+    /// [`clip_here`](Self::clip_here) across the ranks of `across.group`: the norm (or the
+    /// largest `|g|`) over every rank from the step's collective, which carries `across.prior`;
+    /// the policies decide from it as one process would ([`PolicyStep::given_norm`]).
+    fn clip_across(
+        &mut self,
+        view: &mut GradStore,
+        largest: Option<Tensor>,
+        across: Across<'_, '_>,
+        policy: &mut PolicyStep,
+    ) -> Result<(Tensor, Tensor)> {
+        let Across {
+            group,
+            mut prior,
+            agreement,
+            past_collective,
+        } = across;
+        let vars = &self.vars;
+        if let ClipSetting::Norm(clip) = &self.clip {
+            // The norm's collective, then the scale pass (past it).
+            let plan = dist::plan_clip_across(
+                vars,
+                &[],
+                view,
+                clip.settings(),
+                Ok(()),
+                agreement,
+                prior.take(),
+                group,
+            )?;
+            *past_collective = true;
+            let norm = plan.apply()?;
+            let not_clipped = not_clipped_by_norm(&norm, clip.max_norm(), clip.eps())?;
+            return Ok((norm, not_clipped));
+        }
+        if let (ClipSetting::Value { clip_value }, Some(norm)) = (&self.clip, largest) {
+            // Skipping already took the global largest |g| (its collective).
+            *past_collective = true;
+            clip_grad_value_(vars, view, *clip_value)?;
+            let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
+            return Ok((norm, not_clipped));
+        }
+        // One collective for the global norm: the largest |g| for value clipping, else L2 (the
+        // exact value: ZClip's input rule needs it, as in one process).
+        let norm_type = match self.clip {
+            ClipSetting::Value { .. } => NormType::Inf,
+            _ => NormType::L2,
+        };
+        let local = match prior.take() {
+            Some(e) => Err(e),
+            None => refuse(Refusal::Gradients, GradientSet::collect(vars, view)),
+        };
+        let (value, norm) = dist::set_norm_across(CALLER, local, norm_type, agreement, group)?;
+        *past_collective = true;
+        let given = policy.given_norm(&mut self.clip, value, norm.dtype(), norm.device())?;
+        let not_clipped = match (&self.clip, given) {
+            (ClipSetting::Value { clip_value }, _) => {
+                clip_grad_value_(vars, view, *clip_value)?;
+                not_clipped_by_norm(&norm, *clip_value, 0.0)?
+            }
+            (ClipSetting::Agc { clipping, eps }, _) => {
+                // Unit-wise: each rank clips its own units; `last_norm` is the global L2 norm.
+                let clipped = adaptive_clip(vars, view, *clipping, *eps)?.clipped;
+                clipped.eq(&clipped.zeros_like()?)?
+            }
+            (clip, Some(given)) => {
+                // A step without gradients leaves them alone (and ZClip's is not clipped).
+                if vars.iter().any(|v| view.get(v.as_tensor()).is_some()) {
+                    let at = Tensor::new(given.norm, norm.device())?;
+                    scale_with_given_norm(vars, view, given.max_norm, given.eps, &at)?;
+                }
+                match clip {
+                    ClipSetting::ZClip(zclip) => {
+                        let c = zclip.last_coefficient()?.unwrap_or(1.0);
+                        Tensor::new(u8::from(c >= 1.0), norm.device())?
+                    }
+                    _ => not_clipped_by_norm(&norm, given.max_norm, given.eps)?,
+                }
+            }
+            (_, None) => bail!("internal error: a norm clip across ranks without its decision"),
+        };
+        Ok((norm, not_clipped))
+    }
+}
+
+/// A step across ranks: its group, the error that refused this rank before the step's
+/// collective (it still takes part), the settings' fingerprint, and where to note that the
+/// collective returned.
+struct Across<'g, 'p> {
+    group: &'g dyn ProcessGroup,
+    prior: Option<RankError>,
+    agreement: Agreement,
+    past_collective: &'p mut bool,
 }
 
 impl<O> Clipped<O> {

@@ -300,7 +300,5 @@ impl FusedCore {
     }
 }
 
-/// The error of a non-finite step past `max_consecutive_skips = limit`, `run` skipped before it.
-
 /// The caller named in the errors of a fused optimizer's step.
 pub(super) const CALLER: &str = "fused optimizer step";

@@ -8,12 +8,14 @@ use crate::dispatch;
 use crate::dist;
 use crate::dist::agreement::{refuse, Agreement, Call, Field, RankError, Refusal};
 use crate::dist::ProcessGroup;
-use crate::ops::clip::{nonfinite_error, returned_norm, DEFAULT_EPS};
+use crate::ops::clip::{nonfinite_error, returned_norm};
 use crate::ops::fault;
 use crate::ops::fused_step::{Rule, Step, StepClip, Target};
 use crate::ops::gradients::{check_matches_var, storage_key, GradientSet};
 use crate::ops::norm_type::NormType;
+use crate::ops::zclip::ZClipParams;
 use crate::optim::clip_setting::{agree_on, prescale_supports, ClipSetting};
+use crate::optim::decide::{GivenNorm, PolicyStep};
 
 /// A step across the ranks of `group`; `refused`: the error that refused this rank before the
 /// step (its optimizer's parameters). The rank still takes part in the step's collective, so
@@ -252,21 +254,7 @@ impl FusedCore {
         prescale: Option<&Tensor>,
         global_norm: Option<(f64, Tensor)>,
     ) -> Result<()> {
-        // `error_if_nonfinite`: a non-finite norm is an error before anything changes (one host
-        // read; on this rank, one more read pass for the norm).
-        if let Some(ClipSetting::Norm(clip)) = &self.clip {
-            if clip.error_if_nonfinite() {
-                let value = match &global_norm {
-                    Some((value, norm)) => returned_norm(*value, norm.dtype()),
-                    None => dispatch::norm::total_norm(&set, clip.norm_type())?
-                        .to_dtype(DType::F64)?
-                        .to_scalar::<f64>()?,
-                };
-                if !value.is_finite() {
-                    return Err(nonfinite_error(value, clip.norm_type()));
-                }
-            }
-        }
+        self.refuse_nonfinite_norm(&set, global_norm.as_ref())?;
         // Value clipping and AGC across ranks with skipping on: the global norm (the largest |g|,
         // or the L2 norm, non-finite exactly when a gradient is) decides the skip (known on the
         // host: the collective returned it), so every rank skips together. (The other clips
@@ -280,123 +268,31 @@ impl FusedCore {
                 return Ok(());
             }
         }
-        // The exact global norm (F64) that the step's coefficient is computed from; for ZClip
-        // across ranks, the norm that gives its coefficient (`ZClip::step_for_norm`).
-        // AutoClip takes the norm as returned (rounded to its dtype), as in one process. On the
-        // vars' device (a rank without gradients has a CPU `set`).
-        let mut given = match &global_norm {
-            Some((value, norm)) => {
-                let value = if matches!(self.clip, Some(ClipSetting::AutoClip(_))) {
-                    returned_norm(*value, norm.dtype())
-                } else {
-                    *value
-                };
-                Some(Tensor::new(value, &self.device)?)
-            }
-            None => None,
-        };
-        // ZClip's state changes before the step: put it back if the step fails.
-        let saved_zclip =
-            matches!(self.clip, Some(ClipSetting::ZClip(_))).then(|| self.clip.clone());
-        let mut zclip_given: Option<(f64, f64)> = None;
-        if let (Some(ClipSetting::ZClip(zclip)), Some((value, norm))) =
-            (&mut self.clip, &global_norm)
-        {
-            let (norm_value, max_norm, eps) =
-                zclip.step_for_norm(*value, norm.dtype(), &self.device)?;
-            given = Some(Tensor::new(norm_value, &self.device)?);
-            zclip_given = Some((max_norm, eps));
-        }
-        // AutoClip's norm of this step (kept for `last_norm` and its history), read to the host
-        // for its percentile.
-        let mut autoclip_norm: Option<(Tensor, f64)> = None;
-        let mut zclip_state: Option<Tensor> = None;
-        let clip = match (&self.clip, &given, &global_norm) {
-            (Some(ClipSetting::Norm(norm_clip)), Some(given), _) => StepClip::GivenNorm {
-                norm: given,
-                max_norm: norm_clip.max_norm(),
-                eps: norm_clip.eps(),
-            },
-            (Some(ClipSetting::AutoClip(autoclip)), Some(given), Some((value, norm))) => {
-                let value = returned_norm(*value, norm.dtype());
-                let threshold = autoclip.threshold_with(value);
-                autoclip_norm = Some((norm.clone(), value));
-                StepClip::GivenNorm {
-                    norm: given,
-                    max_norm: threshold,
-                    eps: DEFAULT_EPS,
-                }
-            }
-            (Some(ClipSetting::ZClip(_)), Some(given), _) => {
-                let Some((max_norm, eps)) = zclip_given else {
-                    bail!("internal error: ZClip across ranks without its clip")
-                };
-                StepClip::GivenNorm {
-                    norm: given,
-                    max_norm,
-                    eps,
-                }
-            }
-            // skip_nonfinite without a clip: the global max |g| decides; a finite one gives the
-            // coefficient 1 (no write), a non-finite one skips the step on every rank.
-            (None, Some(given), _) => StepClip::GivenNorm {
-                norm: given,
-                max_norm: f64::INFINITY,
-                eps: 0.0,
-            },
-            (None, _, _) => StepClip::None,
-            (Some(ClipSetting::Norm(norm_clip)), _, _) => StepClip::Norm {
-                norm_type: norm_clip.norm_type(),
-                max_norm: norm_clip.max_norm(),
-                eps: norm_clip.eps(),
-            },
-            (Some(ClipSetting::Value { clip_value }), _, _) => StepClip::Value(*clip_value),
-            // A step without gradients leaves the statistics alone.
-            (Some(ClipSetting::ZClip(_)), _, _) if set.grads().is_empty() => StepClip::None,
-            (Some(ClipSetting::ZClip(zclip)), _, _) => StepClip::ZClip {
-                state: zclip_state.insert(zclip.state_on(&self.device)?),
-                params: zclip.params(),
-            },
-            (Some(ClipSetting::Agc { clipping, eps }), _, _) => StepClip::Agc {
-                clipping: *clipping,
-                eps: *eps,
-            },
-            (Some(ClipSetting::AutoClip(autoclip)), _, _) => {
-                let norm = dispatch::norm::total_norm(&set, NormType::L2)?;
-                let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let threshold = autoclip.threshold_with(value);
-                StepClip::GivenNorm {
-                    norm: &autoclip_norm.insert((norm, value)).0,
-                    max_norm: threshold,
-                    eps: DEFAULT_EPS,
-                }
-            }
-        };
-        let outcome = match dispatch::fused_step::fused_step(&Step {
-            targets,
-            grads: &set,
-            rule,
-            clip,
-            skip_nonfinite: self.skip.skip_nonfinite,
-            prescale,
-            control: &self.control,
-            state: &self.state,
-        }) {
-            Ok(outcome) => outcome,
+        let mut policy = PolicyStep::begin(self.clip.as_ref());
+        let planned = self.plan_clip(&set, global_norm.as_ref(), &mut policy);
+        let outcome = planned.and_then(|(planned, measured)| {
+            let outcome = dispatch::fused_step::fused_step(&Step {
+                targets,
+                grads: &set,
+                rule,
+                clip: planned.step_clip(),
+                skip_nonfinite: self.skip.skip_nonfinite,
+                prescale,
+                control: &self.control,
+                state: &self.state,
+            })?;
+            Ok((outcome, measured))
+        });
+        let (outcome, measured) = match outcome {
+            Ok(done) => done,
             Err(e) => {
-                if let Some(clip) = saved_zclip {
-                    self.clip = clip;
-                }
+                policy.roll_back(self.clip.as_mut());
                 return Err(e);
             }
         };
-        self.last_norm = match autoclip_norm {
-            Some((norm, value)) => {
-                if let Some(ClipSetting::AutoClip(autoclip)) = &mut self.clip {
-                    autoclip.record(value);
-                }
-                Some(norm)
-            }
+        policy.commit(self.clip.as_mut());
+        self.last_norm = match measured {
+            Some(norm) => Some(norm),
             // Across ranks, the clip's norm is the global one (GivenNorm reports none; AGC's
             // own pass measures only this rank's gradients).
             None if global_norm.is_some() && self.clip.is_some() => {
@@ -410,6 +306,94 @@ impl FusedCore {
             zclip.set_state(state);
         }
         Ok(())
+    }
+
+    /// `error_if_nonfinite`: a non-finite norm is an error before anything changes (one host
+    /// read; on this rank, one more read pass for the norm).
+    fn refuse_nonfinite_norm(
+        &self,
+        set: &GradientSet,
+        global_norm: Option<&(f64, Tensor)>,
+    ) -> Result<()> {
+        let Some(ClipSetting::Norm(clip)) = &self.clip else {
+            return Ok(());
+        };
+        if !clip.error_if_nonfinite() {
+            return Ok(());
+        }
+        let value = match global_norm {
+            Some((value, norm)) => returned_norm(*value, norm.dtype()),
+            None => dispatch::norm::total_norm(set, clip.norm_type())?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?,
+        };
+        if !value.is_finite() {
+            return Err(nonfinite_error(value, clip.norm_type()));
+        }
+        Ok(())
+    }
+
+    /// The clip of this step, decided from the setting: across ranks (`global_norm`), the
+    /// settings that bound a global norm become a given-norm clip
+    /// ([`PolicyStep::given_norm`]); on one rank AutoClip measures the norm first (returned as
+    /// the step's `last_norm`), and the others are folded into the update.
+    fn plan_clip(
+        &mut self,
+        set: &GradientSet,
+        global_norm: Option<&(f64, Tensor)>,
+        policy: &mut PolicyStep,
+    ) -> Result<(PlannedClip, Option<Tensor>)> {
+        let device = self.device.clone();
+        if let Some((value, norm)) = global_norm {
+            let given = match &mut self.clip {
+                // skip_nonfinite without a clip: the global max |g| decides; a finite one gives
+                // the coefficient 1 (no write), a non-finite one skips the step on every rank.
+                None => Some(GivenNorm {
+                    norm: *value,
+                    max_norm: f64::INFINITY,
+                    eps: 0.0,
+                }),
+                Some(clip) => policy.given_norm(clip, *value, norm.dtype(), &device)?,
+            };
+            if let Some(given) = given {
+                let at = Tensor::new(given.norm, &device)?;
+                return Ok((PlannedClip::Given(at, given), None));
+            }
+        }
+        Ok(match &mut self.clip {
+            None => (PlannedClip::None, None),
+            Some(ClipSetting::Norm(clip)) => (
+                PlannedClip::Norm {
+                    norm_type: clip.norm_type(),
+                    max_norm: clip.max_norm(),
+                    eps: clip.eps(),
+                },
+                None,
+            ),
+            Some(ClipSetting::Value { clip_value }) => (PlannedClip::Value(*clip_value), None),
+            // A step without gradients leaves the statistics alone.
+            Some(ClipSetting::ZClip(_)) if set.grads().is_empty() => (PlannedClip::None, None),
+            Some(ClipSetting::ZClip(zclip)) => (
+                PlannedClip::ZClip(zclip.state_on(&device)?, zclip.params()),
+                None,
+            ),
+            Some(ClipSetting::Agc { clipping, eps }) => (
+                PlannedClip::Agc {
+                    clipping: *clipping,
+                    eps: *eps,
+                },
+                None,
+            ),
+            Some(clip @ ClipSetting::AutoClip(_)) => {
+                // Its percentile is a host computation: the norm is read back first.
+                let norm = dispatch::norm::total_norm(set, NormType::L2)?;
+                let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let Some(given) = policy.given_norm(clip, value, norm.dtype(), &device)? else {
+                    bail!("internal error: AutoClip without its threshold")
+                };
+                (PlannedClip::Given(norm.clone(), given), Some(norm))
+            }
+        })
     }
 
     /// The norm a step across ranks needs from the group: the clip's norm (AutoClip, ZClip and
@@ -482,4 +466,54 @@ fn check_gradient(i: usize, var: &Var, grad: &Tensor) -> Result<()> {
         bail!("fused optimizer step: the gradient of var #{i} shares the var's storage; nothing was modified")
     }
     Ok(())
+}
+
+/// The clip of one fused step, owning the tensors [`StepClip`] borrows.
+enum PlannedClip {
+    None,
+    Norm {
+        norm_type: NormType,
+        max_norm: f64,
+        eps: f64,
+    },
+    Value(f64),
+    /// The norm as a 0-d tensor on the vars' device, and the clip.
+    Given(Tensor, GivenNorm),
+    /// ZClip's statistics on the vars' device, and its settings.
+    ZClip(Tensor, ZClipParams),
+    Agc {
+        clipping: f64,
+        eps: f64,
+    },
+}
+
+impl PlannedClip {
+    fn step_clip(&self) -> StepClip<'_> {
+        match self {
+            PlannedClip::None => StepClip::None,
+            PlannedClip::Norm {
+                norm_type,
+                max_norm,
+                eps,
+            } => StepClip::Norm {
+                norm_type: *norm_type,
+                max_norm: *max_norm,
+                eps: *eps,
+            },
+            PlannedClip::Value(v) => StepClip::Value(*v),
+            PlannedClip::Given(norm, given) => StepClip::GivenNorm {
+                norm,
+                max_norm: given.max_norm,
+                eps: given.eps,
+            },
+            PlannedClip::ZClip(state, params) => StepClip::ZClip {
+                state,
+                params: *params,
+            },
+            PlannedClip::Agc { clipping, eps } => StepClip::Agc {
+                clipping: *clipping,
+                eps: *eps,
+            },
+        }
+    }
 }
