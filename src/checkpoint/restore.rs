@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use candle_core::Result;
+use candle_core::{Result, Var};
 use candle_nn::VarMap;
 
 use super::clip;
@@ -15,7 +15,7 @@ use super::optimizer::CheckpointOptimizer;
 use crate::amp::grad_scaler::GradScaler;
 use crate::io::format::Entry;
 use crate::optim::clip_setting::ClipSetting;
-use crate::optim::fused::state_dict::StateValue;
+use crate::optim::fused::state_dict::{StateBackup, StateValue};
 
 impl TrainingCheckpoint {
     /// Starts restoring it into `varmap` (whose vars it sets) and the components given to the
@@ -150,133 +150,12 @@ impl<'a> Restore<'a> {
             clip: clip_target,
             grad_scaler,
         } = self;
-        let fail = |what: String| -> candle_core::Error {
-            candle_core::Error::Msg(format!(
-                "TrainingCheckpoint::restore: {what}; nothing was changed"
-            ))
-        };
-
-        // The vars: the same names, shapes and dtypes.
+        // Every component is checked (and its new state prepared) before any is changed.
         let vars = sorted_vars(varmap)?;
-        let names: HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some(extra) = ck.var_names().into_iter().find(|n| !names.contains(n)) {
-            return Err(fail(format!(
-                "the checkpoint holds var `{extra}`, which the VarMap does not have"
-            )));
-        }
-        let mut new_values: Vec<&Entry> = Vec::with_capacity(vars.len());
-        for (name, var) in &vars {
-            let Some(e) = ck.entries.get(&format!("{VARS}{name}")) else {
-                return Err(fail(format!("the checkpoint has no var `{name}`")));
-            };
-            if e.shape != var.dims() {
-                return Err(fail(format!(
-                    "var `{name}` has shape {:?} in the checkpoint but {:?} in the VarMap",
-                    e.shape,
-                    var.dims()
-                )));
-            }
-            if e.dtype != var.dtype() {
-                return Err(fail(format!(
-                    "var `{name}` has dtype {:?} in the checkpoint but {:?} in the VarMap",
-                    e.dtype,
-                    var.dtype()
-                )));
-            }
-            new_values.push(e);
-        }
-
-        // The optimizer: the same kind and clip setting; its clip's state prepared on a copy.
-        let saved_kind = ck.meta.get(KEY_OPTIMIZER);
-        let optimizer_plan = match (optimizer, saved_kind) {
-            (None, None) => None,
-            (None, Some(kind)) => {
-                return Err(fail(format!(
-                    "the checkpoint holds the state of a {kind}: pass the optimizer to restore"
-                )))
-            }
-            (Some(opt), None) => {
-                return Err(fail(format!(
-                    "the checkpoint holds no optimizer state, but a {} was given",
-                    opt.kind()
-                )))
-            }
-            (Some(opt), Some(kind)) => {
-                if kind != opt.kind() {
-                    return Err(fail(format!(
-                        "the checkpoint holds the state of a {kind}, not of a {}",
-                        opt.kind()
-                    )));
-                }
-                let saved = ck
-                    .meta
-                    .get(KEY_OPTIMIZER_CLIP)
-                    .map_or("none", String::as_str);
-                let ours = clip::describe(opt.clip());
-                if saved != ours {
-                    return Err(fail(format!(
-                        "the checkpoint's {kind} clips with {saved}, this one with {ours}"
-                    )));
-                }
-                let clip_state = ck.section(OPTIMIZER_CLIP)?;
-                let new_clip = match opt.clip() {
-                    Some(c) => Some(
-                        clip::with_state(c, &clip_state)
-                            .map_err(|e| fail(format!("the optimizer's clip state: {e}")))?,
-                    ),
-                    None => None,
-                };
-                // Each optimizer var's state, found under its VarMap name.
-                let keys = var_keys(
-                    &names_by_id(&vars),
-                    opt.optimizer_vars(),
-                    "TrainingCheckpoint::restore",
-                )
-                .map_err(|e| fail(e.to_string()))?;
-                Some((opt, keys, new_clip))
-            }
-        };
-
-        // The separate clip setting.
-        let clip_plan = match (clip_target, ck.meta.get(KEY_CLIP)) {
-            (None, None) => None,
-            (None, Some(saved)) => {
-                return Err(fail(format!(
-                    "the checkpoint holds a clip setting ({saved}): pass it to restore"
-                )))
-            }
-            (Some(_), None) => return Err(fail("the checkpoint holds no clip setting".into())),
-            (Some(target), Some(saved)) => {
-                let ours = clip::describe(Some(target));
-                if *saved != ours {
-                    return Err(fail(format!(
-                        "the checkpoint's clip setting is {saved}, this one is {ours}"
-                    )));
-                }
-                let new = clip::with_state(target, &ck.section(CLIP)?)
-                    .map_err(|e| fail(format!("the clip state: {e}")))?;
-                Some((target, new))
-            }
-        };
-
-        // The scaler, loaded into a copy.
-        let scaler_plan = match (grad_scaler, ck.meta.contains_key(KEY_SCALER)) {
-            (None, false) => None,
-            (None, true) => {
-                return Err(fail(
-                    "the checkpoint holds a GradScaler's state: pass the scaler to restore".into(),
-                ))
-            }
-            (Some(_), false) => {
-                return Err(fail("the checkpoint holds no GradScaler state".into()))
-            }
-            (Some(target), true) => {
-                let mut new = target.clone();
-                new.load_state_dict(&ck.section(SCALER)?)
-                    .map_err(|e| fail(format!("the GradScaler state: {e}")))?;
-                Some((target, new))
-            }
-        };
+        let new_values = check_vars(ck, &vars)?;
+        let optimizer_plan = plan_optimizer(ck, optimizer, &vars)?;
+        let clip_plan = plan_clip(ck, clip_target)?;
+        let scaler_plan = plan_scaler(ck, grad_scaler)?;
 
         // Everything checked: apply. The optimizer's load checks its state whole before it
         // changes anything, so it goes first; what follows cannot fail but on a device error,
@@ -288,60 +167,15 @@ impl<'a> Restore<'a> {
             .map(|(_, v)| Entry::from_tensor(v.as_tensor()))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| {
-                fail(format!(
+                refused(format!(
                     "cannot read the vars' old values for a rollback: {e}"
                 ))
             })?;
-        let mut rollback_optimizer = None;
-        if let Some((opt, keys, new_clip)) = optimizer_plan {
-            let values: HashMap<&str, StateValue<'_>> = ck
-                .section_entries(OPTIMIZER)
-                .map(|(k, e)| (k, StateValue::Entry(e)))
-                .collect();
-            let old_state = opt
-                .load_optimizer_values(&values, &keys)
-                .map_err(|e| fail(format!("the optimizer state: {e}")))?;
-            let old_clip = opt.clip().cloned();
-            if let Some(c) = new_clip {
-                if let Err(e) = opt.replace_clip(c) {
-                    let outcome = match opt.put_back_state(old_state) {
-                        Ok(()) => "nothing was changed",
-                        Err(_) => "putting the optimizer's state back failed as well",
-                    };
-                    return Err(candle_core::Error::Msg(format!(
-                        "TrainingCheckpoint::restore: the optimizer's clip setting: {e}; {outcome}"
-                    )));
-                }
-            }
-            rollback_optimizer = Some((opt, old_state, old_clip));
-        }
-        for (i, ((name, var), value)) in vars.iter().zip(&new_values).enumerate() {
-            if let Err(e) = value.to_tensor(var.device()).and_then(|t| var.set(&t)) {
-                // Var `i` may be half written: it is put back too.
-                let mut put_back = true;
-                for ((_, var), old) in vars.iter().zip(&old_values).take(i + 1) {
-                    put_back &= old
-                        .to_tensor(var.device())
-                        .and_then(|t| var.set(&t))
-                        .is_ok();
-                }
-                if let Some((opt, state, clip)) = rollback_optimizer {
-                    put_back &= opt.put_back_state(state).is_ok();
-                    if let Some(c) = clip {
-                        put_back &= opt.replace_clip(c).is_ok();
-                    }
-                }
-                let outcome = if put_back {
-                    "the vars and the optimizer were put back as they were"
-                } else {
-                    "putting the vars and the optimizer back failed as well: they are partly \
-                     restored, load the checkpoint again or start afresh"
-                };
-                return Err(candle_core::Error::Msg(format!(
-                    "TrainingCheckpoint::restore: cannot set var `{name}` ({e}); {outcome}"
-                )));
-            }
-        }
+        let rollback = match optimizer_plan {
+            Some(plan) => Some(load_optimizer(ck, plan)?),
+            None => None,
+        };
+        set_vars(&vars, &new_values, &old_values, rollback)?;
         if let Some((target, new)) = clip_plan {
             *target = new;
         }
@@ -350,4 +184,226 @@ impl<'a> Restore<'a> {
         }
         Ok(())
     }
+}
+
+/// The error of a restore refused before anything changed.
+fn refused(what: String) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "TrainingCheckpoint::restore: {what}; nothing was changed"
+    ))
+}
+
+/// The checkpoint's value of each var of the VarMap (`vars`, sorted by name): the same names,
+/// shapes and dtypes on both sides.
+fn check_vars<'c>(ck: &'c TrainingCheckpoint, vars: &[(String, Var)]) -> Result<Vec<&'c Entry>> {
+    let names: HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some(extra) = ck.var_names().into_iter().find(|n| !names.contains(n)) {
+        return Err(refused(format!(
+            "the checkpoint holds var `{extra}`, which the VarMap does not have"
+        )));
+    }
+    let mut new_values: Vec<&Entry> = Vec::with_capacity(vars.len());
+    for (name, var) in vars {
+        let Some(e) = ck.entries.get(&format!("{VARS}{name}")) else {
+            return Err(refused(format!("the checkpoint has no var `{name}`")));
+        };
+        if e.shape != var.dims() {
+            return Err(refused(format!(
+                "var `{name}` has shape {:?} in the checkpoint but {:?} in the VarMap",
+                e.shape,
+                var.dims()
+            )));
+        }
+        if e.dtype != var.dtype() {
+            return Err(refused(format!(
+                "var `{name}` has dtype {:?} in the checkpoint but {:?} in the VarMap",
+                e.dtype,
+                var.dtype()
+            )));
+        }
+        new_values.push(e);
+    }
+    Ok(new_values)
+}
+
+/// An optimizer to restore: it, the checkpoint key of each of its vars' state, and its clip
+/// setting with the checkpoint's state loaded (a copy).
+type OptimizerPlan<'a> = (
+    &'a mut dyn CheckpointOptimizer,
+    Vec<String>,
+    Option<ClipSetting>,
+);
+
+/// The optimizer's restore, checked: the same kind and clip setting as the checkpoint's, its
+/// clip's state prepared on a copy, each var's state found under its VarMap name.
+fn plan_optimizer<'a>(
+    ck: &TrainingCheckpoint,
+    optimizer: Option<&'a mut dyn CheckpointOptimizer>,
+    vars: &[(String, Var)],
+) -> Result<Option<OptimizerPlan<'a>>> {
+    let opt = match (optimizer, ck.meta.get(KEY_OPTIMIZER)) {
+        (None, None) => return Ok(None),
+        (None, Some(kind)) => {
+            return Err(refused(format!(
+                "the checkpoint holds the state of a {kind}: pass the optimizer to restore"
+            )))
+        }
+        (Some(opt), None) => {
+            return Err(refused(format!(
+                "the checkpoint holds no optimizer state, but a {} was given",
+                opt.kind()
+            )))
+        }
+        (Some(opt), Some(kind)) if kind != opt.kind() => {
+            return Err(refused(format!(
+                "the checkpoint holds the state of a {kind}, not of a {}",
+                opt.kind()
+            )))
+        }
+        (Some(opt), Some(_)) => opt,
+    };
+    let saved = ck
+        .meta
+        .get(KEY_OPTIMIZER_CLIP)
+        .map_or("none", String::as_str);
+    let ours = clip::describe(opt.clip());
+    if saved != ours {
+        return Err(refused(format!(
+            "the checkpoint's {} clips with {saved}, this one with {ours}",
+            opt.kind()
+        )));
+    }
+    let clip_state = ck.section(OPTIMIZER_CLIP)?;
+    let new_clip = match opt.clip() {
+        Some(c) => Some(
+            clip::with_state(c, &clip_state)
+                .map_err(|e| refused(format!("the optimizer's clip state: {e}")))?,
+        ),
+        None => None,
+    };
+    let keys = var_keys(
+        &names_by_id(vars),
+        opt.optimizer_vars(),
+        "TrainingCheckpoint::restore",
+    )
+    .map_err(|e| refused(e.to_string()))?;
+    Ok(Some((opt, keys, new_clip)))
+}
+
+/// The separate clip setting's restore, checked: the same setting, its state on a copy.
+fn plan_clip<'a>(
+    ck: &TrainingCheckpoint,
+    target: Option<&'a mut ClipSetting>,
+) -> Result<Option<(&'a mut ClipSetting, ClipSetting)>> {
+    match (target, ck.meta.get(KEY_CLIP)) {
+        (None, None) => Ok(None),
+        (None, Some(saved)) => Err(refused(format!(
+            "the checkpoint holds a clip setting ({saved}): pass it to restore"
+        ))),
+        (Some(_), None) => Err(refused("the checkpoint holds no clip setting".into())),
+        (Some(target), Some(saved)) => {
+            let ours = clip::describe(Some(target));
+            if *saved != ours {
+                return Err(refused(format!(
+                    "the checkpoint's clip setting is {saved}, this one is {ours}"
+                )));
+            }
+            let new = clip::with_state(target, &ck.section(CLIP)?)
+                .map_err(|e| refused(format!("the clip state: {e}")))?;
+            Ok(Some((target, new)))
+        }
+    }
+}
+
+/// The scaler's restore, checked: its state loaded into a copy.
+fn plan_scaler<'a>(
+    ck: &TrainingCheckpoint,
+    target: Option<&'a mut GradScaler>,
+) -> Result<Option<(&'a mut GradScaler, GradScaler)>> {
+    match (target, ck.meta.contains_key(KEY_SCALER)) {
+        (None, false) => Ok(None),
+        (None, true) => Err(refused(
+            "the checkpoint holds a GradScaler's state: pass the scaler to restore".into(),
+        )),
+        (Some(_), false) => Err(refused("the checkpoint holds no GradScaler state".into())),
+        (Some(target), true) => {
+            let mut new = target.clone();
+            new.load_state_dict(&ck.section(SCALER)?)
+                .map_err(|e| refused(format!("the GradScaler state: {e}")))?;
+            Ok(Some((target, new)))
+        }
+    }
+}
+
+/// What puts an optimizer back: it, its old state and its old clip setting.
+type OptimizerRollback<'a> = (
+    &'a mut dyn CheckpointOptimizer,
+    StateBackup,
+    Option<ClipSetting>,
+);
+
+/// Loads the optimizer's state and clip (checked whole first: a refusal changes nothing).
+fn load_optimizer<'a>(
+    ck: &TrainingCheckpoint,
+    (opt, keys, new_clip): OptimizerPlan<'a>,
+) -> Result<OptimizerRollback<'a>> {
+    let values: HashMap<&str, StateValue<'_>> = ck
+        .section_entries(OPTIMIZER)
+        .map(|(k, e)| (k, StateValue::Entry(e)))
+        .collect();
+    let old_state = opt
+        .load_optimizer_values(&values, &keys)
+        .map_err(|e| refused(format!("the optimizer state: {e}")))?;
+    let old_clip = opt.clip().cloned();
+    if let Some(c) = new_clip {
+        if let Err(e) = opt.replace_clip(c) {
+            let outcome = match opt.put_back_state(old_state) {
+                Ok(()) => "nothing was changed",
+                Err(_) => "putting the optimizer's state back failed as well",
+            };
+            return Err(candle_core::Error::Msg(format!(
+                "TrainingCheckpoint::restore: the optimizer's clip setting: {e}; {outcome}"
+            )));
+        }
+    }
+    Ok((opt, old_state, old_clip))
+}
+
+/// Sets every var to its new value; on a device error, puts the vars (and the optimizer, from
+/// `rollback`) back as far as the device allows, and says how far.
+fn set_vars(
+    vars: &[(String, Var)],
+    new_values: &[&Entry],
+    old_values: &[Entry],
+    rollback: Option<OptimizerRollback<'_>>,
+) -> Result<()> {
+    for (i, ((name, var), value)) in vars.iter().zip(new_values).enumerate() {
+        let Err(e) = value.to_tensor(var.device()).and_then(|t| var.set(&t)) else {
+            continue;
+        };
+        // Var `i` may be half written: it is put back too.
+        let mut put_back = true;
+        for ((_, var), old) in vars.iter().zip(old_values).take(i + 1) {
+            put_back &= old
+                .to_tensor(var.device())
+                .and_then(|t| var.set(&t))
+                .is_ok();
+        }
+        if let Some((opt, state, clip)) = rollback {
+            put_back &= opt.put_back_state(state).is_ok();
+            if let Some(c) = clip {
+                put_back &= opt.replace_clip(c).is_ok();
+            }
+        }
+        let outcome = if put_back {
+            "the vars and the optimizer were put back as they were"
+        } else {
+            "putting the vars and the optimizer back failed as well: they are partly \
+             restored, load the checkpoint again or start afresh"
+        };
+        return Err(candle_core::Error::Msg(format!(
+            "TrainingCheckpoint::restore: cannot set var `{name}` ({e}); {outcome}"
+        )));
+    }
+    Ok(())
 }

@@ -192,6 +192,109 @@ impl LocalGroup {
         self
     }
 
+    /// Adds this rank's `words` to the open round (or opens it), recording a mismatch with the
+    /// other ranks' call instead of failing alone: every rank then fails together.
+    fn join(
+        &self,
+        round: &mut Round,
+        name: &'static str,
+        words: &[u64],
+        combine: fn(u64, u64) -> u64,
+    ) {
+        match round.opened_by {
+            None => {
+                round.opened_by = Some((name, self.rank));
+                round.accumulator = words.to_vec();
+            }
+            Some((other, opener)) => {
+                if other != name || round.accumulator.len() != words.len() {
+                    let message = format!(
+                        "rank {} called {name} with {} words while rank {opener} called {other} with {} words",
+                        self.rank,
+                        words.len(),
+                        round.accumulator.len()
+                    );
+                    round.mismatch.get_or_insert(message);
+                } else {
+                    for (a, &w) in round.accumulator.iter_mut().zip(words.iter()) {
+                        *a = combine(*a, w);
+                    }
+                }
+            }
+        }
+        round.arrived[self.rank] = true;
+        round.count += 1;
+    }
+
+    /// The last rank in: publishes the round's result and wakes the others.
+    fn complete(&self, round: &mut Round) {
+        let accumulator = std::mem::take(&mut round.accumulator);
+        round.result = Arc::new(match round.mismatch.take() {
+            Some(m) => Err(m),
+            None => Ok(accumulator),
+        });
+        round.arrived.iter_mut().for_each(|a| *a = false);
+        round.count = 0;
+        round.opened_by = None;
+        round.generation += 1;
+        self.shared.done.notify_all();
+    }
+
+    /// Waits until the round completes, the group breaks, or (with a timeout) the deadline
+    /// passes: then the group is broken, so that every rank fails instead of waiting.
+    fn wait_for_round<'g>(
+        &'g self,
+        mut round: MutexGuard<'g, Round>,
+        name: &'static str,
+    ) -> Result<MutexGuard<'g, Round>> {
+        let world = self.shared.world_size;
+        let generation = round.generation;
+        let deadline = self.timeout.map(|t| (Instant::now() + t, t));
+        while round.generation == generation && round.broken.is_none() {
+            round = match deadline {
+                None => self
+                    .shared
+                    .done
+                    .wait(round)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                Some((deadline, timeout)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let missing: Vec<usize> =
+                            (0..world).filter(|&r| !round.arrived[r]).collect();
+                        let broken = Broken::TimedOut {
+                            rank: self.rank,
+                            missing: missing.clone(),
+                        };
+                        round.broken = Some(broken);
+                        self.shared.done.notify_all();
+                        bail!(
+                            "LocalGroup rank {} of {world}: {name}: timed out after {timeout:?}: {} never arrived; the group is broken (every later collective fails)",
+                            self.rank,
+                            ranks_list(&missing)
+                        )
+                    }
+                    self.shared
+                        .done
+                        .wait_timeout(round, deadline - now)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0
+                }
+            };
+        }
+        if round.generation == generation {
+            let broken = round
+                .broken
+                .as_ref()
+                .map_or_else(|| "the group broke".to_string(), |b| b.to_string());
+            bail!(
+                "LocalGroup rank {} of {world}: {name}: {broken} before the collective completed",
+                self.rank
+            )
+        }
+        Ok(round)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Round> {
         // A rank that panicked while holding the lock left a consistent `Round` (it only panics
         // outside the updates), so the poison is ignored.
@@ -223,85 +326,11 @@ impl LocalGroup {
                 self.rank
             )
         }
-        match round.opened_by {
-            None => {
-                round.opened_by = Some((name, self.rank));
-                round.accumulator = words.to_vec();
-            }
-            Some((other, opener)) => {
-                if other != name || round.accumulator.len() != words.len() {
-                    let message = format!(
-                        "rank {} called {name} with {} words while rank {opener} called {other} with {} words",
-                        self.rank,
-                        words.len(),
-                        round.accumulator.len()
-                    );
-                    round.mismatch.get_or_insert(message);
-                } else {
-                    for (a, &w) in round.accumulator.iter_mut().zip(words.iter()) {
-                        *a = combine(*a, w);
-                    }
-                }
-            }
-        }
-        round.arrived[self.rank] = true;
-        round.count += 1;
-        let generation = round.generation;
+        self.join(&mut round, name, words, combine);
         if round.count == world {
-            let accumulator = std::mem::take(&mut round.accumulator);
-            round.result = Arc::new(match round.mismatch.take() {
-                Some(m) => Err(m),
-                None => Ok(accumulator),
-            });
-            round.arrived.iter_mut().for_each(|a| *a = false);
-            round.count = 0;
-            round.opened_by = None;
-            round.generation += 1;
-            self.shared.done.notify_all();
+            self.complete(&mut round);
         } else {
-            let deadline = self.timeout.map(|t| (Instant::now() + t, t));
-            while round.generation == generation && round.broken.is_none() {
-                round = match deadline {
-                    None => self
-                        .shared
-                        .done
-                        .wait(round)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
-                    Some((deadline, timeout)) => {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            let missing: Vec<usize> =
-                                (0..world).filter(|&r| !round.arrived[r]).collect();
-                            let broken = Broken::TimedOut {
-                                rank: self.rank,
-                                missing: missing.clone(),
-                            };
-                            round.broken = Some(broken);
-                            self.shared.done.notify_all();
-                            bail!(
-                                "LocalGroup rank {} of {world}: {name}: timed out after {timeout:?}: {} never arrived; the group is broken (every later collective fails)",
-                                self.rank,
-                                ranks_list(&missing)
-                            )
-                        }
-                        self.shared
-                            .done
-                            .wait_timeout(round, deadline - now)
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .0
-                    }
-                };
-            }
-            if round.generation == generation {
-                let broken = round
-                    .broken
-                    .as_ref()
-                    .map_or_else(|| "the group broke".to_string(), |b| b.to_string());
-                bail!(
-                    "LocalGroup rank {} of {world}: {name}: {broken} before the collective completed",
-                    self.rank
-                )
-            }
+            round = self.wait_for_round(round, name)?;
         }
         // The next round cannot complete before this rank joins it, so `result` is this round's.
         let result = round.result.clone();

@@ -35,27 +35,7 @@ impl KernelDevice for Emulated {
         writable: std::ops::Range<usize>,
         f: impl FnOnce(&mut dyn Session, &[Base]) -> Result<R>,
     ) -> Result<R> {
-        // Copy every distinct storage to the device (each read lock taken once, released at once).
-        let mut copy_of_key: HashMap<usize, usize> = HashMap::new();
-        let mut copies: Vec<StorageCopy> = Vec::new();
-        let mut copy_of_tensor = Vec::with_capacity(tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            let key = storage_key(t);
-            let c = match copy_of_key.get(&key) {
-                Some(&c) => c,
-                None => {
-                    let (original, dtype) = storage_bytes(&t.storage_and_layout().0)?;
-                    copies.push(StorageCopy {
-                        original,
-                        dtype,
-                        first_tensor: i,
-                    });
-                    copy_of_key.insert(key, copies.len() - 1);
-                    copies.len() - 1
-                }
-            };
-            copy_of_tensor.push(c);
-        }
+        let (copies, copy_of_tensor) = copy_storages(tensors)?;
         // One arena for all storages: a kernel that overruns one lands in a guard or a neighbour,
         // where the checks below see it.
         let originals: Vec<&[u8]> = copies.iter().map(|c| c.original.as_slice()).collect();
@@ -70,55 +50,12 @@ impl KernelDevice for Emulated {
             .collect();
         let bases: Vec<Base> = copy_of_tensor.iter().map(|&c| storage_bases[c]).collect();
 
-        let result = SCRATCH.with(|cell| -> Result<R> {
-            let mut scratch = cell.borrow_mut();
-            let scratch = scratch.get_or_insert_with(|| Arena::new(&[STATE_WORDS * 8]));
-            let mut session = EmulatedSession {
-                scratch: scratch.ptr(0),
-                tables: Vec::new(),
-                buffers: Vec::new(),
-            };
-            let result = f(&mut session, &bases);
-            if result.is_err() {
-                // A failed launch may have left partial sums behind: report its own error, and
-                // leave a clean scratch for the thread's next call.
-                scratch.data_mut(0).fill(0);
-                return result;
-            }
-            session.check_guards()?;
-            if !scratch.guards_intact() {
-                bail!("kernel emulation: a kernel wrote outside the scratch")
-            }
-            let words = scratch.words(0);
-            if let Some(i) = words[..STATE_ZERO_WORDS].iter().position(|&w| w != 0) {
-                // Reset, so that one failure does not fail every later call of the thread.
-                scratch.data_mut(0).fill(0);
-                bail!(
-                    "kernel emulation: the kernels left the scratch dirty (word {i} = {:#x}); it must be zero between calls",
-                    words[i]
-                )
-            }
-            result
-        });
+        let result = run_with_scratch(f, &bases);
 
         if !arena.guards_intact() {
             bail!("kernel emulation: a kernel wrote outside the storages of its tensors")
         }
-        let mut written = Vec::new();
-        for (c, copy) in copies.iter().enumerate() {
-            if arena.data(c) != copy.original.as_slice() {
-                // Writable: a storage of one of the `writable` tensors.
-                let member = writable.clone().find(|&i| copy_of_tensor[i] == c);
-                match member {
-                    Some(_) => written.push(c),
-                    None => bail!(
-                        "kernel emulation: a kernel wrote into read-only tensor #{} (shape {:?})",
-                        copy.first_tensor,
-                        tensors[copy.first_tensor].dims()
-                    ),
-                }
-            }
-        }
+        let written = written_storages(&arena, &copies, &copy_of_tensor, tensors, writable)?;
         let value = result?;
         for c in written {
             // Any tensor of the storage that candle accepts as an in-place destination.
@@ -284,4 +221,96 @@ impl Session for EmulatedSession {
             ),
         }
     }
+}
+
+/// A copy of every distinct storage of `tensors` (each read lock taken once, released at once),
+/// and the copy each tensor is in.
+fn copy_storages(tensors: &[&Tensor]) -> Result<(Vec<StorageCopy>, Vec<usize>)> {
+    let mut copy_of_key: HashMap<usize, usize> = HashMap::new();
+    let mut copies: Vec<StorageCopy> = Vec::new();
+    let mut copy_of_tensor = Vec::with_capacity(tensors.len());
+    for (i, t) in tensors.iter().enumerate() {
+        let key = storage_key(t);
+        let c = match copy_of_key.get(&key) {
+            Some(&c) => c,
+            None => {
+                let (original, dtype) = storage_bytes(&t.storage_and_layout().0)?;
+                copies.push(StorageCopy {
+                    original,
+                    dtype,
+                    first_tensor: i,
+                });
+                copy_of_key.insert(key, copies.len() - 1);
+                copies.len() - 1
+            }
+        };
+        copy_of_tensor.push(c);
+    }
+    Ok((copies, copy_of_tensor))
+}
+
+/// Runs the session's work `f` with the thread's scratch, and checks the scratch after it: its
+/// guards intact and its state words zero again (reset after a failure, so that one failure does
+/// not fail every later call of the thread).
+fn run_with_scratch<R>(
+    f: impl FnOnce(&mut dyn Session, &[Base]) -> Result<R>,
+    bases: &[Base],
+) -> Result<R> {
+    SCRATCH.with(|cell| -> Result<R> {
+        let mut scratch = cell.borrow_mut();
+        let scratch = scratch.get_or_insert_with(|| Arena::new(&[STATE_WORDS * 8]));
+        let mut session = EmulatedSession {
+            scratch: scratch.ptr(0),
+            tables: Vec::new(),
+            buffers: Vec::new(),
+        };
+        let result = f(&mut session, bases);
+        if result.is_err() {
+            // A failed launch may have left partial sums behind: report its own error, and
+            // leave a clean scratch for the thread's next call.
+            scratch.data_mut(0).fill(0);
+            return result;
+        }
+        session.check_guards()?;
+        if !scratch.guards_intact() {
+            bail!("kernel emulation: a kernel wrote outside the scratch")
+        }
+        let words = scratch.words(0);
+        if let Some(i) = words[..STATE_ZERO_WORDS].iter().position(|&w| w != 0) {
+            // Reset, so that one failure does not fail every later call of the thread.
+            scratch.data_mut(0).fill(0);
+            bail!(
+                "kernel emulation: the kernels left the scratch dirty (word {i} = {:#x}); it must be zero between calls",
+                words[i]
+            )
+        }
+        result
+    })
+}
+
+/// The storages the kernels changed; a change to a storage of none of the `writable` tensors
+/// is an error.
+fn written_storages(
+    arena: &Arena,
+    copies: &[StorageCopy],
+    copy_of_tensor: &[usize],
+    tensors: &[&Tensor],
+    writable: std::ops::Range<usize>,
+) -> Result<Vec<usize>> {
+    let mut written = Vec::new();
+    for (c, copy) in copies.iter().enumerate() {
+        if arena.data(c) != copy.original.as_slice() {
+            // Writable: a storage of one of the `writable` tensors.
+            let member = writable.clone().find(|&i| copy_of_tensor[i] == c);
+            match member {
+                Some(_) => written.push(c),
+                None => bail!(
+                    "kernel emulation: a kernel wrote into read-only tensor #{} (shape {:?})",
+                    copy.first_tensor,
+                    tensors[copy.first_tensor].dims()
+                ),
+            }
+        }
+    }
+    Ok(written)
 }

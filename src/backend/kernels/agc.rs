@@ -11,7 +11,7 @@ use super::abi::MAX_RANK;
 use super::launch;
 use super::table::Base;
 use super::table::{StridedTarget, Table};
-use super::{launch_all, KernelDevice};
+use super::{launch_all, Buffer, KernelDevice, Session};
 use crate::ops::agc::{units_of, AgcOutcome, AgcSet};
 
 /// Words per `AgcSegment`.
@@ -131,19 +131,7 @@ pub(crate) fn clip(
     let n = grads.len();
     let grad_copies = copies(grads)?;
     let param_copies = copies(&set.params)?;
-    // Refused before anything is enqueued: a strided view the strided kernel cannot take.
-    for g in grads {
-        if g.elem_count() > 0
-            && g.layout().contiguous_offsets().is_none()
-            && StridedTarget::new(g.layout(), Base { ptr: 0, dtype: 0 }).is_none()
-        {
-            candle_core::bail!(
-                "adaptive_clip_grad_: a non-contiguous gradient of shape {:?} (stride {:?}) has more than {MAX_RANK} dimensions after merging; make it contiguous; nothing was modified",
-                g.dims(),
-                g.stride()
-            )
-        }
-    }
+    check_strided(grads)?;
     // Operands: the gradients (written), the parameters' contiguous views, the gradients' copies.
     let mut tensors: Vec<&Tensor> = grads.iter().collect();
     let param_index: Vec<usize> = set
@@ -212,25 +200,55 @@ pub(crate) fn clip(
             )],
         )?;
         if let Some(coefs) = coefs {
-            let mut launches = Vec::new();
-            for k in 0..n {
-                if grad_copies[k].is_none() {
-                    continue;
-                }
-                let Some(target) = StridedTarget::new(grads[k].layout(), bases[k]) else {
-                    candle_core::bail!("internal error: a strided AGC target was not checked")
-                };
-                let (_, unit_len) = units_of(grads[k].dims());
-                launches.push(launch::agc_strided(
-                    &target,
-                    unit_len as u64,
-                    coefs.ptr + starts[k] * 8,
-                ));
-            }
-            launch_all(s, launches)?;
+            write_strided(s, grads, &grad_copies, bases, coefs, &starts)?;
         }
         let norm = s.take_tensor(out, &[])?;
         let clipped = s.take_tensor(clipped, &[])?.to_dtype(DType::U32)?;
         Ok(AgcOutcome { norm, clipped })
     })
+}
+
+/// Refuses, before anything is enqueued, a strided gradient view the strided kernel cannot take.
+fn check_strided(grads: &[Tensor]) -> Result<()> {
+    for g in grads {
+        if g.elem_count() > 0
+            && g.layout().contiguous_offsets().is_none()
+            && StridedTarget::new(g.layout(), Base { ptr: 0, dtype: 0 }).is_none()
+        {
+            candle_core::bail!(
+                "adaptive_clip_grad_: a non-contiguous gradient of shape {:?} (stride {:?}) has more than {MAX_RANK} dimensions after merging; make it contiguous; nothing was modified",
+                g.dims(),
+                g.stride()
+            )
+        }
+    }
+    Ok(())
+}
+
+/// Scales each strided gradient (one measured through its contiguous copy) in place by its
+/// units' coefficients (`coefs`, unit `starts[k]` first for gradient `k`).
+fn write_strided(
+    s: &mut dyn Session,
+    grads: &[Tensor],
+    grad_copies: &[Option<Tensor>],
+    bases: &[Base],
+    coefs: Buffer,
+    starts: &[u64],
+) -> Result<()> {
+    let mut launches = Vec::new();
+    for (k, grad) in grads.iter().enumerate() {
+        if grad_copies[k].is_none() {
+            continue;
+        }
+        let Some(target) = StridedTarget::new(grad.layout(), bases[k]) else {
+            candle_core::bail!("internal error: a strided AGC target was not checked")
+        };
+        let (_, unit_len) = units_of(grad.dims());
+        launches.push(launch::agc_strided(
+            &target,
+            unit_len as u64,
+            coefs.ptr + starts[k] * 8,
+        ));
+    }
+    launch_all(s, launches)
 }

@@ -171,8 +171,52 @@ impl FusedCore {
         for (key, _) in counters() {
             control.push(counter(dict, key)?);
         }
-        let mut expected: HashSet<String> = counters().iter().map(|(k, _)| k.to_string()).collect();
         // Which var has which state tensors, checked for shape and dtype.
+        let present = self.check_entries(dict, names, optional, keys)?;
+        control.extend(present.iter().map(|&p| i64::from(p)));
+        // Checked: build each new buffer once (zeros for a var without a saved state), checking
+        // its values as they arrive, then apply.
+        let buffers = self.fill_buffers(dict, names, keys, &present)?;
+        // Checked. The old buffers go to the host for the rollback (no copy on the CPU; on a
+        // device one host copy, before anything changes), then the new ones go up one at a time
+        // after the old ones are dropped: the device never holds two states.
+        let control = Tensor::new(control, &self.device)?;
+        let old_on_host = on_host(&self.state.buffers)?;
+        let backup = StateBackup {
+            control: std::mem::replace(&mut self.control, control),
+            buffers: old_on_host,
+            skip_run: self.skip_run.take(),
+            run: self.run.take(),
+            // A loaded state supersedes a failed step across ranks (every rank reloads).
+            diverged: self.diverged.take(),
+        };
+        self.state.buffers.clear();
+        match to_device(buffers, &self.device) {
+            Ok(new) => {
+                self.state.buffers = new;
+                Ok(backup)
+            }
+            Err(e) => {
+                let outcome = match self.put_back(backup) {
+                    Ok(()) => "the old state was put back",
+                    Err(_) => "putting the old state back failed as well: load a state again",
+                };
+                bail!("load_state_dict: cannot move the state to the device ({e}); {outcome}")
+            }
+        }
+    }
+
+    /// Checks the state entries of every var (shape, state dtype, all or none of a var's with
+    /// `optional`, none missing without it) and refuses an entry no var or counter owns; returns
+    /// which vars have a saved state.
+    fn check_entries(
+        &self,
+        dict: &HashMap<&str, StateValue<'_>>,
+        names: &[&str],
+        optional: bool,
+        keys: &[String],
+    ) -> Result<Vec<bool>> {
+        let mut expected: HashSet<String> = counters().iter().map(|(k, _)| k.to_string()).collect();
         let mut present = Vec::with_capacity(self.vars.len());
         for (i, (var, key)) in self.vars.iter().zip(keys).enumerate() {
             let dtype = state_dtype(var.dtype());
@@ -208,7 +252,6 @@ impl FusedCore {
                 bail!("load_state_dict: var #{i} (`{key}`) has only part of its state; nothing was loaded")
             }
             present.push(found != 0);
-            control.push(i64::from(found != 0));
         }
         if let Some(extra) = dict.keys().find(|k| !expected.contains(**k)) {
             bail!(
@@ -217,8 +260,19 @@ impl FusedCore {
                 self.vars.len()
             )
         }
-        // Checked: build each new buffer once (zeros for a var without a saved state), checking
-        // its values as they arrive, then apply.
+        Ok(present)
+    }
+
+    /// The new state buffers, one per state name and state class, each built once on the host
+    /// from the entries (zeros for a var without a saved state), its values checked as they
+    /// arrive.
+    fn fill_buffers(
+        &self,
+        dict: &HashMap<&str, StateValue<'_>>,
+        names: &[&str],
+        keys: &[String],
+        present: &[bool],
+    ) -> Result<Vec<[Option<Tensor>; 2]>> {
         let totals = self.totals();
         let mut buffers = Vec::with_capacity(names.len());
         for name in names {
@@ -228,41 +282,15 @@ impl FusedCore {
                     continue;
                 }
                 let filled = if class == 0 {
-                    self.fill_buffer::<f32>(dict, keys, name, class, *total, &present)?
+                    self.fill_buffer::<f32>(dict, keys, name, class, *total, present)?
                 } else {
-                    self.fill_buffer::<f64>(dict, keys, name, class, *total, &present)?
+                    self.fill_buffer::<f64>(dict, keys, name, class, *total, present)?
                 };
                 slot[class] = Some(filled);
             }
             buffers.push(slot);
         }
-        // Checked. The old buffers go to the host for the rollback (no copy on the CPU; on a
-        // device one host copy, before anything changes), then the new ones go up one at a time
-        // after the old ones are dropped: the device never holds two states.
-        let control = Tensor::new(control, &self.device)?;
-        let old_on_host = on_host(&self.state.buffers)?;
-        let backup = StateBackup {
-            control: std::mem::replace(&mut self.control, control),
-            buffers: old_on_host,
-            skip_run: self.skip_run.take(),
-            run: self.run.take(),
-            // A loaded state supersedes a failed step across ranks (every rank reloads).
-            diverged: self.diverged.take(),
-        };
-        self.state.buffers.clear();
-        match to_device(buffers, &self.device) {
-            Ok(new) => {
-                self.state.buffers = new;
-                Ok(backup)
-            }
-            Err(e) => {
-                let outcome = match self.put_back(backup) {
-                    Ok(()) => "the old state was put back",
-                    Err(_) => "putting the old state back failed as well: load a state again",
-                };
-                bail!("load_state_dict: cannot move the state to the device ({e}); {outcome}")
-            }
-        }
+        Ok(buffers)
     }
 
     /// One state buffer of `class` for the state tensor `name`, on the host.
