@@ -44,7 +44,7 @@ fn grad_scaler_one_read_path_on_the_gpu_is_the_cpus() -> Result<()> {
                     .iter()
                     .map(|v| Var::from_tensor(&v.as_tensor().to_device(&Device::Cpu)?))
                     .collect::<Result<_>>()?;
-                type Step = Box<dyn FnMut(&mut GradScaler, &GradStore) -> Result<[usize; 3]>>;
+                type Step = Box<dyn FnMut(&mut GradScaler, &GradStore) -> Result<[u64; 3]>>;
                 type Norm = Box<dyn Fn() -> Option<Tensor>>;
                 let build = |vars: &[Var]| -> Result<(Step, Norm)> {
                     if adamw {
