@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod conventions;
 mod fused;
 mod skip_nonfinite;
 mod training;
