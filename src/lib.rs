@@ -61,6 +61,7 @@
 // The layers, bottom first: `io` and `ops` (definitions), `backend`, `dispatch`, then the public
 // layers `dist`, `clip`, `stats`, `policy`, `optim`, `amp`, `checkpoint` (docs/ARCHITECTURE.md;
 // `scripts/check-layers.py` checks that imports only point down).
+mod accum;
 mod amp;
 mod backend;
 mod checkpoint;
@@ -81,6 +82,7 @@ pub use clip::value::clip_grad_value_;
 pub use ops::clip::DEFAULT_EPS;
 pub use ops::norm_type::NormType;
 // Training-loop integration: optimizers, policies, loss scaling, statistics.
+pub use accum::GradAccumulator;
 pub use amp::grad_scaler::GradScaler;
 pub use optim::adamw::FusedAdamW;
 pub use optim::clip_setting::ClipSetting;
