@@ -1323,18 +1323,23 @@ struct PairSegment {
     u64 src_dtype;   // DT_*
 };
 
+// The new buffer element: the operation's exact (or f64-rounded) value, rounded once to AD at the
+// end (ACC_ADD_SCALED rounds its product to AD first).
 template <int AD, int GD>
 __device__ __forceinline__ typename Tr<AD>::raw accumulate_elem(typename Tr<AD>::raw a, typename Tr<GD>::raw g,
                                                                 u32 op, double alpha) {
+    double x;
     switch (op) {
-    case ACC_ADD: return Tr<AD>::from_f64(__dadd_rn(Tr<AD>::to_f64(a), Tr<GD>::to_f64(g)));
+    case ACC_ADD: x = __dadd_rn(Tr<AD>::to_f64(a), Tr<GD>::to_f64(g)); break;
     case ACC_ADD_SCALED: {
         const double product = Tr<AD>::to_f64(Tr<AD>::from_f64(__dmul_rn(Tr<GD>::to_f64(g), alpha)));
-        return Tr<AD>::from_f64(__dadd_rn(Tr<AD>::to_f64(a), product));
+        x = __dadd_rn(Tr<AD>::to_f64(a), product);
+        break;
     }
-    case ACC_ROUND: return Tr<AD>::from_f64(Tr<GD>::to_f64(g));
-    default: return Tr<AD>::from_f64(0.0);
+    case ACC_ROUND: x = Tr<GD>::to_f64(g); break;
+    default: x = 0.0; break;
     }
+    return Tr<AD>::from_f64(x);
 }
 
 // Loads per lane in flight in the accumulation loop.

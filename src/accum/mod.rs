@@ -71,6 +71,8 @@ pub struct GradAccumulator {
     requested: Option<DType>,
     /// One per var, allocated at the first `add`.
     buffers: Option<Vec<Buffers>>,
+    /// The storage keys of the buffers (to spot a store of our own buffers added back).
+    buffer_keys: HashSet<usize>,
     /// Whether each var has had a gradient since the last `zero_`.
     seen: Vec<bool>,
     micro_batches: u64,
@@ -115,6 +117,7 @@ impl GradAccumulator {
             device,
             requested: None,
             buffers: None,
+            buffer_keys: HashSet::new(),
             micro_batches: 0,
             store: GradStore::default(),
             read: false,
@@ -307,7 +310,15 @@ impl GradAccumulator {
         }
         let buffers = match self.buffers.take() {
             Some(b) => b,
-            None => self.allocate()?,
+            None => {
+                let b = self.allocate()?;
+                self.buffer_keys = b
+                    .iter()
+                    .flat_map(|b| std::iter::once(&b.sum).chain(b.rounded.as_ref()))
+                    .map(storage_key)
+                    .collect();
+                b
+            }
         };
         let result = self.add_pass(&buffers, &found, op);
         self.buffers = Some(buffers);
@@ -331,11 +342,7 @@ impl GradAccumulator {
     ) -> Result<()> {
         // A gradient that is one of our own buffers (a store from `grads()` added back) is read
         // through a copy: a pass never reads the storage it writes.
-        let ours: HashSet<usize> = buffers
-            .iter()
-            .flat_map(|b| std::iter::once(&b.sum).chain(b.rounded.as_ref()))
-            .map(storage_key)
-            .collect();
+        let ours = &self.buffer_keys;
         let mut pairs = Vec::with_capacity(found.len());
         for (i, g) in found {
             let src = if ours.contains(&storage_key(g)) {

@@ -44,7 +44,8 @@ pub(crate) fn run(set: &PairSet, op: AccumulateOp) -> Result<()> {
         })
     };
     if parallel {
-        set.pairs().par_iter().try_for_each(one)
+        // Small pairs in batches: a task per pair would cost more than the pair.
+        set.pairs().par_iter().with_min_len(16).try_for_each(one)
     } else {
         set.pairs().iter().try_for_each(one)
     }
