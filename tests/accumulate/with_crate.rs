@@ -139,3 +139,63 @@ fn empty_accumulator() -> Result<()> {
     assert!(acc.grads()?.get(&w).is_none());
     Ok(())
 }
+
+/// Data parallel with sharded vars: each rank accumulates its micro-batches locally, then one
+/// `clip_grad_norm_across` per optimizer step; the result is bitwise the one-process clip of all
+/// the summed gradients (candle's loop), and the norm the same on every rank.
+#[test]
+fn across_ranks_once_per_step() -> Result<()> {
+    use candle_grad_clip::{clip_grad_norm_across, LocalGroup};
+    let mut rng = StdRng::seed_from_u64(12);
+    let ranks = 2;
+    let mut shards = Vec::new();
+    for r in 0..ranks {
+        let shapes: [&[usize]; 2] = [&[17, 3], &[40 + r]];
+        let vars = crate::vars_of(&shapes, &[DType::F32, DType::BF16])?;
+        let micro = crate::micro_batches(&mut rng, &vars, 3, 0.1, None, false)?;
+        shards.push((vars, micro));
+    }
+    // One process holding every rank's gradients.
+    let all_vars: Vec<Var> = shards.iter().flat_map(|(v, _)| v.clone()).collect();
+    let mut all = GradStore::default();
+    for (vars, micro) in &shards {
+        for (v, t) in vars.iter().zip(crate::candle_loop(vars, micro, None)?) {
+            if let Some(t) = t {
+                all.insert(v, t);
+            }
+        }
+    }
+    let want_norm = clip_grad_norm_(&all_vars, &mut all, 0.5)?.to_scalar::<f32>()?;
+    let want = crate::store_tensors(&all_vars, &all);
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = LocalGroup::new(ranks)?
+            .into_iter()
+            .zip(&shards)
+            .map(|(group, (vars, micro))| {
+                s.spawn(move || -> Result<(f32, Vec<Option<Tensor>>)> {
+                    let mut acc = GradAccumulator::new(vars)?;
+                    for m in micro {
+                        acc.add(m)?;
+                    }
+                    let grads = acc.grads()?;
+                    let norm = clip_grad_norm_across(vars, grads, 0.5, &group)?;
+                    Ok((norm.to_scalar::<f32>()?, crate::store_tensors(vars, grads)))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut got = Vec::new();
+    for (norm, tensors) in results {
+        assert_eq!(
+            norm.to_bits(),
+            want_norm.to_bits(),
+            "the norm on every rank"
+        );
+        got.extend(tensors);
+    }
+    crate::assert_same_tensors(&got, &want, "clipped across ranks")
+}
