@@ -157,7 +157,8 @@ pub fn micro_batches(
 }
 
 /// A gradient for `v`: a fresh contiguous tensor, or (with `view`, for a 2-d var) a
-/// non-contiguous view: a transposed tensor, or columns narrowed out of a wider one.
+/// non-contiguous view: a transposed tensor, columns narrowed out of a wider one, or a broadcast
+/// row.
 pub fn gradient(rng: &mut StdRng, v: &Var, scale: f64, view: bool) -> Result<Tensor> {
     let dims = v.dims().to_vec();
     let n: usize = dims.iter().product();
