@@ -15,7 +15,9 @@
 //! Cases: `clip` (`max_norm = 0`: the coefficient is 0 every iteration, so every call reads the
 //! gradients for the norm and then reads and writes them to scale), `noclip` (`max_norm = 1e30`:
 //! the scale kernel exits at once), `norm` (`total_norm` only), and `copy` (`cuMemcpyDtoDAsync`
-//! of the gradients' byte count: reads and writes it once). PyTorch's
+//! of the gradients' byte count: reads and writes it once), and gradient accumulation
+//! (`accumulate`, `accumulate_f32`, `accumulate_zero`, `accumulate_candle`; see
+//! `accumulate_cases`). PyTorch's
 //! `clip_grad_norm_(foreach=True)` on the same shapes is timed by `scripts/torch_clip_bench.py`.
 
 mod common;
@@ -24,7 +26,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
-use candle_grad_clip::{clip_grad_norm_, total_norm, ClipSetting, FusedAdamW, NormType, ZClip};
+use candle_grad_clip::{
+    clip_grad_norm_, total_norm, ClipSetting, FusedAdamW, GradAccumulator, NormType, ZClip,
+};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use common::rekey;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -116,6 +120,8 @@ fn bench_gpu(c: &mut Criterion) {
                     dev.synchronize().expect("sync");
                 })
             });
+            accumulate_cases(&mut group, &dev, &set.shapes, &grads, &vars, dtype, &id)
+                .expect("accumulation cases");
             // Before `clip`, which zeroes the gradients: the clipped optimizer step must clip.
             if set.name == "set_A_101M_200" && dtype == DType::F32 {
                 optimizer_cases(&mut group, &dev, &set.shapes, &grads, &vars, &id);
@@ -137,6 +143,64 @@ fn bench_gpu(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// Gradient accumulation (`GradAccumulator`, issue 23) on vars of the set's shapes:
+/// `accumulate` (`add` in the gradients' dtype: reads both, writes the sum, 3x the gradient
+/// bytes for F32), `accumulate_f32` (BF16 gradients into F32 buffers: 2 + 4 + 4 bytes a
+/// parameter), `accumulate_zero` (`zero_`: one write), and `accumulate_candle` (candle's
+/// `(acc + g)?` per var, a new tensor each).
+fn accumulate_cases(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    dev: &Device,
+    shapes: &[Vec<usize>],
+    grads: &GradStore,
+    keys: &[Var],
+    dtype: DType,
+    id: &dyn Fn(&str) -> String,
+) -> Result<()> {
+    let vars: Vec<Var> = shapes
+        .iter()
+        .map(|s| Var::zeros(s.as_slice(), dtype, dev))
+        .collect::<Result<_>>()?;
+    let grads = rekey(grads, keys, &vars);
+    let mut acc = GradAccumulator::new(&vars)?;
+    if dtype != DType::F32 {
+        acc = acc.accumulate_in(DType::F32)?;
+    }
+    acc.add(&grads)?;
+    let case = if dtype == DType::F32 {
+        "accumulate"
+    } else {
+        "accumulate_f32"
+    };
+    group.bench_function(id(case), |b| {
+        b.iter(|| {
+            acc.add(&grads).expect("add");
+            dev.synchronize().expect("sync");
+        })
+    });
+    group.bench_function(id("accumulate_zero"), |b| {
+        b.iter(|| {
+            acc.zero_().expect("zero_");
+            dev.synchronize().expect("sync");
+        })
+    });
+    let mut candle = GradStore::default();
+    for v in &vars {
+        candle.insert(v, v.as_tensor().zeros_like()?);
+    }
+    group.bench_function(id("accumulate_candle"), |b| {
+        b.iter(|| {
+            for v in &vars {
+                let sum = (candle.get(v).expect("started") + grads.get(v).expect("a gradient"))
+                    .expect("add");
+                candle.insert(v, sum);
+            }
+            dev.synchronize().expect("sync");
+        })
+    });
+    Ok(())
 }
 
 /// The optimizer steps on real parameters of the set's shapes (the gradients of `vars` reused:

@@ -22,6 +22,7 @@ extern "C" const cge::KernelEntry* cge_kernel_table(size_t* count) {
         CGE_KERNEL(grad_clip_zclip),
         CGE_KERNEL(grad_clip_agc),
         CGE_KERNEL(grad_clip_agc_strided),
+        CGE_KERNEL(grad_clip_accumulate),
         CGE_KERNEL(emu_selftest_convert),
         CGE_KERNEL(emu_selftest_warp),
         CGE_KERNEL(emu_selftest_atomics),

@@ -10,6 +10,7 @@
 //! cargo run --release --example train_lm -- --optimizer both --steps 30   # both, interleaved, timed side by side
 //! cargo run --release --example train_lm -- --dtype f16 --clip zclip      # GradScaler + ZClip
 //! cargo run --release --example train_lm -- --checkpoint run.safetensors --checkpoint-every 50 --resume
+//! cargo run --release --example train_lm -- --accumulate 4 --batch 4  # 4 micro-batches a step
 //! ```
 //!
 //! `--optimizer candle` is what a candle user writes today: `clip_grad_norm_` (or ZClip's /
@@ -94,6 +95,11 @@ struct Args {
     /// Sequences per batch.
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Micro-batches of `--batch` sequences per optimizer step: their gradients are summed
+    /// (`GradAccumulator` with `--optimizer fused`, candle's `(acc + g)?` with `candle`) and
+    /// clipped once; the loss is their mean.
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 64)]
     seq_len: usize,
@@ -152,8 +158,8 @@ impl Args {
     /// taken on one device resumes on another (the same run, but not bitwise the same).
     fn run_key(&self) -> String {
         format!(
-            "config={:?} batch={} seq_len={} lr={:?} optimizer={:?} clip={:?} max_norm={:?} dtype={:?} digits={} seed={} untied={}",
-            self.config, self.batch, self.seq_len, self.lr, self.optimizer, self.clip,
+            "config={:?} batch={} accumulate={} seq_len={} lr={:?} optimizer={:?} clip={:?} max_norm={:?} dtype={:?} digits={} seed={} untied={}",
+            self.config, self.batch, self.accumulate, self.seq_len, self.lr, self.optimizer, self.clip,
             self.max_norm, self.dtype, self.digits, self.seed, self.untied
         )
     }
@@ -187,19 +193,47 @@ impl Args {
 
 const AGC_CLIPPING: f64 = 0.01;
 
+impl Args {
+    /// Refuses flags that do not go together.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.checkpoint.is_some() && self.optimizer != OptimizerKind::Fused {
+            bail!(
+                "--checkpoint needs --optimizer fused: candle_nn::AdamW keeps its moments private, so its state cannot be saved, and a resume without them would not be the same run"
+            )
+        }
+        if self.resume && self.checkpoint.is_none() {
+            bail!("--resume needs --checkpoint PATH")
+        }
+        if self.checkpoint_every == 0 {
+            bail!("--checkpoint-every must be at least 1")
+        }
+        if self.accumulate == 0 {
+            bail!("--accumulate must be at least 1")
+        }
+        Ok(())
+    }
+}
+
+/// The next optimizer step's `--accumulate` micro-batches of `--batch` sequences each.
+fn micro_batches(
+    loader: &mut Loader,
+    args: &Args,
+    device: &Device,
+) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
+    (0..args.accumulate)
+        .map(|_| {
+            let (inputs, targets) = loader.next_batch(args.batch, args.seq_len);
+            Ok((
+                Tensor::from_vec(inputs, (args.batch, args.seq_len), device)?,
+                Tensor::from_vec(targets, (args.batch, args.seq_len), device)?,
+            ))
+        })
+        .collect()
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.checkpoint.is_some() && args.optimizer != OptimizerKind::Fused {
-        bail!(
-            "--checkpoint needs --optimizer fused: candle_nn::AdamW keeps its moments private, so its state cannot be saved, and a resume without them would not be the same run"
-        )
-    }
-    if args.resume && args.checkpoint.is_none() {
-        bail!("--resume needs --checkpoint PATH")
-    }
-    if args.checkpoint_every == 0 {
-        bail!("--checkpoint-every must be at least 1")
-    }
+    args.check()?;
     let device = match args.device {
         DeviceName::Cpu => Device::Cpu,
         DeviceName::Cuda => Device::new_cuda(0)?,
@@ -248,9 +282,10 @@ fn main() -> anyhow::Result<()> {
         .map(|d| d.len())
         .unwrap_or(0);
     println!(
-        "llama2-c {:?} (vocabulary 256 bytes{}): {n_params} parameters in {n_tensors} tensors; batch {} x {} tokens; {:?} forward; optimizer {:?}, clip {:?}",
+        "llama2-c {:?} (vocabulary 256 bytes{}): {n_params} parameters in {n_tensors} tensors; batch {} x {} x {} tokens; {:?} forward; optimizer {:?}, clip {:?}",
         args.config,
         if args.untied { "" } else { ", tied embeddings" },
+        args.accumulate,
         args.batch,
         args.seq_len,
         args.dtype,
@@ -277,14 +312,12 @@ fn main() -> anyhow::Result<()> {
     for step in first + 1..=args.steps {
         let started = std::time::Instant::now();
         let in_flight = pending.as_ref().is_some_and(|p| !p.is_finished());
-        let (inputs, targets) = loader.next_batch(args.batch, args.seq_len);
-        let inputs = Tensor::from_vec(inputs, (args.batch, args.seq_len), &device)?;
-        let targets = Tensor::from_vec(targets, (args.batch, args.seq_len), &device)?;
+        let micro = micro_batches(&mut loader, &args, &device)?;
         // Interleaved: the order alternates, so neither optimizer always runs on a warm cache.
         let n = trainers.len();
         for k in 0..n {
             let i = if step % 2 == 0 { k } else { n - 1 - k };
-            let loss = trainers[i].step(step, &inputs, &targets)?;
+            let loss = trainers[i].step(step, &micro)?;
             losses[i].push((step, loss));
         }
         let loss = losses[n - 1].last().map_or(f32::NAN, |l| l.1);

@@ -7,6 +7,8 @@
 //   grad_clip_segment_norms   per-tensor norms from those chunk partials (grad_norms).
 //   grad_clip_apply           in-place scale by the coefficient (skipped when it is >= 1), or clamp.
 //   grad_clip_apply_strided   the same for one non-contiguous view (slow path, one launch per view).
+//   grad_clip_accumulate      gradient accumulation: (buffer, gradient) pairs, added in place (at the
+//                             end of this file).
 //
 // Work is described by a table of segments (pointer, length, dtype, first chunk). Each segment is
 // cut into chunks of CHUNK_ELEMS elements counted from the segment's first element, and one warp
@@ -1297,6 +1299,114 @@ extern "C" __global__ void grad_clip_agc_strided(u64 base, u32 dtype, u64 n, u32
         case DT_F64: { u64* x = (u64*)base + off; *x = Tr<DT_F64>::from_f64(__dmul_rn(Tr<DT_F64>::to_f64(*x), c)); break; }
         case DT_F16: { unsigned short* x = (unsigned short*)base + off; *x = Tr<DT_F16>::from_f64(__dmul_rn(Tr<DT_F16>::to_f64(*x), c)); break; }
         default: { unsigned short* x = (unsigned short*)base + off; *x = Tr<DT_BF16>::from_f64(__dmul_rn(Tr<DT_BF16>::to_f64(*x), c)); break; }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient accumulation (GradAccumulator): one pass over (buffer, source) pairs, in place in the
+// buffers; src/ops/accumulate.rs `accumulate` is the reference, which the CPU twin
+// (src/backend/cpu/accumulate.rs) runs. Every value goes through f64 (exact for all four dtypes)
+// and is rounded once per operation to the buffer's dtype.
+#define ACC_ADD 0        // dst = dst + src
+#define ACC_ADD_SCALED 1 // dst = dst + round(src * alpha): the product rounded once, then the sum
+#define ACC_ROUND 2      // dst = round(src): a wide buffer rounded to the var's dtype
+#define ACC_ZERO 3       // dst = +0 (src is not read)
+
+// One table entry (kernels/table.rs `PairEntry`).
+struct PairSegment {
+    u64 dst;         // device address of the buffer's element 0
+    u64 src;         // device address of the source's element 0 (0 for ACC_ZERO)
+    u64 len;         // elements, > 0
+    u64 chunk_start; // global index of the pair's first chunk (strictly increasing)
+    u64 dst_dtype;   // DT_*
+    u64 src_dtype;   // DT_*
+};
+
+// The new buffer element: the operation's exact (or f64-rounded) value, rounded once to AD at the
+// end (ACC_ADD_SCALED rounds its product to AD first).
+template <int AD, int GD>
+__device__ __forceinline__ typename Tr<AD>::raw accumulate_elem(typename Tr<AD>::raw a, typename Tr<GD>::raw g,
+                                                                u32 op, double alpha) {
+    double x;
+    switch (op) {
+    case ACC_ADD: x = __dadd_rn(Tr<AD>::to_f64(a), Tr<GD>::to_f64(g)); break;
+    case ACC_ADD_SCALED: {
+        const double product = Tr<AD>::to_f64(Tr<AD>::from_f64(__dmul_rn(Tr<GD>::to_f64(g), alpha)));
+        x = __dadd_rn(Tr<AD>::to_f64(a), product);
+        break;
+    }
+    case ACC_ROUND: x = Tr<GD>::to_f64(g); break;
+    default: x = 0.0; break;
+    }
+    return Tr<AD>::from_f64(x);
+}
+
+// Loads per lane in flight in the accumulation loop.
+#ifndef ACC_UNROLL
+#define ACC_UNROLL 8
+#endif
+
+// `n` (<= CHUNK_ELEMS) elements of one pair with one warp: lane l takes elements l, l + 32, ...
+// (coalesced for any pair of dtypes), ACC_UNROLL of each array in flight.
+template <int AD, int GD>
+__device__ __forceinline__ void warp_accumulate_chunk(void* dst, const void* src, u64 n, int lane, u32 op,
+                                                      double alpha) {
+    typedef typename Tr<AD>::raw A;
+    typedef typename Tr<GD>::raw G;
+    A* d = (A*)dst;
+    const G* s = (const G*)src;
+    const bool read_dst = op == ACC_ADD || op == ACC_ADD_SCALED;
+    const bool read_src = op != ACC_ZERO;
+    u64 i = lane;
+    for (; i + (ACC_UNROLL - 1) * WARP < n; i += ACC_UNROLL * WARP) {
+        A a[ACC_UNROLL];
+        G g[ACC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ACC_UNROLL; ++u) {
+            a[u] = read_dst ? d[i + u * WARP] : (A)0;
+            g[u] = read_src ? s[i + u * WARP] : (G)0;
+        }
+#pragma unroll
+        for (int u = 0; u < ACC_UNROLL; ++u) d[i + u * WARP] = accumulate_elem<AD, GD>(a[u], g[u], op, alpha);
+    }
+    for (; i < n; i += WARP) {
+        const A a = read_dst ? d[i] : (A)0;
+        const G g = read_src ? s[i] : (G)0;
+        d[i] = accumulate_elem<AD, GD>(a, g, op, alpha);
+    }
+}
+
+#define ACC_CASE(AD, GD)                                                                                     \
+    case AD * 4 + GD: warp_accumulate_chunk<AD, GD>(d, s, n, lane, op, alpha); break;
+
+// Every pair of the table, each element read and written once; one launch for any number of vars.
+extern "C" __global__ void grad_clip_accumulate(const PairSegment* __restrict__ segs, u32 n_segs, u64 n_chunks,
+                                                u32 op, double alpha) {
+    const int lane = threadIdx.x % WARP;
+    for (WarpChunks<PairSegment> w(segs, n_segs, n_chunks); w.more(); w.next()) {
+        u64 start, n;
+        const PairSegment seg = w.current(&start, &n);
+        void* d = (void*)(seg.dst + start * elem_bytes(seg.dst_dtype));
+        const void* s = (const void*)(seg.src + start * elem_bytes(seg.src_dtype));
+        switch (seg.dst_dtype * 4 + seg.src_dtype) {
+            ACC_CASE(DT_F32, DT_F32)
+            ACC_CASE(DT_F32, DT_F64)
+            ACC_CASE(DT_F32, DT_F16)
+            ACC_CASE(DT_F32, DT_BF16)
+            ACC_CASE(DT_F64, DT_F32)
+            ACC_CASE(DT_F64, DT_F64)
+            ACC_CASE(DT_F64, DT_F16)
+            ACC_CASE(DT_F64, DT_BF16)
+            ACC_CASE(DT_F16, DT_F32)
+            ACC_CASE(DT_F16, DT_F64)
+            ACC_CASE(DT_F16, DT_F16)
+            ACC_CASE(DT_F16, DT_BF16)
+            ACC_CASE(DT_BF16, DT_F32)
+            ACC_CASE(DT_BF16, DT_F64)
+            ACC_CASE(DT_BF16, DT_F16)
+            ACC_CASE(DT_BF16, DT_BF16)
+        default: break; // never sent by the host
         }
     }
 }

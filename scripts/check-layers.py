@@ -39,10 +39,11 @@ COMPONENTS = [
     ("dist", "dist/", ["dispatch", "ops"]),
     ("clip", "clip/", ["dist", "dispatch", "ops"]),
     ("stats", "stats.rs", ["dispatch", "ops"]),
+    ("accum", "accum/", ["dispatch", "ops"]),
     ("policy", "policy/", ["clip", "stats", "dispatch", "ops", "io"]),
     ("optim", "optim/", ["policy", "clip", "dist", "stats", "dispatch", "ops", "io"]),
     ("amp", "amp/", ["optim", "policy", "clip", "dist", "stats", "dispatch", "ops", "io"]),
-    ("checkpoint", "checkpoint/", ["amp", "optim", "policy", "clip", "dispatch", "ops", "io"]),
+    ("checkpoint", "checkpoint/", ["amp", "optim", "policy", "clip", "accum", "dispatch", "ops", "io"]),
     ("lib", "lib.rs", None),  # the crate root re-exports the public API: anything
 ]
 

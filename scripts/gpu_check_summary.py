@@ -22,10 +22,15 @@ UNIT = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 # the clip's read of the gradients.
 # ZClip as the clip (its kernel is one thread); AGC reads the parameters once more for the unit
 # norms (9).
+# Gradient accumulation (issue 23): `accumulate` reads the buffer and the gradient and writes the
+# buffer (3: 12 bytes a f32 parameter); `accumulate_f32` is BF16 gradients into F32 buffers (2 + 4
+# + 4 bytes a 2-byte parameter: 5); `accumulate_zero` writes once; the candle loop moves what
+# `accumulate` moves, into a new allocation.
 MOVED = {"clip": 3.0, "noclip": 1.0, "norm": 1.0, "adamw": 7.0, "adamw_clip": 8.0, "adamw_candle": 7.0,
-         "adamw_zclip": 8.0, "adamw_agc": 9.0}
+         "adamw_zclip": 8.0, "adamw_agc": 9.0, "accumulate": 3.0, "accumulate_f32": 5.0,
+         "accumulate_zero": 1.0, "accumulate_candle": 3.0}
 # Targets (CUDA and fused-optimizer issues): fraction of copy bandwidth, speed-up over PyTorch.
-BANDWIDTH_TARGET = {"clip": 0.85, "noclip": 0.85, "adamw": 0.8}
+BANDWIDTH_TARGET = {"clip": 0.85, "noclip": 0.85, "adamw": 0.8, "accumulate": 0.85}
 TORCH_TARGET = {"clip": 1.3, "noclip": 2.5, "adamw": 1.0, "adamw_clip": 1.0}
 TINY_SET = "set_D_10M_10000"
 TINY_TARGET = 3.0

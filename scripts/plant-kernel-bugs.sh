@@ -8,9 +8,10 @@
 #   ZClip's kernel (`zclip-*`)                 --test policy (tests/policy/zclip)
 #   AGC's kernels (`agc-*`)                    --test clip (tests/clip/agc)
 #   GradScaler's one-read path (`scaler-*`)    --test grad_scaler (tests/grad_scaler)
+#   the accumulation kernel (`accum-*`)        --test accumulate (tests/accumulate)
 #   the emulation's own shim (emulation/)      --lib emulated (the shim's self-tests)
 #
-#   scripts/plant-kernel-bugs.sh            # every bug below (23 bugs: about 6 minutes in all on 2 cores)
+#   scripts/plant-kernel-bugs.sh            # every bug below (27 bugs: about 7 minutes in all on 2 cores)
 #   scripts/plant-kernel-bugs.sh carry      # only the bugs whose name contains "carry"
 #
 # The copies build into this checkout's target directory, so only the crate itself rebuilds; each
@@ -43,6 +44,10 @@ BUGS=(
   "scaler-skip-unscale|kernels/grad_clip.cu|a prescaled step that is skipped leaves the gradients scaled|s.replace('    } else if (pre) {\n        // A skipped step leaves the store unscaled too', '    } else if (false) {\n        // A skipped step leaves the store unscaled too', 1)"
   "scaler-bf16-round|kernels/grad_clip.cu|the reduction unscales BF16 without rounding the product to BF16|s.replace('    return Tr<DT>::to_f64(Tr<DT>::from_f64((double)u));\n}', '    return (double)u;\n}', 1)"
   "agc-unit-index|kernels/grad_clip.cu|the fused step indexes AGC units from the chunk, not the var|s.replace('const u64 i = start + e;', 'const u64 i = e;', 1)"
+  "accum-tail|kernels/grad_clip.cu|the accumulation kernel drops the last element of every chunk|s.replace('    for (; i < n; i += WARP) {\n        const A a = read_dst', '    for (; i + 1 < n; i += WARP) {\n        const A a = read_dst', 1)"
+  "accum-product|kernels/grad_clip.cu|add_scaled does not round the product to the buffer's dtype before the sum|s.replace('const double product = Tr<AD>::to_f64(Tr<AD>::from_f64(__dmul_rn(Tr<GD>::to_f64(g), alpha)));', 'const double product = __dmul_rn(Tr<GD>::to_f64(g), alpha);', 1)"
+  "accum-src-offset|kernels/grad_clip.cu|a chunk's source address steps by the buffer's element size, not the gradient's|s.replace('(const void*)(seg.src + start * elem_bytes(seg.src_dtype))', '(const void*)(seg.src + start * elem_bytes(seg.dst_dtype))', 1)"
+  "accum-zero|kernels/grad_clip.cu|zero_ leaves the buffers as they are|s.replace('    const int lane = threadIdx.x % WARP;\n    for (WarpChunks<PairSegment>', '    if (op == ACC_ZERO) return;\n    const int lane = threadIdx.x % WARP;\n    for (WarpChunks<PairSegment>', 1)"
   "shfl-own|emulation/include/cuda_emu.h|a shuffle returns the lane's own value|s.replace('    if (use_own) return var;', '    return var;', 1)"
   "one-slot|emulation/runtime.cpp|warp exchanges use one buffer (a fast lane overwrites values not yet read)|s.replace('(unsigned)(f->warp_calls++ & 1)', '(unsigned)(f->warp_calls++ & 0)', 1)"
   "no-barrier|emulation/runtime.cpp|__syncthreads does not wait|s.replace('    maybe_release_barrier(b);\\n    yield_blocked();', '    --b->at_barrier;\\n    f->state = FiberState::Ready;\\n    b->push(f->index);\\n    yield_blocked();', 1)"
@@ -84,6 +89,7 @@ EOF
     zclip-*) tests=(--test policy) ;;
     agc-*) tests=(--test clip) ;;
     scaler-*) tests=(--test grad_scaler) ;;
+    accum-*) tests=(--test accumulate) ;;
     *) tests=(--test emulation) ;;
   esac
   if (cd "$copy" && cargo test --release "${tests[@]}" >"$copy.log" 2>&1); then

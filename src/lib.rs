@@ -85,6 +85,7 @@
 // The layers, bottom first: `io` and `ops` (definitions), `backend`, `dispatch`, then the public
 // layers `dist`, `clip`, `stats`, `policy`, `optim`, `amp`, `checkpoint` (docs/ARCHITECTURE.md;
 // `scripts/check-layers.py` checks that imports only point down).
+mod accum;
 mod amp;
 mod backend;
 mod checkpoint;
@@ -104,6 +105,7 @@ pub use clip::norm::{clip_grad_norm_, clip_grads_with_norm_, total_norm, ClipGra
 pub use clip::value::clip_grad_value_;
 pub use ops::norm_type::NormType;
 // Training-loop integration: optimizers, policies, loss scaling, statistics.
+pub use accum::GradAccumulator;
 pub use amp::grad_scaler::GradScaler;
 pub use amp::scaled::{FusedHandle, ScaledOptimizer};
 pub use optim::adamw::{AdamWRule, FusedAdamW};

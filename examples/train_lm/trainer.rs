@@ -5,9 +5,10 @@
 use std::time::Instant;
 
 use anyhow::bail;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
 use candle_grad_clip::{
-    adaptive_clip_grad_, clip_grad_norm_, ClipSetting, FusedAdamW, GradScaler, ZClip,
+    adaptive_clip_grad_, clip_grad_norm_, ClipSetting, FusedAdamW, GradAccumulator, GradScaler,
+    ZClip,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 
@@ -48,6 +49,27 @@ pub struct Trainer {
     backoffs_in_a_row: u64,
     /// The scaler's scale before its first step (a back-off at step 1 is one too).
     initial_scale: f64,
+    /// The fused optimizer's micro-batch sums (`--accumulate N`, N > 1).
+    accumulator: Option<GradAccumulator>,
+}
+
+/// What a candle user writes to accumulate: `acc = (acc + g)?` per var, from zeros (so that it is
+/// `GradAccumulator::add`'s definition, -0.0 included).
+fn candle_sum(
+    vars: &[Var],
+    mut acc: GradStore,
+    grads: &GradStore,
+) -> candle_core::Result<GradStore> {
+    for v in vars {
+        if let Some(g) = grads.get(v) {
+            let sum = match acc.get(v) {
+                Some(a) => (a + g)?,
+                None => (g.zeros_like()? + g)?,
+            };
+            acc.insert(v, sum);
+        }
+    }
+    Ok(acc)
 }
 
 /// Back-offs in a row that cannot come from the loss scale: 10 halvings make it 1024× smaller,
@@ -95,6 +117,10 @@ impl Trainer {
             }
         };
         let scaler = (args.dtype == Precision::F16).then(GradScaler::new);
+        let accumulator = match (&opt, args.accumulate) {
+            (Opt::Fused(_), n) if n > 1 => Some(GradAccumulator::from_varmap(&vars.varmap)?),
+            _ => None,
+        };
         let initial_scale = match &scaler {
             Some(s) => s.scale_value()?,
             None => f64::NAN,
@@ -115,6 +141,7 @@ impl Trainer {
             skipped: 0,
             backoffs_in_a_row: 0,
             initial_scale,
+            accumulator,
         })
     }
 
@@ -127,36 +154,36 @@ impl Trainer {
         Ok(t.elapsed().as_secs_f64() * 1e3)
     }
 
-    /// One training step (`step` is its 1-based number); returns the loss.
-    pub fn step(&mut self, step: u64, inputs: &Tensor, targets: &Tensor) -> anyhow::Result<f32> {
+    /// One training step (`step` is its 1-based number) over its micro-batches (one, or
+    /// `--accumulate N`); returns the loss (the mean over the micro-batches).
+    pub fn step(&mut self, step: u64, micro: &[(Tensor, Tensor)]) -> anyhow::Result<f32> {
         let t = Instant::now();
-        let model = self.model()?;
-        let logits = model.forward(inputs, 0, &mut self.cache)?;
-        let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)?;
-        let mut grads = match &self.scaler {
-            Some(scaler) => scaler.scale(&loss)?.backward()?,
-            None => loss.backward()?,
-        };
+        let (mut summed, loss) = self.backward(micro)?;
         let fb = self.ms_since(t)?;
+        let grads: &mut GradStore = match (&mut summed, &mut self.accumulator) {
+            (Some(grads), _) => grads,
+            (None, Some(acc)) => acc.grads()?,
+            (None, None) => bail!("internal error: no gradients"),
+        };
         let (clip_ms, opt_ms) = match &mut self.opt {
             Opt::Candle { opt, vars, zclip } => {
                 let t = Instant::now();
                 if let Some(scaler) = &mut self.scaler {
-                    scaler.unscale_(vars, &mut grads)?;
+                    scaler.unscale_(vars, grads)?;
                 }
                 match (self.clip, zclip) {
                     (Clip::None, _) => {}
                     (Clip::Norm, _) => {
-                        clip_grad_norm_(vars, &mut grads, self.max_norm)?;
+                        clip_grad_norm_(vars, grads, self.max_norm)?;
                     }
                     (Clip::Zclip, Some(z)) => {
-                        z.clip_(vars, &mut grads)?;
+                        z.clip_(vars, grads)?;
                     }
                     (Clip::Zclip, None) => bail!("internal error: ZClip without its state"),
                     (Clip::Agc, _) => {
                         adaptive_clip_grad_(
                             vars,
-                            &mut grads,
+                            grads,
                             AGC_CLIPPING,
                             ClipSetting::AGC_DEFAULT_EPS,
                         )?;
@@ -167,10 +194,10 @@ impl Trainer {
                 let t = Instant::now();
                 match &mut self.scaler {
                     Some(scaler) => {
-                        scaler.step(opt, &grads)?;
+                        scaler.step(opt, grads)?;
                         scaler.update()?;
                     }
-                    None => opt.step(&grads)?,
+                    None => opt.step(grads)?,
                 }
                 (clip_ms, self.ms_since(t)?)
             }
@@ -178,14 +205,18 @@ impl Trainer {
                 let t = Instant::now();
                 match &mut self.scaler {
                     Some(scaler) => {
-                        scaler.step(opt.as_mut(), &grads)?;
+                        scaler.step(opt.as_mut(), grads)?;
                         scaler.update()?;
                     }
-                    None => opt.step(&grads)?,
+                    None => opt.step(grads)?,
                 }
                 (f64::NAN, self.ms_since(t)?)
             }
         };
+        // Empty between optimizer steps (and so nothing a checkpoint needs).
+        if let Some(acc) = &mut self.accumulator {
+            acc.zero_()?;
+        }
         self.timings.forward_backward.push(fb);
         self.timings.clip.push(clip_ms);
         self.timings.optimizer.push(opt_ms);
@@ -217,7 +248,36 @@ impl Trainer {
                 )
             }
         }
-        Ok(loss.to_scalar::<f32>()?)
+        Ok(loss)
+    }
+
+    /// Forward and backward passes over the micro-batches. One: its gradients. Several: each loss
+    /// divided by their number (so that the sum is the gradient of the mean loss), and the
+    /// gradients summed: by `GradAccumulator` for the fused optimizer (`None` is returned: the
+    /// accumulator holds them), by candle's `(acc + g)?` per var otherwise. Returns the mean loss.
+    fn backward(&mut self, micro: &[(Tensor, Tensor)]) -> anyhow::Result<(Option<GradStore>, f32)> {
+        let model = self.model()?;
+        let n = micro.len();
+        let (mut summed, mut total) = (None, 0f64);
+        for (inputs, targets) in micro {
+            let logits = model.forward(inputs, 0, &mut self.cache)?;
+            let loss =
+                candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)?;
+            total += f64::from(loss.to_scalar::<f32>()?);
+            let loss = if n > 1 { (loss / n as f64)? } else { loss };
+            let grads = match &self.scaler {
+                Some(scaler) => scaler.scale(&loss)?.backward()?,
+                None => loss.backward()?,
+            };
+            match (&mut self.accumulator, &self.opt) {
+                (Some(acc), _) => acc.add(&grads)?,
+                (None, Opt::Candle { vars, .. }) if n > 1 => {
+                    summed = Some(candle_sum(vars, summed.unwrap_or_default(), &grads)?)
+                }
+                (None, _) => summed = Some(grads),
+            }
+        }
+        Ok((summed, (total / n as f64) as f32))
     }
 
     /// Exact-match accuracy on held-out problems: every answer byte (and the newline) is the
@@ -260,7 +320,7 @@ impl Trainer {
 
     pub fn summary(&self, args: &Args, first: u64, last: u64, accuracy: (f64, f64)) {
         let (fb, clip, opt) = self.timings.means();
-        let tokens_per_step = (args.batch * args.seq_len) as f64;
+        let tokens_per_step = (args.accumulate * args.batch * args.seq_len) as f64;
         let clip_text = if clip.is_nan() {
             "folded into the optimizer step".to_string()
         } else {

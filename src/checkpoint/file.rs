@@ -9,6 +9,7 @@ use candle_nn::VarMap;
 
 use super::clip;
 use super::optimizer::CheckpointOptimizer;
+use crate::accum::first_pending;
 use crate::amp::grad_scaler::GradScaler;
 use crate::io::digest::{self, Damage};
 use crate::io::format::Entry;
@@ -124,6 +125,10 @@ impl TrainingCheckpoint {
     /// ```
     pub fn new(varmap: &VarMap, step: u64) -> Result<Self> {
         let vars = sorted_vars(varmap)?;
+        if let Some(i) = first_pending(vars.iter().map(|(_, v)| v)) {
+            let name = &vars[i].0;
+            bail!("TrainingCheckpoint::new: a GradAccumulator holds micro-batches of var {name:?} that no optimizer step has read (add since the last grads() or zero_()); save between optimizer steps, when the accumulator is empty")
+        }
         let mut entries = BTreeMap::new();
         for (name, var) in &vars {
             entries.insert(

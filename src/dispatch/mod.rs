@@ -10,12 +10,14 @@
 //!
 //! Files by operation: [`norm`] (norms, per-tensor norms, the reductions the norm across
 //! processes combines), [`clip`] (norm and value clipping), [`zclip`], [`agc`],
-//! [`fused_step`] and [`grad_scaler`] (GradScaler's unscale and one-read reduction on the CPU).
+//! [`fused_step`], [`grad_scaler`] (GradScaler's unscale and one-read reduction on the CPU) and
+//! [`accumulate`] (gradient accumulation).
 //!
 //! [`KernelDevice`]: crate::backend::kernels::KernelDevice
 
 use candle_core::{bail, Device, Result};
 
+pub(crate) mod accumulate;
 pub(crate) mod agc;
 pub(crate) mod clip;
 pub(crate) mod fused_step;

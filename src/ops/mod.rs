@@ -5,6 +5,7 @@
 //! from the layers above (`backend`, `dispatch`, the public modules): those layers import from
 //! here. See `docs/ARCHITECTURE.md`.
 
+pub(crate) mod accumulate;
 pub(crate) mod agc;
 pub(crate) mod clip;
 pub(crate) mod element;

@@ -11,7 +11,7 @@
 //!
 //! By concern, as the CPU targets are: [`norms`], [`clip`] (AGC included), [`device`] (what only a
 //! GPU can show), [`emulation`] (the host emulation against the GPU), [`optim`], [`policy`]
-//! (ZClip), [`distributed`], [`grad_scaler`]. Here the device and the helpers they share.
+//! (ZClip), [`distributed`], [`grad_scaler`], [`accumulate`] (`GradAccumulator`). Here the device and the helpers they share.
 #![cfg(feature = "cuda")]
 
 use std::sync::OnceLock;
@@ -69,6 +69,7 @@ macro_rules! cuda_or_skip {
 }
 
 // The tests, by concern (declared after `cuda_or_skip!`, which they use).
+mod accumulate;
 mod clip;
 mod device;
 mod distributed;

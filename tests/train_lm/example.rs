@@ -88,6 +88,22 @@ fn candle_and_fused_optimizers_give_the_same_parameters() {
     }
 }
 
+/// `--accumulate 4` in F32: candle's `(acc + g)?` loop and `GradAccumulator` (micro-batches summed,
+/// clipped once) print the same `params_sha256` and loss, and the run is not the one-batch run.
+#[test]
+fn accumulated_micro_batches_give_the_same_parameters_for_both_optimizers() {
+    let args = ["--steps", "3", "--accumulate", "4", "--dtype", "f32"];
+    let candle = final_line(&[&args[..], &["--optimizer", "candle"]].concat());
+    let fused = final_line(&[&args[..], &["--optimizer", "fused"]].concat());
+    assert!(candle.starts_with("final step=3 loss="), "{candle}");
+    assert_eq!(candle, fused);
+    let single = final_line(&["--steps", "3", "--optimizer", "fused"]);
+    assert_ne!(
+        single, fused,
+        "--accumulate 4 trains on four micro-batches a step"
+    );
+}
+
 #[test]
 fn checkpoint_needs_the_fused_optimizer() {
     let out = command(&[

@@ -8,7 +8,7 @@
 
 //! Files: [`reduce`] (the norm's work items and loops), [`apply`] (the in-place element-wise
 //! passes), [`agc`], [`grad_scaler`] (GradScaler's one-read path) and [`fused_step`] (the fused
-//! optimizer step). The element arithmetic itself is defined in `ops::element`.
+//! optimizer step), [`accumulate`] (gradient accumulation). The element arithmetic itself is defined in `ops::element`.
 
 use candle_core::{bail, CpuStorage, Result, Storage};
 use half::{bf16, f16};
@@ -97,6 +97,7 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) mod accumulate;
 pub(crate) mod agc;
 pub(crate) mod apply;
 pub(crate) mod fused_step;

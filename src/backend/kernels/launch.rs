@@ -5,6 +5,7 @@
 
 use half::{bf16, f16};
 
+use crate::ops::accumulate::AccumulateOp;
 use crate::ops::element::round_toward_zero;
 use crate::ops::fused_step::Rule;
 use crate::ops::gradients::GradientSet;
@@ -28,12 +29,13 @@ pub(crate) enum Kernel {
     ZClip,
     Agc,
     AgcStrided,
+    Accumulate,
 }
 
 impl Kernel {
     /// Every kernel the host launches (the emulation checks that each is compiled in).
     #[cfg(test)]
-    pub(crate) const ALL: [Kernel; 11] = [
+    pub(crate) const ALL: [Kernel; 12] = [
         Kernel::ReduceInf,
         Kernel::ReduceAbs,
         Kernel::ReduceSq,
@@ -45,6 +47,7 @@ impl Kernel {
         Kernel::ZClip,
         Kernel::Agc,
         Kernel::AgcStrided,
+        Kernel::Accumulate,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -60,6 +63,7 @@ impl Kernel {
             Kernel::ZClip => "grad_clip_zclip",
             Kernel::Agc => "grad_clip_agc",
             Kernel::AgcStrided => "grad_clip_agc_strided",
+            Kernel::Accumulate => "grad_clip_accumulate",
         }
     }
 }
@@ -600,4 +604,32 @@ pub(crate) fn agc_strided(target: &StridedTarget, unit_len: u64, coefs: u64) -> 
             Arg::Ptr(coefs),
         ],
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient accumulation.
+
+/// `grad_clip_accumulate` over the pair `part` of the table at `table` (`push_pairs`), with the
+/// operation's code (`ACC_*`) and scale; nothing when the part is empty.
+pub(crate) fn accumulate(table: u64, part: Part, op: AccumulateOp) -> Option<Launch> {
+    if part.segments == 0 {
+        return None;
+    }
+    let (code, alpha) = match op {
+        AccumulateOp::Add => (0, 1.0),
+        AccumulateOp::AddScaled(alpha) => (1, alpha),
+        AccumulateOp::Round => (2, 1.0),
+        AccumulateOp::Zero => (3, 0.0),
+    };
+    Some(Launch {
+        kernel: Kernel::Accumulate,
+        grid: Grid::Warps(part.chunks),
+        args: vec![
+            Arg::Ptr(part.segments_ptr(table)),
+            Arg::U32(part.segments),
+            Arg::U64(part.chunks),
+            Arg::U32(code),
+            Arg::F64(alpha),
+        ],
+    })
 }

@@ -23,7 +23,10 @@
 //!   `grad_clip_agc_strided` per non-contiguous gradient); see [`agc`];
 //! - fused optimizer step (`fused_step`): the reduction the clip or the finite check needs, then
 //!   `grad_clip_fused_step`; with GradScaler's prescale (the address of the `f32` `inv_scale`) both
-//!   unscale each gradient element as they read it, and the step writes it back unscaled.
+//!   unscale each gradient element as they read it, and the step writes it back unscaled;
+//! - gradient accumulation (`GradAccumulator`): `grad_clip_accumulate`, one launch over every
+//!   (buffer, gradient) pair: add, add scaled, round a wide buffer to the var's dtype, or clear;
+//!   see [`accumulate`].
 //!
 //! So `clip_grad_norm_` is 2 launches (3 for F64 gradients or `p > 6`) and one copy of the table,
 //! for 1 or 10,000 gradients. Slow paths, each an extra launch per tensor: a non-contiguous
@@ -40,6 +43,7 @@
 //! norm (the CPU's partials cover other element sets).
 
 pub(crate) mod abi;
+pub(crate) mod accumulate;
 pub(crate) mod agc;
 pub(crate) mod clip;
 pub(crate) mod fused_step;
@@ -112,7 +116,7 @@ fn launch_all(s: &mut dyn Session, launches: impl IntoIterator<Item = Launch>) -
     // SAFETY: every launch passed here is built by `launch.rs` (`NormPlan::reduce`,
     // `NormPlan::segment_norms`, `ElementOp::apply`, `ElementOp::apply_strided`,
     // `ElementOp::apply_all`, `launch::fused_step`, `launch::zclip`, `launch::agc`,
-    // `launch::agc_strided`) from the addresses of this session: the table it uploaded (whose
+    // `launch::agc_strided`, `launch::accumulate`) from the addresses of this session: the table it uploaded (whose
     // segments are views of the locked tensors, built from their layouts), its buffers (sized
     // for what the kernel writes) and its scratch.
     launches

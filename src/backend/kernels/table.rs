@@ -306,3 +306,33 @@ impl Table {
         part
     }
 }
+
+/// One (buffer, source) pair of an accumulation pass, resolved to device addresses (`src` 0 for
+/// a pass without a source).
+pub(crate) struct PairEntry {
+    pub(crate) dst: u64,
+    pub(crate) src: u64,
+    pub(crate) len: u64,
+    pub(crate) dst_dtype: u64,
+    pub(crate) src_dtype: u64,
+}
+
+impl Table {
+    /// The pair part: one `PairSegment` (6 words) per non-empty pair.
+    pub(crate) fn push_pairs(&mut self, entries: &[PairEntry]) -> Part {
+        let mut part = self.start_part();
+        for e in entries.iter().filter(|e| e.len > 0) {
+            self.words.extend_from_slice(&[
+                e.dst,
+                e.src,
+                e.len,
+                part.chunks,
+                e.dst_dtype,
+                e.src_dtype,
+            ]);
+            part.segments += 1;
+            part.chunks += e.len.div_ceil(CHUNK);
+        }
+        part
+    }
+}
