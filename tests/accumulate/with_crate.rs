@@ -49,8 +49,12 @@ fn grad_scaler_pattern() -> Result<()> {
     let (ours, theirs) = twins(DType::F32)?;
     let mut opt_a = AdamW::new(ours.clone(), ParamsAdamW::default())?;
     let mut opt_b = AdamW::new(theirs.clone(), ParamsAdamW::default())?;
-    let mut sa = GradScaler::new().init_scale(1024.0).growth_interval(2);
-    let mut sb = GradScaler::new().init_scale(1024.0).growth_interval(2);
+    let mut sa = GradScaler::new()
+        .with_init_scale(1024.0)
+        .with_growth_interval(2);
+    let mut sb = GradScaler::new()
+        .with_init_scale(1024.0)
+        .with_growth_interval(2);
     let mut acc = GradAccumulator::new(&ours)?;
     let (mut ra, mut rb) = (StdRng::seed_from_u64(1), StdRng::seed_from_u64(1));
     for step in 0..5 {
@@ -141,11 +145,11 @@ fn empty_accumulator() -> Result<()> {
 }
 
 /// Data parallel with sharded vars: each rank accumulates its micro-batches locally, then one
-/// `clip_grad_norm_across` per optimizer step; the result is bitwise the one-process clip of all
+/// `clip_grad_norm_across_` per optimizer step; the result is bitwise the one-process clip of all
 /// the summed gradients (candle's loop), and the norm the same on every rank.
 #[test]
 fn across_ranks_once_per_step() -> Result<()> {
-    use candle_grad_clip::{clip_grad_norm_across, LocalGroup};
+    use candle_grad_clip::{clip_grad_norm_across_, LocalGroup};
     let mut rng = StdRng::seed_from_u64(12);
     let ranks = 2;
     let mut shards = Vec::new();
@@ -178,7 +182,7 @@ fn across_ranks_once_per_step() -> Result<()> {
                         acc.add(m)?;
                     }
                     let grads = acc.grads()?;
-                    let norm = clip_grad_norm_across(vars, grads, 0.5, &group)?;
+                    let norm = clip_grad_norm_across_(vars, grads, 0.5, &group)?;
                     Ok((norm.to_scalar::<f32>()?, crate::store_tensors(vars, grads)))
                 })
             })
