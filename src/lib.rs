@@ -42,17 +42,21 @@
 //! | --- | --- |
 //! | to clip the `GradStore` of your own loop | [`clip_grad_norm_`], [`clip_grad_value_`], [`ClipGradNorm`] (every option: [`NormType`], `eps`, `error_if_nonfinite`), [`clip_grads_with_norm_`] (a norm computed earlier), [`adaptive_clip_grad_`] (AGC, unit-wise) |
 //! | to measure without clipping | [`total_norm`]; [`grad_norms`] (per named var), [`GradNormStats`] (norms recorded step by step, `suggest_max_norm`) |
-//! | your `candle_nn::Optimizer` (`SGD`, `AdamW`, your own), clipped before each step | [`Clipped`] with [`ClippedConfig`]; `skip_nonfinite`, `max_consecutive_skips` |
-//! | the fastest step: AdamW or SGD as one pass with the clip folded in | [`FusedAdamW`] (bitwise `candle_nn::AdamW`), [`FusedSgd`] with [`ParamsSgd`] (PyTorch's SGD); `with_clip`, `skip_nonfinite`, `state_dict` / `save_state` |
+//! | your `candle_nn::Optimizer` (`SGD`, `AdamW`, your own), clipped before each step | [`Clipped`] with [`ClippedConfig`]; `with_skip_nonfinite`, `with_max_consecutive_skips`, `consecutive_skips` |
+//! | the fastest step: AdamW or SGD as one pass with the clip folded in | [`FusedAdamW`] (bitwise `candle_nn::AdamW`), [`FusedSgd`] with [`ParamsSgd`] (PyTorch's SGD), both a [`Fused`] over a [`FusedRule`]; `with_clip`, `with_skip_nonfinite`, `state_dict` / `save_state` |
+//! | a batch larger than the device holds: micro-batches summed in place, one clip and one step | [`GradAccumulator`] (`add` per micro-batch, `grads()`, then clip and step, `zero_()`) |
 //! | how to clip, in an optimizer or a checkpoint | [`ClipSetting`]: a norm, a value, [`AutoClip`], [`ZClip`] ([`ZClipMode`]) or AGC — the setting of [`Clipped`], of the fused optimizers' `with_clip` and of [`TrainingCheckpoint::with_clip`] |
 //! | no threshold to tune, or only the spikes clipped | [`AutoClip`] (a percentile of the norms seen so far), [`ZClip`] (z-scores against an EMA, statistics on the device); each also clips a `GradStore` on its own (`clip_`) |
-//! | an F16 forward pass with F32 master weights | [`GradScaler`]: PyTorch's dynamic loss scaling, state on the device |
-//! | to stop and resume bitwise | [`TrainingCheckpoint`]: vars, optimizer, clip policy, `GradScaler`, step and metadata in one verified file, saved atomically (or in the background: [`PendingSave`]), restored all or nothing ([`Restore`]); any [`CheckpointOptimizer`] |
+//! | an F16 forward pass with F32 master weights | [`GradScaler`]: PyTorch's dynamic loss scaling, state on the device; any [`ScaledOptimizer`] (a wrapper around a fused optimizer keeps its fused path through [`ScaledOptimizer::fused`]) |
+//! | to stop and resume bitwise | [`TrainingCheckpoint`]: vars, optimizer, clip policy, `GradScaler`, step and metadata in one verified file, saved atomically (or in the background: [`PendingSave`]), restored all or nothing ([`Restore`]); any [`CheckpointOptimizer`]; [`TrainingCheckpoint::inspect`] ([`CheckpointStatus`]) and [`TrainingCheckpoint::fits`] tell a damaged file or another run's |
 //! | the global norm of gradients spread over processes | [`clip_grad_norm_across_`], [`total_norm_across`], [`ClipGradNorm::clip_across_`], the optimizers' `step_across`, `GradScaler::step_across`, over a [`ProcessGroup`]: [`LocalGroup`] (threads), the `mpi` crate's communicators (feature `mpi`), `NcclGroup` (feature `nccl`) |
 //! | to test CUDA kernels without a GPU | `KernelEmulation`, `BlockOrder`, `EmulationLog` (feature `emulation`) |
 //!
 //! Every function returns `candle_core::Result`: bad input is an error that names the problem,
-//! and no gradient is modified. `vars` is typically `varmap.all_vars()` and `grads` the
+//! and no gradient is modified. candle's `Error` cannot carry a typed error (its `Wrapped` holds a
+//! `Display`), so the conditions a loop reacts to are queries instead: `consecutive_skips()`,
+//! `last_step_skipped()`, [`TrainingCheckpoint::inspect`]. Settings follow one convention on
+//! every type: `with_<name>(value)` sets, `<name>()` reads back, and every use checks them. `vars` is typically `varmap.all_vars()` and `grads` the
 //! `GradStore` that `loss.backward()` returns.
 //!
 //! # Semantics
@@ -148,6 +152,8 @@ mod doc_files {
     struct ClipPolicies;
     #[doc = include_str!("../docs/mixed-precision.md")]
     struct MixedPrecision;
+    #[doc = include_str!("../docs/accumulation.md")]
+    struct Accumulation;
     #[doc = include_str!("../docs/checkpoints.md")]
     struct Checkpoints;
     #[doc = include_str!("../docs/across-processes.md")]

@@ -6,10 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{Result, Var};
 
 use crate::io::format::Entry;
-use crate::optim::adamw::FusedAdamW;
 use crate::optim::clip_setting::ClipSetting;
+use crate::optim::fused::api::{Fused, FusedRule};
 use crate::optim::fused::state_dict::{StateBackup, StateValue};
-use crate::optim::sgd::FusedSgd;
 
 pub(crate) mod sealed {
     use std::collections::{BTreeMap, HashMap};
@@ -42,8 +41,8 @@ pub(crate) mod sealed {
     }
 }
 
-/// An optimizer whose whole state a [`TrainingCheckpoint`](super::TrainingCheckpoint) saves and restores: [`FusedAdamW`]
-/// and [`FusedSgd`] (sealed). `candle_nn::AdamW` keeps its moments private, so it cannot be
+/// An optimizer whose whole state a [`TrainingCheckpoint`](super::TrainingCheckpoint) saves and restores: [`FusedAdamW`](crate::FusedAdamW)
+/// and [`FusedSgd`](crate::FusedSgd) (sealed). `candle_nn::AdamW` keeps its moments private, so it cannot be
 /// checkpointed.
 ///
 /// ```
@@ -54,40 +53,35 @@ pub(crate) mod sealed {
 /// ```
 pub trait CheckpointOptimizer: sealed::Sealed {}
 
-macro_rules! checkpoint_optimizer {
-    ($ty:ident) => {
-        impl sealed::Sealed for $ty {
-            fn kind(&self) -> &'static str {
-                stringify!($ty)
-            }
-            fn describe_params(&self) -> String {
-                format!("{:?}", self.params())
-            }
-            fn optimizer_vars(&self) -> &[Var] {
-                self.vars()
-            }
-            fn optimizer_entries(&self, keys: &[String]) -> Result<BTreeMap<String, Entry>> {
-                self.state_entries(keys)
-            }
-            fn load_optimizer_values(
-                &mut self,
-                values: &HashMap<&str, StateValue<'_>>,
-                keys: &[String],
-            ) -> Result<StateBackup> {
-                self.load_state_values(values, keys)
-            }
-            fn put_back_state(&mut self, backup: StateBackup) -> Result<()> {
-                self.put_back(backup)
-            }
-            fn clip(&self) -> Option<&ClipSetting> {
-                self.clip_setting()
-            }
-            fn replace_clip(&mut self, clip: ClipSetting) -> Result<()> {
-                self.set_clip_setting(clip)
-            }
-        }
-        impl CheckpointOptimizer for $ty {}
-    };
+impl<R: FusedRule> sealed::Sealed for Fused<R> {
+    fn kind(&self) -> &'static str {
+        R::NAME
+    }
+    fn describe_params(&self) -> String {
+        format!("{:?}", self.params())
+    }
+    fn optimizer_vars(&self) -> &[Var] {
+        self.vars()
+    }
+    fn optimizer_entries(&self, keys: &[String]) -> Result<BTreeMap<String, Entry>> {
+        self.state_entries(keys)
+    }
+    fn load_optimizer_values(
+        &mut self,
+        values: &HashMap<&str, StateValue<'_>>,
+        keys: &[String],
+    ) -> Result<StateBackup> {
+        self.load_state_values(values, keys)
+    }
+    fn put_back_state(&mut self, backup: StateBackup) -> Result<()> {
+        self.put_back(backup)
+    }
+    fn clip(&self) -> Option<&ClipSetting> {
+        self.clip_setting()
+    }
+    fn replace_clip(&mut self, clip: ClipSetting) -> Result<()> {
+        self.set_clip_setting(clip)
+    }
 }
-checkpoint_optimizer!(FusedAdamW);
-checkpoint_optimizer!(FusedSgd);
+
+impl<R: FusedRule> CheckpointOptimizer for Fused<R> {}

@@ -19,18 +19,18 @@ use crate::ops::fused_step::Rule;
 /// full-size tensor, this is one read of each gradient and one read-write of each parameter and
 /// moment: on the CPU one rayon-parallel pass, on CUDA one launch for all vars.
 ///
-/// **Clipping.** [`with_clip`](Self::with_clip) takes every [`ClipSetting`]. The step then reads
+/// **Clipping.** [`with_clip`](Self::with_clip) takes every [`ClipSetting`](crate::ClipSetting). The step then reads
 /// the gradients once for the norm (as `clip_grad_norm_` does), and the update multiplies each
 /// gradient by the coefficient as it reads it, formed exactly as `clip_grad_norm_` forms it, so the
 /// result is bitwise `clip_grad_norm_` (or `clip_grad_value_`, or AutoClip) followed by
-/// `candle_nn::AdamW::step`. With [`ClipSetting::Agc`] the first read measures every unit of
+/// `candle_nn::AdamW::step`. With [`ClipSetting::Agc`](crate::ClipSetting::Agc) the first read measures every unit of
 /// the parameters and gradients (one launch on CUDA) and the update scales each element by its
 /// unit's coefficient: bitwise [`adaptive_clip_grad_`](crate::adaptive_clip_grad_) then the
 /// unclipped step. Unlike [`Clipped`](crate::Clipped), **the `GradStore` is not
 /// written**: the gradients keep their values. On CUDA nothing waits for the device, except for
 /// AutoClip (whose percentile is computed on the host).
 ///
-/// **Skipping.** With [`skip_nonfinite(true)`](Self::skip_nonfinite), a step whose gradients
+/// **Skipping.** With [`with_skip_nonfinite(true)`](Self::with_skip_nonfinite), a step whose gradients
 /// hold a NaN or an infinity leaves the parameters, the moments and the step count bitwise
 /// unchanged and is counted by [`skipped_steps`](Self::skipped_steps) (not by
 /// [`clipped_steps`](Self::clipped_steps)); on CUDA the update kernel reads the verdict from

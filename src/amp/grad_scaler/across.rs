@@ -77,7 +77,7 @@ impl GradScaler {
 
     /// [`step`](Self::step) across the ranks of `group`: without an earlier
     /// [`unscale_across_`](Self::unscale_across_), the gradients are unscaled with found-inf
-    /// agreed over every rank (the optimizer's vars for [`FusedAdamW`] and [`FusedSgd`]; every
+    /// agreed over every rank (the optimizer's vars for [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd); every
     /// gradient of the store for another optimizer, as `step`); then every rank skips alike, or
     /// steps: a fused optimizer through its `step_across` (its clip on the norm over every
     /// rank, its skip decided over every rank), another optimizer through its `step`. At most

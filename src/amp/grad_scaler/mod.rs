@@ -31,15 +31,15 @@ pub(super) const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// code on every back end): nothing is read back to the host, except
 /// - [`scale_value`](Self::scale_value) and the state dict, when asked;
 /// - one read of found-inf per [`step`](Self::step) with an optimizer other than
-///   [`FusedAdamW`] and [`FusedSgd`] (it decides on the host whether to call the optimizer),
+///   [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) (it decides on the host whether to call the optimizer),
 ///   and per `step` after an explicit [`unscale_`](Self::unscale_) with any optimizer (as
 ///   PyTorch's step, which reads the found-inf `unscale_` recorded: the gradients may have been
 ///   clipped since, so the step cannot decide from them again).
 ///
-/// With [`FusedAdamW`] and [`FusedSgd`] the skip happens on the device: the fused step runs with
-/// its non-finite skip on (whatever [`skip_nonfinite`](FusedAdamW::skip_nonfinite) says), which
+/// With [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) the skip happens on the device: the fused step runs with
+/// its non-finite skip on (whatever [`skip_nonfinite`](crate::FusedAdamW::skip_nonfinite) says), which
 /// leaves the parameters, the moments and the step count bitwise unchanged when a gradient is not
-/// finite and counts the step in [`skipped_steps`](FusedAdamW::skipped_steps).
+/// finite and counts the step in [`skipped_steps`](crate::FusedAdamW::skipped_steps).
 ///
 /// **Passes over the gradients.** [`step`](Self::step) with a fused optimizer and no
 /// [`unscale_`](Self::unscale_) before it reads the scaled gradients once for the clip's norm and
@@ -50,7 +50,7 @@ pub(super) const KEY_GROWTH_TRACKER: &str = "growth_tracker";
 /// by the kernels from device memory, and found-inf is the fused step's skipped-step count after
 /// minus before, as tensor ops: no host read. (Not with AutoClip, ZClip or AGC, which decide from
 /// the gradients before the step, nor when gradients share a storage, nor when the optimizer has
-/// a [`max_consecutive_skips`](FusedAdamW::max_consecutive_skips), whose refused skip must leave
+/// a [`max_consecutive_skips`](crate::FusedAdamW::max_consecutive_skips), whose refused skip must leave
 /// the scaler consistent: then the gradients are unscaled first.) `unscale_` itself is one read
 /// and one write of each element on the CPU; on CUDA (and under the kernel emulation) it is
 /// candle tensor ops (each gradient's product into a new tensor, copied back into the gradient
@@ -453,7 +453,7 @@ impl GradScaler {
     /// Unscales the gradients if [`unscale_`](Self::unscale_) was not called (the store then
     /// holds unscaled gradients), and takes the optimizer's step unless found-inf.
     ///
-    /// - [`FusedAdamW`] and [`FusedSgd`] without an earlier `unscale_`: their vars' gradients
+    /// - [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) without an earlier `unscale_`: their vars' gradients
     ///   are unscaled, and the fused step runs with its non-finite skip on: the decision is taken
     ///   on the device, with no host read. A skipped step is counted in their `skipped_steps()`.
     ///   The unscale is folded into the step's passes (see the type's documentation).
@@ -461,7 +461,7 @@ impl GradScaler {
     ///   fails after the unscale (a skip beyond `max_consecutive_skips`), the scaler stays
     ///   unscaled with found-inf recorded: [`update`](Self::update) backs off, and a retry of
     ///   `step` does not unscale again.
-    /// - [`FusedAdamW`] and [`FusedSgd`] after [`unscale_`](Self::unscale_): each of their vars'
+    /// - [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) after [`unscale_`](Self::unscale_): each of their vars'
     ///   gradients must have been unscaled by it, in their storage (an error otherwise, nothing
     ///   changed: a gradient replaced in the store after `unscale_` is refused too); the
     ///   found-inf it recorded decides, read on the host (one synchronisation on CUDA, as
