@@ -376,3 +376,108 @@ fn step_without_unscale_in_the_other_cases() -> Result<()> {
     }
     Ok(())
 }
+
+/// The scaler finds the fused path through `ScaledOptimizer`, not the type: a user's newtype
+/// around `FusedAdamW` that forwards `fused()` steps bitwise as the bare optimizer and counts a
+/// found-inf step in the fused optimizer's `skipped_steps` (the fused path skips inside the
+/// step); one that keeps the default takes the plain path (the step is not called, so nothing is
+/// counted), with the same vars.
+#[test]
+fn a_wrapper_that_forwards_fused_takes_the_fused_path() -> Result<()> {
+    use candle_grad_clip::{FusedHandle, ScaledOptimizer};
+
+    struct Forwarding(FusedAdamW);
+    struct Plain(FusedAdamW);
+    impl Optimizer for Forwarding {
+        type Config = ParamsAdamW;
+        fn new(vars: Vec<Var>, config: ParamsAdamW) -> Result<Self> {
+            Ok(Self(FusedAdamW::new(vars, config)?))
+        }
+        fn step(&mut self, grads: &GradStore) -> Result<()> {
+            self.0.step(grads)
+        }
+        fn learning_rate(&self) -> f64 {
+            self.0.learning_rate()
+        }
+        fn set_learning_rate(&mut self, lr: f64) {
+            self.0.set_learning_rate(lr)
+        }
+    }
+    impl ScaledOptimizer for Forwarding {
+        fn fused(&mut self) -> Option<FusedHandle<'_>> {
+            self.0.fused()
+        }
+    }
+    impl Optimizer for Plain {
+        type Config = ParamsAdamW;
+        fn new(vars: Vec<Var>, config: ParamsAdamW) -> Result<Self> {
+            Ok(Self(FusedAdamW::new(vars, config)?))
+        }
+        fn step(&mut self, grads: &GradStore) -> Result<()> {
+            self.0.step(grads)
+        }
+        fn learning_rate(&self) -> f64 {
+            self.0.learning_rate()
+        }
+        fn set_learning_rate(&mut self, lr: f64) {
+            self.0.set_learning_rate(lr)
+        }
+    }
+    impl ScaledOptimizer for Plain {}
+
+    let mut rng = StdRng::seed_from_u64(11);
+    let shapes: [&[usize]; 2] = [&[5, 3], &[7]];
+    let bare_vars = f32_vars(&shapes, &mut rng)?;
+    let copy = |vars: &[Var]| -> Result<Vec<Var>> {
+        vars.iter()
+            .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
+            .collect()
+    };
+    let (forwarding_vars, plain_vars) = (copy(&bare_vars)?, copy(&bare_vars)?);
+    let mut bare = FusedAdamW::new(bare_vars.clone(), ParamsAdamW::default())?;
+    let mut forwarding = Forwarding::new(forwarding_vars.clone(), ParamsAdamW::default())?;
+    let mut plain = Plain::new(plain_vars.clone(), ParamsAdamW::default())?;
+    let mut scalers = [GradScaler::new(), GradScaler::new(), GradScaler::new()];
+    for step in 0..4 {
+        let poison = step == 2;
+        let grads_for = |vars: &[Var]| -> Result<GradStore> {
+            let mut g = GradStore::default();
+            for (k, v) in vars.iter().enumerate() {
+                let n = v.elem_count();
+                let mut values: Vec<f32> =
+                    (0..n).map(|i| (i + k + step) as f32 * 0.25 - 1.0).collect();
+                if poison && k == 1 {
+                    values[0] = f32::INFINITY;
+                }
+                let t = Tensor::new(values.as_slice(), &Device::Cpu)?.reshape(v.shape())?;
+                g.insert(v, (t * 65536.0)?);
+            }
+            Ok(g)
+        };
+        scalers[0].step(&mut bare, &grads_for(&bare_vars)?)?;
+        scalers[1].step(&mut forwarding, &grads_for(&forwarding_vars)?)?;
+        scalers[2].step(&mut plain, &grads_for(&plain_vars)?)?;
+        for s in &mut scalers {
+            s.update()?;
+        }
+    }
+    let want = vars_bits(&bare_vars)?;
+    common::assert_same(&vars_bits(&forwarding_vars)?, &want, "forwarding wrapper");
+    common::assert_same(&vars_bits(&plain_vars)?, &want, "plain wrapper");
+    assert_eq!(bare.skipped_steps()?, 1);
+    assert_eq!(
+        forwarding.0.skipped_steps()?,
+        1,
+        "the fused path counts the skip"
+    );
+    assert_eq!(
+        plain.0.skipped_steps()?,
+        0,
+        "the plain path does not call the step"
+    );
+    assert_eq!(
+        (bare.steps()?, forwarding.0.steps()?, plain.0.steps()?),
+        (3, 3, 3)
+    );
+    Ok(())
+}

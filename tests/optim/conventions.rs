@@ -293,3 +293,116 @@ fn the_run_of_skipped_steps_is_a_query_on_every_optimizer() -> Result<()> {
     }
     Ok(())
 }
+
+/// The defaults the docs claim, against PyTorch's published ones (`torch.optim.SGD`: lr 1e-3;
+/// `clip_grad_norm_`: eps 1e-6; `torch.amp.GradScaler`: 2^16, 2, 0.5, 2000) and candle's
+/// (`AdamW::new_lr`), and every setting read back under the name it was set with.
+#[test]
+fn defaults_match_pytorch_and_settings_read_back_by_name() -> Result<()> {
+    use candle_grad_clip::{AutoClip, ZClip, ZClipMode};
+    let sgd = ParamsSgd::default();
+    assert_eq!(
+        (
+            sgd.lr,
+            sgd.momentum,
+            sgd.dampening,
+            sgd.weight_decay,
+            sgd.nesterov
+        ),
+        (1e-3, 0.0, 0.0, 0.0, false)
+    );
+    assert_eq!(ClipGradNorm::DEFAULT_EPS, 1e-6);
+    assert_eq!(ClipSetting::AGC_DEFAULT_EPS, 1e-3);
+    let scaler = GradScaler::new();
+    assert_eq!(
+        (
+            scaler.init_scale(),
+            scaler.growth_factor(),
+            scaler.backoff_factor(),
+            scaler.growth_interval()
+        ),
+        (65536.0, 2.0, 0.5, 2000)
+    );
+    let ours = FusedAdamW::new_lr(vec![], 0.25)?;
+    let theirs = AdamW::new_lr(vec![], 0.25)?;
+    let (p, q) = (ours.params(), theirs.params());
+    assert_eq!(
+        (p.lr, p.beta1, p.beta2, p.eps, p.weight_decay),
+        (q.lr, q.beta1, q.beta2, q.eps, q.weight_decay)
+    );
+
+    let clip = ClipGradNorm::new(2.0)
+        .with_norm_type(NormType::L1)
+        .with_eps(0.5)
+        .with_error_if_nonfinite(true);
+    assert_eq!(
+        (
+            clip.max_norm(),
+            clip.norm_type(),
+            clip.eps(),
+            clip.error_if_nonfinite()
+        ),
+        (2.0, NormType::L1, 0.5, true)
+    );
+    let zclip = ZClip::new()
+        .with_alpha(0.9)
+        .with_z_threshold(3.0)
+        .with_warmup_steps(7)
+        .with_mode(ZClipMode::Mean)
+        .with_max_grad_norm(4.0);
+    assert_eq!(
+        (
+            zclip.alpha(),
+            zclip.z_threshold(),
+            zclip.warmup_steps(),
+            zclip.mode(),
+            zclip.max_grad_norm()
+        ),
+        (0.9, 3.0, 7, ZClipMode::Mean, Some(4.0))
+    );
+    let scaler = GradScaler::new()
+        .with_init_scale(8.0)
+        .with_growth_factor(3.0)
+        .with_backoff_factor(0.25)
+        .with_growth_interval(5);
+    assert_eq!(
+        (
+            scaler.init_scale(),
+            scaler.growth_factor(),
+            scaler.backoff_factor(),
+            scaler.growth_interval()
+        ),
+        (8.0, 3.0, 0.25, 5)
+    );
+    let autoclip = AutoClip::new(25.0)?.with_capacity(9)?;
+    assert_eq!((autoclip.percentile(), autoclip.capacity()), (25.0, 9));
+    let fused = FusedSgd::new(vec![], ParamsSgd::default())?
+        .with_skip_nonfinite(true)
+        .with_max_consecutive_skips(2);
+    assert_eq!(
+        (fused.skip_nonfinite(), fused.max_consecutive_skips()),
+        (true, Some(2))
+    );
+    let clipped =
+        Clipped::<AdamW>::new(vec![], ClippedConfig::new(params(), ClipSetting::norm(1.0)))?
+            .with_skip_nonfinite(true)
+            .with_max_consecutive_skips(3);
+    assert_eq!(
+        (clipped.skip_nonfinite(), clipped.max_consecutive_skips()),
+        (true, Some(3))
+    );
+    // Bad settings are refused on use, naming the setting, and change nothing.
+    let err = ZClip::new()
+        .with_alpha(1.5)
+        .validate()
+        .expect_err("alpha")
+        .to_string();
+    assert!(err.contains("alpha"), "{err}");
+    let err = GradScaler::new()
+        .with_growth_factor(0.5)
+        .scale_value()
+        .expect_err("growth")
+        .to_string();
+    assert!(err.contains("growth_factor"), "{err}");
+    Ok(())
+}

@@ -170,3 +170,46 @@ fn clipped_with_autoclip_follows_the_percentile_of_the_history() -> Result<()> {
     assert_eq!(opt.clipped_steps()?, 3); // 4 (4 / (4 + 1e-6) < 1), 9 and 100
     Ok(())
 }
+
+/// `AutoClip::save_state` / `load_state`, as the other stateful types have them: the history
+/// and sampler resume bitwise (the resumed policy gives the same thresholds as the original),
+/// a damaged file and another kind's file are refused, and a refused load changes nothing.
+#[test]
+fn autoclip_state_files_resume_bitwise_and_refuse_other_files() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("cgc-autoclip-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("autoclip.safetensors");
+    let mut original = AutoClip::new(30.0)?.with_capacity(16)?;
+    for i in 0..40 {
+        original.observe(1.0 + (i as f64 * 0.37).sin().abs() * 10.0);
+    }
+    original.save_state(&path)?;
+    let mut resumed = AutoClip::new(30.0)?.with_capacity(16)?;
+    resumed.load_state(&path)?;
+    assert_eq!(resumed.observed(), original.observed());
+    for i in 0..40 {
+        let norm = 2.0 + (i as f64 * 0.11).cos() * 5.0;
+        assert_eq!(
+            resumed.observe(norm).to_bits(),
+            original.observe(norm).to_bits(),
+            "threshold {i}"
+        );
+    }
+    // A flipped byte in the data: refused, nothing changed.
+    let mut bytes = std::fs::read(&path)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes)?;
+    let before = resumed.observed();
+    assert!(resumed.load_state(&path).is_err());
+    assert_eq!(resumed.observed(), before);
+    // Another kind's file.
+    candle_grad_clip::ZClip::new().save_state(&path)?;
+    let err = resumed
+        .load_state(&path)
+        .expect_err("a ZClip file")
+        .to_string();
+    assert!(err.contains("ZClip") || err.contains("kind"), "{err}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

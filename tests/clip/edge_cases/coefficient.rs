@@ -188,3 +188,46 @@ fn clip_grads_with_norm_uses_the_given_norm() -> Result<()> {
     assert_eq!(store_bits(&vars, &store)?, store_bits(&vars2, &store2)?);
     Ok(())
 }
+
+/// `ClipGradNorm::clip_grads_with_norm_` uses the clip's own `max_norm` and `eps`: each element
+/// is `g · min(1, max_norm / (norm + eps))` rounded once (against the f64 reference), for eps 0,
+/// the default and a large one; `error_if_nonfinite` refuses a non-finite given norm and
+/// changes nothing.
+#[test]
+fn clip_grads_with_norm_takes_the_clip_eps() -> Result<()> {
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        for eps in [0.0, ClipGradNorm::DEFAULT_EPS, 0.5, 7.0] {
+            let (vars, mut store) = setup(&[
+                tensor(&[3.0, -4.0, 0.5], &[3], dtype)?,
+                tensor(&[12.0, 0.0], &[2], dtype)?,
+            ])?;
+            let old = grad_values(&vars, &store)?;
+            let norm = total_norm(&vars, &store, NormType::L2, false)?;
+            let n = scalar(&norm)?;
+            ClipGradNorm::new(2.0)
+                .with_eps(eps)
+                .clip_grads_with_norm_(&vars, &mut store, &norm)?;
+            let coef = ref_coef(2.0, n, eps);
+            assert_scaled_bitwise(
+                dtype,
+                &old,
+                &grad_values(&vars, &store)?,
+                coef,
+                &format!("eps {eps}"),
+            );
+        }
+        let (vars, mut store) = setup(&[tensor(&[3.0, -4.0], &[2], dtype)?])?;
+        let nan = Tensor::new(f32::NAN, &Device::Cpu)?;
+        let before = grad_values(&vars, &store)?;
+        let r = ClipGradNorm::new(1.0)
+            .with_error_if_nonfinite(true)
+            .clip_grads_with_norm_(&vars, &mut store, &nan);
+        assert!(r.is_err(), "{dtype:?}");
+        assert_eq!(
+            grad_values(&vars, &store)?,
+            before,
+            "{dtype:?}: nothing changed"
+        );
+    }
+    Ok(())
+}

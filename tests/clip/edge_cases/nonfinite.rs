@@ -159,3 +159,28 @@ fn error_if_nonfinite_refuses_a_norm_that_overflows_its_f32_tensor() -> Result<(
     assert!(scalar(&norm)?.is_infinite());
     Ok(())
 }
+
+/// `total_norm(.., error_if_nonfinite = true)` (PyTorch's `get_total_norm`): a NaN or infinite
+/// norm is an error naming it, for every dtype and norm type; a finite norm comes back with the
+/// same bits as without the flag.
+#[test]
+fn total_norm_with_error_if_nonfinite_refuses_a_nonfinite_norm() -> Result<()> {
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        for nt in ALL_NORMS {
+            for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let (vars, store) = nonfinite_setup(dtype, bad)?;
+                let err = err_msg(total_norm(&vars, &store, nt, true), "total_norm");
+                assert!(err.contains("non-finite"), "{dtype:?} {nt} {bad}: {err}");
+            }
+            let (vars, store) = nonfinite_setup(dtype, 3.0)?;
+            let with = total_norm(&vars, &store, nt, true)?;
+            let without = total_norm(&vars, &store, nt, false)?;
+            assert_eq!(
+                scalar(&with)?.to_bits(),
+                scalar(&without)?.to_bits(),
+                "{dtype:?} {nt}"
+            );
+        }
+    }
+    Ok(())
+}
