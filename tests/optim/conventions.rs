@@ -406,3 +406,77 @@ fn defaults_match_pytorch_and_settings_read_back_by_name() -> Result<()> {
     assert!(err.contains("growth_factor"), "{err}");
     Ok(())
 }
+
+/// A `Clipped` step whose inner optimizer fails leaves the policy as it was: AutoClip's history
+/// (the norm is recorded only once the step succeeded) and ZClip's statistics, so that a retry
+/// decides as the first attempt did.
+#[test]
+fn a_failed_inner_step_leaves_the_policy_as_it_was() -> Result<()> {
+    use candle_grad_clip::{AutoClip, ZClip};
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    /// SGD that refuses its step while `fail` is set.
+    struct Flaky {
+        sgd: candle_nn::SGD,
+        fail: Rc<Cell<bool>>,
+    }
+    impl Optimizer for Flaky {
+        type Config = (f64, Rc<Cell<bool>>);
+        fn new(vars: Vec<Var>, (lr, fail): Self::Config) -> Result<Self> {
+            Ok(Self {
+                sgd: candle_nn::SGD::new(vars, lr)?,
+                fail,
+            })
+        }
+        fn step(&mut self, grads: &GradStore) -> Result<()> {
+            if self.fail.get() {
+                candle_core::bail!("flaky: refused")
+            }
+            self.sgd.step(grads)
+        }
+        fn learning_rate(&self) -> f64 {
+            self.sgd.learning_rate()
+        }
+        fn set_learning_rate(&mut self, lr: f64) {
+            self.sgd.set_learning_rate(lr)
+        }
+    }
+
+    for setting in [
+        ClipSetting::AutoClip(AutoClip::new(50.0)?),
+        ClipSetting::ZClip(ZClip::new().with_warmup_steps(2)),
+    ] {
+        let fail = Rc::new(Cell::new(false));
+        let w = Var::new(&[1f32, 1.0], &Device::Cpu)?;
+        let mut opt = Clipped::<Flaky>::new(
+            vec![w.clone()],
+            ClippedConfig::new((0.1, fail.clone()), setting.clone()),
+        )?;
+        let state = |opt: &Clipped<Flaky>| -> Result<Vec<(String, Vec<u64>)>> {
+            match opt.clip_setting() {
+                ClipSetting::AutoClip(a) => common::state_bits(&a.state_dict()?),
+                ClipSetting::ZClip(z) => common::state_bits(&z.state_dict()?),
+                _ => unreachable!(),
+            }
+        };
+        for g in [[3f32, 4.0], [1.0, 0.5], [6.0, 8.0]] {
+            let mut grads = GradStore::default();
+            grads.insert(&w, Tensor::new(&g, &Device::Cpu)?);
+            let before = state(&opt)?;
+            fail.set(true);
+            assert!(opt.step(&grads).is_err(), "{setting:?}");
+            assert_eq!(
+                state(&opt)?,
+                before,
+                "{setting:?}: the policy moved on a failed step"
+            );
+            fail.set(false);
+            let mut fresh = GradStore::default();
+            fresh.insert(&w, Tensor::new(&g, &Device::Cpu)?);
+            opt.step(&fresh)?;
+        }
+        assert_eq!(opt.steps()?, 3);
+    }
+    Ok(())
+}

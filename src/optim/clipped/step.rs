@@ -7,11 +7,11 @@ use candle_nn::Optimizer;
 
 use super::Clipped;
 use crate::clip::agc::adaptive_clip;
-use crate::clip::norm::{scale_with_given_norm, total_norm};
+use crate::clip::norm::{clip_grads_with_norm_, scale_with_given_norm, total_norm};
 use crate::clip::value::clip_grad_value_;
 use crate::dist::agreement::{refuse, Agreement, Call, Field, RankError, Refusal};
 use crate::dist::{self, ProcessGroup};
-use crate::ops::clip::{returned_norm, DEFAULT_EPS};
+use crate::ops::clip::returned_norm;
 use crate::ops::gradients::{check_matches_var, GradientSet};
 use crate::ops::norm_type::NormType;
 use crate::optim::clip_setting::{agree_on, ClipSetting};
@@ -132,7 +132,7 @@ impl<O: Optimizer> Clipped<O> {
                 };
                 self.clip_across(&mut view, largest, across, &mut policy)
             }
-            None => self.clip_here(&mut view, largest),
+            None => self.clip_here(&mut view, largest, &mut policy),
         };
         let (norm, not_clipped) = match clipped {
             Ok(done) => done,
@@ -162,7 +162,21 @@ impl<O: Optimizer> Clipped<O> {
         &mut self,
         view: &mut GradStore,
         largest: Option<Tensor>,
+        policy: &mut PolicyStep,
     ) -> Result<(Tensor, Tensor)> {
+        if let ClipSetting::AutoClip(_) = self.clip {
+            // As `AutoClip::clip_`, its history recorded only once the step succeeded.
+            let norm = total_norm(&self.vars, view, NormType::L2, false)?;
+            let value = norm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let Some(given) =
+                policy.given_norm(&mut self.clip, value, norm.dtype(), norm.device())?
+            else {
+                bail!("internal error: AutoClip without its threshold")
+            };
+            clip_grads_with_norm_(&self.vars, view, given.max_norm, &norm)?;
+            let not_clipped = not_clipped_by_norm(&norm, given.max_norm, given.eps)?;
+            return Ok((norm, not_clipped));
+        }
         let vars = &self.vars;
         Ok(match &mut self.clip {
             ClipSetting::Norm(clip) => {
@@ -179,11 +193,7 @@ impl<O: Optimizer> Clipped<O> {
                 let not_clipped = not_clipped_by_norm(&norm, *clip_value, 0.0)?;
                 (norm, not_clipped)
             }
-            ClipSetting::AutoClip(autoclip) => {
-                let (norm, threshold) = autoclip.clip_with_threshold_(vars, view)?;
-                let not_clipped = not_clipped_by_norm(&norm, threshold, DEFAULT_EPS)?;
-                (norm, not_clipped)
-            }
+            ClipSetting::AutoClip(_) => bail!("internal error: AutoClip is clipped above"),
             ClipSetting::ZClip(zclip) => {
                 // A step without gradients leaves ZClip alone (and is not clipped).
                 let any = vars.iter().any(|v| view.get(v.as_tensor()).is_some());
