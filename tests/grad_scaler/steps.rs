@@ -386,9 +386,11 @@ fn step_without_unscale_in_the_other_cases() -> Result<()> {
 fn a_wrapper_that_forwards_fused_takes_the_fused_path() -> Result<()> {
     use candle_grad_clip::{FusedHandle, ScaledOptimizer};
 
-    struct Forwarding(FusedAdamW);
-    struct Plain(FusedAdamW);
-    impl Optimizer for Forwarding {
+    /// A user's newtype around `FusedAdamW`; `FORWARD`: whether it forwards `fused()`.
+    struct Wrapper<const FORWARD: bool>(FusedAdamW);
+    type Forwarding = Wrapper<true>;
+    type Plain = Wrapper<false>;
+    impl<const FORWARD: bool> Optimizer for Wrapper<FORWARD> {
         type Config = ParamsAdamW;
         fn new(vars: Vec<Var>, config: ParamsAdamW) -> Result<Self> {
             Ok(Self(FusedAdamW::new(vars, config)?))
@@ -403,27 +405,15 @@ fn a_wrapper_that_forwards_fused_takes_the_fused_path() -> Result<()> {
             self.0.set_learning_rate(lr)
         }
     }
-    impl ScaledOptimizer for Forwarding {
+    impl<const FORWARD: bool> ScaledOptimizer for Wrapper<FORWARD> {
         fn fused(&mut self) -> Option<FusedHandle<'_>> {
-            self.0.fused()
+            if FORWARD {
+                self.0.fused()
+            } else {
+                None // the trait's default: the plain path
+            }
         }
     }
-    impl Optimizer for Plain {
-        type Config = ParamsAdamW;
-        fn new(vars: Vec<Var>, config: ParamsAdamW) -> Result<Self> {
-            Ok(Self(FusedAdamW::new(vars, config)?))
-        }
-        fn step(&mut self, grads: &GradStore) -> Result<()> {
-            self.0.step(grads)
-        }
-        fn learning_rate(&self) -> f64 {
-            self.0.learning_rate()
-        }
-        fn set_learning_rate(&mut self, lr: f64) {
-            self.0.set_learning_rate(lr)
-        }
-    }
-    impl ScaledOptimizer for Plain {}
 
     let mut rng = StdRng::seed_from_u64(11);
     let shapes: [&[usize]; 2] = [&[5, 3], &[7]];

@@ -453,6 +453,10 @@ impl GradScaler {
     /// Unscales the gradients if [`unscale_`](Self::unscale_) was not called (the store then
     /// holds unscaled gradients), and takes the optimizer's step unless found-inf.
     ///
+    /// The fused path is taken for an optimizer whose [`ScaledOptimizer::fused`] lends a fused
+    /// optimizer: [`FusedAdamW`](crate::FusedAdamW), [`FusedSgd`](crate::FusedSgd), and a
+    /// wrapper of either that forwards `fused()`.
+    ///
     /// - [`FusedAdamW`](crate::FusedAdamW) and [`FusedSgd`](crate::FusedSgd) without an earlier `unscale_`: their vars' gradients
     ///   are unscaled, and the fused step runs with its non-finite skip on: the decision is taken
     ///   on the device, with no host read. A skipped step is counted in their `skipped_steps()`.
@@ -467,7 +471,7 @@ impl GradScaler {
     ///   found-inf it recorded decides, read on the host (one synchronisation on CUDA, as
     ///   PyTorch's `step`): when set, the step is not taken and is counted in `skipped_steps()`
     ///   (and towards `max_consecutive_skips`).
-    /// - Any other optimizer: one host read of found-inf per step (one synchronisation on CUDA),
+    /// - Any other optimizer (its `fused()` is `None`): one host read of found-inf per step (one synchronisation on CUDA),
     ///   and `opt.step` is called only when the gradients are finite. A candle `Optimizer` does
     ///   not expose its vars, so without an earlier [`unscale_`](Self::unscale_) every gradient
     ///   in the store is unscaled and checked (those of the intermediate tensors of the graph
