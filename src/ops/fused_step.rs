@@ -98,9 +98,10 @@ pub(crate) struct Place {
     pub(crate) len: usize,
 }
 
-/// What the step does to the gradients before the update (never writing them).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum StepClip<'a> {
+/// What the step does to the gradients before the update (never writing them). It holds the
+/// tensors it reads (handles: a clone shares the storage).
+#[derive(Debug, Clone)]
+pub(crate) enum StepClip {
     /// Use them as they are.
     None,
     /// Scale by `min(1, max_norm / (norm + eps))` of their `norm_type` norm, as `clip_grad_norm_`.
@@ -114,17 +115,14 @@ pub(crate) enum StepClip<'a> {
     /// Scale by `min(1, max_norm / (norm + eps))` of a norm computed earlier (AutoClip's
     /// threshold), as `clip_grads_with_norm_`.
     GivenNorm {
-        norm: &'a Tensor,
+        norm: Tensor,
         max_norm: f64,
         eps: f64,
     },
     /// ZClip (`policy::zclip`): its step on the statistics `state` (1-D `F64` on the device, not
     /// written: the new statistics are returned in [`Outcome::policy_state`]) decides the
     /// coefficient of the global L2 norm.
-    ZClip {
-        state: &'a Tensor,
-        params: ZClipParams,
-    },
+    ZClip { state: Tensor, params: ZClipParams },
     /// Adaptive gradient clipping, unit-wise (`ops::agc`): each unit's gradient scaled by its
     /// own coefficient as it is read.
     Agc { clipping: f64, eps: f64 },
@@ -146,7 +144,7 @@ pub(crate) struct Step<'a> {
     /// Their gradients, target by target (same dtypes and shapes), only read.
     pub(crate) grads: &'a GradientSet,
     pub(crate) rule: Rule,
-    pub(crate) clip: StepClip<'a>,
+    pub(crate) clip: StepClip,
     /// Leave everything unchanged (and count the step as skipped) when the gradients are not all
     /// finite.
     pub(crate) skip_nonfinite: bool,

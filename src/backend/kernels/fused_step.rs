@@ -24,12 +24,12 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
     let groups = set.group_by_storage();
     let copies = contiguous_copies(set)?;
     // A norm given as a tensor (AutoClip's, or a global norm across ranks).
-    let given = match step.clip {
+    let given = match &step.clip {
         StepClip::GivenNorm { norm, .. } => Some(readable_norm(norm)?),
         _ => None,
     };
     let reduce = reduction(step);
-    let policy_state = match step.clip {
+    let policy_state = match &step.clip {
         StepClip::ZClip { state, .. } => Some(state),
         _ => None,
     };
@@ -84,20 +84,20 @@ pub(crate) fn fused_step(dev: &impl KernelDevice, step: &Step) -> Result<Outcome
         }
         // A policy's new statistics, written by its kernel after the reduction.
         let mut policy_state = None;
-        if let (StepClip::ZClip { state, params }, Some(out)) = (step.clip, out) {
+        if let (StepClip::ZClip { state, params }, Some(out)) = (&step.clip, out) {
             let index = operands.extra().expect("the statistics were passed");
             let norm = out_norm(out, out_f64);
-            policy_state = Some(zclip_step(s, bases[index], state, norm, scratch, &params)?);
+            policy_state = Some(zclip_step(s, bases[index], state, norm, scratch, params)?);
         }
         // The given norm is the extra operand.
-        let given_at = match (step.clip, &given, operands.extra()) {
+        let given_at = match (&step.clip, &given, operands.extra()) {
             (StepClip::GivenNorm { max_norm, eps, .. }, Some(norm), Some(index)) => {
-                Some(norm_at(bases[index], norm, max_norm, eps))
+                Some(norm_at(bases[index], norm, *max_norm, *eps))
             }
             _ => None,
         };
         let (transform, verdict) = transform_and_verdict(
-            step.clip,
+            &step.clip,
             out.map(|o| out_norm(o, out_f64)),
             given_at,
             &agc_plan,
@@ -172,7 +172,7 @@ fn outcome_norm(
     out: Option<Buffer>,
     agc: Option<AgcPlan>,
 ) -> Result<Option<Tensor>> {
-    Ok(match (step.clip, out, agc) {
+    Ok(match (&step.clip, out, agc) {
         (StepClip::Norm { .. } | StepClip::Value(_) | StepClip::ZClip { .. }, Some(out), _) => {
             Some(s.take_tensor(out, &[])?)
         }
@@ -271,7 +271,7 @@ fn update_entries(
 /// How the update transforms each gradient and where it reads the step's verdict: `out`, the
 /// reduction's norm; `given`, a given norm; AGC's units in the table at `t`.
 fn transform_and_verdict(
-    clip: StepClip<'_>,
+    clip: &StepClip,
     out: Option<NormAt>,
     given: Option<NormAt>,
     agc: &Option<AgcPlan>,
@@ -287,7 +287,7 @@ fn transform_and_verdict(
     };
     match clip {
         StepClip::Norm { .. } | StepClip::ZClip { .. } => (Transform::Scale, Verdict::Scratch),
-        StepClip::Value(v) => (Transform::Clamp(v), out_verdict(v, 0.0)),
+        StepClip::Value(v) => (Transform::Clamp(*v), out_verdict(*v, 0.0)),
         StepClip::GivenNorm { .. } => match given {
             Some(at) => (Transform::Scale, Verdict::Norm(at)),
             None => (Transform::Scale, Verdict::None),

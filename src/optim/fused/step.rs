@@ -13,7 +13,6 @@ use crate::ops::fault;
 use crate::ops::fused_step::{Rule, Step, StepClip, Target};
 use crate::ops::gradients::{check_matches_var, storage_key, GradientSet};
 use crate::ops::norm_type::NormType;
-use crate::ops::zclip::ZClipParams;
 use crate::optim::clip_setting::{agree_on, prescale_supports, ClipSetting};
 use crate::optim::decide::{GivenNorm, PolicyStep};
 
@@ -270,12 +269,12 @@ impl FusedCore {
         }
         let mut policy = PolicyStep::begin(self.clip.as_ref());
         let planned = self.plan_clip(&set, global_norm.as_ref(), &mut policy);
-        let outcome = planned.and_then(|(planned, measured)| {
+        let outcome = planned.and_then(|(clip, measured)| {
             let outcome = dispatch::fused_step::fused_step(&Step {
                 targets,
                 grads: &set,
                 rule,
-                clip: planned.step_clip(),
+                clip,
                 skip_nonfinite: self.skip.skip_nonfinite,
                 prescale,
                 control: &self.control,
@@ -342,7 +341,7 @@ impl FusedCore {
         set: &GradientSet,
         global_norm: Option<&(f64, Tensor)>,
         policy: &mut PolicyStep,
-    ) -> Result<(PlannedClip, Option<Tensor>)> {
+    ) -> Result<(StepClip, Option<Tensor>)> {
         let device = self.device.clone();
         if let Some((value, norm)) = global_norm {
             let given = match &mut self.clip {
@@ -356,29 +355,36 @@ impl FusedCore {
                 Some(clip) => policy.given_norm(clip, *value, norm.dtype(), &device)?,
             };
             if let Some(given) = given {
-                let at = Tensor::new(given.norm, &device)?;
-                return Ok((PlannedClip::Given(at, given), None));
+                let clip = StepClip::GivenNorm {
+                    norm: Tensor::new(given.norm, &device)?,
+                    max_norm: given.max_norm,
+                    eps: given.eps,
+                };
+                return Ok((clip, None));
             }
         }
         Ok(match &mut self.clip {
-            None => (PlannedClip::None, None),
+            None => (StepClip::None, None),
             Some(ClipSetting::Norm(clip)) => (
-                PlannedClip::Norm {
+                StepClip::Norm {
                     norm_type: clip.norm_type(),
                     max_norm: clip.max_norm(),
                     eps: clip.eps(),
                 },
                 None,
             ),
-            Some(ClipSetting::Value { clip_value }) => (PlannedClip::Value(*clip_value), None),
+            Some(ClipSetting::Value { clip_value }) => (StepClip::Value(*clip_value), None),
             // A step without gradients leaves the statistics alone.
-            Some(ClipSetting::ZClip(_)) if set.grads().is_empty() => (PlannedClip::None, None),
+            Some(ClipSetting::ZClip(_)) if set.grads().is_empty() => (StepClip::None, None),
             Some(ClipSetting::ZClip(zclip)) => (
-                PlannedClip::ZClip(zclip.state_on(&device)?, zclip.params()),
+                StepClip::ZClip {
+                    state: zclip.state_on(&device)?,
+                    params: zclip.params(),
+                },
                 None,
             ),
             Some(ClipSetting::Agc { clipping, eps }) => (
-                PlannedClip::Agc {
+                StepClip::Agc {
                     clipping: *clipping,
                     eps: *eps,
                 },
@@ -391,7 +397,12 @@ impl FusedCore {
                 let Some(given) = policy.given_norm(clip, value, norm.dtype(), &device)? else {
                     bail!("internal error: AutoClip without its threshold")
                 };
-                (PlannedClip::Given(norm.clone(), given), Some(norm))
+                let clip = StepClip::GivenNorm {
+                    norm: norm.clone(),
+                    max_norm: given.max_norm,
+                    eps: given.eps,
+                };
+                (clip, Some(norm))
             }
         })
     }
@@ -466,54 +477,4 @@ fn check_gradient(i: usize, var: &Var, grad: &Tensor) -> Result<()> {
         bail!("fused optimizer step: the gradient of var #{i} shares the var's storage; nothing was modified")
     }
     Ok(())
-}
-
-/// The clip of one fused step, owning the tensors [`StepClip`] borrows.
-enum PlannedClip {
-    None,
-    Norm {
-        norm_type: NormType,
-        max_norm: f64,
-        eps: f64,
-    },
-    Value(f64),
-    /// The norm as a 0-d tensor on the vars' device, and the clip.
-    Given(Tensor, GivenNorm),
-    /// ZClip's statistics on the vars' device, and its settings.
-    ZClip(Tensor, ZClipParams),
-    Agc {
-        clipping: f64,
-        eps: f64,
-    },
-}
-
-impl PlannedClip {
-    fn step_clip(&self) -> StepClip<'_> {
-        match self {
-            PlannedClip::None => StepClip::None,
-            PlannedClip::Norm {
-                norm_type,
-                max_norm,
-                eps,
-            } => StepClip::Norm {
-                norm_type: *norm_type,
-                max_norm: *max_norm,
-                eps: *eps,
-            },
-            PlannedClip::Value(v) => StepClip::Value(*v),
-            PlannedClip::Given(norm, given) => StepClip::GivenNorm {
-                norm,
-                max_norm: given.max_norm,
-                eps: given.eps,
-            },
-            PlannedClip::ZClip(state, params) => StepClip::ZClip {
-                state,
-                params: *params,
-            },
-            PlannedClip::Agc { clipping, eps } => StepClip::Agc {
-                clipping: *clipping,
-                eps: *eps,
-            },
-        }
-    }
 }

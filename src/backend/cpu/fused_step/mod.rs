@@ -68,7 +68,7 @@ fn decide(step: &Step, set: &GradientSet, prescale: Option<f32>) -> Result<Decis
         Some(inv) => norm_unscaled(set, groups, norm_type, inv),
         None => norm(set, groups, norm_type),
     };
-    Ok(match step.clip {
+    Ok(match step.clip.clone() {
         StepClip::Norm {
             norm_type,
             max_norm,
@@ -87,7 +87,7 @@ fn decide(step: &Step, set: &GradientSet, prescale: Option<f32>) -> Result<Decis
         }
         StepClip::ZClip { state, params } => {
             let n = norm(set, &groups, NormType::L2)?;
-            let (c, state) = update_on_host(n, set.norm_dtype(), state, &params)?;
+            let (c, state) = update_on_host(n, set.norm_dtype(), &state, &params)?;
             Decision {
                 transform: needs_scaling(c).then_some(ElementwiseOp::Scale(c)),
                 clipped: needs_scaling(c),
